@@ -1,0 +1,220 @@
+"""Events: facts that happened, past tense, one frozen tagged Struct each.
+
+Every event carries the task's identity (task_id, tenant, user) and when it
+happened. The tag (`kind` on the wire) is explicit, never derived from the class
+name, so renaming a class never breaks a consumer. Evolve only by adding fields
+with defaults; decoders ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+CONTRACT_VERSION = 1
+
+# A subject token: tenants, users and agent kinds become parts of subjects.
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Base of every event: who, which task, when, and the contract version."""
+
+    task_id: TaskId
+    tenant: Token
+    user: Token
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    version: int = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        """The `Nats-Msg-Id` of this event: the same fact published twice is stored once."""
+        return f"{self.task_id}:{type(self).__struct_config__.tag}"
+
+
+# --- value types carried inside events ---------------------------------------
+
+ErrorClass = Literal["transient", "permanent", "timeout", "rate_limited"]
+RETRYABLE: frozenset[str] = frozenset({"transient", "timeout", "rate_limited"})
+
+RejectReason = Literal[
+    "invalid_request",
+    "payload_too_large",
+    "unknown_tenant",
+    "unknown_agent",
+    "over_budget",
+    "rate_limited",
+    "tool_forbidden",
+]
+
+FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded"]
+
+
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the publisher asks for."""
+
+    agent: Token
+    prompt: str
+    max_tokens: int | None = None
+    tools: list[str] = []
+    metadata: dict[str, str] = {}
+
+
+class TokenEstimate(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens the guard expects the task to use (tiktoken count + expected output)."""
+
+    prompt_tokens: int
+    max_output_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.max_output_tokens
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens a model call really used."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One try of a step, as TaskFailed reports it."""
+
+    step_id: str
+    dependency: str
+    error: ErrorClass
+    message: str
+
+
+# --- the task's life ----------------------------------------------------------
+
+
+class TaskSubmitted(Event, frozen=True, kw_only=True, tag="task.submitted"):
+    spec: TaskSpec
+
+
+class TaskValidated(Event, frozen=True, kw_only=True, tag="task.validated"):
+    spec: TaskSpec
+    estimate: TokenEstimate
+
+
+class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
+    reason: RejectReason
+    message: str
+    stage: Literal["guard", "budget"]
+    retry_after_s: float | None = None
+
+
+class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
+    spec: TaskSpec
+    estimate: TokenEstimate
+    reserved_tokens: int
+    window: str
+
+
+class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
+    stage: str
+    message: str
+    attempt: int = 0
+    worker: str = ""
+
+    def dedup_key(self) -> str:
+        return f"{self.task_id}:{self.attempt}:progress.{self.stage}:{self.worker}"
+
+
+class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
+    output: str
+    usage: Usage
+    attempts: int
+    model: str
+
+
+class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
+    reason: FailReason
+    error: str
+    attempts: list[Attempt]
+
+
+# --- steps: one model call by an agent worker ---------------------------------
+
+
+class StepEvent(Event, frozen=True, kw_only=True):
+    step_id: str
+    attempt: int
+    agent: Token
+
+    def dedup_key(self) -> str:
+        return f"{self.task_id}:{self.step_id}:{type(self).__struct_config__.tag}"
+
+
+class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
+    provider: str
+    model: str
+    prompt: str
+    max_tokens: int
+
+
+class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
+    dependency: str
+    model: str
+    output: str
+    usage: Usage
+    latency_ms: float
+
+
+class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
+    dependency: str
+    error: ErrorClass
+    message: str
+    retry_after_s: float | None = None
+
+
+# --- signals from the breaker -------------------------------------------------
+
+BreakerStateName = Literal["closed", "open", "half_open"]
+
+
+class BreakerChanged(msgspec.Struct, frozen=True, kw_only=True, tag="breaker.changed", tag_field="kind"):
+    """A dependency's circuit moved from one state to another."""
+
+    dependency: str
+    previous: BreakerStateName
+    state: BreakerStateName
+    consecutive_failures: int
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    version: int = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        return f"{self.dependency}:{self.state}:{self.occurred_at.timestamp():.6f}"
+
+
+# --- what the dead-letter stream stores --------------------------------------
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", tag_field="kind"):
+    """A message a service could not process, kept with the reason."""
+
+    service: str
+    subject: str
+    reason: str
+    payload: bytes
+    deliveries: int = 1
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    version: int = CONTRACT_VERSION
+
+
+TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)
+STEP_EVENTS = (StepRequested, StepCompleted, StepFailed)
+ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, BreakerChanged, DeadLetter)

@@ -1,0 +1,119 @@
+"""Every subject, stream, consumer, KV bucket and header name, in one place.
+
+Services never type a subject inline: they call a builder here. Tenants, users,
+agent kinds and dependencies are subject tokens (see `events.Token`).
+"""
+
+from __future__ import annotations
+
+PREFIX = "corral"
+
+# --- subjects -----------------------------------------------------------------
+
+
+def task_submitted(tenant: str) -> str:
+    return f"{PREFIX}.task.submitted.{tenant}"
+
+
+def task_validated(tenant: str) -> str:
+    return f"{PREFIX}.task.validated.{tenant}"
+
+
+def task_admitted(tenant: str) -> str:
+    return f"{PREFIX}.task.admitted.{tenant}"
+
+
+def task_rejected(tenant: str) -> str:
+    return f"{PREFIX}.task.rejected.{tenant}"
+
+
+def task_progress(tenant: str, task_id: str) -> str:
+    return f"{PREFIX}.task.progress.{tenant}.{_token(task_id)}"
+
+
+def task_completed(tenant: str) -> str:
+    return f"{PREFIX}.task.completed.{tenant}"
+
+
+def task_failed(tenant: str) -> str:
+    return f"{PREFIX}.task.failed.{tenant}"
+
+
+def step_requested(agent: str) -> str:
+    return f"{PREFIX}.step.requested.{agent}"
+
+
+def step_completed(tenant: str) -> str:
+    return f"{PREFIX}.step.completed.{tenant}"
+
+
+def step_failed(tenant: str) -> str:
+    return f"{PREFIX}.step.failed.{tenant}"
+
+
+def breaker_state(dependency: str) -> str:
+    return f"{PREFIX}.breaker.state.{_token(dependency)}"
+
+
+def dead_letter(service: str) -> str:
+    return f"{PREFIX}.dlq.{service}"
+
+
+def _token(value: str) -> str:
+    """Make a value safe as one subject token ('.' separates tokens)."""
+    return value.replace(".", "_").replace("*", "_").replace(">", "_").replace(" ", "_")
+
+
+# Wildcards that consumers filter on.
+ALL_SUBMITTED = f"{PREFIX}.task.submitted.>"
+ALL_VALIDATED = f"{PREFIX}.task.validated.>"
+ALL_ADMITTED = f"{PREFIX}.task.admitted.>"
+ALL_REJECTED = f"{PREFIX}.task.rejected.>"
+ALL_COMPLETED = f"{PREFIX}.task.completed.>"
+ALL_FAILED = f"{PREFIX}.task.failed.>"
+ALL_TASK_EVENTS = f"{PREFIX}.task.>"
+ALL_STEP_COMPLETED = f"{PREFIX}.step.completed.>"
+ALL_STEP_FAILED = f"{PREFIX}.step.failed.>"
+ALL_STEP_EVENTS = f"{PREFIX}.step.>"
+ALL_BREAKER = f"{PREFIX}.breaker.>"
+ALL_DEAD_LETTERS = f"{PREFIX}.dlq.>"
+
+# Request/reply endpoints of the NATS micro services.
+MONITOR_STATUS = f"{PREFIX}.monitor.status"
+EXECUTOR_TASK = f"{PREFIX}.executor.task"
+
+# --- streams (file storage; see shared/streams.py for their configuration) ---
+
+STREAM_TASKS = "CORRAL_TASKS"
+STREAM_STEPS = "CORRAL_STEPS"
+STREAM_SIGNALS = "CORRAL_SIGNALS"
+STREAM_DLQ = "CORRAL_DLQ"
+
+# --- durable consumers ---------------------------------------------------------
+
+CONSUMER_GUARD = "guard"
+CONSUMER_BUDGET_ADMIT = "budget-admit"
+CONSUMER_BUDGET_USAGE = "budget-usage"
+CONSUMER_BUDGET_RELEASE = "budget-release"
+CONSUMER_EXECUTOR_TASKS = "executor-tasks"
+CONSUMER_EXECUTOR_STEPS = "executor-steps"
+CONSUMER_BREAKER = "breaker"
+CONSUMER_MONITOR_TASKS = "monitor-tasks"
+CONSUMER_MONITOR_STEPS = "monitor-steps"
+CONSUMER_MONITOR_SIGNALS = "monitor-signals"
+
+
+def consumer_worker(agent: str) -> str:
+    return f"worker-{agent}"
+
+
+# --- KV buckets, each owned by one service -------------------------------------
+
+KV_BUDGET = "corral_budget"  # budget
+KV_TASKS = "corral_tasks"  # executor
+KV_BREAKERS = "corral_breakers"  # breaker
+
+# --- headers -------------------------------------------------------------------
+
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_TASK_ID = "Corral-Task-Id"

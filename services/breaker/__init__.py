@@ -1,0 +1,1 @@
+"""breaker: per-dependency circuit state from step outcomes, shared through a KV bucket."""

@@ -1,0 +1,1 @@
+"""budget: token budgets per user, reserved at admission and billed per step."""

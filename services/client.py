@@ -1,0 +1,91 @@
+"""A publisher's view of Corral: submit tasks, follow them to their end, ask for status.
+
+Terminal events are heard on a core subscription opened before publishing, so
+none is missed; the stream keeps them anyway for anyone who comes later.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Union
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+
+from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec, TaskSubmitted, subjects
+from contracts.events import TASK_EVENTS
+from contracts.queries import StatusReport, TaskStatusQuery, TaskStatusReply
+from shared import tracing
+from shared.bus import Bus
+from shared.config import Settings
+
+TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
+Terminal = TaskCompleted | TaskFailed | TaskRejected
+_task_event = msgspec.json.Decoder(Union[TASK_EVENTS])
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Client:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: Settings, name: str = "client") -> AsyncIterator[Client]:
+        async with Bus.connect(settings, name) as bus:
+            yield cls(bus)
+
+    async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
+        """Publish a task; returns its id once the stream has stored it. Starts the task's trace."""
+        task = TaskSubmitted(task_id=task_id or new_task_id(), tenant=tenant, user=user, spec=spec)
+        with tracing.producing("corral submit", {"corral.task_id": task.task_id, "corral.agent": spec.agent}):
+            await self.bus.emit(subjects.task_submitted(tenant), task)
+        return task.task_id
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+        """A stream of every task event published while the block runs."""
+        send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                send.send_nowait(_task_event.decode(msg.data))
+            except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
+                pass  # not ours to judge: the guard dead-letters bad submissions
+
+        sub = await self.bus.nc.subscribe(subjects.ALL_TASK_EVENTS, cb=on_msg, pending_msgs_limit=1_000_000)
+        try:
+            yield receive
+        finally:
+            await sub.unsubscribe()
+            send.close()
+
+    async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
+                  on_progress=None) -> Terminal:
+        """Submit and wait for the task's terminal event (calling `on_progress` for progress)."""
+        async with self.events() as events:
+            task_id = await self.submit(spec, tenant=tenant, user=user)
+            with anyio.fail_after(timeout):
+                async for event in events:
+                    if event.task_id != task_id:
+                        continue
+                    if isinstance(event, TaskProgress) and on_progress:
+                        on_progress(event)
+                    if isinstance(event, TERMINAL):
+                        return event
+        raise AssertionError("event stream ended")
+
+    async def status(self, timeout: float = 5.0) -> StatusReport:
+        reply = await self.bus.nc.request(subjects.MONITOR_STATUS, b"{}", timeout=timeout)
+        return msgspec.json.decode(reply.data, type=StatusReport)
+
+    async def task_status(self, task_id: str, timeout: float = 5.0) -> TaskStatusReply:
+        query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))
+        reply = await self.bus.nc.request(subjects.EXECUTOR_TASK, query, timeout=timeout)
+        return msgspec.json.decode(reply.data, type=TaskStatusReply)

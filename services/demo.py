@@ -1,0 +1,163 @@
+"""The demo workload: hundreds of tasks from dozens of users, against the SIMULATED model.
+
+The mix is deliberate, so the summary shows every path: most tasks complete;
+some are rejected by the guard (unknown agent, oversized prompt, empty prompt)
+or by the budget (two heavy users exhaust their daily tokens); some fail
+transiently and are retried (simulated failure rate, flaky prompts); a few fail
+permanently.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import anyio
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts.queries import StatusReport
+from services.client import Client
+from services.monitor.handlers import cost_usd, percentiles
+from shared.config import Settings
+
+TENANTS = ("acme", "globex", "initech")
+AGENTS = ("research", "coding", "writing")
+TOPICS = ("the quarterly churn numbers", "a retry policy for payments", "onboarding emails", "the incident on Tuesday",
+          "GPU cost per request", "a migration to NATS", "the tenant billing model", "flaky integration tests")
+TERMINAL_WAIT_S = 60.0
+
+
+class Summary(msgspec.Struct):
+    submitted: int = 0
+    completed: int = 0
+    rejected: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    retried_tasks: int = 0
+    latencies_ms: list[float] = []
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    lost: int = 0
+    elapsed_s: float = 0.0
+    monitor: StatusReport | None = None
+
+
+def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, TaskSpec]]:
+    """(tenant, user, spec) for each task, reproducible from `seed`."""
+    rng = random.Random(seed)
+    people = [(TENANTS[i % len(TENANTS)], f"user{i:02d}") for i in range(users)]
+    out = []
+    for n in range(tasks):
+        tenant, user = people[0] if n % 9 == 0 else people[1] if n % 11 == 0 else rng.choice(people)
+        agent = rng.choice(AGENTS)
+        prompt = f"Task {n}: {rng.choice(('Research', 'Draft', 'Review', 'Plan'))} {rng.choice(TOPICS)}."
+        max_tokens = 1500 if user in ("user00", "user01") else None  # two heavy users run out of budget
+        roll = rng.random()
+        if roll < 0.03:
+            agent = "painter"  # unknown agent kind: rejected by the guard
+        elif roll < 0.05:
+            prompt = "x" * 40_000  # over the prompt size limit
+        elif roll < 0.06:
+            prompt = "   "
+        elif roll < 0.10:
+            prompt += " [sim:flaky=1]"  # first attempt fails, the retry succeeds
+        elif roll < 0.12:
+            prompt += " [sim:fail=permanent]"
+        out.append((tenant, user, TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens)))
+    return out
+
+
+async def run(settings: Settings, tasks: int, users: int, rate: float) -> Summary:
+    summary = Summary()
+    plan = workload(tasks, users)
+    pending: dict[str, float] = {}
+    retried: set[str] = set()
+    started = time.perf_counter()
+    async with Client.connect(settings, "demo") as client, client.events() as events:
+        with _progress() as progress:
+            bar = progress.add_task("tasks", total=len(plan))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_publish, client, plan, rate, pending, summary)
+                with anyio.move_on_after(len(plan) / rate + TERMINAL_WAIT_S):
+                    async for event in events:
+                        if isinstance(event, TaskProgress) and event.stage == "retrying":
+                            retried.add(event.task_id)
+                        if _record(event, pending, summary, settings):
+                            progress.advance(bar)
+                            if summary.completed + sum(summary.rejected.values()) + sum(
+                                    summary.failed.values()) == len(plan):
+                                break
+        summary.monitor = await _monitor_status(client)
+    summary.retried_tasks = len(retried)
+    summary.lost = len(plan) - summary.completed - sum(summary.rejected.values()) - sum(summary.failed.values())
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+async def _publish(client: Client, plan, rate: float, pending: dict[str, float], summary: Summary) -> None:
+    start = time.perf_counter()
+    for n, (tenant, user, spec) in enumerate(plan):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await anyio.sleep(delay)
+        task_id = f"demo-{n:05d}-{random.getrandbits(32):08x}"
+        pending[task_id] = time.perf_counter()
+        await client.submit(spec, tenant=tenant, user=user, task_id=task_id)
+        summary.submitted += 1
+
+
+def _record(event, pending: dict[str, float], summary: Summary, settings: Settings) -> bool:
+    if event.task_id not in pending or not isinstance(event, (TaskCompleted, TaskFailed, TaskRejected)):
+        return False
+    summary.latencies_ms.append((time.perf_counter() - pending.pop(event.task_id)) * 1000)
+    match event:
+        case TaskCompleted():
+            summary.completed += 1
+            summary.input_tokens += event.usage.input_tokens
+            summary.output_tokens += event.usage.output_tokens
+            summary.cost_usd += cost_usd(event.usage, settings.prices.get(event.model, (0.0, 0.0)))
+        case TaskRejected():
+            summary.rejected[event.reason] = summary.rejected.get(event.reason, 0) + 1
+        case TaskFailed():
+            summary.failed[event.reason] = summary.failed.get(event.reason, 0) + 1
+    return True
+
+
+async def _monitor_status(client: Client) -> StatusReport | None:
+    try:
+        return await client.status(timeout=3.0)
+    except Exception:
+        return None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]demo[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def print_summary(summary: Summary, console: Console) -> None:
+    table = Table(title="Corral demo (SIMULATED model)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    lat = percentiles(summary.latencies_ms)
+    table.add_row("submitted", str(summary.submitted))
+    table.add_row("completed", str(summary.completed))
+    table.add_row("  of which retried after a failure", str(summary.retried_tasks))
+    for reason, count in sorted(Counter(summary.rejected).items()):
+        table.add_row(f"rejected: {reason}", str(count))
+    for reason, count in sorted(Counter(summary.failed).items()):
+        table.add_row(f"failed: {reason}", str(count))
+    table.add_row("lost (no terminal event)", str(summary.lost))
+    table.add_row("latency p50 / p95 (ms)", f"{lat.p50_ms:.0f} / {lat.p95_ms:.0f}")
+    table.add_row("tokens in / out", f"{summary.input_tokens:,} / {summary.output_tokens:,}")
+    table.add_row("cost (simulated prices)", f"${summary.cost_usd:.4f}")
+    table.add_row("wall time", f"{summary.elapsed_s:.1f} s")
+    if summary.monitor:
+        table.add_row("monitor: tasks seen completed / failed",
+                      f"{summary.monitor.counts.get('task.completed', 0)} / {summary.monitor.counts.get('task.failed', 0)}")
+        table.add_row("monitor: step error rate", f"{summary.monitor.step_error_rate:.1%}")
+    console.print(table)

@@ -1,0 +1,1 @@
+"""executor: runs admitted tasks as steps on agent workers, with retries and breaker checks."""

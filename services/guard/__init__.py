@@ -1,0 +1,1 @@
+"""guard: request-level checks before any model is called."""

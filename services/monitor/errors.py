@@ -1,0 +1,7 @@
+"""Failures of the monitor."""
+
+from shared.errors import CorralError
+
+
+class MonitorError(CorralError):
+    """Base of monitor errors."""

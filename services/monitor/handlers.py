@@ -1,0 +1,89 @@
+"""monitor: fold every event into live metrics; answer `corral status` from them."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+
+from contracts import (
+    BreakerChanged,
+    StepCompleted,
+    StepFailed,
+    TaskCompleted,
+    TaskFailed,
+    TaskRejected,
+    TaskSubmitted,
+    Usage,
+)
+from contracts.queries import Percentiles, StatusReport
+from shared.config import Settings
+
+LATENCY_WINDOW = 10_000  # most recent tasks the percentiles cover
+OPEN_TASKS_CAP = 200_000  # submissions remembered while waiting for their end
+
+
+def percentiles(samples_ms: list[float]) -> Percentiles:
+    if not samples_ms:
+        return Percentiles()
+    ordered = sorted(samples_ms)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return Percentiles(count=len(ordered), p50_ms=at(0.50), p95_ms=at(0.95), p99_ms=at(0.99))
+
+
+def cost_usd(usage: Usage, price: tuple[float, float]) -> float:
+    return usage.input_tokens / 1000 * price[0] + usage.output_tokens / 1000 * price[1]
+
+
+class Metrics:
+    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.started = clock()
+        self.counts: Counter[str] = Counter()
+        self.submitted_at: dict[str, float] = {}
+        self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.tokens: deque[tuple[float, int]] = deque()  # (when, tokens) within the last hour
+        self.cost = 0.0
+        self.queue_depth: dict[str, int] = {}
+        self.breakers: dict[str, str] = {}
+
+    async def on_event(self, event: Any) -> None:
+        self.counts[type(event).__struct_config__.tag] += 1
+        match event:
+            case TaskSubmitted():
+                if len(self.submitted_at) < OPEN_TASKS_CAP:
+                    self.submitted_at[event.task_id] = event.occurred_at.timestamp()
+            case TaskCompleted() | TaskFailed() | TaskRejected():
+                started = self.submitted_at.pop(event.task_id, None)
+                if started is not None and not isinstance(event, TaskRejected):
+                    self.latencies_ms.append((event.occurred_at.timestamp() - started) * 1000)
+            case StepCompleted():
+                self.tokens.append((event.occurred_at.timestamp(), event.usage.total))
+                self.cost += cost_usd(event.usage, self.settings.prices.get(event.model, (0.0, 0.0)))
+            case BreakerChanged():
+                self.breakers[event.dependency] = event.state
+            case StepFailed():
+                pass
+
+    def report(self) -> StatusReport:
+        now = self.clock()
+        while self.tokens and self.tokens[0][0] < now - 3600:
+            self.tokens.popleft()
+        done, failed = self.counts["task.completed"], self.counts["task.failed"]
+        steps_ok, steps_failed = self.counts["step.completed"], self.counts["step.failed"]
+        return StatusReport(
+            counts=dict(self.counts),
+            latency=percentiles(list(self.latencies_ms)),
+            error_rate=failed / (done + failed) if done + failed else 0.0,
+            step_error_rate=steps_failed / (steps_ok + steps_failed) if steps_ok + steps_failed else 0.0,
+            tokens_last_hour=sum(tokens for _, tokens in self.tokens),
+            cost_usd=round(self.cost, 6),
+            cost_per_task_usd=round(self.cost / (done + failed), 6) if done + failed else 0.0,
+            queue_depth=dict(self.queue_depth),
+            breakers=dict(self.breakers),
+            uptime_s=round(now - self.started, 1),
+        )

@@ -1,0 +1,64 @@
+"""monitor service: consumes every stream; answers status requests; polls queue depths."""
+
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+import anyio
+import msgspec
+
+from contracts import events as e
+from contracts import subjects as s
+from services.monitor.handlers import Metrics
+from shared.bus import Bus
+from shared.config import Settings
+from shared.consume import Consumer, decoder_for
+from shared.runtime import micro_service
+from shared.streams import consumer_config
+
+NAME = "monitor"
+log = logging.getLogger(__name__)
+WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scale on
+    (s.STREAM_TASKS, s.CONSUMER_GUARD),
+    (s.STREAM_TASKS, s.CONSUMER_BUDGET_ADMIT),
+    (s.STREAM_TASKS, s.CONSUMER_EXECUTOR_TASKS),
+    (s.STREAM_STEPS, s.CONSUMER_EXECUTOR_STEPS),
+    (s.STREAM_STEPS, s.CONSUMER_BUDGET_USAGE),
+    (s.STREAM_STEPS, s.CONSUMER_BREAKER),
+]
+
+
+async def run(settings: Settings, stop: anyio.Event) -> None:
+    metrics = Metrics(settings)
+
+    async def status(_: bytes) -> bytes:
+        return msgspec.json.encode(metrics.report())
+
+    async with Bus.connect(settings, NAME) as bus, \
+            micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}):
+        consumers = [
+            Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_MONITOR_TASKS, s.ALL_TASK_EVENTS),
+                     decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
+            Consumer(bus, s.STREAM_STEPS, consumer_config(settings, s.CONSUMER_MONITOR_STEPS, s.ALL_STEP_EVENTS),
+                     decoder_for(Union[e.STEP_EVENTS]), metrics.on_event),
+            Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER),
+                     decoder_for(e.BreakerChanged), metrics.on_event),
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_poll_queue_depth, bus, metrics, settings.monitor_poll_s, stop)
+            for consumer in consumers:
+                tg.start_soon(consumer.run, stop)
+
+
+async def _poll_queue_depth(bus: Bus, metrics: Metrics, every_s: float, stop: anyio.Event) -> None:
+    workers = [(s.STREAM_STEPS, s.consumer_worker(agent)) for agent in bus.settings.agents]
+    while not stop.is_set():
+        for stream, durable in WATCHED + workers:
+            try:
+                info = await bus.js.consumer_info(stream, durable)
+            except Exception:  # not created yet, or the server is busy: try again next round
+                continue
+            metrics.queue_depth[durable] = info.num_pending + info.num_ack_pending
+        with anyio.move_on_after(every_s):
+            await stop.wait()

