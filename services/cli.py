@@ -95,7 +95,7 @@ def demo(
         services.start()
         try:
             summary = anyio.run(demo_mod.run, load_settings().with_changes(nats_url=url), tasks, users, rate,
-                                backend_options={"use_uvloop": True})
+                                services.names(), backend_options={"use_uvloop": True})
         finally:
             services.stop()
     demo_mod.print_summary(summary, console)

@@ -7,7 +7,8 @@ none is missed; the stream keeps them anyway for anyone who comes later.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Union
 
@@ -80,6 +81,28 @@ class Client:
                     if isinstance(event, TERMINAL):
                         return event
         raise AssertionError("event stream ended")
+
+    async def running_services(self, gather_s: float = 0.25) -> Counter[str]:
+        """Replicas per service name that answer `$SRV.PING` (NATS micro services)."""
+        inbox = self.bus.nc.new_inbox()
+        seen: Counter[str] = Counter()
+        sub = await self.bus.nc.subscribe(inbox)
+        try:
+            await self.bus.nc.publish("$SRV.PING", b"", reply=inbox)
+            with anyio.move_on_after(gather_s):
+                async for msg in sub.messages:
+                    if msg.data:  # an empty one is the server's "no responders"
+                        seen[msgspec.json.decode(msg.data).get("name", "?")] += 1
+        finally:
+            await sub.unsubscribe()
+        return seen
+
+    async def wait_ready(self, names: Iterable[str], timeout: float = 30.0) -> None:
+        """Wait until every named micro service answers a ping."""
+        wanted = set(names)
+        with anyio.fail_after(timeout):
+            while wanted - set(await self.running_services()):
+                pass  # each round already waited `gather_s` for answers
 
     async def status(self, timeout: float = 5.0) -> StatusReport:
         reply = await self.bus.nc.request(subjects.MONITOR_STATUS, b"{}", timeout=timeout)

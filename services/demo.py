@@ -46,6 +46,10 @@ class Summary(msgspec.Struct):
     elapsed_s: float = 0.0
     monitor: StatusReport | None = None
 
+    @property
+    def ended(self) -> int:
+        return self.completed + sum(self.rejected.values()) + sum(self.failed.values())
+
 
 def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, TaskSpec]]:
     """(tenant, user, spec) for each task, reproducible from `seed`."""
@@ -72,15 +76,16 @@ def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, Task
     return out
 
 
-async def run(settings: Settings, tasks: int, users: int, rate: float) -> Summary:
+async def run(settings: Settings, tasks: int, users: int, rate: float, services: list[str]) -> Summary:
     summary = Summary()
     plan = workload(tasks, users)
     pending: dict[str, float] = {}
     retried: set[str] = set()
-    started = time.perf_counter()
     async with Client.connect(settings, "demo") as client, client.events() as events:
+        await client.wait_ready(services)
+        started = time.perf_counter()
         with _progress() as progress:
-            bar = progress.add_task("tasks", total=len(plan))
+            bar = progress.add_task("tasks", total=len(plan))  # one step per task that reached its end
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_publish, client, plan, rate, pending, summary)
                 with anyio.move_on_after(len(plan) / rate + TERMINAL_WAIT_S):
@@ -89,12 +94,11 @@ async def run(settings: Settings, tasks: int, users: int, rate: float) -> Summar
                             retried.add(event.task_id)
                         if _record(event, pending, summary, settings):
                             progress.advance(bar)
-                            if summary.completed + sum(summary.rejected.values()) + sum(
-                                    summary.failed.values()) == len(plan):
+                            if summary.ended == len(plan):
                                 break
         summary.monitor = await _monitor_status(client)
     summary.retried_tasks = len(retried)
-    summary.lost = len(plan) - summary.completed - sum(summary.rejected.values()) - sum(summary.failed.values())
+    summary.lost = len(plan) - summary.ended
     summary.elapsed_s = time.perf_counter() - started
     return summary
 

@@ -135,6 +135,10 @@ class Services:
         self.processes.append(proc)
         return proc
 
+    def names(self) -> list[str]:
+        """Micro service names the started processes register as."""
+        return [f"corral-{proc.name}" for proc in self.processes]
+
     def crashed(self) -> list[Process]:
         return [p for p in self.processes if not p.alive()]
 

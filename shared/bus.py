@@ -44,15 +44,15 @@ class Bus:
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, service: str) -> AsyncIterator[Bus]:
-        """Connect (waiting for the server if it is still starting), declare streams, drain on exit."""
+        """Connect (waiting for the server if it is still starting), declare streams; on exit
+        flush what is written (acks) and close. Publishes were confirmed already."""
         nc = await _connect(settings, service)
         try:
             js = nc.jetstream(timeout=10)
             await declare_streams(js, settings)
             yield cls(nc, js, settings, service)
         finally:
-            if not nc.is_closed:
-                await nc.drain()
+            await _close(nc)
 
     async def emit(self, subject: str, event: Any) -> None:
         """Publish `event` durably: returns once the stream has stored it."""
@@ -66,6 +66,17 @@ class Bus:
 
     async def bucket(self, name: str, *, history: int = 1) -> KeyValue:
         return await declare_bucket(self.js, self.settings, name, history=history)
+
+
+async def _close(nc: Client) -> None:
+    if nc.is_closed:
+        return
+    if nc.is_connected:
+        try:
+            await nc.flush(timeout=2)
+        except (NatsTimeout, TimeoutError):
+            pass  # closing anyway; unacked messages are redelivered
+    await nc.close()
 
 
 async def _connect(settings: Settings, service: str) -> Client:

@@ -75,6 +75,13 @@ class Consumer(Generic[T]):
         await declare_consumer(self.bus.js, self.stream, self.config)
         sub = await self.bus.js.pull_subscribe_bind(self.name, self.stream)
         slots = anyio.Semaphore(self.bus.settings.concurrency)
+        try:
+            await self._loop(sub, slots, stop)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await sub.unsubscribe()
+
+    async def _loop(self, sub: Any, slots: anyio.Semaphore, stop: anyio.Event) -> None:
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
                 if slots.value == 0:  # wait for room before asking for more
@@ -82,7 +89,7 @@ class Consumer(Generic[T]):
                         pass
                 try:
                     msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
-                except NatsTimeout:
+                except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing came
                     continue
                 for msg in msgs:
                     await slots.acquire()

@@ -1,0 +1,86 @@
+"""Fixtures: a real nats-server per test (free port, temporary store) and the services on it.
+
+Services run either in-process (their `run()` in this test's event loop: fast,
+still a real server and real consumers) or as OS processes (for kill tests and
+tracing, exactly as `corral up` runs them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from services import registry
+from services.client import Client
+from services.stack import nats_server
+from shared.config import Settings
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    with nats_server(tmp_path / "nats") as url:
+        yield url
+
+
+@pytest.fixture
+def settings(nats_url: str) -> Settings:
+    return Settings(nats_url=nats_url, sim_latency_s=0.0, backoff_base_s=0.05, ack_wait_s=2.0)
+
+
+@pytest.fixture
+def tenant() -> str:
+    return "default"
+
+
+@pytest.fixture
+def user() -> str:
+    """A user no other test uses, so budgets and subjects never collide."""
+    return f"u-{uuid.uuid4().hex[:10]}"
+
+
+@asynccontextmanager
+async def running(settings: Settings, *names: str) -> AsyncIterator[None]:
+    """Run the named services (e.g. "guard", "worker:research") in this event loop."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            service, _, agent = name.partition(":")
+            _, main = registry.resolve(service, agent or None, settings)
+            tg.start_soon(main, settings, stop)
+        try:
+            yield
+        finally:
+            stop.set()
+
+
+ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "worker:research", "worker:coding",
+                "worker:writing")
+
+
+@asynccontextmanager
+async def stack(settings: Settings, *names: str) -> AsyncIterator[Client]:
+    """Every service (or the named ones) in-process, plus a client that waits until they answer pings."""
+    names = names or ALL_SERVICES
+    async with running(settings, *names), Client.connect(settings, "test") as client:
+        labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None, settings)[0]}"
+                  for n in names}
+        await client.wait_ready(labels, timeout=20)
+        yield client
+
+
+async def wait_until(probe, timeout: float = 10.0, every: float = 0.05):
+    """Poll the async `probe` until it returns a truthy value; return that value or fail at `timeout`."""
+    with anyio.fail_after(timeout):
+        while not (result := await probe()):
+            await anyio.sleep(every)
+    return result

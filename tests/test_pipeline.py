@@ -1,0 +1,102 @@
+"""A task's whole journey, through every service, on a real nats-server."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec
+from shared.tokens import count_tokens
+from tests.conftest import stack, wait_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_a_submitted_task_reaches_completed_with_its_usage(settings, tenant, user):
+    async with stack(settings) as client:
+        end = await client.run(TaskSpec(agent="research", prompt="Summarise the design"), tenant=tenant, user=user)
+    assert isinstance(end, TaskCompleted), end
+    assert end.output.startswith("[simulated sim-large]")
+    assert end.usage.input_tokens == count_tokens("Summarise the design")
+    assert end.usage.output_tokens > 0
+    assert end.attempts == 1
+
+
+@pytest.mark.parametrize(("spec", "tenant_name", "reason", "words"), [
+    (TaskSpec(agent="painter", prompt="paint"), "default", "unknown_agent", "'painter'"),
+    (TaskSpec(agent="research", prompt="   "), "default", "invalid_request", "prompt is empty"),
+    (TaskSpec(agent="research", prompt="x" * 40_000), "default", "payload_too_large", "40000 bytes"),
+    (TaskSpec(agent="research", prompt="hi", max_tokens=999_999), "default", "invalid_request", "max_tokens"),
+    (TaskSpec(agent="research", prompt="hi", tools=[f"t{i}" for i in range(20)]), "default", "invalid_request",
+     "20 tools"),
+    (TaskSpec(agent="research", prompt="hi"), "umbrella", "unknown_tenant", "'umbrella'"),
+])
+async def test_an_invalid_task_is_rejected_with_a_reason_that_says_what_to_fix(settings, user, spec, tenant_name,
+                                                                               reason, words):
+    async with stack(settings, "guard") as client:
+        end = await client.run(spec, tenant=tenant_name, user=user, timeout=10)
+    assert isinstance(end, TaskRejected)
+    assert (end.reason, end.stage) == (reason, "guard")
+    assert words in end.message
+
+
+async def test_a_message_over_the_payload_limit_is_rejected_not_dropped(settings, tenant, user):
+    small = settings.with_changes(max_payload_bytes=2048, max_prompt_bytes=100_000)
+    async with stack(small, "guard") as client:
+        end = await client.run(TaskSpec(agent="research", prompt="y" * 4000), tenant=tenant, user=user, timeout=10)
+    assert isinstance(end, TaskRejected) and end.reason == "payload_too_large"
+    assert "limit is 2048" in end.message
+
+
+async def test_a_transient_failure_is_retried_and_the_task_completes(settings, tenant, user):
+    async with stack(settings) as client:
+        progress = []
+        end = await client.run(TaskSpec(agent="coding", prompt="fix it [sim:flaky=2]"), tenant=tenant, user=user,
+                               on_progress=progress.append)
+    assert isinstance(end, TaskCompleted), end
+    assert end.attempts == 3
+    assert [p.attempt for p in progress if p.stage == "retrying"] == [2, 3]
+
+
+async def test_a_permanent_failure_is_not_retried_and_the_task_reports_it(settings, tenant, user):
+    async with stack(settings) as client:
+        end = await client.run(TaskSpec(agent="writing", prompt="write [sim:fail=permanent]"), tenant=tenant, user=user)
+    assert isinstance(end, TaskFailed)
+    assert end.reason == "permanent_error"
+    assert len(end.attempts) == 1 and end.attempts[0].error == "permanent"
+    assert end.error.startswith("All strategies failed. Last error: permanent: simulated permanent failure")
+
+
+async def test_a_task_that_keeps_failing_transiently_fails_after_max_attempts_with_every_attempt(settings, tenant, user):
+    async with stack(settings) as client:
+        end = await client.run(TaskSpec(agent="research", prompt="q [sim:fail=timeout]"), tenant=tenant, user=user)
+    assert isinstance(end, TaskFailed)
+    assert end.reason == "attempts_exhausted"
+    assert [a.step_id.rsplit("-", 1)[1] for a in end.attempts] == ["a1", "a2", "a3"]
+    assert {a.error for a in end.attempts} == {"timeout"}
+
+
+async def test_a_task_over_the_daily_budget_is_rejected_by_the_budget_with_the_reset_time(settings, tenant, user):
+    tight = settings.with_changes(daily_token_limit=300)
+    async with stack(tight) as client:
+        end = await client.run(TaskSpec(agent="research", prompt="big", max_tokens=400), tenant=tenant, user=user)
+    assert isinstance(end, TaskRejected)
+    assert (end.reason, end.stage) == ("over_budget", "budget")
+    assert "resets at" in end.message and end.retry_after_s and end.retry_after_s > 0
+
+
+async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
+    async with stack(settings) as client:
+        await client.run(TaskSpec(agent="research", prompt="one"), tenant=tenant, user=user)
+        await client.run(TaskSpec(agent="painter", prompt="two"), tenant=tenant, user=user)
+        async def monitor_saw_both():
+            report = await client.status()
+            return report if report.counts.get("task.rejected") and report.counts.get("task.completed") else None
+
+        report = await wait_until(monitor_saw_both)
+        task_state = await client.task_status("no-such-task")
+    assert report.counts["task.completed"] == 1
+    assert report.counts["task.rejected"] == 1
+    assert report.latency.count == 1 and report.latency.p50_ms > 0
+    assert report.tokens_last_hour > 0 and report.cost_usd > 0
+    assert "guard" in report.queue_depth
+    assert task_state.found is False
