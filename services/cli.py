@@ -118,10 +118,14 @@ def submit(
     """Submit one task (and by default follow it to its end)."""
     from services.client import Client
 
+    from shared import tracing
+
     spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens)
+    settings = _settings(nats, config)
+    tracing.init_tracing("corral-cli", settings.otlp_endpoint)
 
     async def go() -> None:
-        async with Client.connect(_settings(nats, config), "cli") as client:
+        async with Client.connect(settings, "cli") as client:
             if not follow:
                 console.print(await client.submit(spec, tenant=tenant, user=user))
                 return
@@ -129,7 +133,10 @@ def submit(
                                    on_progress=lambda p: console.print(f"  [dim]{p.stage}[/] {p.message}"))
             _print_terminal(end)
 
-    _run_cli(go)
+    try:
+        _run_cli(go)
+    finally:
+        tracing.shutdown_tracing()
 
 
 @app.command()

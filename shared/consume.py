@@ -161,7 +161,7 @@ class Consumer(Generic[T]):
             service=self.bus.service, subject=msg.subject, reason=reason, payload=msg.data, deliveries=deliveries
         )
         subject = subjects.dead_letter(self.bus.service)
-        msg_id = f"dlq:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
+        msg_id = f"dlq:{self.name}:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
         await msg.term()
 

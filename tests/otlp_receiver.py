@@ -1,0 +1,60 @@
+"""A tiny OTLP/HTTP trace receiver for tests: decodes the protobuf the real exporter sends."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+
+class ReceivedSpan(tuple):
+    """(trace_id hex, service.name, span name)"""
+
+
+class OtlpReceiver:
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver._collect(ExportTraceServiceRequest.FromString(body))
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _collect(self, request: ExportTraceServiceRequest) -> None:
+        for resource_spans in request.resource_spans:
+            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            service = attrs.get("service.name", "?")
+            for scope in resource_spans.scope_spans:
+                with self._lock:
+                    self.spans.extend((span.trace_id.hex(), service, span.name) for span in scope.spans)
+
+    def services_in_trace(self, trace_id: str) -> set[str]:
+        with self._lock:
+            return {service for tid, service, _ in self.spans if tid == trace_id}
+
+    def __enter__(self) -> OtlpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

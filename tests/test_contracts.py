@@ -1,0 +1,52 @@
+"""Contracts: the committed JSON Schemas match the code; decoding tolerates newer producers."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from contracts import TaskSpec, TaskSubmitted, subjects
+from contracts.schema import SCHEMA_DIR, schemas
+
+
+def test_the_committed_json_schemas_match_the_contracts_in_code():
+    generated = schemas()
+    committed = {path.name: path.read_text() for path in SCHEMA_DIR.glob("*.json")}
+    assert set(committed) == set(generated), "run `corral contracts` and commit contracts/schemas"
+    for name, text in generated.items():
+        assert committed[name] == text, f"{name} drifted: run `corral contracts` and commit the result"
+
+
+def test_an_older_consumer_reads_an_event_with_fields_it_does_not_know():
+    newer = {"kind": "task.submitted", "task_id": "t1", "tenant": "acme", "user": "bob",
+             "spec": {"agent": "research", "prompt": "hi", "priority": "high"}, "region": "eu"}
+    event = msgspec.json.decode(msgspec.json.encode(newer), type=TaskSubmitted)
+    assert event.spec.prompt == "hi"
+
+
+def test_an_event_round_trips_and_names_its_kind_on_the_wire():
+    event = TaskSubmitted(task_id="t1", tenant="acme", user="bob", spec=TaskSpec(agent="coding", prompt="x"))
+    wire = msgspec.json.encode(event)
+    assert b'"kind":"task.submitted"' in wire
+    assert msgspec.json.decode(wire, type=TaskSubmitted) == event
+
+
+@pytest.mark.parametrize("tenant", ["a.b", "a b", "*", ">", ""])
+def test_a_tenant_that_cannot_be_a_subject_token_is_refused_at_decoding(tenant):
+    bad = {"kind": "task.submitted", "task_id": "t1", "tenant": tenant, "user": "bob",
+           "spec": {"agent": "research", "prompt": "hi"}}
+    with pytest.raises(msgspec.ValidationError, match="tenant"):
+        msgspec.json.decode(msgspec.json.encode(bad), type=TaskSubmitted)
+
+
+def test_the_dedup_key_of_a_step_event_names_task_step_and_kind():
+    from contracts import StepFailed
+
+    failed = StepFailed(task_id="t1", tenant="a", user="b", step_id="t1-a2", attempt=2, agent="research",
+                        dependency="simulated/sim-large", error="timeout", message="slow")
+    assert failed.dedup_key() == "t1:t1-a2:step.failed"
+
+
+def test_subjects_keep_the_tenant_as_one_token():
+    assert subjects.task_submitted("acme") == "corral.task.submitted.acme"
+    assert subjects.breaker_state("simulated/sim.large") == "corral.breaker.state.simulated/sim_large"

@@ -1,0 +1,25 @@
+"""`corral demo`, end to end in a short form, exactly as `make run` runs it (processes and all)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_demo_runs_every_path_end_to_end_and_loses_no_task(tmp_path):
+    argv = [sys.executable, "-m", "services.cli", "demo", "--tasks", "60", "--users", "12", "--rate", "60",
+            "--data-dir", str(tmp_path / "demo")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "120"})
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert re.search(r"lost \(no terminal event\)\s+│\s+0 ", out), out
+    completed = int(re.search(r"│ completed\s+│\s+(\d+)", out).group(1))
+    assert completed >= 40, out
+    assert "rejected: unknown_agent" in out and "SIMULATED" in out
+

@@ -1,0 +1,104 @@
+"""Small pieces, no server: settings, offline tokens, the simulated model, breaker states, percentiles."""
+
+from __future__ import annotations
+
+import socket
+
+import anyio
+import pytest
+
+from contracts.state import BreakerRecord
+from services.breaker.handlers import half_open_if_due, record_outcome
+from services.monitor.handlers import percentiles
+from services.workers.errors import PermanentProviderError, TransientProviderError
+from services.workers.simulated import SimulatedProvider
+from shared.config import load_settings
+from shared.errors import ConfigError
+from shared.tokens import count_tokens, encoding
+
+
+def test_settings_come_from_defaults_then_file_then_environment(tmp_path):
+    config = tmp_path / "corral.toml"
+    config.write_text('daily_token_limit = 5000\ntenants = ["a", "b"]\nsim_latency_s = 0.5\n')
+    settings = load_settings(config, env={"CORRAL_SIM_LATENCY_S": "0.25", "CORRAL_TENANTS": "x, y"})
+    assert settings.daily_token_limit == 5000
+    assert settings.sim_latency_s == 0.25
+    assert settings.tenants == ["x", "y"]
+
+
+def test_an_invalid_setting_is_refused_with_the_field_named(tmp_path):
+    with pytest.raises(ConfigError, match="daily_token_limit must be positive"):
+        load_settings(env={"CORRAL_DAILY_TOKEN_LIMIT": "0"})
+    with pytest.raises(ConfigError, match="invalid setting"):
+        load_settings(env={"CORRAL_MAX_ATTEMPTS": "three"})
+
+
+def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):
+    config = tmp_path / "corral.toml"
+    config.write_text("daily_tokn_limit = 5\n")
+    with pytest.raises(ConfigError, match="daily_tokn_limit"):
+        load_settings(config, env={})
+
+
+def test_tokens_are_counted_offline_even_with_the_network_unreachable(monkeypatch):
+    encoding.cache_clear()
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert count_tokens("hello world") == 2
+    assert count_tokens("<|endoftext|>") > 1  # special-token text counts as plain text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_simulated_model_is_deterministic_and_honours_max_tokens(anyio_backend):
+    model = SimulatedProvider(latency_s=0)
+    first = await model.complete(model="sim-large", prompt="same", max_tokens=12, call_id="c1", attempt=1)
+    again = await model.complete(model="sim-large", prompt="same", max_tokens=12, call_id="c2", attempt=1)
+    assert first == again
+    assert first.text.startswith("[simulated")
+    assert first.usage.output_tokens == count_tokens(first.text) <= 12
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_simulated_model_fails_as_its_prompt_directs(anyio_backend):
+    model = SimulatedProvider(latency_s=0)
+    with pytest.raises(PermanentProviderError):
+        await model.complete(model="m", prompt="x [sim:fail=permanent]", max_tokens=5, call_id="c", attempt=1)
+    with pytest.raises(TransientProviderError):
+        await model.complete(model="m", prompt="x [sim:flaky=1]", max_tokens=5, call_id="c", attempt=1)
+    ok = await model.complete(model="m", prompt="x [sim:flaky=1]", max_tokens=5, call_id="c", attempt=2)
+    assert ok.usage.output_tokens > 0
+    with anyio.fail_after(1):
+        await model.complete(model="m", prompt="x [sim:latency=0.01]", max_tokens=5, call_id="c", attempt=1)
+
+
+def test_a_breaker_opens_after_the_threshold_of_consecutive_failures_and_a_success_resets_the_count():
+    record = BreakerRecord(dependency="p/m")
+    for _ in range(4):
+        record_outcome(record, ok=False, now=100.0, threshold=5, reset_s=60)
+    record_outcome(record, ok=True, now=100.0, threshold=5, reset_s=60)
+    assert (record.state, record.consecutive_failures) == ("closed", 0)
+    for _ in range(5):
+        transition = record_outcome(record, ok=False, now=100.0, threshold=5, reset_s=60)
+    assert transition == ("closed", "open", 5)
+    assert not record.allows_calls(now=159.9) and record.allows_calls(now=160.0)
+
+
+def test_an_open_breaker_goes_half_open_after_the_wait_and_a_failed_probe_reopens_it():
+    record = BreakerRecord(dependency="p/m", state="open", consecutive_failures=5, opened_at=0, retry_at=60)
+    assert half_open_if_due(record, now=59) == ("open", "open", 5)
+    assert half_open_if_due(record, now=60) == ("open", "half_open", 5)
+    assert record_outcome(record, ok=False, now=61, threshold=5, reset_s=60)[:2] == ("half_open", "open")
+    assert record.retry_at == 121
+    half_open_if_due(record, now=121)
+    assert record_outcome(record, ok=True, now=122, threshold=5, reset_s=60)[:2] == ("half_open", "closed")
+
+
+def test_percentiles_pick_the_nearest_rank():
+    result = percentiles([float(n) for n in range(1, 101)])
+    assert (result.count, result.p50_ms, result.p95_ms, result.p99_ms) == (100, 51.0, 96.0, 100.0)
