@@ -50,3 +50,21 @@ def test_the_dedup_key_of_a_step_event_names_task_step_and_kind():
 def test_subjects_keep_the_tenant_as_one_token():
     assert subjects.task_submitted("acme") == "corral.task.submitted.acme"
     assert subjects.breaker_state("simulated/sim.large") == "corral.breaker.state.simulated/sim_large"
+
+
+def test_the_readme_subject_table_lists_every_subject_the_code_uses():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    patterns = [
+        subjects.task_submitted("<tenant>"), subjects.task_validated("<tenant>"), subjects.task_admitted("<tenant>"),
+        subjects.task_rejected("<tenant>"), f"{subjects.PREFIX}.task.progress.<tenant>.<task>",
+        subjects.task_completed("<tenant>"), subjects.task_failed("<tenant>"), subjects.step_requested("<agent>"),
+        subjects.step_completed("<tenant>"), subjects.step_failed("<tenant>"),
+        f"{subjects.PREFIX}.breaker.state.<dependency>", subjects.dead_letter("<service>"),
+        subjects.MONITOR_STATUS, subjects.EXECUTOR_TASK,
+        subjects.STREAM_TASKS, subjects.STREAM_STEPS, subjects.STREAM_SIGNALS, subjects.STREAM_DLQ,
+        subjects.KV_BUDGET, subjects.KV_TASKS, subjects.KV_BREAKERS,
+    ]
+    missing = [p for p in patterns if f"`{p}`" not in readme]
+    assert not missing, f"README's subject table lacks {missing}"
