@@ -112,6 +112,8 @@ def consumer_worker(agent: str) -> str:
 KV_BUDGET = "corral_budget"  # budget
 KV_TASKS = "corral_tasks"  # executor
 KV_BREAKERS = "corral_breakers"  # breaker
+KV_POLICY = "corral_policy"  # operators (corral policy apply); every service reads it
+KV_RATES = "corral_rates"  # guard
 
 # --- headers -------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def service(
 
     settings = _settings(nats, config)
     try:
-        label, main = registry.resolve(name, agent, settings)
+        label, main = registry.resolve(name, agent)
     except CorralError as exc:
         raise typer.BadParameter(str(exc)) from exc
     run_service(label, main, settings)
@@ -89,7 +89,7 @@ def demo(
 
     if not nats and data_dir.exists():
         shutil.rmtree(data_dir)
-    env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05", "CORRAL_BACKOFF_BASE_S": "0.1"}
+    env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05"}
     with _maybe_embedded(nats, data_dir) as url:
         services = Services(url, data_dir / "logs", env=env)
         services.start()

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts.policy import DEFAULT_POLICY
 from contracts.queries import StatusReport
 from services.client import Client
 from services.monitor.handlers import cost_usd, percentiles
@@ -124,7 +125,7 @@ def _record(event, pending: dict[str, float], summary: Summary, settings: Settin
             summary.completed += 1
             summary.input_tokens += event.usage.input_tokens
             summary.output_tokens += event.usage.output_tokens
-            summary.cost_usd += cost_usd(event.usage, settings.prices.get(event.model, (0.0, 0.0)))
+            summary.cost_usd += cost_usd(event.usage, DEFAULT_POLICY.price_of(event.model))
         case TaskRejected():
             summary.rejected[event.reason] = summary.rejected.get(event.reason, 0) + 1
         case TaskFailed():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 from services.breaker import service as breaker
@@ -10,7 +11,6 @@ from services.executor import service as executor
 from services.guard import service as guard
 from services.monitor import service as monitor
 from services.workers import service as workers
-from shared.config import Settings
 from shared.errors import CorralError
 from shared.runtime import Main
 
@@ -23,17 +23,18 @@ SERVICES: dict[str, Main] = {
 }
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class UnknownService(CorralError):
     """No such service name."""
 
 
-def resolve(name: str, agent: str | None, settings: Settings) -> tuple[str, Main]:
+def resolve(name: str, agent: str | None = None) -> tuple[str, Main]:
     """(process label, main) for `corral service NAME [--agent KIND]`."""
     if name == "worker":
-        if not agent:
-            raise UnknownService("`worker` needs --agent KIND (one of: " + ", ".join(sorted(settings.agents)) + ")")
-        if agent not in settings.agents:
-            raise UnknownService(f"agent kind {agent!r} is not configured; known: {', '.join(sorted(settings.agents))}")
+        if not agent or not _TOKEN.match(agent):
+            raise UnknownService("`worker` needs --agent KIND: a name of letters, digits, - or _ (e.g. research)")
         return workers.name(agent), partial(workers.run, agent=agent)
     if name not in SERVICES:
         raise UnknownService(f"no service {name!r}; choose one of: {', '.join([*SERVICES, 'worker'])}")

@@ -30,6 +30,7 @@ from shared.streams import declare_bucket, declare_streams
 log = logging.getLogger(__name__)
 ENCODER = msgspec.json.Encoder()
 CONNECT_ATTEMPTS = 60
+POLICY_HISTORY = 64  # policy versions kept for rollback
 
 
 class Bus:
@@ -66,6 +67,9 @@ class Bus:
 
     async def bucket(self, name: str, *, history: int = 1) -> KeyValue:
         return await declare_bucket(self.js, self.settings, name, history=history)
+
+    async def policy_bucket(self) -> KeyValue:
+        return await self.bucket(subjects.KV_POLICY, history=POLICY_HISTORY)
 
 
 async def _close(nc: Client) -> None:

@@ -18,7 +18,10 @@ import pytest
 from services import registry
 from services.client import Client
 from services.stack import nats_server
+from contracts.policy import Policy
+from shared.bus import Bus
 from shared.config import Settings
+from shared.policy import apply_policy
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(nats_url: str) -> Settings:
-    return Settings(nats_url=nats_url, sim_latency_s=0.0, backoff_base_s=0.05, ack_wait_s=2.0)
+    return Settings(nats_url=nats_url, sim_latency_s=0.0, ack_wait_s=2.0)
 
 
 @pytest.fixture
@@ -48,14 +51,22 @@ def user() -> str:
     return f"u-{uuid.uuid4().hex[:10]}"
 
 
+async def apply(settings: Settings, policy: Policy) -> int:
+    """Make `policy` the current version, as `corral policy apply` does; returns the version."""
+    async with Bus.connect(settings, "test-policy") as bus:
+        return await apply_policy(await bus.policy_bucket(), policy)
+
+
 @asynccontextmanager
-async def running(settings: Settings, *names: str) -> AsyncIterator[None]:
+async def running(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[None]:
     """Run the named services (e.g. "guard", "worker:research") in this event loop."""
+    if policy is not None:
+        await apply(settings, policy)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         for name in names:
             service, _, agent = name.partition(":")
-            _, main = registry.resolve(service, agent or None, settings)
+            _, main = registry.resolve(service, agent or None)
             tg.start_soon(main, settings, stop)
         try:
             yield
@@ -68,12 +79,11 @@ ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "worker:res
 
 
 @asynccontextmanager
-async def stack(settings: Settings, *names: str) -> AsyncIterator[Client]:
+async def stack(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[Client]:
     """Every service (or the named ones) in-process, plus a client that waits until they answer pings."""
     names = names or ALL_SERVICES
-    async with running(settings, *names), Client.connect(settings, "test") as client:
-        labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None, settings)[0]}"
-                  for n in names}
+    async with running(settings, *names, policy=policy), Client.connect(settings, "test") as client:
+        labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None)[0]}" for n in names}
         await client.wait_ready(labels, timeout=20)
         yield client
 

@@ -10,7 +10,8 @@ from contracts import StepCompleted, TaskAdmitted, TaskRejected, TaskSpec, TaskV
 from services.budget.handlers import ledger_key
 from services.budget.ledger import Ledger, day_window
 from services.stack import Services
-from tests.conftest import running, wait_until
+from contracts.policy import BudgetLimits, Defaults, Policy
+from tests.conftest import apply, running, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -24,7 +25,8 @@ async def test_two_budget_replicas_admitting_concurrently_never_exceed_the_daily
                                                                                       tmp_path):
     from services.client import Client
 
-    replicas = Services(settings.nats_url, tmp_path / "logs", env={"CORRAL_DAILY_TOKEN_LIMIT": "10000"})
+    await apply(settings, Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=10_000))))
+    replicas = Services(settings.nats_url, tmp_path / "logs")
     try:
         for _ in range(2):
             replicas.start_one("budget")

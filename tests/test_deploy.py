@@ -8,7 +8,6 @@ import yaml
 
 from services import registry
 from services.stack import CORE_SERVICES, DEFAULT_AGENTS
-from shared.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ def test_compose_runs_every_service_with_a_command_the_cli_accepts():
         command = services[name]["command"]
         assert command[0] == "service"
         agent = command[command.index("--agent") + 1] if "--agent" in command else None
-        label, _ = registry.resolve(command[1], agent, Settings())
+        label, _ = registry.resolve(command[1], agent)
         assert label == name
 
 

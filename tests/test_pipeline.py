@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec
+from contracts.policy import BudgetLimits, Defaults, Limits, Policy
 from shared.tokens import count_tokens
 from tests.conftest import stack, wait_until
 
@@ -40,8 +41,8 @@ async def test_an_invalid_task_is_rejected_with_a_reason_that_says_what_to_fix(s
 
 
 async def test_a_message_over_the_payload_limit_is_rejected_not_dropped(settings, tenant, user):
-    small = settings.with_changes(max_payload_bytes=2048, max_prompt_bytes=100_000)
-    async with stack(small, "guard") as client:
+    small = settings.with_changes(max_payload_bytes=2048)
+    async with stack(small, "guard", policy=Policy(limits=Limits(max_prompt_bytes=100_000))) as client:
         end = await client.run(TaskSpec(agent="research", prompt="y" * 4000), tenant=tenant, user=user, timeout=10)
     assert isinstance(end, TaskRejected) and end.reason == "payload_too_large"
     assert "limit is 2048" in end.message
@@ -76,8 +77,8 @@ async def test_a_task_that_keeps_failing_transiently_fails_after_max_attempts_wi
 
 
 async def test_a_task_over_the_daily_budget_is_rejected_by_the_budget_with_the_reset_time(settings, tenant, user):
-    tight = settings.with_changes(daily_token_limit=300)
-    async with stack(tight) as client:
+    tight = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=300)))
+    async with stack(settings, policy=tight) as client:
         end = await client.run(TaskSpec(agent="research", prompt="big", max_tokens=400), tenant=tenant, user=user)
     assert isinstance(end, TaskRejected)
     assert (end.reason, end.stage) == ("over_budget", "budget")

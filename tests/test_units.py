@@ -19,24 +19,24 @@ from shared.tokens import count_tokens, encoding
 
 def test_settings_come_from_defaults_then_file_then_environment(tmp_path):
     config = tmp_path / "corral.toml"
-    config.write_text('daily_token_limit = 5000\ntenants = ["a", "b"]\nsim_latency_s = 0.5\n')
-    settings = load_settings(config, env={"CORRAL_SIM_LATENCY_S": "0.25", "CORRAL_TENANTS": "x, y"})
-    assert settings.daily_token_limit == 5000
+    config.write_text('concurrency = 16\nsim_latency_s = 0.5\nnats_url = "nats://a:4222"\n')
+    settings = load_settings(config, env={"CORRAL_SIM_LATENCY_S": "0.25", "CORRAL_NATS_URL": "nats://b:4222"})
+    assert settings.concurrency == 16
     assert settings.sim_latency_s == 0.25
-    assert settings.tenants == ["x", "y"]
+    assert settings.nats_url == "nats://b:4222"
 
 
 def test_an_invalid_setting_is_refused_with_the_field_named(tmp_path):
-    with pytest.raises(ConfigError, match="daily_token_limit must be positive"):
-        load_settings(env={"CORRAL_DAILY_TOKEN_LIMIT": "0"})
+    with pytest.raises(ConfigError, match="concurrency must be positive"):
+        load_settings(env={"CORRAL_CONCURRENCY": "0"})
     with pytest.raises(ConfigError, match="invalid setting"):
-        load_settings(env={"CORRAL_MAX_ATTEMPTS": "three"})
+        load_settings(env={"CORRAL_MAX_DELIVER": "three"})
 
 
 def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):
     config = tmp_path / "corral.toml"
-    config.write_text("daily_tokn_limit = 5\n")
-    with pytest.raises(ConfigError, match="daily_tokn_limit"):
+    config.write_text("concurrenci = 5\n")
+    with pytest.raises(ConfigError, match="concurrenci"):
         load_settings(config, env={})
 
 

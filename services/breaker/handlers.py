@@ -14,7 +14,7 @@ from typing import Any
 from contracts import BreakerChanged, StepCompleted, StepFailed, subjects
 from contracts.events import BreakerStateName
 from contracts.state import BreakerRecord
-from shared.config import Settings
+from contracts.policy import Policy
 from shared.kv import TypedBucket
 
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -48,8 +48,9 @@ def half_open_if_due(record: BreakerRecord, *, now: float) -> Transition:
 
 
 class Breaker:
-    def __init__(self, settings: Settings, records: TypedBucket[BreakerRecord], emit: Emit, clock: Clock) -> None:
-        self.settings = settings
+    def __init__(self, policy: Callable[[], Policy], records: TypedBucket[BreakerRecord], emit: Emit,
+                 clock: Clock) -> None:
+        self.policy = policy
         self.records = records
         self.emit = emit
         self.clock = clock
@@ -58,8 +59,9 @@ class Breaker:
         ok = isinstance(step, StepCompleted)
         if not ok and step.error not in COUNTED_ERRORS:
             return
-        change = partial(record_outcome, ok=ok, now=self.clock(), threshold=self.settings.breaker_failure_threshold,
-                         reset_s=self.settings.breaker_reset_s)
+        rules = self.policy().breakers
+        change = partial(record_outcome, ok=ok, now=self.clock(), threshold=rules.minimum_calls,
+                         reset_s=rules.wait_in_open_s)
         await self._apply(step.dependency, change)
 
     async def tick(self, dependencies: list[str]) -> None:

@@ -16,6 +16,7 @@ from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
+from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -25,8 +26,9 @@ TICK_S = 0.5
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus, micro_service(bus, "circuit breakers per dependency"):
-        kv = await bus.bucket(s.KV_BREAKERS)
-        breaker = Breaker(settings, TypedBucket(kv, BreakerRecord, BreakerRecord), bus.emit, clock=time.time)
+        kv, policy_kv = await bus.bucket(s.KV_BREAKERS), await bus.policy_bucket()
+        policy = await PolicyView.load(policy_kv)
+        breaker = Breaker(policy, TypedBucket(kv, BreakerRecord, BreakerRecord), bus.emit, clock=time.time)
         view = BreakerView()
         outcomes = Consumer(bus, s.STREAM_STEPS,
                             consumer_config(settings, s.CONSUMER_BREAKER, s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED),
@@ -40,6 +42,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(view.follow, kv, stop)
+            tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(half_open_when_due)
             await outcomes.run(stop)
             tg.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 from contracts import StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated, subjects
 from services.budget.errors import OverBudget
 from services.budget.ledger import Ledger, day_window, next_day, post, release, reserve
-from shared.config import Settings
+from contracts.policy import Policy
 from shared.kv import TypedBucket
 
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -28,9 +28,9 @@ def task_key(task_id: str) -> str:
 class Budget:
     """The budget's handlers and the two things they need: the ledger bucket and a clock."""
 
-    def __init__(self, settings: Settings, ledgers: TypedBucket[Ledger], windows: TypedBucket[str],
+    def __init__(self, policy: Callable[[], Policy], ledgers: TypedBucket[Ledger], windows: TypedBucket[str],
                  emit: Emit, clock: Clock) -> None:
-        self.settings = settings
+        self.policy = policy
         self.ledgers = ledgers
         self.windows = windows  # task id -> the window its reservation was made in
         self.emit = emit
@@ -52,7 +52,7 @@ class Budget:
         now = self.clock()
         window = await self.windows.get(task_key(task.task_id)) or day_window(now)
         await self.windows.put(task_key(task.task_id), window)  # first, so a crash never strands a reservation
-        limit = self.settings.daily_token_limit
+        limit = self.policy().budget_for(task.tenant, task.user).daily_tokens
         amount = task.estimate.total
         key = ledger_key(task.tenant, task.user, window)
 

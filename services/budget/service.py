@@ -15,6 +15,7 @@ from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
+from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -23,8 +24,9 @@ NAME = "budget"
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus, micro_service(bus, "token budgets: reserve, bill, release"):
-        kv = await bus.bucket(s.KV_BUDGET)
-        budget = Budget(settings, TypedBucket(kv, Ledger, Ledger), TypedBucket(kv, str, str), bus.emit,
+        kv, policy_kv = await bus.bucket(s.KV_BUDGET), await bus.policy_bucket()
+        policy = await PolicyView.load(policy_kv)
+        budget = Budget(policy, TypedBucket(kv, Ledger, Ledger), TypedBucket(kv, str, str), bus.emit,
                         clock=lambda: datetime.now(UTC))
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_BUDGET_ADMIT, s.ALL_VALIDATED),
@@ -36,5 +38,6 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                      decoder_for(Union[TaskCompleted, TaskFailed]), budget.on_task_finished),
         ]
         async with anyio.create_task_group() as tg:
+            tg.start_soon(policy.follow, policy_kv, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)

@@ -30,16 +30,18 @@ from contracts.events import FailReason
 from contracts.state import dependency_key
 from services.executor.state import TaskRecord, step_id
 from shared.breakers import BreakerView
-from shared.config import Settings
+from shared.errors import PoisonMessage
+from contracts.policy import Policy, Strategy
 from shared.kv import TypedBucket
 
 Emit = Callable[[str, Any], Awaitable[None]]
+CurrentPolicy = Callable[[], Policy]
 
 
 class Executor:
-    def __init__(self, settings: Settings, tasks: TypedBucket[TaskRecord], breakers: BreakerView,
+    def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], breakers: BreakerView,
                  emit: Emit) -> None:
-        self.settings = settings
+        self.policy = policy
         self.tasks = tasks
         self.breakers = breakers
         self.emit = emit
@@ -51,7 +53,11 @@ class Executor:
                 await self._request_step(record.task, record.attempt)
             return
         record = TaskRecord(task=task, admitted_at=time.time())
-        dep = self._dependency(task)
+        strategy = self._strategy(task)
+        if strategy is None:
+            await self._fail(record, "permanent_error", f"agent kind {task.spec.agent!r} is not in the policy")
+            return
+        dep = dependency_key(strategy.provider, strategy.model)
         if not self.breakers.allows(dep):
             await self._fail(record, "breaker_open", f"circuit for {dep} is open; not calling it")
             return
@@ -81,7 +87,8 @@ class Executor:
         record.attempts.append(
             Attempt(step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message))
         retryable = step.error in RETRYABLE
-        if not retryable or step.attempt >= self.settings.max_attempts:
+        strategy = self._strategy(record.task)
+        if not retryable or strategy is None or step.attempt >= strategy.max_attempts:
             reason: FailReason = "attempts_exhausted" if retryable else "permanent_error"
             await self._fail(record, reason, f"{step.error}: {step.message}")
             return
@@ -95,18 +102,22 @@ class Executor:
 
     def _backoff(self, step: StepFailed) -> float:
         """Exponential backoff with full jitter, at least what the dependency asked for."""
-        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (step.attempt - 1))
+        retry = self.policy().retry
+        ceiling = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (step.attempt - 1))
         return max(step.retry_after_s or 0.0, random.uniform(0, ceiling))
 
-    def _dependency(self, task: TaskAdmitted) -> str:
-        agent = self.settings.agents[task.spec.agent]
-        return dependency_key(agent.provider, agent.model)
+    def _strategy(self, task: TaskAdmitted) -> Strategy | None:
+        """The strategy the task's agent kind runs on (the head of its chain)."""
+        agent = self.policy().agents.get(task.spec.agent)
+        return agent.chain[0] if agent and agent.chain else None
 
     async def _request_step(self, task: TaskAdmitted, attempt: int) -> None:
-        agent = self.settings.agents[task.spec.agent]
+        strategy = self._strategy(task)
+        if strategy is None:
+            raise PoisonMessage(f"agent kind {task.spec.agent!r} is not in the policy")
         request = StepRequested(
             task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=step_id(task.task_id, attempt),
-            attempt=attempt, agent=task.spec.agent, provider=agent.provider, model=agent.model,
+            attempt=attempt, agent=task.spec.agent, provider=strategy.provider, model=strategy.model,
             prompt=task.spec.prompt, max_tokens=task.estimate.max_output_tokens,
         )
         await self.emit(subjects.step_requested(task.spec.agent), request)

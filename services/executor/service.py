@@ -17,6 +17,7 @@ from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
+from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -26,8 +27,9 @@ _query = msgspec.json.Decoder(TaskStatusQuery)
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
-        breakers = BreakerView()
-        executor = Executor(settings, TypedBucket(await bus.bucket(s.KV_TASKS), TaskRecord, lambda: None),
+        policy_kv, breaker_kv = await bus.policy_bucket(), await bus.bucket(s.KV_BREAKERS)
+        policy, breakers = await PolicyView.load(policy_kv), BreakerView()
+        executor = Executor(policy, TypedBucket(await bus.bucket(s.KV_TASKS), TaskRecord, lambda: None),
                             breakers, bus.emit)
 
         async def task_status(data: bytes) -> bytes:
@@ -47,9 +49,9 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                      decoder_for(Union[StepCompleted, StepFailed]), executor.on_step, long_running=True),
         ]
         endpoints = {"task": (s.EXECUTOR_TASK, task_status)}
-        async with micro_service(bus, "runs admitted tasks on agent workers", endpoints):
-            breaker_kv = await bus.bucket(s.KV_BREAKERS)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(breakers.follow, breaker_kv, stop)
-                for consumer in consumers:
-                    tg.start_soon(consumer.run, stop)
+        async with micro_service(bus, "runs admitted tasks on agent workers", endpoints), \
+                anyio.create_task_group() as tg:
+            tg.start_soon(policy.follow, policy_kv, stop)
+            tg.start_soon(breakers.follow, breaker_kv, stop)
+            for consumer in consumers:
+                tg.start_soon(consumer.run, stop)

@@ -10,7 +10,7 @@ import msgspec
 from contracts import TaskRejected, TaskSubmitted, TaskValidated, TokenEstimate, subjects
 from contracts.events import TaskId, Token
 from services.guard.errors import GuardError, InvalidRequest, PayloadTooLarge, UnknownAgent, UnknownTenant
-from shared.config import Settings
+from contracts.policy import Policy
 from shared.tokens import count_tokens
 
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -35,12 +35,12 @@ _submission = msgspec.json.Decoder(TaskSubmitted)
 _identity = msgspec.json.Decoder(Identity)
 
 
-def decode_submission(data: bytes, settings: Settings) -> TaskSubmitted | Refused:
+def decode_submission(data: bytes, max_payload_bytes: int) -> TaskSubmitted | Refused:
     """Decode, or return a Refused naming the problem. Raises only when not even the
     identity can be read; that message goes to the dead-letter stream."""
-    if len(data) > settings.max_payload_bytes:
+    if len(data) > max_payload_bytes:
         error: GuardError = PayloadTooLarge(
-            f"message is {len(data)} bytes; the limit is {settings.max_payload_bytes}: shorten the prompt or metadata"
+            f"message is {len(data)} bytes; the limit is {max_payload_bytes}: shorten the prompt or metadata"
         )
         return Refused(identity=_identity.decode(data), error=error)
     try:
@@ -49,33 +49,33 @@ def decode_submission(data: bytes, settings: Settings) -> TaskSubmitted | Refuse
         return Refused(identity=_identity.decode(data), error=InvalidRequest(f"invalid task: {exc}"))
 
 
-def check(task: TaskSubmitted, settings: Settings) -> TokenEstimate:
+def check(task: TaskSubmitted, policy: Policy) -> TokenEstimate:
     """Raise the GuardError that refuses `task`, or return its token estimate."""
-    spec = task.spec
-    if settings.tenants and task.tenant not in settings.tenants:
-        raise UnknownTenant(f"tenant {task.tenant!r} is not known; known tenants: {', '.join(settings.tenants)}")
-    agent = settings.agents.get(spec.agent)
+    spec, limits = task.spec, policy.limits
+    if task.tenant not in policy.tenants:
+        raise UnknownTenant(f"tenant {task.tenant!r} is not known; known tenants: {', '.join(policy.tenants)}")
+    agent = policy.agents.get(spec.agent)
     if agent is None:
-        raise UnknownAgent(f"agent kind {spec.agent!r} is not known; use one of: {', '.join(sorted(settings.agents))}")
+        raise UnknownAgent(f"agent kind {spec.agent!r} is not known; use one of: {', '.join(sorted(policy.agents))}")
     if not spec.prompt.strip():
         raise InvalidRequest("prompt is empty: send the text the agent should work on")
     prompt_bytes = len(spec.prompt.encode())
-    if prompt_bytes > settings.max_prompt_bytes:
-        raise PayloadTooLarge(f"prompt is {prompt_bytes} bytes; the limit is {settings.max_prompt_bytes}")
-    if len(spec.tools) > settings.max_tools:
-        raise InvalidRequest(f"{len(spec.tools)} tools named; at most {settings.max_tools} are allowed")
-    if spec.max_tokens is not None and not 1 <= spec.max_tokens <= settings.max_output_tokens:
-        raise InvalidRequest(f"max_tokens must be within 1..{settings.max_output_tokens}, got {spec.max_tokens}")
+    if prompt_bytes > limits.max_prompt_bytes:
+        raise PayloadTooLarge(f"prompt is {prompt_bytes} bytes; the limit is {limits.max_prompt_bytes}")
+    if len(spec.tools) > limits.max_tools:
+        raise InvalidRequest(f"{len(spec.tools)} tools named; at most {limits.max_tools} are allowed")
+    if spec.max_tokens is not None and not 1 <= spec.max_tokens <= limits.max_output_tokens:
+        raise InvalidRequest(f"max_tokens must be within 1..{limits.max_output_tokens}, got {spec.max_tokens}")
     output = spec.max_tokens or agent.default_output_tokens
     return TokenEstimate(prompt_tokens=count_tokens(spec.prompt), max_output_tokens=output)
 
 
-async def handle_submission(item: TaskSubmitted | Refused, *, settings: Settings, emit: Emit) -> None:
+async def handle_submission(item: TaskSubmitted | Refused, *, policy: Callable[[], Policy], emit: Emit) -> None:
     if isinstance(item, Refused):
         await _reject(item.identity, item.error, emit)
         return
     try:
-        estimate = check(item, settings)
+        estimate = check(item, policy())
     except GuardError as error:
         await _reject(item, error, emit)
         return

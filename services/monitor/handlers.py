@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from contracts import (
@@ -16,8 +17,8 @@ from contracts import (
     TaskSubmitted,
     Usage,
 )
+from contracts.policy import Policy, Price
 from contracts.queries import Percentiles, StatusReport
-from shared.config import Settings
 
 LATENCY_WINDOW = 10_000  # most recent tasks the percentiles cover
 OPEN_TASKS_CAP = 200_000  # submissions remembered while waiting for their end
@@ -34,13 +35,14 @@ def percentiles(samples_ms: list[float]) -> Percentiles:
     return Percentiles(count=len(ordered), p50_ms=at(0.50), p95_ms=at(0.95), p99_ms=at(0.99))
 
 
-def cost_usd(usage: Usage, price: tuple[float, float]) -> float:
-    return usage.input_tokens / 1000 * price[0] + usage.output_tokens / 1000 * price[1]
+def cost_usd(usage: Usage, price: Price) -> float:
+    fresh_input = usage.input_tokens - usage.cached_tokens
+    return (fresh_input * price.input + usage.cached_tokens * price.cached + usage.output_tokens * price.output) / 1000
 
 
 class Metrics:
-    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
-        self.settings = settings
+    def __init__(self, policy: Callable[[], Policy], clock: Any = time.time) -> None:
+        self.policy = policy
         self.clock = clock
         self.started = clock()
         self.counts: Counter[str] = Counter()
@@ -63,7 +65,7 @@ class Metrics:
                     self.latencies_ms.append((event.occurred_at.timestamp() - started) * 1000)
             case StepCompleted():
                 self.tokens.append((event.occurred_at.timestamp(), event.usage.total))
-                self.cost += cost_usd(event.usage, self.settings.prices.get(event.model, (0.0, 0.0)))
+                self.cost += cost_usd(event.usage, self.policy().price_of(event.model))
             case BreakerChanged():
                 self.breakers[event.dependency] = event.state
             case StepFailed():

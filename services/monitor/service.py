@@ -14,6 +14,7 @@ from services.monitor.handlers import Metrics
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
+from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -30,13 +31,14 @@ WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scal
 
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
-    metrics = Metrics(settings)
+    async with Bus.connect(settings, NAME) as bus:
+        policy_kv = await bus.policy_bucket()
+        policy = await PolicyView.load(policy_kv)
+        metrics = Metrics(policy)
 
-    async def status(_: bytes) -> bytes:
-        return msgspec.json.encode(metrics.report())
+        async def status(_: bytes) -> bytes:
+            return msgspec.json.encode(metrics.report())
 
-    async with Bus.connect(settings, NAME) as bus, \
-            micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}):
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_MONITOR_TASKS, s.ALL_TASK_EVENTS),
                      decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
@@ -45,15 +47,18 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER),
                      decoder_for(e.BreakerChanged), metrics.on_event),
         ]
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_poll_queue_depth, bus, metrics, settings.monitor_poll_s, stop)
+        async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}), \
+                anyio.create_task_group() as tg:
+            tg.start_soon(policy.follow, policy_kv, stop)
+            tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)
 
 
-async def _poll_queue_depth(bus: Bus, metrics: Metrics, every_s: float, stop: anyio.Event) -> None:
-    workers = [(s.STREAM_STEPS, s.consumer_worker(agent)) for agent in bus.settings.agents]
+async def _poll_queue_depth(bus: Bus, metrics: Metrics, policy: PolicyView, every_s: float,
+                            stop: anyio.Event) -> None:
     while not stop.is_set():
+        workers = [(s.STREAM_STEPS, s.consumer_worker(agent)) for agent in policy().agents]
         for stream, durable in WATCHED + workers:
             try:
                 info = await bus.js.consumer_info(stream, durable)

@@ -1,0 +1,192 @@
+"""The policy document: every limit, budget, price, tool rule, agent chain and breaker
+setting an operator controls, in one versioned TOML file.
+
+`corral policy apply FILE.toml` validates it against these Structs and stores it
+as a new version in the `corral_policy` KV bucket; every service watches the
+bucket and switches to the new version within a second. Defaults apply where the
+file is silent; a tenant's section overrides the defaults, a user's section
+overrides its tenant's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Policy sections refuse unknown keys, so a typo is an error, not a silent default."""
+
+
+class RateLimit(Strict):
+    """A GCRA limit: a steady rate per minute plus a burst that may arrive at once."""
+
+    requests_per_minute: float = 60.0
+    tokens_per_minute: float = 40_000.0
+    burst_requests: int = 10
+    burst_tokens: int = 8_000
+
+
+class BudgetLimits(Strict):
+    """Token budgets over UTC calendar windows."""
+
+    daily_tokens: int = 10_000
+    hourly_tokens: int = 1_000
+    per_task_tokens: int | None = None
+    """Largest estimate one task may reserve; None: no cap beyond the windows."""
+
+
+class ToolRules(Strict):
+    allowed: list[str] = []
+    """Tools a request may name; "*" allows any."""
+    high_stakes: list[str] = []
+    """Tools that need human approval; the flag travels on TaskValidated."""
+
+
+class Limits(Strict):
+    """Request size limits the guard enforces."""
+
+    max_prompt_bytes: int = 32 * 1024
+    max_messages: int = 64
+    max_tools: int = 16
+    max_metadata_entries: int = 32
+    max_metadata_bytes: int = 4096
+    max_output_tokens: int = 4096
+    max_request_tokens: int = 16_000
+    """Largest estimate (prompt + output) of one request; larger is over_budget at once."""
+
+
+class UserPolicy(Strict):
+    role: str | None = None
+    rate: RateLimit | None = None
+    budget: BudgetLimits | None = None
+    tools: ToolRules | None = None
+
+
+class TenantPolicy(Strict):
+    rate: RateLimit | None = None
+    """Per-user rate limit inside this tenant."""
+    tenant_rate: RateLimit | None = None
+    """The whole tenant's rate limit."""
+    budget: BudgetLimits | None = None
+    """Per-user budget inside this tenant."""
+    tenant_budget: BudgetLimits | None = None
+    tools: ToolRules | None = None
+    roles: dict[str, ToolRules] = {}
+    users: dict[str, UserPolicy] = {}
+
+
+class Defaults(Strict):
+    rate: RateLimit = RateLimit()
+    tenant_rate: RateLimit = RateLimit(requests_per_minute=600, tokens_per_minute=400_000, burst_requests=100,
+                                       burst_tokens=80_000)
+    budget: BudgetLimits = BudgetLimits()
+    tenant_budget: BudgetLimits = BudgetLimits(daily_tokens=1_000_000, hourly_tokens=100_000)
+    tools: ToolRules = ToolRules(allowed=["search", "calculator", "code_interpreter", "browser"],
+                                 high_stakes=["send_email", "payments", "deploy"])
+
+
+class Price(Strict):
+    """USD per 1,000 tokens."""
+
+    input: float
+    output: float
+    cached: float = 0.0
+
+
+class Strategy(Strict):
+    """One link of a fallback chain: a model at a provider, or the response cache."""
+
+    provider: str = "simulated"
+    model: str = ""
+    tier: str = "standard"
+    timeout_s: float = 30.0
+    max_attempts: int = 3
+
+
+class AgentPolicy(Strict):
+    chain: list[Strategy]
+    """Strategies tried in order; the first is the preferred one."""
+    default_output_tokens: int = 256
+
+
+class BreakerSettings(Strict):
+    """resilience4j's circuit breaker settings."""
+
+    window_type: Literal["count", "time"] = "count"
+    window_size: int = 5
+    """Calls (count window) or seconds (time window) the failure rate is computed over."""
+    minimum_calls: int = 5
+    failure_rate_threshold: float = 100.0
+    """Percent of failed calls in the window that opens the circuit (100 = all five: the seed's 5 failures)."""
+    slow_call_rate_threshold: float = 100.0
+    slow_call_duration_s: float = 60.0
+    wait_in_open_s: float = 60.0
+    permitted_calls_in_half_open: int = 1
+
+
+class Retry(Strict):
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 5.0
+
+
+class Policy(Strict):
+    shadow: bool = False
+    """Shadow mode: decisions are recorded and counted as would-reject, but requests pass."""
+    description: str = ""
+    tenants: dict[str, TenantPolicy] = msgspec.field(default_factory=lambda: {
+        name: TenantPolicy() for name in ("default", "acme", "globex", "initech")})
+    """Known tenants; a task from any other is rejected with unknown_tenant."""
+    defaults: Defaults = Defaults()
+    limits: Limits = Limits()
+    prices: dict[str, Price] = msgspec.field(default_factory=lambda: {
+        "sim-large": Price(input=0.003, output=0.015, cached=0.0015),
+        "sim-small": Price(input=0.00025, output=0.00125, cached=0.0001)})
+    """Simulated prices for the simulated models; real ones belong in your policy file."""
+    agents: dict[str, AgentPolicy] = msgspec.field(default_factory=lambda: {
+        "research": AgentPolicy(chain=[Strategy(model="sim-large", tier="advanced")], default_output_tokens=384),
+        "coding": AgentPolicy(chain=[Strategy(model="sim-large", tier="advanced")], default_output_tokens=512),
+        "writing": AgentPolicy(chain=[Strategy(model="sim-small", tier="fast")], default_output_tokens=256),
+    })
+    breakers: BreakerSettings = BreakerSettings()
+    breaker_overrides: dict[str, BreakerSettings] = {}
+    """Per dependency key (`provider/model` or `tool/NAME`)."""
+    retry: Retry = Retry()
+
+    # --- what applies to one user: user section over tenant section over defaults ---
+
+    def rate_for(self, tenant: str, user: str) -> RateLimit:
+        t, u = self._scopes(tenant, user)
+        return (u and u.rate) or (t and t.rate) or self.defaults.rate
+
+    def tenant_rate_for(self, tenant: str) -> RateLimit:
+        t = self.tenants.get(tenant)
+        return (t and t.tenant_rate) or self.defaults.tenant_rate
+
+    def budget_for(self, tenant: str, user: str) -> BudgetLimits:
+        t, u = self._scopes(tenant, user)
+        return (u and u.budget) or (t and t.budget) or self.defaults.budget
+
+    def tenant_budget_for(self, tenant: str) -> BudgetLimits:
+        t = self.tenants.get(tenant)
+        return (t and t.tenant_budget) or self.defaults.tenant_budget
+
+    def tools_for(self, tenant: str, user: str) -> ToolRules:
+        t, u = self._scopes(tenant, user)
+        role = u.role if u else None
+        if u and u.tools:
+            return u.tools
+        if t and role and role in t.roles:
+            return t.roles[role]
+        return (t and t.tools) or self.defaults.tools
+
+    def price_of(self, model: str) -> Price:
+        return self.prices.get(model, Price(input=0.0, output=0.0))
+
+    def _scopes(self, tenant: str, user: str) -> tuple[TenantPolicy | None, UserPolicy | None]:
+        t = self.tenants.get(tenant)
+        return t, (t.users.get(user) if t else None)
+
+
+DEFAULT_POLICY = Policy()
