@@ -56,14 +56,25 @@ RejectReason = Literal[
 FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded"]
 
 
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What the publisher asks for."""
+    """What the publisher asks for: a prompt, or chat messages (or both: the prompt comes last, as the user)."""
 
     agent: Token
-    prompt: str
+    prompt: str = ""
+    messages: list[ChatMessage] = []
     max_tokens: int | None = None
     tools: list[str] = []
     metadata: dict[str, str] = {}
+
+    def chat(self) -> list[ChatMessage]:
+        """The conversation a model sees."""
+        return [*self.messages, ChatMessage(role="user", content=self.prompt)] if self.prompt else self.messages
 
 
 class TokenEstimate(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +119,12 @@ class TaskSubmitted(Event, frozen=True, kw_only=True, tag="task.submitted"):
 class TaskValidated(Event, frozen=True, kw_only=True, tag="task.validated"):
     spec: TaskSpec
     estimate: TokenEstimate
+    high_stakes_tools: list[str] = []
+    """Tools this task names that need human approval before they run."""
+    policy_version: int = 0
+    shadow_rejection: RejectReason | None = None
+    """Set in shadow mode: the reason the policy would have refused this task."""
+    shadow_message: str = ""
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
@@ -115,6 +132,7 @@ class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
     message: str
     stage: Literal["guard", "budget"]
     retry_after_s: float | None = None
+    policy_version: int = 0
 
 
 class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
@@ -164,6 +182,8 @@ class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
     model: str
     prompt: str
     max_tokens: int
+    messages: list[ChatMessage] = []
+    """The whole conversation, when the task came as chat messages; `prompt` is its last user turn."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):

@@ -82,20 +82,28 @@ class Client:
                         return event
         raise AssertionError("event stream ended")
 
-    async def running_services(self, gather_s: float = 0.25) -> Counter[str]:
-        """Replicas per service name that answer `$SRV.PING` (NATS micro services)."""
+    async def _gather(self, subject: str, gather_s: float) -> list[dict]:
+        """Every reply to one request within `gather_s` (micro verbs reach every replica)."""
         inbox = self.bus.nc.new_inbox()
-        seen: Counter[str] = Counter()
+        replies: list[dict] = []
         sub = await self.bus.nc.subscribe(inbox)
         try:
-            await self.bus.nc.publish("$SRV.PING", b"", reply=inbox)
+            await self.bus.nc.publish(subject, b"", reply=inbox)
             with anyio.move_on_after(gather_s):
                 async for msg in sub.messages:
                     if msg.data:  # an empty one is the server's "no responders"
-                        seen[msgspec.json.decode(msg.data).get("name", "?")] += 1
+                        replies.append(msgspec.json.decode(msg.data))
         finally:
             await sub.unsubscribe()
-        return seen
+        return replies
+
+    async def running_services(self, gather_s: float = 0.25) -> Counter[str]:
+        """Replicas per service name that answer `$SRV.PING` (NATS micro services)."""
+        return Counter(reply.get("name", "?") for reply in await self._gather("$SRV.PING", gather_s))
+
+    async def replica_stats(self, service: str, gather_s: float = 0.25) -> list[dict]:
+        """The `$SRV.STATS` reply of every replica of `service` (e.g. "corral-guard")."""
+        return await self._gather(f"$SRV.STATS.{service}", gather_s)
 
     async def wait_ready(self, names: Iterable[str], timeout: float = 30.0) -> None:
         """Wait until every named micro service answers a ping."""

@@ -66,6 +66,9 @@ class Consumer(Generic[T]):
         self.long_running = long_running  # send in-progress acks while the handler runs
         self.stats = ConsumerStats()
 
+    def stats_dict(self) -> dict[str, int]:
+        return msgspec.structs.asdict(self.stats)
+
     @property
     def name(self) -> str:
         return self.config.durable_name or "?"

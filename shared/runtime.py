@@ -10,8 +10,10 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
+import msgspec
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -53,11 +55,21 @@ async def _stop_on_signal(stop: anyio.Event) -> None:
 
 @asynccontextmanager
 async def micro_service(bus: Bus, description: str, endpoints: dict[str, tuple[str, Endpoint]] | None = None,
-                        ) -> AsyncIterator[Service]:
-    """Register this process as a replica of the NATS micro service named after it."""
+                        stats: Callable[[], dict[str, Any]] | None = None) -> AsyncIterator[Service]:
+    """Register this process as a replica of the NATS micro service named after it.
+
+    `stats()` becomes the `data` of each endpoint in this replica's `$SRV.STATS`
+    reply (every replica answers), and the `stats` endpoint (one replica answers)."""
+    stats_handler = (lambda _: stats()) if stats else None
     service = await add_service(bus.nc, name=f"corral-{bus.service}", version=SERVICE_VERSION,
-                                description=description)
-    for name, (subject, endpoint) in (endpoints or {}).items():
+                                description=description, stats_handler=stats_handler)
+    endpoints = dict(endpoints or {})
+    if stats:
+        async def stats_endpoint(_: bytes) -> bytes:
+            return msgspec.json.encode(stats())
+
+        endpoints["stats"] = (f"corral.{bus.service}.stats", stats_endpoint)
+    for name, (subject, endpoint) in endpoints.items():
         await service.add_endpoint(name=name, subject=subject, handler=_responder(endpoint))
     try:
         yield service

@@ -17,7 +17,8 @@ async def test_a_submitted_task_reaches_completed_with_its_usage(settings, tenan
         end = await client.run(TaskSpec(agent="research", prompt="Summarise the design"), tenant=tenant, user=user)
     assert isinstance(end, TaskCompleted), end
     assert end.output.startswith("[simulated sim-large]")
-    assert end.usage.input_tokens == count_tokens("Summarise the design")
+    # billed like a chat API: one user message with its overhead (3 + role + content), plus reply priming (3)
+    assert end.usage.input_tokens == 3 + count_tokens("user") + count_tokens("Summarise the design") + 3
     assert end.usage.output_tokens > 0
     assert end.attempts == 1
 
@@ -76,10 +77,12 @@ async def test_a_task_that_keeps_failing_transiently_fails_after_max_attempts_wi
     assert {a.error for a in end.attempts} == {"timeout"}
 
 
-async def test_a_task_over_the_daily_budget_is_rejected_by_the_budget_with_the_reset_time(settings, tenant, user):
-    tight = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=300)))
+async def test_a_task_that_fits_the_budget_but_not_what_remains_is_rejected_by_the_budget(settings, tenant, user):
+    tight = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=1000, hourly_tokens=1000)))
     async with stack(settings, policy=tight) as client:
-        end = await client.run(TaskSpec(agent="research", prompt="big", max_tokens=400), tenant=tenant, user=user)
+        holder = TaskSpec(agent="research", prompt="hold the reservation [sim:latency=2]", max_tokens=600)
+        await client.submit(holder, tenant=tenant, user=user)  # reserves ~620 of 1,000 while it runs
+        end = await client.run(TaskSpec(agent="research", prompt="big", max_tokens=600), tenant=tenant, user=user)
     assert isinstance(end, TaskRejected)
     assert (end.reason, end.stage) == ("over_budget", "budget")
     assert "resets at" in end.message and end.retry_after_s and end.retry_after_s > 0
@@ -91,7 +94,8 @@ async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
         await client.run(TaskSpec(agent="painter", prompt="two"), tenant=tenant, user=user)
         async def monitor_saw_both():
             report = await client.status()
-            return report if report.counts.get("task.rejected") and report.counts.get("task.completed") else None
+            seen = report.counts.get("task.rejected") and report.counts.get("task.completed")
+            return report if seen and "guard" in report.queue_depth else None
 
         report = await wait_until(monitor_saw_both)
         task_state = await client.task_status("no-such-task")

@@ -7,6 +7,8 @@ import socket
 import anyio
 import pytest
 
+from contracts import ChatMessage
+
 from contracts.state import BreakerRecord
 from services.breaker.handlers import half_open_if_due, record_outcome
 from services.monitor.handlers import percentiles
@@ -14,7 +16,11 @@ from services.workers.errors import PermanentProviderError, TransientProviderErr
 from services.workers.simulated import SimulatedProvider
 from shared.config import load_settings
 from shared.errors import ConfigError
-from shared.tokens import count_tokens, encoding
+from shared.tokens import count_tokens, encoding_for
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
 
 
 def test_settings_come_from_defaults_then_file_then_environment(tmp_path):
@@ -41,7 +47,7 @@ def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):
 
 
 def test_tokens_are_counted_offline_even_with_the_network_unreachable(monkeypatch):
-    encoding.cache_clear()
+    encoding_for.cache_clear()
 
     def no_network(*args, **kwargs):
         raise OSError("network unreachable (test)")
@@ -56,8 +62,8 @@ def test_tokens_are_counted_offline_even_with_the_network_unreachable(monkeypatc
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_simulated_model_is_deterministic_and_honours_max_tokens(anyio_backend):
     model = SimulatedProvider(latency_s=0)
-    first = await model.complete(model="sim-large", prompt="same", max_tokens=12, call_id="c1", attempt=1)
-    again = await model.complete(model="sim-large", prompt="same", max_tokens=12, call_id="c2", attempt=1)
+    first = await model.complete(model="sim-large", messages=ask("same"), max_tokens=12, call_id="c1", attempt=1)
+    again = await model.complete(model="sim-large", messages=ask("same"), max_tokens=12, call_id="c2", attempt=1)
     assert first == again
     assert first.text.startswith("[simulated")
     assert first.usage.output_tokens == count_tokens(first.text) <= 12
@@ -68,13 +74,13 @@ async def test_the_simulated_model_is_deterministic_and_honours_max_tokens(anyio
 async def test_the_simulated_model_fails_as_its_prompt_directs(anyio_backend):
     model = SimulatedProvider(latency_s=0)
     with pytest.raises(PermanentProviderError):
-        await model.complete(model="m", prompt="x [sim:fail=permanent]", max_tokens=5, call_id="c", attempt=1)
+        await model.complete(model="m", messages=ask("x [sim:fail=permanent]"), max_tokens=5, call_id="c", attempt=1)
     with pytest.raises(TransientProviderError):
-        await model.complete(model="m", prompt="x [sim:flaky=1]", max_tokens=5, call_id="c", attempt=1)
-    ok = await model.complete(model="m", prompt="x [sim:flaky=1]", max_tokens=5, call_id="c", attempt=2)
+        await model.complete(model="m", messages=ask("x [sim:flaky=1]"), max_tokens=5, call_id="c", attempt=1)
+    ok = await model.complete(model="m", messages=ask("x [sim:flaky=1]"), max_tokens=5, call_id="c", attempt=2)
     assert ok.usage.output_tokens > 0
     with anyio.fail_after(1):
-        await model.complete(model="m", prompt="x [sim:latency=0.01]", max_tokens=5, call_id="c", attempt=1)
+        await model.complete(model="m", messages=ask("x [sim:latency=0.01]"), max_tokens=5, call_id="c", attempt=1)
 
 
 def test_a_breaker_opens_after_the_threshold_of_consecutive_failures_and_a_success_resets_the_count():

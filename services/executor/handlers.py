@@ -118,7 +118,7 @@ class Executor:
         request = StepRequested(
             task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=step_id(task.task_id, attempt),
             attempt=attempt, agent=task.spec.agent, provider=strategy.provider, model=strategy.model,
-            prompt=task.spec.prompt, max_tokens=task.estimate.max_output_tokens,
+            prompt=task.spec.prompt, messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
         )
         await self.emit(subjects.step_requested(task.spec.agent), request)
 

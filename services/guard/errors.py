@@ -5,9 +5,13 @@ from shared.errors import CorralError
 
 
 class GuardError(CorralError):
-    """Base of the guard's refusals."""
+    """Base of the guard's refusals. The message tells the caller what to fix."""
 
     reason: RejectReason = "invalid_request"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(GuardError):
@@ -24,3 +28,17 @@ class UnknownTenant(GuardError):
 
 class UnknownAgent(GuardError):
     reason = "unknown_agent"
+
+
+class ToolForbidden(GuardError):
+    reason = "tool_forbidden"
+
+
+class OverBudget(GuardError):
+    """The estimate can never fit: above the request cap or the caller's whole budget."""
+
+    reason = "over_budget"
+
+
+class RateLimited(GuardError):
+    reason = "rate_limited"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import anyio
 
 from contracts import subjects as s
-from services.guard.handlers import decode_submission, handle_submission
+from services.guard.handlers import Guard, decode_submission
+from services.guard.limiter import Cell, RateLimiter
+from services.monitor.handlers import percentiles
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer
+from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
@@ -19,17 +23,26 @@ NAME = "guard"
 
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
-    async with Bus.connect(settings, NAME) as bus, micro_service(bus, "validates and estimates submitted tasks"):
-        policy_kv = await bus.policy_bucket()
+    async with Bus.connect(settings, NAME) as bus:
+        policy_kv, rates_kv = await bus.policy_bucket(), await bus.bucket(s.KV_RATES)
         policy = await PolicyView.load(policy_kv)
+        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit)
         submissions = Consumer(
             bus,
             s.STREAM_TASKS,
             consumer_config(settings, s.CONSUMER_GUARD, s.ALL_SUBMITTED),
             partial(decode_submission, max_payload_bytes=settings.max_payload_bytes),
-            partial(handle_submission, policy=policy, emit=bus.emit),
+            guard.on_submission,
         )
-        async with anyio.create_task_group() as tg:
+
+        def stats() -> dict:
+            timing = percentiles(guard.decision_ms)
+            return {"policy_version": policy.version, "shadow": policy().shadow, "decisions": dict(guard.decisions),
+                    "decision_p50_ms": timing.p50_ms, "decision_p99_ms": timing.p99_ms,
+                    "consumer": submissions.stats_dict()}
+
+        async with micro_service(bus, "validates, rate-limits and estimates submitted tasks", stats=stats), \
+                anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)
             await submissions.run(stop)
             tg.cancel_scope.cancel()

@@ -6,7 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from contracts import StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
+from contracts import ChatMessage, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
 from contracts.state import dependency_key
 from services.workers.errors import ProviderError, UnknownProvider
 from services.workers.simulated import Completion
@@ -18,7 +18,7 @@ Emit = Callable[[str, Any], Awaitable[None]]
 class Provider(Protocol):
     name: str
 
-    async def complete(self, *, model: str, prompt: str, max_tokens: int, call_id: str,
+    async def complete(self, *, model: str, messages: list[ChatMessage], max_tokens: int, call_id: str,
                        attempt: int) -> Completion: ...
 
 
@@ -38,7 +38,8 @@ class Worker:
         started = time.perf_counter()
         dep = dependency_key(step.provider, step.model)
         try:
-            result = await provider.complete(model=step.model, prompt=step.prompt, max_tokens=step.max_tokens,
+            messages = step.messages or [ChatMessage(role="user", content=step.prompt)]
+            result = await provider.complete(model=step.model, messages=messages, max_tokens=step.max_tokens,
                                              call_id=step.step_id, attempt=step.attempt)
         except ProviderError as error:
             await self.emit(subjects.step_failed(step.tenant), StepFailed(

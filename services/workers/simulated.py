@@ -18,7 +18,7 @@ import re
 import anyio
 import msgspec
 
-from contracts import Usage
+from contracts import ChatMessage, Usage
 from services.workers.errors import (
     PermanentProviderError,
     ProviderError,
@@ -26,7 +26,7 @@ from services.workers.errors import (
     ProviderTimeout,
     TransientProviderError,
 )
-from shared.tokens import count_tokens, encoding
+from shared.tokens import count_chat, count_tokens, encoding
 
 NAME = "simulated"
 _DIRECTIVE = re.compile(r"\[sim:(fail|flaky|latency)=([A-Za-z0-9_.]+)\]")
@@ -54,12 +54,16 @@ class SimulatedProvider:
         self.latency_s = latency_s
         self.failure_rate = failure_rate
 
-    async def complete(self, *, model: str, prompt: str, max_tokens: int, call_id: str, attempt: int) -> Completion:
+    async def complete(self, *, model: str, messages: list[ChatMessage], max_tokens: int, call_id: str,
+                       attempt: int) -> Completion:
+        prompt = "\n".join(message.content for message in messages)
         directives = dict(_DIRECTIVE.findall(prompt))
         await anyio.sleep(float(directives.get("latency", self.latency_s)))
         self._maybe_fail(directives, call_id, attempt)
         text = _generate(model, prompt, max_tokens)
-        return Completion(text=text, usage=Usage(input_tokens=count_tokens(prompt), output_tokens=count_tokens(text)))
+        # Billed like a chat API: the conversation with its per-message overhead, then the reply.
+        return Completion(text=text, usage=Usage(input_tokens=count_chat(messages, model),
+                                                 output_tokens=count_tokens(text, model)))
 
     def _maybe_fail(self, directives: dict[str, str], call_id: str, attempt: int) -> None:
         if "fail" in directives:
