@@ -13,11 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import TaskSpec
+from services.policy_cli import policy_app
 from shared.config import Settings, load_settings
 from shared.errors import CorralError
 
 app = typer.Typer(help="Corral: a control plane for AI agents over NATS JetStream.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+app.add_typer(policy_app, name="policy")
 console = Console()
 DATA_DIR = Path(".data")
 

@@ -24,6 +24,9 @@ from shared.config import Settings
 from shared.policy import apply_policy
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -114,9 +114,9 @@ def check_estimate(task: TaskSubmitted, tokens: int, policy: Policy) -> None:
         raise OverBudget(f"this request needs about {tokens:,} tokens; the per-request cap is {cap:,}: "
                          "lower max_tokens or shorten the prompt")
     budget = policy.budget_for(task.tenant, task.user)
-    for name, limit in (("per-task", budget.per_task_tokens), ("hourly", budget.hourly_tokens),
-                        ("daily", budget.daily_tokens)):
-        if limit is not None and tokens > limit:
+    windows = [("per-task", budget.per_task_tokens), ("hourly", budget.hourly_tokens), ("daily", budget.daily_tokens)]
+    for name, limit in sorted((w for w in windows if w[1] is not None), key=lambda w: w[1]):  # the tightest first
+        if tokens > limit:
             raise OverBudget(f"this request needs about {tokens:,} tokens, more than your whole {name} budget "
                              f"of {limit:,}: lower max_tokens or ask for a larger budget")
     burst = policy.rate_for(task.tenant, task.user).burst_tokens

@@ -15,6 +15,7 @@ from contracts import (
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
+    TaskValidated,
     Usage,
 )
 from contracts.policy import Policy, Price
@@ -56,6 +57,8 @@ class Metrics:
     async def on_event(self, event: Any) -> None:
         self.counts[type(event).__struct_config__.tag] += 1
         match event:
+            case TaskValidated() if event.shadow_rejection:
+                self.counts[f"shadow.{event.shadow_rejection}"] += 1
             case TaskSubmitted():
                 if len(self.submitted_at) < OPEN_TASKS_CAP:
                     self.submitted_at[event.task_id] = event.occurred_at.timestamp()
