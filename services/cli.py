@@ -132,7 +132,7 @@ def submit(
                 console.print(await client.submit(spec, tenant=tenant, user=user))
                 return
             end = await client.run(spec, tenant=tenant, user=user, timeout=timeout,
-                                   on_progress=lambda p: console.print(f"  [dim]{p.stage}[/] {p.message}"))
+                                   on_progress=lambda p: console.print(f"  {p.stage}: {p.message}", markup=False))
             _print_terminal(end)
 
     try:
@@ -195,12 +195,14 @@ def _print_terminal(event) -> None:
     if kind == "task.completed":
         console.print(f"[green]completed[/] {event.task_id} in {event.attempts} attempt(s), "
                       f"{event.usage.input_tokens}+{event.usage.output_tokens} tokens")
-        console.print(event.output)
+        console.print(event.output, markup=False, highlight=False)
     elif kind == "task.rejected":
-        console.print(f"[yellow]rejected[/] ({event.reason}) {event.message}")
+        console.print(f"[yellow]rejected[/] ({event.reason}) ", end="")
+        console.print(event.message, markup=False)
         raise typer.Exit(2)
     else:
-        console.print(f"[red]failed[/] ({event.reason}) {event.error}")
+        console.print(f"[red]failed[/] ({event.reason}) ", end="")
+        console.print(event.error, markup=False)
         raise typer.Exit(1)
 
 
