@@ -30,7 +30,7 @@ from contracts.events import FailReason
 from contracts.state import dependency_key
 from services.executor.state import TaskRecord, step_id
 from shared.breakers import BreakerView
-from shared.errors import PoisonMessage
+from shared.errors import PoisonMessage, TransientError
 from contracts.policy import Policy, Strategy
 from shared.kv import TypedBucket
 
@@ -71,8 +71,8 @@ class Executor:
             await self.on_step_failed(step)
 
     async def on_step_completed(self, step: StepCompleted) -> None:
-        record = await self.tasks.get(step.task_id)
-        if record is None or record.status != "running":
+        record = await self._record_of(step)
+        if record.status != "running":
             return
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=step.usage, attempts=step.attempt, model=step.model)
@@ -81,8 +81,8 @@ class Executor:
         await self.tasks.put(step.task_id, record)
 
     async def on_step_failed(self, step: StepFailed) -> None:
-        record = await self.tasks.get(step.task_id)
-        if record is None or record.status != "running" or record.attempt != step.attempt:
+        record = await self._record_of(step)
+        if record.status != "running" or record.attempt != step.attempt:
             return  # finished, or an outcome of an attempt we already moved past
         record.attempts.append(
             Attempt(step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message))
@@ -99,6 +99,14 @@ class Executor:
             message=f"attempt {step.attempt} failed ({step.error}: {step.message}); retrying"))
         await self._request_step(record.task, record.attempt)
         await self.tasks.put(step.task_id, record)
+
+    async def _record_of(self, step: StepCompleted | StepFailed) -> TaskRecord:
+        record = await self.tasks.get(step.task_id)
+        if record is None:
+            # A fast worker can answer before on_admitted has written the record (it publishes
+            # the step first): come back once it is there.
+            raise TransientError(f"no record of task {step.task_id} yet", retry_after_s=0.2)
+        return record
 
     def _backoff(self, step: StepFailed) -> float:
         """Exponential backoff with full jitter, at least what the dependency asked for."""
