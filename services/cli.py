@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -60,6 +61,7 @@ def up(
     """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service."""
     from services.stack import Services, nats_server
 
+    _sigterm_as_ctrl_c()
     with _maybe_embedded(nats, data_dir) as url:
         services = Services(url, data_dir / "logs", env=_config_env(config))
         services.start()
@@ -89,6 +91,7 @@ def demo(
     from services import demo as demo_mod
     from services.stack import Services
 
+    _sigterm_as_ctrl_c()
     if not nats and data_dir.exists():
         shutil.rmtree(data_dir)
     env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05"}
@@ -215,6 +218,12 @@ def _run_cli(fn) -> None:
     except CorralError as exc:
         console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(3) from None
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (e.g. from `timeout` or a supervisor) unwinds like Ctrl-C, so the services we
+    started, which run in their own sessions, are stopped rather than orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def _config_env(config: Path | None) -> dict[str, str]:

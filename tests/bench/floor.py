@@ -1,0 +1,189 @@
+"""The raw floor: what JetStream and nats-py do through five hops with empty handlers.
+
+Five OS processes, hop i consuming `bench.hop.i` on its own durable pull consumer
+and publishing each message on to `bench.hop.{i+1}`; the driver publishes into
+hop 0 and listens to `bench.hop.5`. Everything a real hop pays for the transport
+is kept: file storage, a Nats-Msg-Id per publish (the streams deduplicate),
+~600-byte messages, fetching batches into a semaphore of `concurrency` handlers,
+the publish awaited on its PubAck, then the ack. Nothing else is: no decoding,
+no tracing, no KV.
+
+Run a hop with `python -m tests.bench.floor --hop I --nats URL`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import nats
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from services.stack import Process
+from shared.config import Settings, load_settings
+from shared.streams import consumer_config
+from tests.bench.common import ISOLATED_ENV, WARMUP_IDLE_S, Measured, drive, sampled, warm_up_failed
+
+STREAM = "BENCH_FLOOR"
+HOPS = 5  # the real main path: guard, budget, executor, worker, executor
+PAYLOAD = b'{"kind":"bench.hop","pad":"' + b"x" * 570 + b'"}'  # ~600 bytes, like a task event
+ID_HEADER = "Bench-Id"
+MSG_ID_HEADER = "Nats-Msg-Id"
+FETCH_TIMEOUT_S = 1.0  # as shared.consume
+WARMUP_MESSAGES = 50
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subject(hop: int) -> str:
+    return f"bench.hop.{hop}"
+
+
+# --- the driver ----------------------------------------------------------------
+
+
+def run(nats_url: str, log_dir: Path, messages: int, concurrency: int, idle_timeout_s: float) -> Measured:
+    """Declare the floor stream, start the hops, drive `messages` through, stop the hops (always)."""
+    anyio.run(_declare_stream, nats_url, backend_options={"use_uvloop": True})
+    # The hops are `tests.*` modules, not installed: run them from the repository.
+    env = {**ISOLATED_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    hops = [Process(f"floor-hop-{i}", [sys.executable, "-m", "tests.bench.floor", "--hop", str(i), "--nats", nats_url],
+                    log_dir / f"floor-hop-{i}.log", env=env) for i in range(HOPS)]
+    try:
+        return anyio.run(_measure, nats_url, hops, messages, concurrency, idle_timeout_s,
+                         backend_options={"use_uvloop": True})
+    finally:
+        for hop in hops:
+            hop.stop()
+
+
+async def _declare_stream(nats_url: str) -> None:
+    settings = Settings()
+    nc = await nats.connect(nats_url, name="bench-floor")
+    try:
+        await nc.jetstream().add_stream(StreamConfig(
+            name=STREAM, subjects=["bench.hop.>"], storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS, duplicate_window=settings.dedup_window_s, num_replicas=1))
+    finally:
+        await nc.close()
+
+
+async def _measure(nats_url: str, hops: list[Process], messages: int, concurrency: int,
+                   idle_timeout_s: float) -> Measured:
+    nc = await nats.connect(nats_url, name="bench-floor", pending_size=64 * 1024 * 1024)
+    js = nc.jetstream(timeout=10)
+    send, arrivals = anyio.create_memory_object_stream[tuple[str, str]](max_buffer_size=1_000_000)
+
+    async def on_out(msg: Msg) -> None:
+        send.send_nowait((msg.headers[ID_HEADER], "out"))
+
+    async def publish(key: str) -> None:
+        await js.publish(subject(0), PAYLOAD, headers={MSG_ID_HEADER: f"{key}:0", ID_HEADER: key})
+
+    async def receive() -> tuple[str, str]:
+        return await arrivals.receive()
+
+    sub = await nc.subscribe(subject(HOPS), cb=on_out, pending_msgs_limit=1_000_000)
+    try:
+        await _wait_for_hops(js)
+        # The warm-up also proves the hops run: nothing comes out unless all five do.
+        warm = await drive(_ids(WARMUP_MESSAGES), publish, receive, concurrency, WARMUP_IDLE_S)
+        if warm_up_failed(warm):
+            raise RuntimeError(f"no floor warm-up message came through; see {hops[0].log_path.parent}")
+        ids = _ids(messages)
+        result, sampler, server_msgs = await sampled(
+            {hop.name: hop.pid for hop in hops}, " (floor run)",
+            lambda: drive(ids, publish, receive, concurrency, idle_timeout_s))
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+    return Measured(result=result, processes=sampler.stats(), other_cpu_s=sampler.other_cpu_s(),
+                    server_msgs=server_msgs, crashed=[hop.name for hop in hops if not hop.alive()])
+
+
+async def _wait_for_hops(js, timeout_s: float = 30.0) -> None:
+    """Until every hop has declared its durable consumer (its process is up)."""
+    with anyio.fail_after(timeout_s):
+        for hop in range(HOPS):
+            while True:
+                try:
+                    await js.consumer_info(STREAM, f"bench-hop-{hop}")
+                    break
+                except NotFoundError:
+                    await anyio.sleep(0.1)
+
+
+def _ids(count: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"floor-{run}-{n:06d}" for n in range(count)]
+
+
+# --- one hop (its own process) -------------------------------------------------------
+
+
+async def hop_main(hop: int, settings: Settings) -> None:
+    """Consume hop `hop` and forward every message until SIGTERM/SIGINT."""
+    nc = await nats.connect(settings.nats_url, name=f"bench-hop-{hop}", pending_size=64 * 1024 * 1024)
+    js = nc.jetstream(timeout=10)
+    config = consumer_config(settings, f"bench-hop-{hop}", subject(hop))
+    await js.add_consumer(STREAM, config)
+    sub = await js.pull_subscribe_bind(config.durable_name, STREAM)
+    slots = anyio.Semaphore(settings.concurrency)
+
+    async def forward(msg: Msg) -> None:  # the empty handler: publish on, then ack
+        try:
+            key = msg.headers[ID_HEADER]
+            await js.publish(subject(hop + 1), msg.data, headers={MSG_ID_HEADER: f"{key}:{hop + 1}", ID_HEADER: key})
+            await msg.ack()
+        except NatsTimeout:
+            await msg.nak()  # not stored downstream: let it come again, as the real loop would
+        finally:
+            slots.release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+        await _fetch_loop(sub, slots, tg, forward)
+    await nc.close()
+
+
+async def _fetch_loop(sub, slots: anyio.Semaphore, tg, handle) -> None:
+    """The loop of shared.consume.Consumer._loop: fetch what there is room for, handle each concurrently."""
+    while True:
+        if slots.value == 0:  # wait for room before asking for more
+            async with slots:
+                pass
+        try:
+            msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
+        except (NatsTimeout, TimeoutError):
+            continue
+        for msg in msgs:
+            await slots.acquire()
+            tg.start_soon(handle, msg)
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async for _ in received:
+            scope.cancel()
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="One hop of the benchmark's raw floor.")
+    parser.add_argument("--hop", type=int, required=True, help=f"0..{HOPS - 1}")
+    parser.add_argument("--nats", required=True, help="NATS URL")
+    args = parser.parse_args()
+    # Same settings source as the services, so CORRAL_CONCURRENCY etc. apply to both.
+    settings = load_settings().with_changes(nats_url=args.nats)
+    anyio.run(hop_main, args.hop, settings, backend_options={"use_uvloop": True})
+
+
+if __name__ == "__main__":
+    main()
