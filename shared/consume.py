@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import DeadLetter, subjects
 from shared import tracing
@@ -64,6 +64,7 @@ class Consumer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.long_running = long_running  # send in-progress acks while the handler runs
+        self.acks = config.ack_policy != AckPolicy.NONE
         self.stats = ConsumerStats()
 
     def stats_dict(self) -> dict[str, int]:
@@ -128,7 +129,8 @@ class Consumer(Generic[T]):
         except TransientError as exc:
             self.stats.retried += 1
             log.warning("%s: retrying %s later: %s", self.name, getattr(event, "task_id", "?"), exc)
-            await msg.nak(delay=exc.retry_after_s)
+            if self.acks:
+                await msg.nak(delay=exc.retry_after_s)
             return
         except PoisonMessage as exc:
             await self._dead_letter(msg, f"poison: {exc}", deliveries)
@@ -136,12 +138,13 @@ class Consumer(Generic[T]):
         except Exception as exc:  # a bug or an unexpected failure: counted, logged, retried, then dead-lettered
             self.stats.errors += 1
             log.exception("%s: handler failed for task %s", self.name, getattr(event, "task_id", "?"))
-            if deliveries >= self.bus.settings.max_deliver:
+            if deliveries >= self.bus.settings.max_deliver or not self.acks:
                 await self._dead_letter(msg, f"failed {deliveries} times, last: {exc!r}", deliveries)
             else:
                 await msg.nak(delay=min(30.0, 0.5 * 2**deliveries * random.random()))
             return
-        await msg.ack()
+        if self.acks:
+            await msg.ack()
         self.stats.handled += 1
 
     async def _with_progress(self, msg: Msg, event: Any) -> None:
@@ -166,7 +169,8 @@ class Consumer(Generic[T]):
         subject = subjects.dead_letter(self.bus.service)
         msg_id = f"dlq:{self.name}:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
-        await msg.term()
+        if self.acks:
+            await msg.term()
 
 
 def decoder_for(contract: type[T] | Any) -> Decode[T]:

@@ -39,11 +39,14 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     ]
 
 
-def consumer_config(settings: Settings, durable: str, *filters: str, ack_wait_s: float | None = None) -> ConsumerConfig:
-    """A durable pull consumer with explicit acks, shared by every replica of a service."""
+def consumer_config(settings: Settings, durable: str, *filters: str, ack_wait_s: float | None = None,
+                    acks: bool = True) -> ConsumerConfig:
+    """A durable pull consumer shared by every replica of a service. Explicit acks, unless
+    `acks=False`: for observers (the monitor) that may miss an event in a crash but must
+    not cost the server an ack round trip per event."""
     return ConsumerConfig(
         durable_name=durable,
-        ack_policy=AckPolicy.EXPLICIT,
+        ack_policy=AckPolicy.EXPLICIT if acks else AckPolicy.NONE,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s or settings.ack_wait_s,
         max_deliver=settings.max_deliver,

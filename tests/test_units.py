@@ -108,3 +108,22 @@ def test_an_open_breaker_goes_half_open_after_the_wait_and_a_failed_probe_reopen
 def test_percentiles_pick_the_nearest_rank():
     result = percentiles([float(n) for n in range(1, 101)])
     assert (result.count, result.p50_ms, result.p95_ms, result.p99_ms) == (100, 51.0, 96.0, 100.0)
+
+
+def test_without_an_exporter_a_hop_passes_the_incoming_trace_context_on_unchanged():
+    from shared import tracing
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.consuming("hop", {"traceparent": parent, "Nats-Msg-Id": "x"}, {}):
+        assert tracing.inject({}) == {"traceparent": parent}
+    assert tracing.inject({}) == {}
+
+
+def test_without_an_exporter_a_submission_still_starts_a_trace():
+    import re
+
+    from shared import tracing
+
+    with tracing.producing("submit", {}):
+        header = tracing.inject({})["traceparent"]
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", header)

@@ -19,6 +19,9 @@ from shared.runtime import micro_service
 from shared.streams import consumer_config
 
 NAME = "monitor"
+# What the metrics need; admissions, progress and step requests are left on the server.
+TASK_SUBJECTS = (s.ALL_SUBMITTED, s.ALL_VALIDATED, s.ALL_REJECTED, s.ALL_COMPLETED, s.ALL_FAILED)
+STEP_SUBJECTS = (s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED)
 log = logging.getLogger(__name__)
 WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scale on
     (s.STREAM_TASKS, s.CONSUMER_GUARD),
@@ -40,11 +43,14 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             return msgspec.json.encode(metrics.report())
 
         consumers = [
-            Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_MONITOR_TASKS, s.ALL_TASK_EVENTS),
+            Consumer(bus, s.STREAM_TASKS,
+                     consumer_config(settings, s.CONSUMER_MONITOR_TASKS, *TASK_SUBJECTS, acks=False),
                      decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
-            Consumer(bus, s.STREAM_STEPS, consumer_config(settings, s.CONSUMER_MONITOR_STEPS, s.ALL_STEP_EVENTS),
+            Consumer(bus, s.STREAM_STEPS,
+                     consumer_config(settings, s.CONSUMER_MONITOR_STEPS, *STEP_SUBJECTS, acks=False),
                      decoder_for(Union[e.STEP_EVENTS]), metrics.on_event),
-            Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER),
+            Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER,
+                                                            acks=False),
                      decoder_for(e.BreakerChanged), metrics.on_event),
         ]
         async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}), \
