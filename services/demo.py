@@ -23,7 +23,7 @@ from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, Tas
 from contracts.policy import DEFAULT_POLICY
 from contracts.queries import StatusReport
 from services.client import Client
-from services.monitor.handlers import cost_usd, percentiles
+from services.monitor.handlers import percentiles
 from shared.config import Settings
 
 TENANTS = ("acme", "globex", "initech")
@@ -125,7 +125,7 @@ def _record(event, pending: dict[str, float], summary: Summary, settings: Settin
             summary.completed += 1
             summary.input_tokens += event.usage.input_tokens
             summary.output_tokens += event.usage.output_tokens
-            summary.cost_usd += cost_usd(event.usage, DEFAULT_POLICY.price_of(event.model))
+            summary.cost_usd += DEFAULT_POLICY.price_of(event.model).cost(event.usage)
         case TaskRejected():
             summary.rejected[event.reason] = summary.rejected.get(event.reason, 0) + 1
         case TaskFailed():
