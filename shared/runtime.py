@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from nats.micro import add_service
@@ -53,10 +54,11 @@ async def _stop_on_signal(stop: anyio.Event) -> None:
 
 @asynccontextmanager
 async def micro_service(bus: Bus, description: str, endpoints: dict[str, tuple[str, Endpoint]] | None = None,
-                        ) -> AsyncIterator[Service]:
-    """Register this process as a replica of the NATS micro service named after it."""
+                        stats: Callable[[], dict[str, Any]] | None = None) -> AsyncIterator[Service]:
+    """Register this process as a replica of the NATS micro service named after it; `stats()`
+    becomes the `data` of each endpoint in `$SRV.STATS`."""
     service = await add_service(bus.nc, name=f"corral-{bus.service}", version=SERVICE_VERSION,
-                                description=description)
+                                description=description, stats_handler=(lambda _: stats()) if stats else None)
     for name, (subject, endpoint) in (endpoints or {}).items():
         await service.add_endpoint(name=name, subject=subject, handler=_responder(endpoint))
     try:
