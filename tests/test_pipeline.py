@@ -83,6 +83,7 @@ async def test_a_task_over_the_daily_budget_is_rejected_by_the_budget_with_the_r
     assert isinstance(end, TaskRejected)
     assert (end.reason, end.stage) == ("over_budget", "budget")
     assert "resets at" in end.message and end.retry_after_s and end.retry_after_s > 0
+    assert end.remaining_tokens == 300 and end.resets_at is not None and end.resets_at.hour == 0
 
 
 async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
