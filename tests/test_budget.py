@@ -1,9 +1,13 @@
 """Budgets on a real nats-server: replicas never overspend, a step is billed once, windows roll,
-reservations are released or expire, thresholds notify once."""
+reservations are released or expire, thresholds notify once, and the CLI shows it all."""
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -277,3 +281,32 @@ async def test_a_reservation_whose_task_never_finishes_expires_and_a_late_step_i
 async def _status(client: Client, task_id: str, status: str):
     reply = await client.cost(task_id)
     return reply if reply.status == status else None
+
+
+async def test_budget_show_and_cost_print_what_the_budget_service_booked(settings, tenant, user):
+    async with budget(settings) as client:
+        assert isinstance(await decide(client, validated("c1", tenant, user, 500)), TaskAdmitted)
+        await client.bus.emit(subjects.step_completed(tenant), completed_step("c1", tenant, user, 1, 120, 380))
+        await client.bus.emit(subjects.task_completed(tenant), finished("c1", tenant, user,
+                                                                        Usage(input_tokens=120, output_tokens=380)))
+        await wait_until(lambda: settled(client, "c1", 500))
+        show = await _corral(settings, "budget", "show", user, "--tenant", tenant)
+        cost = await _corral(settings, "cost", "c1")
+        unknown = await _corral(settings, "cost", "no-such-task", check=False)
+    assert f"Budget of {user} (tenant {tenant})" in show
+    #                      window                    limit      used    reserved  remaining  cost
+    assert re.search(r"│ user\s+│ hour \S+\s+│\s+1,000 │\s+500 │\s+0 │\s+500 │ \$0\.0061 │", show), show
+    assert re.search(r"│ tenant\s+│ day \S+\s+│\s+1,000,000 │\s+500 │\s+0 │\s+999,500 │", show), show
+    assert "task c1 (default/" in cost and "500 tokens" in cost and "finished" in cost
+    assert "c1-a1" in cost and "sim-large" in cost and "$0.006060" in cost  # 120 x 0.003 + 380 x 0.015 per 1k
+    assert unknown.returncode == 3 and "no record of task 'no-such-task'" in unknown.stdout
+
+
+async def _corral(settings: Settings, *args: str, check: bool = True):
+    argv = [sys.executable, "-m", "services.cli", *args, "--nats", settings.nats_url]
+    done = await anyio.run_process(argv, check=False, env={**os.environ, "COLUMNS": "160"})
+    result = subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(), done.stderr.decode())
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+    return result
