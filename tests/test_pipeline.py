@@ -92,7 +92,8 @@ async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
         await client.run(TaskSpec(agent="painter", prompt="two"), tenant=tenant, user=user)
         async def monitor_saw_both():
             report = await client.status()
-            return report if report.counts.get("task.rejected") and report.counts.get("task.completed") else None
+            seen = report.counts.get("task.rejected") and report.counts.get("task.completed")
+            return report if seen and "guard" in report.queue_depth else None  # depths are polled every second
 
         report = await wait_until(monitor_saw_both)
         task_state = await client.task_status("no-such-task")
