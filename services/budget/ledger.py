@@ -40,7 +40,7 @@ THRESHOLDS = (50, 80, 100)
 # --- records -------------------------------------------------------------------
 
 
-class Window(msgspec.Struct, kw_only=True):
+class Window(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One UTC calendar window of an account."""
 
     start: str = ""
@@ -53,7 +53,7 @@ class Window(msgspec.Struct, kw_only=True):
     """Thresholds whose CostNotice was published (the rest of `crossed` is still due)."""
 
 
-class Hold(msgspec.Struct, kw_only=True):
+class Hold(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A task's reservation in one account."""
 
     reserved: int
