@@ -207,6 +207,19 @@ async def test_a_task_its_tenant_cannot_afford_is_rejected_and_the_users_hold_is
     assert window(shown, "tenant", "hour").reserved == 800
 
 
+async def test_a_task_over_the_per_task_cap_is_rejected_however_much_remains(settings, tenant, user):
+    capped = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000,
+                                                          per_task_tokens=400)))
+    async with budget(settings, capped) as client:
+        refused = await decide(client, validated("p1", tenant, user, 500))
+        admitted = await decide(client, validated("p2", tenant, user, 400))
+        shown = await client.budget(tenant, user)
+    assert isinstance(refused, TaskRejected) and refused.reason == "over_budget"
+    assert "your limit per task is 400" in refused.message and refused.resets_at is None
+    assert isinstance(admitted, TaskAdmitted)
+    assert shown.per_task_tokens == 400 and window(shown, "user", "day").reserved == 400
+
+
 async def test_the_hourly_window_resets_at_rollover_and_the_daily_one_does_not(settings, tenant, user):
     clock = Clock(datetime(2026, 11, 27, 13, 59, 50, tzinfo=UTC))
     async with budget(settings, clock=clock) as client:  # the seed's defaults: 10,000 a day, 1,000 an hour
