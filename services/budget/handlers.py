@@ -143,7 +143,7 @@ class Budget:
             if thresholds:
                 over = posted.over_reservation if posted else await self._over_of(key, step)
         charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost,
-                            over_reservation=over, posted_at=now)
+                          over_reservation=over, posted_at=now)
         if over:
             log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
         journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
