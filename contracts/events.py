@@ -133,6 +133,10 @@ class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
     stage: Literal["guard", "budget"]
     retry_after_s: float | None = None
     policy_version: int = 0
+    remaining_tokens: int | None = None
+    """over_budget: tokens left in the window that refused the task (after its open reservations)."""
+    resets_at: datetime | None = None
+    """over_budget: when that window resets (UTC); None if waiting cannot help (a per-task cap)."""
 
 
 class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
@@ -155,6 +159,7 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     output: str
     usage: Usage
+    """Tokens of all the task's completed steps (the budget waits for their StepCompleted to add up)."""
     attempts: int
     model: str
 
@@ -220,6 +225,34 @@ class BreakerChanged(msgspec.Struct, frozen=True, kw_only=True, tag="breaker.cha
         return f"{self.dependency}:{self.state}:{self.occurred_at.timestamp():.6f}"
 
 
+# --- what the budget tells a user about cost ------------------------------------
+
+CostReason = Literal["task", "threshold"]
+BudgetWindow = Literal["day", "hour"]
+
+
+class CostNotice(Event, frozen=True, kw_only=True, tag="cost.notice"):
+    """What a task cost (reason "task", after it ended), or that one of the user's windows
+    crossed 50, 80 or 100 % of its limit (reason "threshold", once per threshold per window)."""
+
+    reason: CostReason
+    tokens: int
+    """The task's tokens ("task"), or the window's tokens used so far ("threshold")."""
+    cost_usd: float
+    """The task's cost ("task"), or the window's cost so far ("threshold")."""
+    remaining_daily_tokens: int
+    remaining_hourly_tokens: int
+    window: BudgetWindow | None = None
+    window_start: str = ""
+    """"threshold": the window, e.g. "2026-11-27" (day) or "2026-11-27T13" (hour), UTC."""
+    threshold_pct: int = 0
+
+    def dedup_key(self) -> str:
+        if self.reason == "threshold":  # one notice per threshold per window, whichever task crossed it
+            return f"cost:{self.tenant}:{self.user}:{self.window}:{self.window_start}:{self.threshold_pct}"
+        return f"{self.task_id}:cost.notice"
+
+
 # --- what the dead-letter stream stores --------------------------------------
 
 
@@ -237,4 +270,4 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", t
 
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)
 STEP_EVENTS = (StepRequested, StepCompleted, StepFailed)
-ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, BreakerChanged, DeadLetter)
+ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter)

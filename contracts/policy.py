@@ -14,6 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from contracts.events import Usage
+
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Policy sections refuse unknown keys, so a typo is an error, not a silent default."""
@@ -93,6 +95,12 @@ class Price(Strict):
     input: float
     output: float
     cached: float = 0.0
+    """For input tokens served from the provider's prompt cache (counted inside input_tokens)."""
+
+    def cost(self, usage: Usage) -> float:
+        """USD of one model call: fresh input, cached input and output, each at its price."""
+        fresh_input = usage.input_tokens - usage.cached_tokens
+        return (fresh_input * self.input + usage.cached_tokens * self.cached + usage.output_tokens * self.output) / 1000
 
 
 class Strategy(Strict):

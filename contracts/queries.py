@@ -1,10 +1,14 @@
-"""Request/reply messages of the services' NATS micro endpoints (`corral status`)."""
+"""Request/reply messages of the services' NATS micro endpoints (`corral status`, `corral budget show`,
+`corral cost`)."""
 
 from __future__ import annotations
 
 import msgspec
 
-from contracts.events import Attempt, Usage
+from datetime import datetime
+from typing import Literal
+
+from contracts.events import Attempt, BudgetWindow, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,4 +52,76 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage | None = None
 
 
-QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply)
+class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    user: str
+
+
+class WindowUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One budget window of a user or of their tenant, as the budget service books it."""
+
+    scope: Literal["user", "tenant"]
+    window: BudgetWindow
+    start: str
+    """"2026-11-27" (day) or "2026-11-27T13" (hour), UTC."""
+    limit: int
+    used: int
+    """Tokens posted by finished and running steps in this window."""
+    reserved: int
+    """Tokens held for admitted tasks that have not used them yet."""
+    remaining: int
+    """limit - used - reserved: what the next admission may reserve."""
+    cost_usd: float
+    resets_at: datetime
+
+
+class BudgetReply(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    user: str
+    windows: list[WindowUse]
+    open_tasks: int
+    """The user's tasks that hold a reservation now."""
+    per_task_tokens: int | None = None
+
+
+class CostQuery(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+
+
+class StepCost(msgspec.Struct, frozen=True, kw_only=True):
+    """One step as the budget posted it (its journal keeps these)."""
+
+    step_id: str
+    model: str
+    usage: Usage
+    cost_usd: float
+    over_reservation: int = 0
+    """Tokens this step used beyond what its task still had reserved (posted anyway, flagged)."""
+    posted_at: datetime | None = None
+
+
+class ModelCost(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost_usd: float
+
+
+class CostReply(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    found: bool
+    tenant: str = ""
+    user: str = ""
+    status: str = ""
+    """admitted (running), rejected, finished or expired (its reservation timed out)."""
+    reserved_tokens: int = 0
+    """What the task reserved at admission."""
+    tokens: int = 0
+    cost_usd: float = 0.0
+    steps: list[StepCost] = []
+    models: list[ModelCost] = []
+
+
+QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)

@@ -55,6 +55,10 @@ def breaker_state(dependency: str) -> str:
     return f"{PREFIX}.breaker.state.{_token(dependency)}"
 
 
+def cost_notice(tenant: str, user: str) -> str:
+    return f"{PREFIX}.cost.notice.{tenant}.{user}"
+
+
 def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{service}"
 
@@ -76,11 +80,14 @@ ALL_STEP_COMPLETED = f"{PREFIX}.step.completed.>"
 ALL_STEP_FAILED = f"{PREFIX}.step.failed.>"
 ALL_STEP_EVENTS = f"{PREFIX}.step.>"
 ALL_BREAKER = f"{PREFIX}.breaker.>"
+ALL_COST = f"{PREFIX}.cost.>"
 ALL_DEAD_LETTERS = f"{PREFIX}.dlq.>"
 
 # Request/reply endpoints of the NATS micro services.
 MONITOR_STATUS = f"{PREFIX}.monitor.status"
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
+BUDGET_SHOW = f"{PREFIX}.budget.show"
+BUDGET_COST = f"{PREFIX}.budget.cost"
 
 # --- streams (file storage; see shared/streams.py for their configuration) ---
 

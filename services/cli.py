@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import TaskSpec
+from services.budget import cli as budget_cli
 from services.policy_cli import policy_app
 from shared.config import Settings, load_settings
 from shared.errors import CorralError
@@ -237,6 +238,9 @@ def _maybe_embedded(nats: str | None, data_dir: Path):
 
     return nullcontext(nats) if nats else nats_server(data_dir)
 
+
+app.add_typer(budget_cli.app, name="budget")  # corral budget show USER
+app.command()(budget_cli.cost)  # corral cost TASK_ID
 
 if __name__ == "__main__":
     app()

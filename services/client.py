@@ -18,7 +18,15 @@ from nats.aio.msg import Msg
 
 from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec, TaskSubmitted, subjects
 from contracts.events import TASK_EVENTS
-from contracts.queries import StatusReport, TaskStatusQuery, TaskStatusReply
+from contracts.queries import (
+    BudgetQuery,
+    BudgetReply,
+    CostQuery,
+    CostReply,
+    StatusReport,
+    TaskStatusQuery,
+    TaskStatusReply,
+)
 from shared import tracing
 from shared.bus import Bus
 from shared.config import Settings
@@ -120,3 +128,15 @@ class Client:
         query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))
         reply = await self.bus.nc.request(subjects.EXECUTOR_TASK, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=TaskStatusReply)
+
+    async def budget(self, tenant: str, user: str, timeout: float = 5.0) -> BudgetReply:
+        """The user's and their tenant's budget windows, as the budget service books them."""
+        query = msgspec.json.encode(BudgetQuery(tenant=tenant, user=user))
+        reply = await self.bus.nc.request(subjects.BUDGET_SHOW, query, timeout=timeout)
+        return msgspec.json.decode(reply.data, type=BudgetReply)
+
+    async def cost(self, task_id: str, timeout: float = 5.0) -> CostReply:
+        """A task's tokens and cost per step and model, from the budget service."""
+        reply = await self.bus.nc.request(subjects.BUDGET_COST, msgspec.json.encode(CostQuery(task_id=task_id)),
+                                          timeout=timeout)
+        return msgspec.json.decode(reply.data, type=CostReply)

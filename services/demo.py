@@ -5,6 +5,10 @@ some are rejected by the guard (unknown agent, oversized prompt, empty prompt)
 or by the budget (two heavy users exhaust their daily tokens); some fail
 transiently and are retried (simulated failure rate, flaky prompts); a few fail
 permanently.
+
+The seed's default budget allows 1,000 tokens an hour, two or three tasks: on a
+server where no policy was ever applied (the demo's own embedded one), the demo
+applies DEMO_POLICY, the defaults with an hour as large as the day.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
-from contracts.policy import DEFAULT_POLICY
+from contracts.policy import DEFAULT_POLICY, BudgetLimits, Defaults, Policy
 from contracts.queries import StatusReport
 from services.client import Client
-from services.monitor.handlers import cost_usd, percentiles
+from services.monitor.handlers import percentiles
 from shared.config import Settings
+from shared.policy import apply_policy, read_policy
 
 TENANTS = ("acme", "globex", "initech")
 AGENTS = ("research", "coding", "writing")
 TOPICS = ("the quarterly churn numbers", "a retry policy for payments", "onboarding emails", "the incident on Tuesday",
           "GPU cost per request", "a migration to NATS", "the tenant billing model", "flaky integration tests")
 TERMINAL_WAIT_S = 60.0
+DEMO_POLICY = Policy(description="corral demo: the defaults, with an hourly budget as large as the daily one",
+                     defaults=Defaults(budget=BudgetLimits(daily_tokens=10_000, hourly_tokens=10_000)))
 
 
 class Summary(msgspec.Struct):
@@ -83,6 +90,9 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
     pending: dict[str, float] = {}
     retried: set[str] = set()
     async with Client.connect(settings, "demo") as client, client.events() as events:
+        policy_kv = await client.bus.policy_bucket()
+        if (await read_policy(policy_kv))[0] == 0:
+            await apply_policy(policy_kv, DEMO_POLICY)
         await client.wait_ready(services)
         started = time.perf_counter()
         with _progress() as progress:
@@ -125,7 +135,7 @@ def _record(event, pending: dict[str, float], summary: Summary, settings: Settin
             summary.completed += 1
             summary.input_tokens += event.usage.input_tokens
             summary.output_tokens += event.usage.output_tokens
-            summary.cost_usd += cost_usd(event.usage, DEFAULT_POLICY.price_of(event.model))
+            summary.cost_usd += DEFAULT_POLICY.price_of(event.model).cost(event.usage)
         case TaskRejected():
             summary.rejected[event.reason] = summary.rejected.get(event.reason, 0) + 1
         case TaskFailed():

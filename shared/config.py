@@ -48,9 +48,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Window in which a repeated Nats-Msg-Id is dropped by the stream."""
     monitor_poll_s: float = 1.0
     """How often the monitor reads consumer queue depths."""
+    budget_hold_timeout_s: float = 900.0
+    """A reservation whose task has not ended after this many seconds is released (a crashed task
+    leaks no budget). Keep it above the longest task."""
+    budget_sweep_s: float = 30.0
+    """How often each budget replica looks for reservations past the timeout."""
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "concurrency", "max_deliver"):
+        for name in ("max_payload_bytes", "concurrency", "max_deliver", "budget_hold_timeout_s", "budget_sweep_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.sim_failure_rate <= 1.0:

@@ -3,14 +3,19 @@
 `update(key, change)` reads the value and its revision, applies `change` (which
 mutates the value and returns a result), and writes only if nobody wrote the key
 in between; on a conflict it reads again and retries. That is how two replicas
-share one budget or one breaker without a lock.
+share one budget or one breaker without a lock. `change` may be async: it may read
+other keys after this one was read, and the write still happens only if this key
+is unchanged since (the budget relies on that order). Within one process, updates
+of the same key that arrive together are applied in order and written at once.
+`create(key, value)` writes only if the key does not exist: a first-writer-wins marker.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -28,6 +33,22 @@ class Contention(TransientError):
     """A key stayed contended for MAX_ATTEMPTS tries; the caller's message is retried later."""
 
 
+class _Waiter:
+    """One caller's change, queued for the next write of its key."""
+
+    def __init__(self, change: Callable[[Any], Any], default: Callable[[], Any] | None) -> None:
+        self.change = change
+        self.default = default
+        self.wake = anyio.Event()  # set when done, or when it is this caller's turn to lead
+        self.finished = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def finish(self, *, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error, self.finished = result, error, True
+        self.wake.set()
+
+
 class TypedBucket(Generic[T]):
     def __init__(self, kv: KeyValue, type_: type[T], default: Callable[[], T]) -> None:
         self.kv = kv
@@ -35,6 +56,8 @@ class TypedBucket(Generic[T]):
         self._decoder = msgspec.json.Decoder(type_)
         self._encoder = msgspec.json.Encoder()
         self.conflicts = 0  # CAS retries since start, for stats and benchmarks
+        self._queued: dict[str, list[_Waiter]] = {}
+        self._leaders: set[str] = set()
 
     async def get(self, key: str) -> T | None:
         try:
@@ -46,27 +69,115 @@ class TypedBucket(Generic[T]):
     async def put(self, key: str, value: T) -> None:
         await self.kv.put(key, self._encoder.encode(value))
 
-    async def update(self, key: str, change: Callable[[T], R], default: Callable[[], T] | None = None) -> R:
-        """Apply `change` to the current value (or `default()` for a new key) and write it
-        atomically (compare-and-set)."""
-        for attempt in range(MAX_ATTEMPTS):
-            value, revision = await self._read(key, default or self.default)
-            before = self._encoder.encode(value)
-            result = change(value)
-            after = self._encoder.encode(value)
-            if after == before:  # nothing to write
-                return result
-            try:
-                await self.kv.update(key, after, last=revision)
-                return result
-            except KeyWrongLastSequenceError:
-                self.conflicts += 1
-                await anyio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 6)))
-        raise Contention(f"key {key!r} stayed contended for {MAX_ATTEMPTS} attempts", retry_after_s=0.5)
+    async def create(self, key: str, value: T) -> T:
+        """Write `value` if `key` does not exist yet; return what the key holds now (the
+        first writer's value, whoever that was)."""
+        try:
+            await self.kv.create(key, self._encoder.encode(value))
+            return value
+        except KeyWrongLastSequenceError:
+            existing = await self.get(key)
+            if existing is None:  # deleted in between: rare enough to let the caller retry
+                raise Contention(f"key {key!r} was deleted while being created", retry_after_s=0.1) from None
+            return existing
 
-    async def _read(self, key: str, default: Callable[[], T]) -> tuple[T, int]:
+    async def update(self, key: str, change: Callable[[T], R] | Callable[[T], Awaitable[R]],
+                     default: Callable[[], T] | None = None) -> R:
+        """Apply `change` to the current value (or `default()` for a new key) and write it
+        atomically (compare-and-set).
+
+        Concurrent updates of one key in this process are written together: one caller
+        at a time leads, applies every change queued for the key in order, and writes
+        once (a group commit), so replicas contend with each other, not with
+        themselves. On a conflict every change of the batch runs again on the new value."""
+        waiter = _Waiter(change, default)
+        self._queued.setdefault(key, []).append(waiter)
+        if key not in self._leaders:
+            self._leaders.add(key)
+            waiter.wake.set()
+        try:
+            await waiter.wake.wait()
+        except BaseException:  # cancelled while queued
+            self._leave(key, waiter)
+            raise
+        if not waiter.finished:  # our turn to lead: write everything queued so far
+            batch = self._queued.pop(key)
+            try:
+                await self._commit(key, batch)
+            finally:
+                for other in batch:
+                    if not other.finished:  # the leader was cancelled mid-write
+                        other.finish(error=Contention(f"update of {key!r} interrupted", retry_after_s=0.1))
+                self._hand_over(key)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    async def _commit(self, key: str, batch: list[_Waiter]) -> None:
+        for attempt in range(MAX_ATTEMPTS):
+            default = next((w.default for w in batch if w.default), self.default)
+            value, revision, before = await self._read(key, default)
+            failed = False
+            for waiter in batch:
+                try:
+                    result = waiter.change(value)
+                    waiter.result = await result if inspect.isawaitable(result) else result
+                except Exception as exc:  # noqa: BLE001 - handed to that caller
+                    waiter.finish(error=exc)
+                    failed = True
+            if failed:  # a change that raised may have left the value half-changed: again without it
+                batch = [w for w in batch if not w.finished]
+                if not batch:
+                    return
+                continue
+            after = self._encoder.encode(value)
+            if after != before:
+                try:
+                    await self.kv.update(key, after, last=revision)
+                except KeyWrongLastSequenceError:
+                    self.conflicts += 1
+                    await anyio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 6)))
+                    continue
+            for waiter in batch:
+                waiter.finish(result=waiter.result)
+            return
+        for waiter in batch:
+            waiter.finish(error=Contention(f"key {key!r} stayed contended for {MAX_ATTEMPTS} attempts",
+                                           retry_after_s=0.5))
+
+    def _hand_over(self, key: str) -> None:
+        """Wake the first caller queued for `key` to lead the next batch, or step down."""
+        queued = self._queued.get(key)
+        if queued:
+            queued[0].wake.set()
+        else:
+            self._queued.pop(key, None)
+            self._leaders.discard(key)
+
+    def _leave(self, key: str, waiter: _Waiter) -> None:
+        queued = self._queued.get(key, [])
+        if waiter in queued:
+            queued.remove(waiter)
+        if waiter.wake.is_set() and not waiter.finished:  # it had been made leader: pass that on
+            self._hand_over(key)
+
+    async def scan(self, keys: str) -> AsyncIterator[tuple[str, T]]:
+        """The current value of every key matching the pattern `keys` (e.g. "acct.>"), read in one pass."""
+        watcher = await self.kv.watch(keys, ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what existed when the pass began
+                    return
+                if entry.value:
+                    yield entry.key, self._decoder.decode(entry.value)
+        finally:
+            await watcher.stop()
+
+    async def _read(self, key: str, default: Callable[[], T]) -> tuple[T, int, bytes]:
+        """(value, revision, its encoding as stored: to tell whether a change changed anything)."""
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
-            return default(), 0
-        return self._decoder.decode(entry.value), entry.revision or 0
+            value = default()
+            return value, 0, self._encoder.encode(value)
+        return self._decoder.decode(entry.value), entry.revision or 0, entry.value

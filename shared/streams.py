@@ -34,7 +34,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return [
         StreamConfig(name=s.STREAM_TASKS, subjects=[s.ALL_TASK_EVENTS], max_age=7 * DAY, **common),
         StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=7 * DAY, **common),
-        StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER], max_age=7 * DAY, **common),
+        StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER, s.ALL_COST], max_age=7 * DAY, **common),
         StreamConfig(name=s.STREAM_DLQ, subjects=[s.ALL_DEAD_LETTERS], max_age=30 * DAY, **common),
     ]
 

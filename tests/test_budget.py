@@ -1,19 +1,43 @@
-"""Budgets on a real nats-server: replicas share one ledger; a step is billed once."""
+"""Budgets on a real nats-server: replicas never overspend, a step is billed once, windows roll,
+reservations are released or expire, thresholds notify once, and the CLI shows it all."""
 
 from __future__ import annotations
 
+import os
+import random
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+import anyio
 import msgspec
 import pytest
-from nats.js.errors import KeyNotFoundError
 
-from contracts import StepCompleted, TaskAdmitted, TaskRejected, TaskSpec, TaskValidated, TokenEstimate, Usage, subjects
-from services.budget.handlers import ledger_key
-from services.budget.ledger import Ledger, day_window
+from contracts import (
+    CostNotice,
+    StepCompleted,
+    TaskAdmitted,
+    TaskCompleted,
+    TaskRejected,
+    TaskSpec,
+    TaskValidated,
+    TokenEstimate,
+    Usage,
+    subjects,
+)
+from contracts.policy import BudgetLimits, Defaults, Policy, TenantPolicy
+from services.budget import service as budget_service
+from services.client import Client
 from services.stack import Services
-from contracts.policy import BudgetLimits, Defaults, Policy
-from tests.conftest import apply, running, wait_until
+from shared.config import Settings
+from tests.conftest import apply, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
 
 
 def validated(task_id: str, tenant: str, user: str, estimate: int) -> TaskValidated:
@@ -21,71 +45,281 @@ def validated(task_id: str, tenant: str, user: str, estimate: int) -> TaskValida
                          estimate=TokenEstimate(prompt_tokens=estimate // 2, max_output_tokens=estimate - estimate // 2))
 
 
-async def test_two_budget_replicas_admitting_concurrently_never_exceed_the_daily_limit(settings, tenant, user,
-                                                                                      tmp_path):
-    from services.client import Client
+def completed_step(task_id: str, tenant: str, user: str, n: int, input_tokens: int, output_tokens: int,
+                   model: str = "sim-large") -> StepCompleted:
+    return StepCompleted(task_id=task_id, tenant=tenant, user=user, step_id=f"{task_id}-a{n}", attempt=n,
+                         agent="research", dependency=f"simulated/{model}", model=model, output="ok",
+                         usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens), latency_ms=1.0)
 
-    await apply(settings, Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=10_000))))
-    replicas = Services(settings.nats_url, tmp_path / "logs")
-    try:
-        for _ in range(2):
-            replicas.start_one("budget")
-        async with Client.connect(settings, "test") as client, client.events() as events:
-            await wait_until(lambda: _replicas(client, "corral-budget", 2), timeout=20)
-            for n in range(50):  # 50 x 700 tokens asked, 10,000 allowed: 14 fit
-                await client.bus.emit(subjects.task_validated(tenant), validated(f"c{n}", tenant, user, 700))
-            decided: dict[str, object] = {}
+
+def finished(task_id: str, tenant: str, user: str, usage: Usage) -> TaskCompleted:
+    return TaskCompleted(task_id=task_id, tenant=tenant, user=user, output="ok", usage=usage, attempts=1,
+                         model="sim-large")
+
+
+class Clock:
+    """The budget's clock, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@asynccontextmanager
+async def budget(settings: Settings, policy: Policy | None = None, clock=None) -> AsyncIterator[Client]:
+    """One budget replica in this event loop (with `clock` if given), and a client once it answers."""
+    if policy is not None:
+        await apply(settings, policy)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(budget_service.run, settings, stop, **({"clock": clock} if clock else {})))
+        try:
+            async with Client.connect(settings, "test") as client:
+                await client.wait_ready({"corral-budget"})
+                yield client
+        finally:
+            stop.set()
+
+
+async def decide(client: Client, task: TaskValidated) -> TaskAdmitted | TaskRejected:
+    """Publish a validated task and wait for the budget's decision."""
+    async with client.events() as events:
+        await client.bus.emit(subjects.task_validated(task.tenant), task)
+        with anyio.fail_after(10):
             async for event in events:
-                if isinstance(event, (TaskAdmitted, TaskRejected)) and event.user == user:
-                    decided[event.task_id] = event
-                    if len(decided) == 50:
-                        break
-    finally:
-        replicas.stop()
-    admitted = [e for e in decided.values() if isinstance(e, TaskAdmitted)]
-    assert sum(e.reserved_tokens for e in admitted) <= 10_000
-    assert len(admitted) == 14  # not starved either: every task that fits got in
-    assert all(e.reason == "over_budget" for e in decided.values() if isinstance(e, TaskRejected))
+                if isinstance(event, (TaskAdmitted, TaskRejected)) and event.task_id == task.task_id:
+                    return event
+    raise AssertionError("no decision")
 
 
-async def _replicas(client, name: str, count: int) -> bool:
+async def publish_copies(client: Client, subject: str, event, copies: int) -> None:
+    """Publish `copies` copies that escape the stream's de-duplication, as after its window."""
+    for n in range(copies):
+        await client.bus.js.publish(subject, msgspec.json.encode(event),
+                                    headers={subjects.HEADER_MSG_ID: f"copy-{n}-{event.dedup_key()}"})
+
+
+async def settled(client: Client, task_id: str, tokens: int):
+    """The task's cost once the budget has posted `tokens` and closed it; None until then."""
+    reply = await client.cost(task_id)
+    return reply if reply.status in ("finished", "expired") and reply.tokens == tokens else None
+
+
+def window(reply, scope: str, name: str):
+    return next(w for w in reply.windows if w.scope == scope and w.window == name)
+
+
+async def _replicas(client: Client, name: str, count: int) -> bool:
     return (await client.running_services())[name] >= count
 
 
-async def test_a_step_completion_delivered_three_times_is_billed_once(settings, tenant, user):
-    async with running(settings, "budget"):
-        from services.client import Client
-
+async def test_fifty_concurrent_admissions_across_three_budget_replicas_never_exceed_the_limit_nor_starve(
+        settings, tenant, user, tmp_path):
+    limit = 10_000
+    await apply(settings, Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=limit, hourly_tokens=limit))))
+    estimates = {f"c{n}": random.Random(n).randint(300, 900) for n in range(50)}  # ~30,000 asked for 10,000
+    replicas = Services(settings.nats_url, tmp_path / "logs")
+    try:
+        for _ in range(3):
+            replicas.start_one("budget")
         async with Client.connect(settings, "test") as client, client.events() as events:
-            await client.wait_ready({"corral-budget"})
-            await client.bus.emit(subjects.task_validated(tenant), validated("b1", tenant, user, 500))
-            async for event in events:  # steps run only once a task is admitted
-                if isinstance(event, TaskAdmitted) and event.task_id == "b1":
-                    break
-            step = StepCompleted(task_id="b1", tenant=tenant, user=user, step_id="b1-a1", attempt=1, agent="research",
-                                 dependency="simulated/sim-large", model="sim-large", output="ok",
-                                 usage=Usage(input_tokens=20, output_tokens=80), latency_ms=1.0)
-            for n in range(3):  # three copies that escape de-duplication, as after the dedup window
-                await client.bus.js.publish(subjects.step_completed(tenant), msgspec.json.encode(step),
-                                            headers={subjects.HEADER_MSG_ID: f"copy-{n}"})
-            kv = await client.bus.js.key_value(subjects.KV_BUDGET)
-            key = ledger_key(tenant, user, day_window(step.occurred_at))
-
-            async def billed() -> Ledger | None:
-                try:
-                    ledger = msgspec.json.decode((await kv.get(key)).value, type=Ledger)
-                except KeyNotFoundError:
-                    return None
-                return ledger if ledger.posted else None
-
-            await wait_until(billed)
-            await wait_until(lambda: _all_acked(client))  # all three copies handled
-            ledger = msgspec.json.decode((await kv.get(key)).value, type=Ledger)
-    assert ledger.committed == 100
-    assert ledger.posted == {"b1-a1": 100}
-    assert ledger.reserved["b1"] == 400
+            await wait_until(lambda: _replicas(client, "corral-budget", 3), timeout=30)
+            async with anyio.create_task_group() as tg:
+                for task_id, estimate in estimates.items():
+                    tg.start_soon(client.bus.emit, subjects.task_validated(tenant),
+                                  validated(task_id, tenant, user, estimate))
+            decided: dict[str, TaskAdmitted | TaskRejected] = {}
+            with anyio.fail_after(60):
+                async for event in events:
+                    if isinstance(event, (TaskAdmitted, TaskRejected)) and event.user == user:
+                        decided[event.task_id] = event
+                        if len(decided) == len(estimates):
+                            break
+            shown = await client.budget(tenant, user)
+    finally:
+        replicas.stop()
+    admitted = sum(e.reserved_tokens for e in decided.values() if isinstance(e, TaskAdmitted))
+    rejected = [e for e in decided.values() if isinstance(e, TaskRejected)]
+    assert admitted <= limit
+    assert rejected and all(e.reason == "over_budget" for e in rejected)
+    assert all(estimates[e.task_id] > limit - admitted for e in rejected)  # each refused task really did not fit
+    assert window(shown, "user", "day").reserved == admitted  # the holds are exactly what was admitted
 
 
-async def _all_acked(client) -> bool:
-    info = await client.bus.js.consumer_info(subjects.STREAM_STEPS, subjects.CONSUMER_BUDGET_USAGE)
-    return info.delivered.stream_seq >= 3 and info.num_ack_pending == 0 and info.num_pending == 0
+async def test_a_step_completion_delivered_three_times_is_billed_once(settings, tenant, user):
+    async with budget(settings) as client:
+        assert isinstance(await decide(client, validated("b1", tenant, user, 500)), TaskAdmitted)
+        await publish_copies(client, subjects.step_completed(tenant), completed_step("b1", tenant, user, 1, 20, 80), 3)
+        await wait_until(lambda: _all_acked(client, subjects.CONSUMER_BUDGET_USAGE, 3))
+        cost, shown = await client.cost("b1"), await client.budget(tenant, user)
+    assert [(s.step_id, s.usage.total) for s in cost.steps] == [("b1-a1", 100)]
+    assert (window(shown, "user", "day").used, window(shown, "user", "hour").used) == (100, 100)
+    assert window(shown, "user", "day").reserved == 400
+    assert window(shown, "tenant", "day").used == 100
+
+
+async def _all_acked(client: Client, durable: str, at_least: int) -> bool:
+    stream = subjects.STREAM_STEPS if durable == subjects.CONSUMER_BUDGET_USAGE else subjects.STREAM_TASKS
+    info = await client.bus.js.consumer_info(stream, durable)
+    return info.delivered.stream_seq >= at_least and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_the_billed_total_equals_the_sum_of_actual_usage_over_a_demo_run(settings, tenant):
+    people = [f"demo-{n}" for n in range(3)]
+    prompts = ["Summarise the incident", "Draft a retry policy [sim:flaky=1]", "Plan the migration",
+               "Review the tests [sim:fail=permanent]"]
+    async with stack(settings, policy=Policy(defaults=Defaults(budget=ROOMY))) as client:
+        ends = []
+
+        async def one(user: str, prompt: str, agent: str) -> None:
+            ends.append(await client.run(TaskSpec(agent=agent, prompt=prompt), tenant=tenant, user=user))
+
+        async with anyio.create_task_group() as tg:
+            for n, (user, prompt) in enumerate((u, p) for u in people for p in prompts):
+                tg.start_soon(one, user, prompt, ("research", "coding", "writing")[n % 3])
+        done = [e for e in ends if isinstance(e, TaskCompleted)]
+        for end in ends:
+            await wait_until(lambda: settled(client, end.task_id, end.usage.total if end in done else 0))
+        shown = {user: await client.budget(tenant, user) for user in people}
+    assert len(done) == len(people) * 3 and len(ends) == len(people) * len(prompts)
+    for user in people:
+        spent = sum(e.usage.total for e in done if e.user == user)
+        assert window(shown[user], "user", "day").used == spent
+        assert window(shown[user], "user", "day").reserved == 0
+
+
+async def test_a_task_its_tenant_cannot_afford_is_rejected_and_the_users_hold_is_given_back(settings, user):
+    tenant = "acme"
+    tight_tenant = Policy(defaults=Defaults(budget=ROOMY),
+                          tenants={tenant: TenantPolicy(tenant_budget=BudgetLimits(daily_tokens=10_000,
+                                                                                   hourly_tokens=1_000))})
+    async with budget(settings, tight_tenant) as client:
+        first = await decide(client, validated("t1", tenant, "someone-else", 800))
+        second = await decide(client, validated("t2", tenant, user, 500))
+        shown = await client.budget(tenant, user)
+    assert isinstance(first, TaskAdmitted)
+    assert isinstance(second, TaskRejected) and second.reason == "over_budget"
+    assert "tenant's hourly budget of 1,000 tokens: 200 left" in second.message
+    assert second.remaining_tokens == 200 and second.resets_at is not None
+    assert window(shown, "user", "hour").reserved == 0 and shown.open_tasks == 0
+    assert window(shown, "tenant", "hour").reserved == 800
+
+
+async def test_a_task_over_the_per_task_cap_is_rejected_however_much_remains(settings, tenant, user):
+    capped = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000,
+                                                          per_task_tokens=400)))
+    async with budget(settings, capped) as client:
+        refused = await decide(client, validated("p1", tenant, user, 500))
+        admitted = await decide(client, validated("p2", tenant, user, 400))
+        shown = await client.budget(tenant, user)
+    assert isinstance(refused, TaskRejected) and refused.reason == "over_budget"
+    assert "your limit per task is 400" in refused.message and refused.resets_at is None
+    assert isinstance(admitted, TaskAdmitted)
+    assert shown.per_task_tokens == 400 and window(shown, "user", "day").reserved == 400
+
+
+async def test_the_hourly_window_resets_at_rollover_and_the_daily_one_does_not(settings, tenant, user):
+    clock = Clock(datetime(2026, 11, 27, 13, 59, 50, tzinfo=UTC))
+    async with budget(settings, clock=clock) as client:  # the seed's defaults: 10,000 a day, 1,000 an hour
+        assert isinstance(await decide(client, validated("w1", tenant, user, 800)), TaskAdmitted)
+        await client.bus.emit(subjects.step_completed(tenant), completed_step("w1", tenant, user, 1, 300, 400))
+        await client.bus.emit(subjects.task_completed(tenant), finished("w1", tenant, user, Usage(input_tokens=300,
+                                                                                                  output_tokens=400)))
+        await wait_until(lambda: settled(client, "w1", 700))
+        refused = await decide(client, validated("w2", tenant, user, 800))
+        clock.now += timedelta(seconds=15)  # 14:00:05
+        admitted = await decide(client, validated("w3", tenant, user, 800))
+        shown = await client.budget(tenant, user)
+    assert isinstance(refused, TaskRejected) and refused.remaining_tokens == 300
+    assert refused.resets_at == datetime(2026, 11, 27, 14, 0, tzinfo=UTC)
+    assert isinstance(admitted, TaskAdmitted)
+    assert (window(shown, "user", "hour").start, window(shown, "user", "hour").used) == ("2026-11-27T14", 0)
+    assert (window(shown, "user", "day").start, window(shown, "user", "day").used) == ("2026-11-27", 700)
+    assert window(shown, "user", "hour").remaining == 1_000 - 800
+
+
+async def test_each_threshold_notifies_once_per_window_whatever_the_redeliveries(settings, tenant, user):
+    async with budget(settings) as client:  # 1,000 tokens an hour: steps of 300, 300, 250, 200 cross 50, 80, 100 %
+        assert isinstance(await decide(client, validated("n1", tenant, user, 1_000)), TaskAdmitted)
+        steps = [completed_step("n1", tenant, user, n, 100, tokens - 100) for n, tokens in
+                 enumerate((300, 300, 250, 200), start=1)]
+        for step in steps:
+            await publish_copies(client, subjects.step_completed(tenant), step, 2)
+        total = Usage(input_tokens=400, output_tokens=650)  # what the task's end reports: all its steps
+        await client.bus.emit(subjects.task_completed(tenant), finished("n1", tenant, user, total))
+        await wait_until(lambda: settled(client, "n1", 1_050))
+        await wait_until(lambda: _all_acked(client, subjects.CONSUMER_BUDGET_USAGE, 8))
+        notices = await wait_until(lambda: _stored_notices(client, tenant, user, 4))  # 3 thresholds + the task's
+    thresholds = sorted((n.window, n.threshold_pct) for n in notices if n.reason == "threshold")
+    assert thresholds == [("hour", 50), ("hour", 80), ("hour", 100)]
+    task_notice = next(n for n in notices if n.reason == "task")
+    assert (task_notice.tokens, task_notice.remaining_hourly_tokens) == (1_050, -50)
+    assert task_notice.cost_usd > 0
+
+
+async def _stored_notices(client: Client, tenant: str, user: str, at_least: int) -> list[CostNotice] | None:
+    """Every CostNotice the stream stored for the user (what a durable subscriber receives)."""
+    subject = subjects.cost_notice(tenant, user)
+    info = await client.bus.js.stream_info(subjects.STREAM_SIGNALS, subjects_filter=subject)
+    count = (info.state.subjects or {}).get(subject, 0)
+    if count < at_least:
+        return None
+    sub = await client.bus.js.pull_subscribe(subject, stream=subjects.STREAM_SIGNALS)
+    try:
+        msgs = await sub.fetch(count, timeout=5)
+    finally:
+        await sub.unsubscribe()
+    return [msgspec.json.decode(m.data, type=CostNotice) for m in msgs]
+
+
+async def test_a_reservation_whose_task_never_finishes_expires_and_a_late_step_is_still_billed_once(
+        settings, tenant, user):
+    quick = settings.with_changes(budget_hold_timeout_s=1.0, budget_sweep_s=0.2)
+    async with budget(quick) as client:
+        assert isinstance(await decide(client, validated("x1", tenant, user, 600)), TaskAdmitted)
+        expired = await wait_until(lambda: _status(client, "x1", "expired"))
+        shown = await client.budget(tenant, user)
+        await publish_copies(client, subjects.step_completed(tenant), completed_step("x1", tenant, user, 1, 50, 50), 2)
+        await client.bus.emit(subjects.task_completed(tenant), finished("x1", tenant, user, Usage(input_tokens=50,
+                                                                                                  output_tokens=50)))
+        late = await wait_until(lambda: settled(client, "x1", 100))
+        after = await client.budget(tenant, user)
+    assert expired.tokens == 0 and window(shown, "user", "hour").reserved == 0 and shown.open_tasks == 0
+    assert late.status == "finished" and [s.over_reservation for s in late.steps] == [0]
+    assert window(after, "user", "hour").used == 100 and window(after, "user", "hour").reserved == 0
+
+
+async def _status(client: Client, task_id: str, status: str):
+    reply = await client.cost(task_id)
+    return reply if reply.status == status else None
+
+
+async def test_budget_show_and_cost_print_what_the_budget_service_booked(settings, tenant, user):
+    async with budget(settings) as client:
+        assert isinstance(await decide(client, validated("c1", tenant, user, 500)), TaskAdmitted)
+        await client.bus.emit(subjects.step_completed(tenant), completed_step("c1", tenant, user, 1, 120, 380))
+        await client.bus.emit(subjects.task_completed(tenant), finished("c1", tenant, user,
+                                                                        Usage(input_tokens=120, output_tokens=380)))
+        await wait_until(lambda: settled(client, "c1", 500))
+        show = await _corral(settings, "budget", "show", user, "--tenant", tenant)
+        cost = await _corral(settings, "cost", "c1")
+        unknown = await _corral(settings, "cost", "no-such-task", check=False)
+    assert f"Budget of {user} (tenant {tenant})" in show
+    #                      window                    limit      used    reserved  remaining  cost
+    assert re.search(r"│ user\s+│ hour \S+\s+│\s+1,000 │\s+500 │\s+0 │\s+500 │ \$0\.0061 │", show), show
+    assert re.search(r"│ tenant\s+│ day \S+\s+│\s+1,000,000 │\s+500 │\s+0 │\s+999,500 │", show), show
+    assert "task c1 (default/" in cost and "500 tokens" in cost and "finished" in cost
+    assert "c1-a1" in cost and "sim-large" in cost and "$0.006060" in cost  # 120 x 0.003 + 380 x 0.015 per 1k
+    assert unknown.returncode == 3 and "no record of task 'no-such-task'" in unknown.stdout
+
+
+async def _corral(settings: Settings, *args: str, check: bool = True):
+    argv = [sys.executable, "-m", "services.cli", *args, "--nats", settings.nats_url]
+    done = await anyio.run_process(argv, check=False, env={**os.environ, "COLUMNS": "160"})
+    result = subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(), done.stderr.decode())
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+    return result

@@ -62,7 +62,8 @@ def test_the_readme_subject_table_lists_every_subject_the_code_uses():
         subjects.task_completed("<tenant>"), subjects.task_failed("<tenant>"), subjects.step_requested("<agent>"),
         subjects.step_completed("<tenant>"), subjects.step_failed("<tenant>"),
         f"{subjects.PREFIX}.breaker.state.<dependency>", subjects.dead_letter("<service>"),
-        subjects.MONITOR_STATUS, subjects.EXECUTOR_TASK,
+        subjects.MONITOR_STATUS, subjects.EXECUTOR_TASK, subjects.BUDGET_SHOW, subjects.BUDGET_COST,
+        subjects.cost_notice("<tenant>", "<user>"),
         subjects.STREAM_TASKS, subjects.STREAM_STEPS, subjects.STREAM_SIGNALS, subjects.STREAM_DLQ,
         subjects.KV_BUDGET, subjects.KV_TASKS, subjects.KV_BREAKERS, subjects.KV_POLICY, subjects.KV_RATES,
     ]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
+
 import anyio
-import msgspec
 import pytest
 
-from contracts import TaskCompleted, TaskProgress, TaskSpec, subjects
-from services.budget.handlers import ledger_key
-from services.budget.ledger import Ledger, day_window
+from contracts import TaskAdmitted, TaskCompleted, TaskProgress, TaskSpec, Usage, subjects, utcnow
+from contracts.policy import DEFAULT_POLICY, Defaults, Policy
+from services.budget.handlers import Budget, user_key
+from services.budget.ledger import Account, TaskJournal
 from services.client import Client
 from services.stack import Services
-from tests.conftest import running
+from shared.bus import Bus
+from shared.kv import TypedBucket
+from tests.conftest import apply, running, wait_until
+from tests.test_budget import ROOMY, completed_step, finished, settled, validated
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.fault]
 QUIET_S = 3.0  # after the end, how long we watch for a duplicate (longer than the 2 s ack wait)
@@ -43,13 +48,115 @@ async def test_a_worker_killed_mid_step_still_completes_the_task_exactly_once_an
                 async for event in events:
                     if isinstance(event, TaskCompleted) and event.task_id == task_id:
                         completions.append(event)
-            kv = await client.bus.js.key_value(subjects.KV_BUDGET)
-            entry = await kv.get(ledger_key(tenant, user, day_window(completions[0].occurred_at)))
-            ledger = msgspec.json.decode(entry.value, type=Ledger)
+            cost = await wait_until(lambda: settled(client, task_id, completions[0].usage.total))
+            shown = await client.budget(tenant, user)
     finally:
         workers.stop()
     assert killed is not None, "the step never started"
     assert len(completions) == 1
-    assert ledger.committed == completions[0].usage.total
-    assert list(ledger.posted) == [f"{task_id}-a1"]
-    assert ledger.reserved[task_id] == 0  # released at the end
+    assert [s.step_id for s in cost.steps] == [f"{task_id}-a1"]
+    assert next(w for w in shown.windows if w.scope == "user" and w.window == "day").used == cost.tokens
+    assert shown.open_tasks == 0  # released at the end
+
+
+async def test_a_budget_killed_between_reserve_and_reconcile_bills_nothing_twice_after_restart(
+        settings, tenant, user, tmp_path):
+    await apply(settings, Policy(defaults=Defaults(budget=ROOMY)))
+    env = {"CORRAL_ACK_WAIT_S": "2", "CORRAL_BUDGET_HOLD_TIMEOUT_S": "4", "CORRAL_BUDGET_SWEEP_S": "0.5"}
+    budgets = Services(settings.nats_url, tmp_path / "logs", env=env)
+    steps = {f"k{n}": completed_step(f"k{n}", tenant, user, 1, 20 + n, 100 + 7 * n) for n in range(20)}
+    try:
+        first = budgets.start_one("budget")
+        async with Client.connect(settings, "test") as client, client.events() as events:
+            await client.wait_ready({"corral-budget"})
+            for task_id in [*steps, "never-ends"]:
+                await client.bus.emit(subjects.task_validated(tenant), validated(task_id, tenant, user, 500))
+            admitted = set()
+            with anyio.fail_after(20):
+                async for event in events:
+                    if isinstance(event, TaskAdmitted) and event.user == user:
+                        admitted.add(event.task_id)
+                        if len(admitted) == len(steps) + 1:
+                            break
+            async with anyio.create_task_group() as tg:  # reconcile and release, all at once…
+                for task_id, step in steps.items():
+                    tg.start_soon(client.bus.emit, subjects.step_completed(tenant), step)
+                    tg.start_soon(client.bus.emit, subjects.task_completed(tenant),
+                                  finished(task_id, tenant, user, step.usage))
+            first.kill()  # …and SIGKILL the budget while it works through them
+            budgets.start_one("budget")
+            await client.wait_ready({"corral-budget"})
+            for task_id, step in steps.items():
+                await wait_until(lambda: settled(client, task_id, step.usage.total), timeout=30)
+            expired = await wait_until(lambda: settled(client, "never-ends", 0), timeout=30)
+            shown = await client.budget(tenant, user)
+    finally:
+        budgets.stop()
+    assert expired.status == "expired"
+    day = next(w for w in shown.windows if w.scope == "user" and w.window == "day")
+    assert day.used == sum(step.usage.total for step in steps.values())
+    assert day.reserved == 0 and shown.open_tasks == 0
+
+
+class Crash(Exception):
+    """The process dies here (injected)."""
+
+
+class CrashingKV:
+    """The budget's real KV bucket, except that the process 'dies' right after its n-th write (or publish)
+    succeeded: the write is stored, the handler never returns, and the message comes again."""
+
+    def __init__(self, kv, crash_after: int | None) -> None:
+        self.kv, self.crash_after, self.writes = kv, crash_after, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.kv, name)
+
+    async def update(self, *args, **kwargs):
+        return self.wrote(await self.kv.update(*args, **kwargs))
+
+    async def create(self, *args, **kwargs):
+        return self.wrote(await self.kv.create(*args, **kwargs))
+
+    def wrote(self, result=None):
+        self.writes += 1
+        if self.writes == self.crash_after:
+            raise Crash(f"after write {self.writes}")
+        return result
+
+
+async def test_a_crash_after_any_ledger_write_is_repaired_by_redelivery_without_billing_twice(settings, tenant):
+    step_usage = Usage(input_tokens=40, output_tokens=160)
+    async with Bus.connect(settings, "test-budget") as bus:
+        kv = await bus.bucket(subjects.KV_BUDGET)
+
+        async def run_task(task_id: str, user: str, crash_after: int | None) -> tuple[Budget, CrashingKV]:
+            crashing = CrashingKV(kv, crash_after)
+
+            async def emit(subject, event):
+                await bus.emit(subject, event)
+                crashing.wrote()
+
+            budget = Budget(lambda: DEFAULT_POLICY, TypedBucket(crashing, Account, Account),
+                            TypedBucket(crashing, TaskJournal, lambda: None), emit, utcnow)
+            step = completed_step(task_id, tenant, user, 1, step_usage.input_tokens, step_usage.output_tokens)
+            for handle, event in [(budget.on_validated, validated(task_id, tenant, user, 500)),
+                                  (budget.on_step_completed, step), (budget.on_step_completed, step),
+                                  (budget.on_task_finished, finished(task_id, tenant, user, step_usage)),
+                                  (budget.on_step_completed, step)]:  # redelivered after the task ended
+                try:
+                    await handle(event)
+                except Crash:
+                    await handle(event)  # the redelivery
+            return budget, crashing
+
+        _, clean = await run_task("clean", "u-clean", None)
+        assert clean.writes >= 10  # reserve x2, decide, publish, post x2, journal, close x2, finish, settle x2…
+        for crash_after in range(1, clean.writes + 1):
+            task_id, user = f"t-{crash_after}", f"u-{crash_after}-{uuid.uuid4().hex[:6]}"
+            budget, _ = await run_task(task_id, user, crash_after)
+            cost, shown = await budget.cost(task_id), await budget.show(tenant, user)
+            account = await budget.accounts.get(user_key(tenant, user))
+            assert (cost.status, cost.tokens, len(cost.steps)) == ("finished", 200, 1), crash_after
+            assert [(w.used, w.reserved) for w in shown.windows if w.scope == "user"] == [(200, 0), (200, 0)]
+            assert account.holds == {}, crash_after  # nothing left behind

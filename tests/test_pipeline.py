@@ -86,6 +86,8 @@ async def test_a_task_that_fits_the_budget_but_not_what_remains_is_rejected_by_t
     assert isinstance(end, TaskRejected)
     assert (end.reason, end.stage) == ("over_budget", "budget")
     assert "resets at" in end.message and end.retry_after_s and end.retry_after_s > 0
+    # what is left after the holder's reservation, too little for ~600 more
+    assert 0 < end.remaining_tokens < 600 and end.resets_at is not None and end.resets_at.minute == 0
 
 
 async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
@@ -95,7 +97,7 @@ async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
         async def monitor_saw_both():
             report = await client.status()
             seen = report.counts.get("task.rejected") and report.counts.get("task.completed")
-            return report if seen and "guard" in report.queue_depth else None
+            return report if seen and "guard" in report.queue_depth else None  # depths are polled every second
 
         report = await wait_until(monitor_saw_both)
         task_state = await client.task_status("no-such-task")

@@ -1,19 +1,15 @@
-"""Failures of the budget ledger."""
+"""Failures of the budget, as its callers see them."""
 
-from shared.errors import CorralError, TransientError
+from shared.errors import CorralError
 
 
 class BudgetError(CorralError):
     """Base of budget errors."""
 
 
-class OverBudget(BudgetError):
-    """The task's estimate does not fit what remains in the window."""
-
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+class BudgetUnavailable(BudgetError):
+    """No budget replica answered a query in time."""
 
 
-class LedgerContention(TransientError):
-    """Too many concurrent writers on one ledger key; the message is retried later."""
+class UnknownTask(BudgetError):
+    """The budget has no record of the task (never submitted, or rejected before the budget saw it)."""

@@ -1,84 +1,314 @@
-"""budget: admit a validated task if its estimate fits, bill each step once, release the rest."""
+"""budget: reserve at admission, post each step once, release at the end, expire what is left.
+
+Every change is a compare-and-set on one key (shared/kv.py), so any number of
+replicas share the ledger without a lock, and every handler can be run again
+(after a crash, or for a redelivered message) without counting anything twice:
+
+- **reserve** is two-phase because a user and their tenant are two keys: hold the
+  estimate in the user's account, then in the tenant's; if the tenant refuses,
+  the decision is "rejected" and the user's hold is given back. The decision is
+  written once (KV create) in the task's journal before anything is published, and
+  whoever comes later (a redelivery, a concurrent duplicate) follows that decision
+  and makes the holds agree with it.
+- **post** keeps the step id inside the task's hold, in the same compare-and-set
+  that adds the tokens; then the step goes into the task's journal. When the task has
+  no hold in an account any more (it ended before this step was posted), the
+  handler reads the account, then the journal, and writes the account only if it did
+  not change since it was read: a step is in the journal before its hold goes.
+- **release** closes the task's holds (they reserve nothing more), marks the journal
+  finished, then drops each closed hold once the journal lists its steps.
+- **expire**: a hold older than the timeout is closed the same way, by any replica.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
 
-from contracts import StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated, subjects
-from services.budget.errors import OverBudget
-from services.budget.ledger import Ledger, day_window, next_day, post, release, reserve
-from contracts.policy import Policy
+from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated
+from contracts import subjects
+from contracts.policy import BudgetLimits, Policy
+from contracts.queries import BudgetReply, CostReply, ModelCost, StepCost, WindowUse
+from services.budget import ledger
+from services.budget.ledger import WINDOWS, Account, Refusal, TaskJournal
 from shared.kv import TypedBucket
 
+log = logging.getLogger(__name__)
 Emit = Callable[[str, Any], Awaitable[None]]
 Clock = Callable[[], datetime]
+DEFAULT_HOLD_TIMEOUT_S = 15 * 60.0
 
 
-def ledger_key(tenant: str, user: str, window: str) -> str:
-    return f"ledger.{tenant}.{user}.{window}"
+def user_key(tenant: str, user: str) -> str:
+    return f"acct.user.{tenant}.{user}"
+
+
+def tenant_key(tenant: str) -> str:
+    return f"acct.tenant.{tenant}"
 
 
 def task_key(task_id: str) -> str:
     return f"task.{task_id}"
 
 
-class Budget:
-    """The budget's handlers and the two things they need: the ledger bucket and a clock."""
+ACCOUNT_KEYS = "acct.>"
 
-    def __init__(self, policy: Callable[[], Policy], ledgers: TypedBucket[Ledger], windows: TypedBucket[str],
-                 emit: Emit, clock: Clock) -> None:
+
+class Budget:
+    """The budget's handlers and what they need: the policy, the ledger's records, a clock."""
+
+    def __init__(self, policy: Callable[[], Policy], accounts: TypedBucket[Account],
+                 journals: TypedBucket[TaskJournal | None], emit: Emit, clock: Clock,
+                 hold_timeout_s: float = DEFAULT_HOLD_TIMEOUT_S) -> None:
         self.policy = policy
-        self.ledgers = ledgers
-        self.windows = windows  # task id -> the window its reservation was made in
+        self.accounts = accounts
+        self.journals = journals
         self.emit = emit
         self.clock = clock
+        self.hold_timeout_s = hold_timeout_s
+
+    # --- limits --------------------------------------------------------------------
+
+    def _limits(self, tenant: str, user: str) -> tuple[BudgetLimits, BudgetLimits]:
+        policy = self.policy()
+        return policy.budget_for(tenant, user), policy.tenant_budget_for(tenant)
+
+    def _accounts(self, tenant: str, user: str) -> list[tuple[str, BudgetLimits, bool]]:
+        """(key, limits, notify the user of thresholds) of the two accounts a task of this user draws on."""
+        user_limits, tenant_limits = self._limits(tenant, user)
+        return [(user_key(tenant, user), user_limits, True), (tenant_key(tenant), tenant_limits, False)]
+
+    # --- reserve -------------------------------------------------------------------
 
     async def on_validated(self, task: TaskValidated) -> None:
-        try:
-            window = await self._reserve(task)
-        except OverBudget as refusal:
-            rejected = TaskRejected(task_id=task.task_id, tenant=task.tenant, user=task.user, reason="over_budget",
-                                    message=str(refusal), stage="budget", retry_after_s=refusal.retry_after_s)
-            await self.emit(subjects.task_rejected(task.tenant), rejected)
+        journal = await self.journals.get(task_key(task.task_id))
+        if journal is None:
+            journal = await self.journals.create(task_key(task.task_id), await self._decide(task))
+        await self._agree(task, journal)
+
+    async def _decide(self, task: TaskValidated) -> TaskJournal:
+        """Reserve the estimate in the user's account, then in the tenant's; the decision as a journal."""
+        now, amount = self.clock(), task.estimate.total
+        (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(task.tenant, task.user)
+        refusal = self._over_task_cap(amount, user_limits, tenant_limits)
+        if refusal is None:
+            refusal = await self.accounts.update(ukey, partial(ledger.reserve, task_id=task.task_id, amount=amount,
+                                                               limits=user_limits, now=now, scope="user"))
+        if refusal is None:
+            refusal = await self.accounts.update(tkey, partial(ledger.reserve, task_id=task.task_id, amount=amount,
+                                                               limits=tenant_limits, now=now, scope="tenant"))
+        if refusal is None:
+            return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="admitted",
+                               reserved_tokens=amount, decided_at=now)
+        rejected = TaskRejected(task_id=task.task_id, tenant=task.tenant, user=task.user, reason="over_budget",
+                                stage="budget", message=refusal_message(refusal, amount),
+                                retry_after_s=(refusal.resets_at - now).total_seconds() if refusal.resets_at else None,
+                                remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now)
+        return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="rejected",
+                           decided_at=now, rejection=rejected)
+
+    @staticmethod
+    def _over_task_cap(amount: int, user_limits: BudgetLimits, tenant_limits: BudgetLimits) -> Refusal | None:
+        for scope, limits in (("user", user_limits), ("tenant", tenant_limits)):
+            cap = limits.per_task_tokens
+            if cap is not None and amount > cap:
+                return Refusal(scope=scope, window="task", limit=cap, remaining=cap, resets_at=None)
+        return None
+
+    async def _agree(self, task: TaskValidated, journal: TaskJournal) -> None:
+        """Make the holds agree with the decision, then publish it (again, on a redelivery:
+        the stream drops a repeat within its dedup window, and the executor ignores one after)."""
+        if journal.status == "rejected" and journal.rejection is not None:
+            for key, _, _ in self._accounts(task.tenant, task.user):
+                await self.accounts.update(key, partial(ledger.unreserve, task_id=task.task_id))
+            await self.emit(subjects.task_rejected(task.tenant), journal.rejection)
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
-                                estimate=task.estimate, reserved_tokens=task.estimate.total, window=window)
+                                estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
+                                window=ledger.window_start("day", journal.decided_at))
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
-    async def _reserve(self, task: TaskValidated) -> str:
-        now = self.clock()
-        window = await self.windows.get(task_key(task.task_id)) or day_window(now)
-        await self.windows.put(task_key(task.task_id), window)  # first, so a crash never strands a reservation
-        limit = self.policy().budget_for(task.tenant, task.user).daily_tokens
-        amount = task.estimate.total
-        key = ledger_key(task.tenant, task.user, window)
-
-        def change(ledger: Ledger) -> tuple[bool, int]:
-            return reserve(ledger, task.task_id, amount, limit), ledger.remaining(limit)
-
-        admitted, left = await self.ledgers.update(key, change)
-        if not admitted:
-            resets = next_day(now)
-            raise OverBudget(
-                f"daily budget of {limit:,} tokens: {max(left, 0):,} left, this task needs about {amount:,}; "
-                f"it resets at {resets:%Y-%m-%d %H:%M} UTC (ask for fewer max_tokens or wait)",
-                retry_after_s=(resets - now).total_seconds(),
-            )
-        return window
+    # --- post ----------------------------------------------------------------------
 
     async def on_step_completed(self, step: StepCompleted) -> None:
-        key = await self._ledger_of(step.task_id, step.tenant, step.user, step.occurred_at)
-        await self.ledgers.update(key, partial(post, task_id=step.task_id, step_id=step.step_id,
-                                               used=step.usage.total))
+        now, tokens = self.clock(), step.usage.total
+        cost = self.policy().price_of(step.model).cost(step.usage)
+        over = 0
+        for key, limits, thresholds in self._accounts(step.tenant, step.user):
+            posted = await self.accounts.update(key, partial(self._post, step=step, tokens=tokens, cost=cost,
+                                                             limits=limits, now=now, thresholds=thresholds))
+            if thresholds:
+                over = posted.over_reservation if posted else await self._over_of(key, step)
+        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost,
+                          over_reservation=over, posted_at=now)
+        if over:
+            log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
+        journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
+                                             default=partial(_untracked, step, now))
+        await self._settle(step.tenant, step.user, journal)
+        await self._notify_thresholds(step.tenant, step.user)
+
+    async def _post(self, account: Account, *, step: StepCompleted, tokens: int, cost: float, limits: BudgetLimits,
+                    now: datetime, thresholds: bool) -> ledger.Posted | None:
+        if step.task_id not in account.holds and step.step_id in await self._journaled(step.task_id):
+            return None  # posted, journaled and settled already: the account was read before the journal
+        return ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
+
+    async def _journaled(self, task_id: str) -> set[str]:
+        journal = await self.journals.get(task_key(task_id))
+        return journal.step_ids() if journal else set()
+
+    async def _over_of(self, key: str, step: StepCompleted) -> int:
+        """Tokens beyond the reservation, as the first posting of this step recorded them."""
+        account = await self.accounts.get(key)
+        hold = account.holds.get(step.task_id) if account else None
+        return hold.steps.get(step.step_id, 0) if hold else 0
+
+    # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        key = await self._ledger_of(task.task_id, task.tenant, task.user, task.occurred_at)
-        await self.ledgers.update(key, partial(release, task_id=task.task_id))
+        for key, _, _ in self._accounts(task.tenant, task.user):
+            await self.accounts.update(key, partial(ledger.close, task_id=task.task_id))
+        spent = task.usage.total if isinstance(task, TaskCompleted) else 0
+        journal = await self.journals.update(task_key(task.task_id), partial(_finish, status="finished",
+                                                                             expected_tokens=spent))
+        await self._settle(task.tenant, task.user, journal)
 
-    async def _ledger_of(self, task_id: str, tenant: str, user: str, when: datetime) -> str:
-        window = await self.windows.get(task_key(task_id)) or day_window(when)
-        return ledger_key(tenant, user, window)
+    async def expire_stale(self) -> list[str]:
+        """Close holds older than the hold timeout, in every account; returns the tasks expired."""
+        cutoff = self.clock().timestamp() - self.hold_timeout_s
+        expired: list[str] = []
+        async for key, account in self.accounts.scan(ACCOUNT_KEYS):
+            if any(not hold.closed and hold.since < cutoff for hold in account.holds.values()):
+                for task_id in await self.accounts.update(key, partial(ledger.expire, cutoff=cutoff)):
+                    expired.append(task_id)
+                    log.warning("task %s: reservation in %s expired after %.0f s", task_id, key, self.hold_timeout_s)
+                    journal = await self.journals.update(task_key(task_id), partial(_finish, status="expired"))
+                    await self.accounts.update(key, partial(ledger.settle, task_id=task_id,
+                                                            journaled=journal.step_ids() if journal else set()))
+            elif ledger.due_notices(account) and key.startswith("acct.user."):
+                _, _, tenant, user = key.split(".", 3)
+                await self._notify_thresholds(tenant, user)  # published before a crash left them unmarked
+        return expired
 
+    async def _settle(self, tenant: str, user: str, journal: TaskJournal | None) -> None:
+        """Drop the task's closed holds the journal accounts for; publish its CostNotice once it is complete."""
+        if journal is None or journal.status not in ("finished", "expired"):
+            return
+        for key, _, _ in self._accounts(tenant, user):
+            await self.accounts.update(key, partial(ledger.settle, task_id=journal.task_id,
+                                                    journaled=journal.step_ids()))
+        if journal.notice_due():
+            await self._notify_task(journal)
+
+    # --- notices ----------------------------------------------------------------------
+
+    async def _notify_task(self, journal: TaskJournal) -> None:
+        account = await self.accounts.get(user_key(journal.tenant, journal.user)) or Account()
+        day, hour = self._remaining(account, journal.tenant, journal.user)
+        await self.emit(subjects.cost_notice(journal.tenant, journal.user), CostNotice(
+            task_id=journal.task_id, tenant=journal.tenant, user=journal.user, reason="task", tokens=journal.tokens,
+            cost_usd=round(journal.cost_usd, 6), remaining_daily_tokens=day, remaining_hourly_tokens=hour))
+        await self.journals.update(task_key(journal.task_id), _mark_notified)
+
+    async def _notify_thresholds(self, tenant: str, user: str) -> None:
+        key = user_key(tenant, user)
+        account = await self.accounts.get(key)
+        due = ledger.due_notices(account) if account else []
+        if not due:
+            return
+        day, hour = self._remaining(account, tenant, user)
+        for notice in due:
+            await self.emit(subjects.cost_notice(tenant, user), CostNotice(
+                task_id=notice.task_id, tenant=tenant, user=user, reason="threshold", tokens=notice.used,
+                cost_usd=round(notice.cost_usd, 6), remaining_daily_tokens=day, remaining_hourly_tokens=hour,
+                window=notice.window, window_start=notice.start, threshold_pct=notice.threshold_pct))
+        await self.accounts.update(key, partial(ledger.mark_notified, sent=due))
+
+    def _remaining(self, account: Account, tenant: str, user: str) -> tuple[int, int]:
+        limits, _ = self._limits(tenant, user)
+        ledger.roll(account, self.clock())
+        return account.remaining("day", limits), account.remaining("hour", limits)
+
+    # --- queries ------------------------------------------------------------------------
+
+    async def show(self, tenant: str, user: str) -> BudgetReply:
+        now = self.clock()
+        user_limits, tenant_limits = self._limits(tenant, user)
+        windows = []
+        mine = Account()
+        for scope, key, limits in (("user", user_key(tenant, user), user_limits),
+                                   ("tenant", tenant_key(tenant), tenant_limits)):
+            account = await self.accounts.get(key) or Account()
+            ledger.roll(account, now)
+            mine = account if scope == "user" else mine
+            for name in WINDOWS:
+                window = account.window(name)
+                windows.append(WindowUse(
+                    scope=scope, window=name, start=window.start, limit=ledger.limit_of(limits, name),
+                    used=window.used, reserved=account.reserved, remaining=account.remaining(name, limits),
+                    cost_usd=round(window.cost_usd, 6), resets_at=ledger.resets_at(name, now)))
+        return BudgetReply(tenant=tenant, user=user, windows=windows, open_tasks=mine.open_holds,
+                           per_task_tokens=user_limits.per_task_tokens)
+
+    async def cost(self, task_id: str) -> CostReply:
+        journal = await self.journals.get(task_key(task_id))
+        if journal is None:
+            return CostReply(task_id=task_id, found=False)
+        models: dict[str, list[StepCost]] = {}
+        for step in journal.steps:
+            models.setdefault(step.model, []).append(step)
+        return CostReply(
+            task_id=task_id, found=True, tenant=journal.tenant, user=journal.user, status=journal.status,
+            reserved_tokens=journal.reserved_tokens, tokens=journal.tokens, cost_usd=round(journal.cost_usd, 6),
+            steps=journal.steps,
+            models=[ModelCost(model=model, steps=len(steps), input_tokens=sum(s.usage.input_tokens for s in steps),
+                              output_tokens=sum(s.usage.output_tokens for s in steps),
+                              cached_tokens=sum(s.usage.cached_tokens for s in steps),
+                              cost_usd=round(sum(s.cost_usd for s in steps), 6))
+                    for model, steps in sorted(models.items())])
+
+
+# --- journal changes (pure: they run again on a conflict) ---------------------------------
+
+
+def _untracked(step: StepCompleted, now: datetime) -> TaskJournal:
+    """The journal of a task this budget never decided (a step published by hand): its steps still count."""
+    return TaskJournal(task_id=step.task_id, tenant=step.tenant, user=step.user, status="admitted", decided_at=now)
+
+
+def _journal_step(journal: TaskJournal, *, charge: StepCost) -> TaskJournal:
+    if charge.step_id not in journal.step_ids():
+        journal.steps.append(charge)
+    return journal
+
+
+def _finish(journal: TaskJournal | None, *, status: ledger.JournalStatus,
+            expected_tokens: int | None = None) -> TaskJournal | None:
+    if journal is None or journal.status == "rejected":
+        return journal
+    if status == "finished" or journal.status == "admitted":
+        journal.status = status
+    if expected_tokens is not None:
+        journal.expected_tokens = expected_tokens
+    return journal
+
+
+def _mark_notified(journal: TaskJournal | None) -> TaskJournal | None:
+    if journal is not None:
+        journal.notified = True
+    return journal
+
+
+def refusal_message(refusal: Refusal, amount: int) -> str:
+    whose = "your" if refusal.scope == "user" else "your tenant's"
+    if refusal.window == "task":
+        return (f"this task needs about {amount:,} tokens; {whose} limit per task is {refusal.limit:,} "
+                f"(ask for fewer max_tokens or a shorter prompt)")
+    span = "daily" if refusal.window == "day" else "hourly"
+    resets = f"{refusal.resets_at:%Y-%m-%d %H:%M}" if refusal.resets_at else "?"
+    return (f"{whose} {span} budget of {refusal.limit:,} tokens: {refusal.remaining:,} left, this task needs about "
+            f"{amount:,}; it resets at {resets} UTC (ask for fewer max_tokens or wait)")

@@ -1,16 +1,19 @@
-"""budget service: admits validated tasks against token budgets, bills steps, releases leftovers."""
+"""budget service: admits validated tasks against token budgets, posts steps, releases and expires
+reservations, and answers `corral budget show` and `corral cost`."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import logging
 from typing import Union
 
 import anyio
+import msgspec
 
-from contracts import StepCompleted, TaskCompleted, TaskFailed, TaskValidated
+from contracts import StepCompleted, TaskCompleted, TaskFailed, TaskValidated, utcnow
 from contracts import subjects as s
-from services.budget.handlers import Budget
-from services.budget.ledger import Ledger
+from contracts.queries import BudgetQuery, CostQuery
+from services.budget.handlers import Budget, Clock
+from services.budget.ledger import Account, TaskJournal
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
@@ -20,14 +23,28 @@ from shared.runtime import micro_service
 from shared.streams import consumer_config
 
 NAME = "budget"
+log = logging.getLogger(__name__)
+_budget_query = msgspec.json.Decoder(BudgetQuery)
+_cost_query = msgspec.json.Decoder(CostQuery)
 
 
-async def run(settings: Settings, stop: anyio.Event) -> None:
-    async with Bus.connect(settings, NAME) as bus, micro_service(bus, "token budgets: reserve, bill, release"):
+async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -> None:
+    async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BUDGET), await bus.policy_bucket()
         policy = await PolicyView.load(policy_kv)
-        budget = Budget(policy, TypedBucket(kv, Ledger, Ledger), TypedBucket(kv, str, str), bus.emit,
-                        clock=lambda: datetime.now(UTC))
+        accounts, journals = TypedBucket(kv, Account, Account), TypedBucket(kv, TaskJournal, lambda: None)
+        budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s)
+
+        async def show(data: bytes) -> bytes:
+            query = _budget_query.decode(data)
+            return msgspec.json.encode(await budget.show(query.tenant, query.user))
+
+        async def cost(data: bytes) -> bytes:
+            return msgspec.json.encode(await budget.cost(_cost_query.decode(data).task_id))
+
+        def stats() -> dict[str, int]:
+            return {"conflicts": accounts.conflicts + journals.conflicts}
+
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_BUDGET_ADMIT, s.ALL_VALIDATED),
                      decoder_for(TaskValidated), budget.on_validated),
@@ -37,7 +54,23 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                      consumer_config(settings, s.CONSUMER_BUDGET_RELEASE, s.ALL_COMPLETED, s.ALL_FAILED),
                      decoder_for(Union[TaskCompleted, TaskFailed]), budget.on_task_finished),
         ]
-        async with anyio.create_task_group() as tg:
+        endpoints = {"show": (s.BUDGET_SHOW, show), "cost": (s.BUDGET_COST, cost)}
+        async with micro_service(bus, "token budgets: reserve, post, release", endpoints, stats), \
+                anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)
+            tg.start_soon(_sweep, budget, settings.budget_sweep_s, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)
+
+
+async def _sweep(budget: Budget, every_s: float, stop: anyio.Event) -> None:
+    """Release reservations past their timeout. Every replica sweeps; compare-and-set lets one win."""
+    while not stop.is_set():
+        with anyio.move_on_after(every_s):
+            await stop.wait()
+        if stop.is_set():
+            return
+        try:
+            await budget.expire_stale()
+        except Exception:  # the next round tries again; a sweep never takes the service down
+            log.exception("budget sweep failed")

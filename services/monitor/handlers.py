@@ -16,9 +16,8 @@ from contracts import (
     TaskRejected,
     TaskSubmitted,
     TaskValidated,
-    Usage,
 )
-from contracts.policy import Policy, Price
+from contracts.policy import Policy
 from contracts.queries import Percentiles, StatusReport
 
 LATENCY_WINDOW = 10_000  # most recent tasks the percentiles cover
@@ -34,11 +33,6 @@ def percentiles(samples_ms: list[float]) -> Percentiles:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return Percentiles(count=len(ordered), p50_ms=at(0.50), p95_ms=at(0.95), p99_ms=at(0.99))
-
-
-def cost_usd(usage: Usage, price: Price) -> float:
-    fresh_input = usage.input_tokens - usage.cached_tokens
-    return (fresh_input * price.input + usage.cached_tokens * price.cached + usage.output_tokens * price.output) / 1000
 
 
 class Metrics:
@@ -68,7 +62,7 @@ class Metrics:
                     self.latencies_ms.append((event.occurred_at.timestamp() - started) * 1000)
             case StepCompleted():
                 self.tokens.append((event.occurred_at.timestamp(), event.usage.total))
-                self.cost += cost_usd(event.usage, self.policy().price_of(event.model))
+                self.cost += self.policy().price_of(event.model).cost(event.usage)
             case BreakerChanged():
                 self.breakers[event.dependency] = event.state
             case StepFailed():

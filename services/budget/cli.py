@@ -1,0 +1,124 @@
+"""`corral budget show USER` and `corral cost TASK_ID`: ask the budget service (request/reply).
+
+Nothing here reads the budget's bucket: the budget service owns it and answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import anyio
+import msgspec
+import typer
+from nats.errors import NoRespondersError
+from rich.console import Console
+from rich.table import Table
+
+from contracts.queries import BudgetReply, CostReply
+from services.budget.errors import BudgetUnavailable, UnknownTask
+from shared.config import Settings, load_settings
+from shared.errors import CorralError
+
+app = typer.Typer(help="Token budgets, as the budget service books them.", no_args_is_help=True)
+console = Console()
+
+NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the reply as JSON")]
+
+
+@app.command()
+def show(
+    user: Annotated[str, typer.Argument(help="the user")],
+    tenant: Annotated[str, typer.Option(help="the user's tenant")] = "default",
+    as_json: JsonOption = False,
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """A user's daily and hourly windows (and their tenant's): limit, used, reserved, remaining, reset time."""
+    from services.client import Client
+
+    async def ask(client: Client) -> BudgetReply:
+        return await client.budget(tenant, user)
+
+    reply = _ask(nats, config, ask)
+    if as_json:
+        console.print_json(msgspec.json.encode(reply).decode())
+    else:
+        print_budget(reply, console)
+
+
+def cost(
+    task_id: Annotated[str, typer.Argument(help="the task")],
+    as_json: JsonOption = False,
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """A task's tokens and cost, per step and per model (prices from the policy)."""
+    from services.client import Client
+
+    async def ask(client: Client) -> CostReply:
+        reply = await client.cost(task_id)
+        if not reply.found:
+            raise UnknownTask(f"the budget has no record of task {task_id!r}")
+        return reply
+
+    reply = _ask(nats, config, ask)
+    if as_json:
+        console.print_json(msgspec.json.encode(reply).decode())
+    else:
+        print_cost(reply, console)
+
+
+def print_budget(reply: BudgetReply, out: Console) -> None:
+    table = Table(title=f"Budget of {reply.user} (tenant {reply.tenant})")
+    for name in ("scope", "window", "limit", "used", "reserved", "remaining", "cost", "resets at (UTC)"):
+        table.add_column(name, justify="left" if name in ("scope", "window") else "right")
+    for w in reply.windows:
+        table.add_row(w.scope, f"{w.window} {w.start}", f"{w.limit:,}", f"{w.used:,}", f"{w.reserved:,}",
+                      f"{w.remaining:,}", f"${w.cost_usd:.4f}", f"{w.resets_at:%Y-%m-%d %H:%M}")
+    out.print(table)
+    cap = f"{reply.per_task_tokens:,} tokens" if reply.per_task_tokens else "none"
+    out.print(f"open tasks holding a reservation: {reply.open_tasks}; per-task cap: {cap}")
+
+
+def print_cost(reply: CostReply, out: Console) -> None:
+    out.print(f"task {reply.task_id} ({reply.tenant}/{reply.user}, {reply.status}): {reply.tokens:,} tokens, "
+              f"${reply.cost_usd:.6f}; {reply.reserved_tokens:,} reserved at admission")
+    steps = Table(title="per step")
+    for name in ("step", "model", "input", "cached", "output", "cost", "over reservation"):
+        steps.add_column(name, justify="left" if name in ("step", "model") else "right")
+    for s in reply.steps:
+        steps.add_row(s.step_id, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
+                      f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
+    out.print(steps)
+    models = Table(title="per model")
+    for name in ("model", "steps", "input", "cached", "output", "cost"):
+        models.add_column(name, justify="left" if name == "model" else "right")
+    for m in reply.models:
+        models.add_row(m.model, str(m.steps), f"{m.input_tokens:,}", f"{m.cached_tokens:,}", f"{m.output_tokens:,}",
+                       f"${m.cost_usd:.6f}")
+    out.print(models)
+
+
+def _ask(nats: str | None, config: Path | None, ask):
+    """Run one query against the budget service; errors become a message and exit code 3."""
+    from services.client import Client
+
+    settings: Settings = load_settings(config)
+    settings = settings.with_changes(nats_url=nats) if nats else settings
+
+    async def go():
+        async with Client.connect(settings, "cli") as client:
+            try:
+                return await ask(client)
+            except (TimeoutError, NoRespondersError) as exc:
+                raise BudgetUnavailable("no budget service answered: is the stack running? (`corral up`, or "
+                                        "pass --nats)") from exc
+
+    try:
+        return anyio.run(go, backend_options={"use_uvloop": True})
+    except CorralError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(3) from None
