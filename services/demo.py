@@ -1,14 +1,16 @@
 """The demo workload: hundreds of tasks from dozens of users, against the SIMULATED model.
 
 The mix is deliberate, so the summary shows every path: most tasks complete;
-some are rejected by the guard (unknown agent, oversized prompt, empty prompt)
-or by the budget (two heavy users exhaust their daily tokens); some fail
+some are rejected by the guard (unknown agent, oversized prompt, empty prompt,
+one chatty user over its rate limit) or by the budget (a heavy user exhausts
+its daily tokens); some fail
 transiently and are retried (simulated failure rate, flaky prompts); a few fail
 permanently.
 
 The seed's default budget allows 1,000 tokens an hour, two or three tasks: on a
 server where no policy was ever applied (the demo's own embedded one), the demo
-applies DEMO_POLICY, the defaults with an hour as large as the day.
+applies DEMO_POLICY: an hour as large as the day, and rate limits with room for
+a demo's bursts but for one chatty user.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
-from contracts.policy import DEFAULT_POLICY, BudgetLimits, Defaults, Policy
+from contracts.policy import DEFAULT_POLICY, BudgetLimits, Defaults, Policy, RateLimit, TenantPolicy, UserPolicy
 from contracts.queries import StatusReport
 from services.client import Client
 from services.monitor.handlers import percentiles
@@ -36,8 +38,18 @@ AGENTS = ("research", "coding", "writing")
 TOPICS = ("the quarterly churn numbers", "a retry policy for payments", "onboarding emails", "the incident on Tuesday",
           "GPU cost per request", "a migration to NATS", "the tenant billing model", "flaky integration tests")
 TERMINAL_WAIT_S = 60.0
-DEMO_POLICY = Policy(description="corral demo: the defaults, with an hourly budget as large as the daily one",
-                     defaults=Defaults(budget=BudgetLimits(daily_tokens=10_000, hourly_tokens=10_000)))
+DEMO_POLICY = Policy(
+    description="corral demo: an hourly budget as large as the daily one, room for bursts, one chatty user",
+    defaults=Defaults(rate=RateLimit(requests_per_minute=600, burst_requests=20, tokens_per_minute=200_000,
+                                     burst_tokens=40_000),
+                      tenant_rate=RateLimit(requests_per_minute=6_000, burst_requests=500,
+                                            tokens_per_minute=2_000_000, burst_tokens=400_000),
+                      budget=BudgetLimits(daily_tokens=10_000, hourly_tokens=10_000)),
+    tenants={"default": TenantPolicy(), "acme": TenantPolicy(), "initech": TenantPolicy(),
+             # user01 (globex) sends a task in eleven: its tight rate limit shows rate_limited
+             "globex": TenantPolicy(users={"user01": UserPolicy(rate=RateLimit(requests_per_minute=120,
+                                                                               burst_requests=5))})},
+)
 
 
 class Summary(msgspec.Struct):
@@ -68,7 +80,7 @@ def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, Task
         tenant, user = people[0] if n % 9 == 0 else people[1] if n % 11 == 0 else rng.choice(people)
         agent = rng.choice(AGENTS)
         prompt = f"Task {n}: {rng.choice(('Research', 'Draft', 'Review', 'Plan'))} {rng.choice(TOPICS)}."
-        max_tokens = 1500 if user in ("user00", "user01") else None  # two heavy users run out of budget
+        max_tokens = 1500 if user == "user00" else None  # a heavy user runs out of budget
         roll = rng.random()
         if roll < 0.03:
             agent = "painter"  # unknown agent kind: rejected by the guard
