@@ -29,8 +29,10 @@ integration: $(STAMP)  ## tests on a real nats-server
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## throughput, latency and memory of the whole pipeline vs a raw JetStream floor
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then the guard and the budget (reports, asserts nothing)
 	$(PY) -m tests.bench
+	$(PY) -m tests.bench.guard
+	$(PY) -m tests.bench.budget
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts
