@@ -81,6 +81,12 @@ ALL_DEAD_LETTERS = f"{PREFIX}.dlq.>"
 # Request/reply endpoints of the NATS micro services.
 MONITOR_STATUS = f"{PREFIX}.monitor.status"
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
+# The breaker's endpoints live under `corral.breakers.`, outside `corral.breaker.>`: a request on a
+# subject a stream stores would be answered by the stream's publish acknowledgement.
+BREAKER_PROBE = f"{PREFIX}.breakers.probe"  # AcquireProbe -> ProbeGrant
+BREAKER_CONTROL = f"{PREFIX}.breakers.control"  # ControlBreaker -> BreakerReply
+# Core NATS (no stream): every SIMULATED worker replica subscribes and answers.
+SIM_CONTROL = f"{PREFIX}.sim.control"  # SimulateDependency -> SimulationAck from each replica
 
 # --- streams (file storage; see shared/streams.py for their configuration) ---
 
@@ -114,6 +120,7 @@ KV_TASKS = "corral_tasks"  # executor
 KV_BREAKERS = "corral_breakers"  # breaker
 KV_POLICY = "corral_policy"  # operators (corral policy apply); every service reads it
 KV_RATES = "corral_rates"  # guard
+KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
 
 # --- headers -------------------------------------------------------------------
 

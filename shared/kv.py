@@ -14,8 +14,9 @@ from typing import Generic, TypeVar
 
 import anyio
 import msgspec
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared.errors import TransientError
 
@@ -46,6 +47,24 @@ class TypedBucket(Generic[T]):
     async def put(self, key: str, value: T) -> None:
         await self.kv.put(key, self._encoder.encode(value))
 
+    async def read(self, key: str) -> tuple[T | None, int]:
+        """The value and its revision (None and 0 for a key never written), for `write_if`."""
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None, 0
+        return (self._decoder.decode(entry.value) if entry.value else None), entry.revision or 0
+
+    async def write_if(self, key: str, value: T, revision: int) -> bool:
+        """Write only if the key is still at `revision` (0: only if it does not exist); False if someone
+        wrote it in between. For a change that needs I/O between the read and the write."""
+        try:
+            await self.kv.update(key, self._encoder.encode(value), last=revision)
+        except KeyWrongLastSequenceError:
+            self.conflicts += 1
+            return False
+        return True
+
     async def update(self, key: str, change: Callable[[T], R], default: Callable[[], T] | None = None) -> R:
         """Apply `change` to the current value (or `default()` for a new key) and write it
         atomically (compare-and-set)."""
@@ -70,3 +89,20 @@ class TypedBucket(Generic[T]):
         except KeyNotFoundError:
             return default(), 0
         return self._decoder.decode(entry.value), entry.revision or 0
+
+
+async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None], stop: anyio.Event) -> None:
+    """Call `apply(key, value)` for every key's current value, then for every change (None: deleted),
+    until `stop` is set. How a service keeps a read-only view of another's bucket."""
+    watcher = await kv.watchall()
+    try:
+        while not stop.is_set():
+            try:
+                entry = await watcher.updates(timeout=1.0)
+            except NatsTimeout:
+                continue
+            if entry is None:  # end of the initial values
+                continue
+            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value)
+    finally:
+        await watcher.stop()

@@ -10,6 +10,7 @@ from contracts import TaskCompleted, TaskProgress, TaskSpec, subjects
 from services.budget.handlers import ledger_key
 from services.budget.ledger import Ledger, day_window
 from services.client import Client
+from services.executor.state import step_id
 from services.stack import Services
 from tests.conftest import running
 
@@ -51,5 +52,5 @@ async def test_a_worker_killed_mid_step_still_completes_the_task_exactly_once_an
     assert killed is not None, "the step never started"
     assert len(completions) == 1
     assert ledger.committed == completions[0].usage.total
-    assert list(ledger.posted) == [f"{task_id}-a1"]
+    assert list(ledger.posted) == [step_id(task_id, strategy=0, attempt=1)]
     assert ledger.reserved[task_id] == 0  # released at the end
