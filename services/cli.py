@@ -225,5 +225,11 @@ def _maybe_embedded(nats: str | None, data_dir: Path):
     return nullcontext(nats) if nats else nats_server(data_dir)
 
 
+from services.breaker.cli import breakers_app  # noqa: E402 - sub-commands, registered last
+from services.workers.cli import sim_app  # noqa: E402
+
+app.add_typer(breakers_app, name="breakers")
+app.add_typer(sim_app, name="sim")
+
 if __name__ == "__main__":
     app()

@@ -104,3 +104,5 @@ def lease_requester(nc, holder: str) -> AcquireLease:
         except (NatsTimeout, NoRespondersError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("no probe lease for %s (breaker did not answer: %r); not calling it", dependency, exc)
             return False
+
+    return acquire
