@@ -122,6 +122,9 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorClass | None = None
     """None: the call succeeded."""
     latency_ms: float = 0.0
+    started_at: float = 0.0
+    """Unix seconds the call began (0: unknown); a call begun before the circuit's last transition is not
+    counted against its new state."""
 
 
 # --- the task's life ----------------------------------------------------------

@@ -17,7 +17,16 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError
 
-from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec, TaskSubmitted, subjects
+from contracts import (
+    BreakerChanged,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskRejected,
+    TaskSpec,
+    TaskSubmitted,
+    subjects,
+)
 from contracts.events import TASK_EVENTS
 from contracts.commands import ControlBreaker, SimulateDependency
 from contracts.queries import BreakerReply, SimulationAck, StatusReport, TaskStatusQuery, TaskStatusReply
@@ -29,7 +38,7 @@ from shared.errors import CorralError
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 Terminal = TaskCompleted | TaskFailed | TaskRejected
-_task_event = msgspec.json.Decoder(Union[TASK_EVENTS])
+_event = msgspec.json.Decoder(Union[(*TASK_EVENTS, BreakerChanged)])
 
 
 def new_task_id() -> str:
@@ -54,21 +63,24 @@ class Client:
         return task.task_id
 
     @asynccontextmanager
-    async def events(self) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
-        """A stream of every task event published while the block runs."""
+    async def events(self, breakers: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+        """A stream of every task event (and with `breakers`, every BreakerChanged) published while the
+        block runs."""
         send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
 
         async def on_msg(msg: Msg) -> None:
             try:
-                send.send_nowait(_task_event.decode(msg.data))
+                send.send_nowait(_event.decode(msg.data))
             except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
                 pass  # not ours to judge: the guard dead-letters bad submissions
 
-        sub = await self.bus.nc.subscribe(subjects.ALL_TASK_EVENTS, cb=on_msg, pending_msgs_limit=1_000_000)
+        heard = [subjects.ALL_TASK_EVENTS, *([subjects.ALL_BREAKER] if breakers else [])]
+        subs = [await self.bus.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000) for subject in heard]
         try:
             yield receive
         finally:
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
             send.close()
 
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,

@@ -131,3 +131,17 @@ def test_a_forced_state_holds_whatever_the_calls_until_an_operator_releases_it()
     circuit.force(record, action="release", operator="ops", now=102.0)
     assert (record.state, record.forced, record.recent) == ("closed", False, "")
     assert record.generation == 3
+
+
+def test_in_closed_a_straggler_begun_before_the_circuit_closed_does_not_count_against_it():
+    rules = BreakerSettings(wait_in_open_s=10)
+    record = opened(rules)
+    assert circuit.grant_probe(record, call_id="probe", holder="h", rules=rules, now=111.0)
+    circuit.record_call(record, failed=False, latency_s=0.1, call_id="probe", rules=rules, now=112.0)
+    assert (record.state, record.changed_at) == ("closed", 112.0)
+    for n in range(5):  # failures of calls made during the outage, handled after the probe closed it
+        circuit.record_call(record, failed=True, latency_s=0.1, call_id=f"old{n}", rules=rules, now=112.5,
+                            started_at=105.0)
+    assert (record.state, record.recent) == ("closed", "")
+    calls(record, "f", rules, now=113.0)  # a call with no start time still counts
+    assert record.recent == "f"

@@ -8,9 +8,10 @@
 
 The window is count-based (the last `window_size` calls) or time-based (the calls
 of the last `window_size` seconds, kept as one bucket per second). In half-open
-only the outcomes of leased probes count; an outcome of a call admitted before
-the circuit opened is ignored, as is every outcome while open. While forced, calls
-are recorded (operators see the rates) but the state holds.
+only the outcomes of leased probes count; every outcome while open is ignored; and
+in closed, a call that began before the circuit last changed (a straggler of the
+outage, handled late by a concurrent consumer) does not count against the fresh
+window. While forced, calls are recorded (operators see the rates) but the state holds.
 
 Every transition increments `generation`; the caller compares it to know whether
 to announce a BreakerChanged. No I/O here: the breaker service applies these
@@ -27,8 +28,10 @@ OK, FAILED, SLOW_OK, SLOW_FAILED = "o", "f", "s", "x"
 
 
 def record_call(record: BreakerRecord, *, failed: bool, latency_s: float, call_id: str, rules: BreakerSettings,
-                now: float) -> None:
-    """Count one call's outcome."""
+                now: float, started_at: float = 0.0) -> None:
+    """Count one call's outcome (`started_at`: when the call began, 0 if unknown)."""
+    if record.state == "closed" and not record.forced and started_at and started_at < record.changed_at:
+        return  # admitted before the circuit closed: it speaks of the state before
     slow = latency_s >= rules.slow_call_duration_s
     letter = (SLOW_FAILED if slow else FAILED) if failed else (SLOW_OK if slow else OK)
     record.consecutive_failures = record.consecutive_failures + 1 if failed else 0

@@ -52,7 +52,8 @@ class Breaker:
                 continue
             await self._apply(call.dependency, partial(
                 circuit.record_call, failed=call.error is not None, latency_s=call.latency_ms / 1000,
-                call_id=step.step_id, rules=self.policy().breaker_for(call.dependency), now=self.clock()))
+                call_id=step.step_id, rules=self.policy().breaker_for(call.dependency), now=self.clock(),
+                started_at=call.started_at))
 
     async def acquire_probe(self, request: AcquireProbe) -> ProbeGrant:
         granted, record = await self._apply(request.dependency, partial(

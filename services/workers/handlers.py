@@ -109,12 +109,13 @@ class StepRun:
         self.model = dependency_key(step.provider, step.model)
         self.calls: list[Call] = []
         self.started = time.perf_counter()
-        self.in_flight: tuple[str, float] | None = None
+        self.in_flight: tuple[str, float, float] | None = None
+        """(dependency, unix start, perf_counter start) of the call under way."""
 
     async def call(self, dependency: str, make_call: Callable[[], Awaitable[T]]) -> T:
         if self.gate is not None and not await self.gate.permits(dependency, self.step.step_id):
             raise CircuitOpen(dependency)
-        self.in_flight = (dependency, time.perf_counter())
+        self.in_flight = (dependency, time.time(), time.perf_counter())
         try:
             result = await make_call()
         except ProviderError as error:
@@ -125,8 +126,9 @@ class StepRun:
 
     def _settle(self, error: ErrorClass | None) -> None:
         assert self.in_flight is not None
-        dependency, started = self.in_flight
-        self.calls.append(Call(dependency=dependency, error=error, latency_ms=(time.perf_counter() - started) * 1000))
+        dependency, started_at, started = self.in_flight
+        self.calls.append(Call(dependency=dependency, error=error, started_at=started_at,
+                               latency_ms=(time.perf_counter() - started) * 1000))
         self.in_flight = None
 
     def elapsed_ms(self) -> float:
