@@ -270,6 +270,9 @@ class BreakerChanged(msgspec.Struct, frozen=True, kw_only=True, tag="breaker.cha
     reason: str = ""
     generation: int = 0
     """Counts the circuit's transitions; with the dependency it identifies this one."""
+    cause_at: float = 0.0
+    """Unix seconds of its cause: the end of the call that tripped or settled the circuit, the end of the wait
+    in open, or the operator's command (0: unknown)."""
 
     def dedup_key(self) -> str:
         if self.generation:

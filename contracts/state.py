@@ -73,6 +73,9 @@ class BreakerRecord(msgspec.Struct, kw_only=True):
     """Transitions so far; identifies each BreakerChanged."""
     reason: str = ""
     """Why the circuit is in its state, in words."""
+    cause_at: float = 0.0
+    """Unix seconds of what caused the last transition: the end of the call that tripped or settled it, the
+    end of the wait in open, or the operator's command."""
 
     def allows_calls(self, now: float) -> bool:
         """False while the circuit refuses every call: forced open, or open with its wait not passed."""

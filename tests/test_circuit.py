@@ -34,6 +34,7 @@ def test_the_defaults_open_after_five_failures_in_a_row_and_refuse_calls_for_six
     calls(record, "f", SEED)
     assert (record.state, record.failure_rate, record.calls) == ("open", 100.0, 5)
     assert record.generation == 1 and "failure rate 100%" in record.reason
+    assert record.cause_at == 100.0  # the tripping call's end (no start time given: when it was recorded)
     assert not record.allows_calls(now=159.9) and record.allows_calls(now=160.0)
 
 
@@ -145,3 +146,12 @@ def test_in_closed_a_straggler_begun_before_the_circuit_closed_does_not_count_ag
     assert (record.state, record.recent) == ("closed", "")
     calls(record, "f", rules, now=113.0)  # a call with no start time still counts
     assert record.recent == "f"
+
+
+def test_a_transition_names_when_its_cause_happened():
+    rules = BreakerSettings(window_size=1, minimum_calls=1, wait_in_open_s=10)
+    record = BreakerRecord(dependency="p/m")
+    circuit.record_call(record, failed=True, latency_s=0.5, call_id="c", rules=rules, now=103.0, started_at=100.0)
+    assert (record.state, record.cause_at) == ("open", 100.5)  # the call ended at 100.5; recorded at 103
+    circuit.half_open_if_due(record, rules=rules, now=200.0)
+    assert (record.state, record.cause_at) == ("half_open", 113.0)  # its wait ended at 113

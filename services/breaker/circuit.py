@@ -33,6 +33,7 @@ def record_call(record: BreakerRecord, *, failed: bool, latency_s: float, call_i
     if record.state == "closed" and not record.forced and started_at and started_at < record.changed_at:
         return  # admitted before the circuit closed: it speaks of the state before
     slow = latency_s >= rules.slow_call_duration_s
+    ended_at = started_at + latency_s if started_at else now
     letter = (SLOW_FAILED if slow else FAILED) if failed else (SLOW_OK if slow else OK)
     record.consecutive_failures = record.consecutive_failures + 1 if failed else 0
     if record.forced or record.state == "closed":
@@ -40,7 +41,7 @@ def record_call(record: BreakerRecord, *, failed: bool, latency_s: float, call_i
         calls, failures, slow_calls = _window_counts(record, rules, now)
         _set_rates(record, calls, failures, slow_calls)
         if not record.forced and calls >= _minimum_calls(rules) and _tripped(record, rules):
-            _open(record, rules, now, f"{_rates_text(record, rules)} over the last {calls} calls")
+            _open(record, rules, now, f"{_rates_text(record, rules)} over the last {calls} calls", ended_at)
     elif record.state == "half_open":
         lease = next((lease for lease in record.leases if lease.call_id == call_id), None)
         if lease is None:
@@ -49,16 +50,18 @@ def record_call(record: BreakerRecord, *, failed: bool, latency_s: float, call_i
         record.probes += letter
         _set_rates(record, *_counts(record.probes))
         if len(record.probes) >= rules.permitted_calls_in_half_open:
+            settled = f"probes: {_rates_text(record, rules)} of {len(record.probes)}"
             if _tripped(record, rules):
-                _open(record, rules, now, f"probes: {_rates_text(record, rules)} of {len(record.probes)}")
+                _open(record, rules, now, settled, ended_at)
             else:
-                _close(record, now, f"probes: {_rates_text(record, rules)} of {len(record.probes)}")
+                _close(record, now, settled, ended_at)
 
 
 def half_open_if_due(record: BreakerRecord, *, rules: BreakerSettings, now: float) -> None:
     if not record.forced and record.state == "open" and now >= record.retry_at:
         _transition(record, "half_open", now,
-                    f"{rules.wait_in_open_s:g} s open passed; {rules.permitted_calls_in_half_open} probe(s) allowed")
+                    f"{rules.wait_in_open_s:g} s open passed; {rules.permitted_calls_in_half_open} probe(s) allowed",
+                    record.retry_at)
         record.leases, record.probes = [], ""
 
 
@@ -165,18 +168,19 @@ def _rates_text(record: BreakerRecord, rules: BreakerSettings) -> str:
 # --- transitions -------------------------------------------------------------------
 
 
-def _transition(record: BreakerRecord, state, now: float, reason: str) -> None:
+def _transition(record: BreakerRecord, state, now: float, reason: str, cause_at: float | None = None) -> None:
     record.state, record.changed_at, record.reason = state, now, reason
+    record.cause_at = now if cause_at is None else cause_at
     record.generation += 1
 
 
-def _open(record: BreakerRecord, rules: BreakerSettings, now: float, reason: str) -> None:
-    _transition(record, "open", now, reason)
+def _open(record: BreakerRecord, rules: BreakerSettings, now: float, reason: str, cause_at: float) -> None:
+    _transition(record, "open", now, reason, cause_at)
     record.opened_at, record.retry_at = now, now + rules.wait_in_open_s
     record.leases, record.probes = [], ""
 
 
-def _close(record: BreakerRecord, now: float, reason: str) -> None:
-    _transition(record, "closed", now, reason)
+def _close(record: BreakerRecord, now: float, reason: str, cause_at: float | None = None) -> None:
+    _transition(record, "closed", now, reason, cause_at)
     record.recent, record.buckets, record.leases, record.probes = "", [], [], ""
     record.consecutive_failures = 0

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import anyio
+
 from contracts import BreakerChanged, Call, StepCompleted, StepFailed, subjects
 from contracts.commands import AcquireProbe, ControlBreaker
 from contracts.policy import Policy
@@ -45,6 +47,9 @@ class Breaker:
         self.records = records
         self.emit = emit
         self.clock = clock
+        self._locks: dict[str, anyio.Lock] = {}
+        """One per dependency: this process's handlers change a record one at a time (every outcome of a busy
+        dependency is a change of the same key), so compare-and-set conflicts come only from other replicas."""
 
     async def on_outcome(self, step: StepCompleted | StepFailed) -> None:
         for call in calls_of(step):
@@ -87,11 +92,12 @@ class Breaker:
                 dependency=dependency, previous=previous, state=record.state,
                 consecutive_failures=record.consecutive_failures, failure_rate=record.failure_rate,
                 slow_call_rate=record.slow_call_rate, calls=record.calls, forced=record.forced,
-                reason=record.reason, generation=record.generation)
+                reason=record.reason, generation=record.generation, cause_at=record.cause_at)
             return result, record, event
 
-        result, record, event = await self.records.update(
-            dependency, changed, partial(BreakerRecord, dependency=dependency))
+        async with self._locks.setdefault(dependency, anyio.Lock()):
+            result, record, event = await self.records.update(
+                dependency, changed, partial(BreakerRecord, dependency=dependency))
         if event is not None:
             await self.emit(subjects.breaker_state(dependency), event)
         return result, record
