@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import time
 
+import anyio
+import msgspec
 import pytest
 
 from contracts import StepFailed, StepRequested, TaskCompleted, TaskFailed, TaskSpec
@@ -66,7 +68,7 @@ async def test_a_permanent_error_is_not_retried_and_each_strategy_is_tried_once(
     assert requested == ["s0a1", "s1a1"]  # advanced once, fast once: no retry of a permanent error
     assert [(a.tier, a.error) for a in end.attempts] == [("advanced", "permanent"), ("fast", "permanent"),
                                                          ("cached", "permanent")]
-    assert end.error == "All strategies failed. Last error: permanent: no cached answer for this agent and prompt"
+    assert end.error.startswith("All strategies failed. Last error: permanent: simulated permanent failure")
 
 
 async def test_a_chain_that_ends_in_the_cache_answers_from_it_when_every_model_is_down(settings, tenant, user):
@@ -124,3 +126,22 @@ def test_the_step_id_names_task_strategy_and_attempt_and_is_a_valid_kv_key_and_s
     assert step_id("t-1", 2, 3) == "t-1-s2a3"
     assert re.fullmatch(r"[-/_=.a-zA-Z0-9]+", step_id("0f3a-task_9", 11, 4))  # NATS KV key alphabet
     assert "." not in step_id("0f3a-task_9", 11, 4)
+
+
+async def test_a_task_running_when_the_executor_is_upgraded_still_completes(settings, tenant, user):
+    from contracts import StepCompleted, TaskAdmitted, TokenEstimate, Usage, subjects
+
+    spec = TaskSpec(agent="research", prompt="started before the upgrade")
+    admitted = TaskAdmitted(task_id="old-1", tenant=tenant, user=user, spec=spec, reserved_tokens=10, window="d",
+                            estimate=TokenEstimate(prompt_tokens=5, max_output_tokens=5))
+    async with stack(settings, "executor") as client, client.events() as events:
+        kv = await client.bus.bucket(subjects.KV_TASKS)  # the record as the executor before chains wrote it
+        await kv.put("old-1", msgspec.json.encode({"task": admitted, "status": "running", "attempt": 1,
+                                                   "attempts": [], "admitted_at": time.time()}))
+        await client.bus.emit(subjects.step_completed(tenant), StepCompleted(
+            task_id="old-1", tenant=tenant, user=user, step_id="old-1-a1", attempt=1, agent="research",
+            dependency="simulated/sim-large", model="sim-large", output="done", latency_ms=1.0,
+            usage=Usage(input_tokens=5, output_tokens=1)))
+        with anyio.fail_after(10):
+            end = await anext(e async for e in events if e.task_id == "old-1" and isinstance(e, TaskCompleted))
+    assert (end.output, end.attempts, end.tier) == ("done", 1, "advanced")

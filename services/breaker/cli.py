@@ -82,24 +82,27 @@ def _operator() -> str:
 
 def print_breakers(records: list[BreakerRecord], out: Console, now: float | None = None) -> None:
     now = time.time() if now is None else now
-    table = Table(title="Circuit breakers (from the breaker bucket)")
-    for column, justify in (("dependency", "left"), ("state", "left"), ("failure rate", "right"),
-                            ("slow calls", "right"), ("calls", "right"), ("since", "left"), ("why", "left")):
-        table.add_column(column, justify=justify)
+    table = Table(title="Circuit breakers (from the breaker bucket; times UTC)")
+    table.add_column("dependency", no_wrap=True)
+    table.add_column("state")
+    table.add_column("failed / slow", justify="right", no_wrap=True)
+    table.add_column("calls", justify="right")
+    table.add_column("since", no_wrap=True)
+    table.add_column("why")
     for record in records:
         state = f"{record.state} (forced)" if record.forced else record.state
         if record.state == "open" and not record.forced:
             state += f", probes in {max(0.0, record.retry_at - now):.0f} s"
         colour = {"closed": "green", "open": "red", "half_open": "yellow"}[record.state]
-        table.add_row(record.dependency, f"[{colour}]{state}[/]", f"{record.failure_rate:g}%",
-                      f"{record.slow_call_rate:g}%", str(record.calls), _since(record.changed_at, now),
-                      record.reason or "no transition yet")
+        table.add_row(record.dependency, f"[{colour}]{state}[/]",
+                      f"{record.failure_rate:g}% / {record.slow_call_rate:g}%", str(record.calls),
+                      _since(record.changed_at, now), record.reason or "no transition yet")
     if not records:
-        table.add_row("(none yet: a breaker appears with its dependency's first call)", "", "", "", "", "", "")
+        table.add_row("(none yet: a breaker appears with its dependency's first call)", "", "", "", "", "")
     out.print(table)
 
 
 def _since(at: float, now: float) -> str:
     if not at:
         return "start"
-    return f"{datetime.fromtimestamp(at, UTC):%H:%M:%S} UTC ({now - at:.0f} s ago)"
+    return f"{datetime.fromtimestamp(at, UTC):%H:%M:%S} ({now - at:.0f} s ago)"

@@ -11,7 +11,8 @@ For each strategy in order (e.g. advanced model -> fast model -> cached answer):
   with exponential backoff and full jitter, never sooner than the dependency's retry-after,
   up to the strategy's max_attempts; a permanent error moves to the next strategy at once;
 - when no strategy is left the task fails with every attempt and "All strategies failed.
-  Last error: …"; its reason is the last attempt's (breaker_open when it was skipped).
+  Last error: …"; its reason is the last attempt's (breaker_open when it was skipped), a
+  cache miss aside.
 
 Crash safety: each handler decides, records the decision in the task's record with
 compare-and-set (naming the event that caused it), and only then publishes it. A
@@ -153,6 +154,12 @@ class Executor:
         record, revision = await self.tasks.read(task_id)
         if record is None:
             return None, 0
+        if record.status == "running" and not record.step_id:  # written before fallback chains: adopt it
+            agent = self.policy().agents.get(record.task.spec.agent)
+            if agent is None:
+                return None, 0
+            record.step_id, record.chain, record.steps = step, record.chain or agent.chain[:1], record.attempt
+            record.deadline_at = record.deadline_at or record.admitted_at + agent.deadline_s
         if record.status != "running" or record.step_id != step:
             await self._republish(record, step)  # a redelivery of the event we acted on, or a late duplicate
             return None, 0
@@ -193,7 +200,9 @@ class Executor:
             if await self._record(record, revision, cause):
                 await self._publish_step(record)
             return
-        last = record.attempts[-1] if record.attempts else None
+        # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
+        last = next((a for a in reversed(record.attempts) if a.dependency != CACHE_DEPENDENCY),
+                    record.attempts[-1] if record.attempts else None)
         reason: FailReason = ("breaker_open" if last and not last.called else
                               "attempts_exhausted" if last and last.error in RETRYABLE else "permanent_error")
         await self._fail(record, revision, cause, reason, f"{last.error}: {last.message}" if last else "no strategy")
