@@ -160,7 +160,8 @@ def _tripped(record: BreakerRecord, rules: BreakerSettings) -> bool:
 
 
 def _rates_text(record: BreakerRecord, rules: BreakerSettings) -> str:
-    if record.slow_call_rate >= rules.slow_call_rate_threshold > 0 and record.failure_rate < rules.failure_rate_threshold:
+    slow = record.slow_call_rate >= rules.slow_call_rate_threshold
+    if slow and record.failure_rate < rules.failure_rate_threshold:
         return f"slow-call rate {record.slow_call_rate:g}% (threshold {rules.slow_call_rate_threshold:g}%)"
     return f"failure rate {record.failure_rate:g}% (threshold {rules.failure_rate_threshold:g}%)"
 

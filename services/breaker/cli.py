@@ -21,9 +21,9 @@ from contracts.commands import BreakerAction, ControlBreaker
 from contracts.state import BreakerRecord
 
 breakers_app = typer.Typer(help="Circuit breakers: list them (no command), force one open or closed, release it.")
-NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
-Dependency = Annotated[str, typer.Argument(help="dependency key: provider/model (e.g. simulated/sim-large) or tool/NAME")]
+NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or config")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (or $CORRAL_CONFIG)")]
+Dependency = Annotated[str, typer.Argument(help="provider/model (e.g. simulated/sim-large) or tool/NAME")]
 
 
 @breakers_app.callback(invoke_without_command=True)

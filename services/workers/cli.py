@@ -20,14 +20,14 @@ from contracts.events import ErrorClass
 
 sim_app = typer.Typer(help="Steer the SIMULATED model and tools at run time: fail, slow down or recover a dependency.",
                       no_args_is_help=True)
-NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or config")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (or $CORRAL_CONFIG)")]
 Dependency = Annotated[str, typer.Argument(help="simulated/MODEL (e.g. simulated/sim-large) or tool/NAME")]
 
 
 @sim_app.command()
 def fail(dependency: Dependency,
-         error: Annotated[str, typer.Option(help="error class: transient, timeout, rate_limited or permanent")] = "transient",
+         error: Annotated[str, typer.Option(help="transient, timeout, rate_limited or permanent")] = "transient",
          retry_after: Annotated[Optional[float], typer.Option(help="seconds, with --error rate_limited")] = None,
          latency: Annotated[float, typer.Option(help="seconds each failing call takes first")] = 0.0,
          nats: NatsOption = None, config: ConfigOption = None) -> None:

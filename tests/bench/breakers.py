@@ -193,7 +193,8 @@ def print_report(report: Report, out: Console) -> None:
         table.add_row(f"  research tasks (need {SEARCH}), {run_.down} down",
                       ", ".join(f"{k} {v}" for k, v in sorted(run_.research.items())))
     base, down = report.throughput
-    table.add_row("healthy throughput with one dependency down / none", f"{down.healthy_per_s / base.healthy_per_s:.2f}")
+    ratio = down.healthy_per_s / base.healthy_per_s
+    table.add_row("healthy throughput with one dependency down / none", f"{ratio:.2f}")
     table.add_row("wall time", f"{report.elapsed_s:.0f} s")
     out.print(table)
 
