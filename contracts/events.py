@@ -101,12 +101,30 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
-    """One try of a step, as TaskFailed reports it."""
+    """One try of a step, as TaskFailed reports it; or a strategy skipped because its circuit was open
+    (`called` false, `step_id` empty: no step was asked for)."""
 
     step_id: str
     dependency: str
     error: ErrorClass
     message: str
+    strategy: int = 0
+    """Index of the strategy in the agent's fallback chain (0: the preferred one)."""
+    tier: str = ""
+    called: bool = True
+    """False when the dependency was not called because its circuit breaker was open."""
+
+
+class Call(msgspec.Struct, frozen=True, kw_only=True):
+    """One call a step made to a dependency (a model or a tool), as the breaker counts it."""
+
+    dependency: str
+    error: ErrorClass | None = None
+    """None: the call succeeded."""
+    latency_ms: float = 0.0
+    started_at: float = 0.0
+    """Unix seconds the call began (0: unknown); a call begun before the circuit's last transition is not
+    counted against its new state."""
 
 
 # --- the task's life ----------------------------------------------------------
@@ -151,9 +169,11 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     message: str
     attempt: int = 0
     worker: str = ""
+    step_id: str = ""
+    """The step it is about, when it is about one."""
 
     def dedup_key(self) -> str:
-        return f"{self.task_id}:{self.attempt}:progress.{self.stage}:{self.worker}"
+        return f"{self.task_id}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
@@ -161,7 +181,13 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     usage: Usage
     """Tokens of all the task's completed steps (the budget waits for their StepCompleted to add up)."""
     attempts: int
+    """Steps tried, over every strategy, the successful one included."""
     model: str
+    strategy: int = 0
+    """Index of the strategy in the fallback chain that produced the output."""
+    tier: str = ""
+    dependency: str = ""
+    """`provider/model` that answered, or `cache` for a cached answer."""
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
@@ -189,6 +215,15 @@ class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
     max_tokens: int
     messages: list[ChatMessage] = []
     """The whole conversation, when the task came as chat messages; `prompt` is its last user turn."""
+    strategy: int = 0
+    """Index of the strategy in the agent's fallback chain."""
+    tier: str = ""
+    tools: list[str] = []
+    """Tools the step calls (each a dependency `tool/NAME` with its own breaker)."""
+    timeout_s: float = 0.0
+    """The worker gives up on the step after this many seconds (0: no limit)."""
+    deadline_at: float = 0.0
+    """Unix seconds after which the step must not start (the task's deadline or the attempt's); 0: none."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
@@ -197,13 +232,23 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     output: str
     usage: Usage
     latency_ms: float
+    calls: list[Call] | None = None
+    """Every dependency the step called (tools, then the model), for the breakers; None from older
+    workers, whose one call was `dependency`."""
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
     dependency: str
+    """The dependency that failed (a model `provider/model` or a tool `tool/NAME`)."""
     error: ErrorClass
     message: str
     retry_after_s: float | None = None
+    calls: list[Call] | None = None
+    """Every dependency the step called, the failed call last, for the breakers (empty: it called none);
+    None from older workers, whose one call was `dependency`."""
+    latency_ms: float = 0.0
+    breaker_open: bool = False
+    """The worker did not call `dependency`: its circuit was open (error is then `transient`)."""
 
 
 # --- signals from the breaker -------------------------------------------------
@@ -220,8 +265,23 @@ class BreakerChanged(msgspec.Struct, frozen=True, kw_only=True, tag="breaker.cha
     consecutive_failures: int
     occurred_at: datetime = msgspec.field(default_factory=utcnow)
     version: int = CONTRACT_VERSION
+    failure_rate: float = 0.0
+    """Percent of failed calls in the window (or among the half-open probes) when it changed."""
+    slow_call_rate: float = 0.0
+    calls: int = 0
+    """Calls the rates were computed over."""
+    forced: bool = False
+    """An operator forced this state; it holds until released."""
+    reason: str = ""
+    generation: int = 0
+    """Counts the circuit's transitions; with the dependency it identifies this one."""
+    cause_at: float = 0.0
+    """Unix seconds of its cause: the end of the call that tripped or settled the circuit, the end of the wait
+    in open, or the operator's command (0: unknown)."""
 
     def dedup_key(self) -> str:
+        if self.generation:
+            return f"{self.dependency}:{self.generation}"
         return f"{self.dependency}:{self.state}:{self.occurred_at.timestamp():.6f}"
 
 

@@ -106,37 +106,81 @@ class Price(Strict):
 class Strategy(Strict):
     """One link of a fallback chain: a model at a provider, or the response cache."""
 
+    kind: Literal["model", "cache"] = "model"
+    """`model` calls `provider/model` on the agent's workers; `cache` answers with the last answer the
+    executor stored for the same agent and prompt (a miss moves on like a permanent error)."""
     provider: str = "simulated"
     model: str = ""
     tier: str = "standard"
     timeout_s: float = 30.0
+    """Seconds one attempt may take before it counts as a `timeout` failure."""
     max_attempts: int = 3
+    """Attempts on this strategy (retryable errors only) before moving to the next one."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_attempts < 1:
+            raise ValueError("a strategy needs timeout_s > 0 and max_attempts >= 1")
+        if self.kind == "model" and not self.model:
+            raise ValueError("a model strategy names its model")
 
 
 class AgentPolicy(Strict):
     chain: list[Strategy]
     """Strategies tried in order; the first is the preferred one."""
     default_output_tokens: int = 256
+    deadline_s: float = 120.0
+    """Seconds from admission within which the whole chain must finish; then the task fails with
+    deadline_exceeded."""
+
+    def __post_init__(self) -> None:
+        if not self.chain:
+            raise ValueError("an agent's chain needs at least one strategy")
+        if self.deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
 
 
 class BreakerSettings(Strict):
-    """resilience4j's circuit breaker settings."""
+    """resilience4j's circuit breaker settings. The defaults are the seed's: 5 failures in a row
+    open the circuit, and 60 s later one probe may close it."""
 
     window_type: Literal["count", "time"] = "count"
     window_size: int = 5
     """Calls (count window) or seconds (time window) the failure rate is computed over."""
     minimum_calls: int = 5
+    """Calls the window must hold before the rates count (a count window caps it at window_size)."""
     failure_rate_threshold: float = 100.0
     """Percent of failed calls in the window that opens the circuit (100 = all five: the seed's 5 failures)."""
     slow_call_rate_threshold: float = 100.0
+    """Percent of slow calls in the window that opens the circuit."""
     slow_call_duration_s: float = 60.0
+    """A call at least this long is slow."""
     wait_in_open_s: float = 60.0
+    """Seconds an open circuit refuses every call before it lets probes through (half-open)."""
     permitted_calls_in_half_open: int = 1
+    """Probes allowed in half-open, across every replica together; their failure rate closes or reopens it."""
+    probe_lease_s: float = 120.0
+    """A probe lease whose outcome never came (its holder died) frees its slot after this many seconds."""
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1 or self.minimum_calls < 1 or self.permitted_calls_in_half_open < 1:
+            raise ValueError("window_size, minimum_calls and permitted_calls_in_half_open must be at least 1")
+        for name in ("failure_rate_threshold", "slow_call_rate_threshold"):
+            if not 0 < getattr(self, name) <= 100:
+                raise ValueError(f"{name} is a percentage within (0, 100]")
+        if self.wait_in_open_s < 0 or self.slow_call_duration_s <= 0 or self.probe_lease_s <= 0:
+            raise ValueError("wait_in_open_s, slow_call_duration_s and probe_lease_s must be positive")
 
 
 class Retry(Strict):
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
+    """Exponential backoff with full jitter: attempt n waits up to min(max, base * 2^(n-1))."""
+    max_retry_after_s: float = 30.0
+    """A dependency's retry-after is honoured up to this; a longer one moves to the next strategy at once."""
+
+
+ADVANCED = Strategy(model="sim-large", tier="advanced")
+FAST = Strategy(model="sim-small", tier="fast")
 
 
 class Policy(Strict):
@@ -153,9 +197,9 @@ class Policy(Strict):
         "sim-small": Price(input=0.00025, output=0.00125, cached=0.0001)})
     """Simulated prices for the simulated models; real ones belong in your policy file."""
     agents: dict[str, AgentPolicy] = msgspec.field(default_factory=lambda: {
-        "research": AgentPolicy(chain=[Strategy(model="sim-large", tier="advanced")], default_output_tokens=384),
-        "coding": AgentPolicy(chain=[Strategy(model="sim-large", tier="advanced")], default_output_tokens=512),
-        "writing": AgentPolicy(chain=[Strategy(model="sim-small", tier="fast")], default_output_tokens=256),
+        "research": AgentPolicy(chain=[ADVANCED, FAST], default_output_tokens=384),
+        "coding": AgentPolicy(chain=[ADVANCED, FAST], default_output_tokens=512),
+        "writing": AgentPolicy(chain=[FAST], default_output_tokens=256),
     })
     breakers: BreakerSettings = BreakerSettings()
     breaker_overrides: dict[str, BreakerSettings] = {}
@@ -188,6 +232,9 @@ class Policy(Strict):
         if t and role and role in t.roles:
             return t.roles[role]
         return (t and t.tools) or self.defaults.tools
+
+    def breaker_for(self, dependency: str) -> BreakerSettings:
+        return self.breaker_overrides.get(dependency, self.breakers)
 
     def price_of(self, model: str) -> Price:
         return self.prices.get(model, Price(input=0.0, output=0.0))

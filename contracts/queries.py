@@ -50,6 +50,9 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 0
     attempts: list[Attempt] = []
     usage: Usage | None = None
+    strategy: int = 0
+    """Index in the fallback chain of the strategy running (or that ran last)."""
+    step_id: str = ""
 
 
 class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,3 +128,33 @@ class CostReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)
+
+
+class ProbeGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """The breaker's answer to AcquireProbe."""
+
+    granted: bool
+    """True: make the call (a lease is held for it, or the circuit is closed)."""
+    state: str
+    reason: str = ""
+
+
+class BreakerReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The breaker's answer to ControlBreaker: the circuit as it is now."""
+
+    dependency: str
+    state: str
+    forced: bool
+    reason: str = ""
+
+
+class SimulationAck(msgspec.Struct, frozen=True, kw_only=True):
+    """One worker replica's answer to SimulateDependency."""
+
+    worker: str
+    agent: str
+    dependency: str
+    mode: str
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, ProbeGrant, BreakerReply, SimulationAck)

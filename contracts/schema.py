@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 
+from contracts.commands import COMMAND_CONTRACTS
 from contracts.events import ALL_CONTRACTS, CONTRACT_VERSION
 from contracts.queries import QUERY_CONTRACTS
 
@@ -25,7 +26,7 @@ def _file_name(contract: type) -> str:
 def schemas() -> dict[str, str]:
     """File name -> JSON Schema text, for every contract."""
     out = {}
-    for contract in (*ALL_CONTRACTS, *QUERY_CONTRACTS):
+    for contract in (*ALL_CONTRACTS, *COMMAND_CONTRACTS, *QUERY_CONTRACTS):
         schema = msgspec.json.schema(contract)
         schema["$comment"] = f"Corral contract {contract.__name__}, version {CONTRACT_VERSION}. Generated: corral contracts"
         out[_file_name(contract)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

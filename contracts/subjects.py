@@ -59,6 +59,12 @@ def cost_notice(tenant: str, user: str) -> str:
     return f"{PREFIX}.cost.notice.{tenant}.{user}"
 
 
+def service_stats(service: str) -> str:
+    """One replica's stats (every replica answers `$SRV.STATS.corral-<service>`); kept out of
+    every stream's subjects, where a request would be answered by the stream's publish ack."""
+    return f"{PREFIX}.stats.{service}"
+
+
 def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{service}"
 
@@ -88,6 +94,12 @@ MONITOR_STATUS = f"{PREFIX}.monitor.status"
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
 BUDGET_SHOW = f"{PREFIX}.budget.show"
 BUDGET_COST = f"{PREFIX}.budget.cost"
+# The breaker's endpoints live under `corral.breakers.`, outside `corral.breaker.>`: a request on a
+# subject a stream stores would be answered by the stream's publish acknowledgement.
+BREAKER_PROBE = f"{PREFIX}.breakers.probe"  # AcquireProbe -> ProbeGrant
+BREAKER_CONTROL = f"{PREFIX}.breakers.control"  # ControlBreaker -> BreakerReply
+# Core NATS (no stream): every SIMULATED worker replica subscribes and answers.
+SIM_CONTROL = f"{PREFIX}.sim.control"  # SimulateDependency -> SimulationAck from each replica
 
 # --- streams (file storage; see shared/streams.py for their configuration) ---
 
@@ -121,6 +133,7 @@ KV_TASKS = "corral_tasks"  # executor
 KV_BREAKERS = "corral_breakers"  # breaker
 KV_POLICY = "corral_policy"  # operators (corral policy apply); every service reads it
 KV_RATES = "corral_rates"  # guard
+KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
 
 # --- headers -------------------------------------------------------------------
 

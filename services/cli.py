@@ -241,6 +241,11 @@ def _maybe_embedded(nats: str | None, data_dir: Path):
 
 app.add_typer(budget_cli.app, name="budget")  # corral budget show USER
 app.command()(budget_cli.cost)  # corral cost TASK_ID
+from services.breaker.cli import breakers_app  # noqa: E402 - sub-commands, registered last
+from services.workers.cli import sim_app  # noqa: E402
+
+app.add_typer(breakers_app, name="breakers")
+app.add_typer(sim_app, name="sim")
 
 if __name__ == "__main__":
     app()

@@ -15,25 +15,40 @@ from typing import Union
 import anyio
 import msgspec
 from nats.aio.msg import Msg
+from nats.js.errors import NoKeysError
 
-from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec, TaskSubmitted, subjects
+from contracts import (
+    BreakerChanged,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskRejected,
+    TaskSpec,
+    TaskSubmitted,
+    subjects,
+)
 from contracts.events import TASK_EVENTS
+from contracts.commands import ControlBreaker, SimulateDependency
 from contracts.queries import (
+    BreakerReply,
     BudgetQuery,
     BudgetReply,
     CostQuery,
     CostReply,
+    SimulationAck,
     StatusReport,
     TaskStatusQuery,
     TaskStatusReply,
 )
+from contracts.state import BreakerRecord
 from shared import tracing
 from shared.bus import Bus
 from shared.config import Settings
+from shared.errors import CorralError
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 Terminal = TaskCompleted | TaskFailed | TaskRejected
-_task_event = msgspec.json.Decoder(Union[TASK_EVENTS])
+_event = msgspec.json.Decoder(Union[(*TASK_EVENTS, BreakerChanged)])
 
 
 def new_task_id() -> str:
@@ -58,21 +73,24 @@ class Client:
         return task.task_id
 
     @asynccontextmanager
-    async def events(self) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
-        """A stream of every task event published while the block runs."""
+    async def events(self, breakers: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+        """A stream of every task event (and with `breakers`, every BreakerChanged) published while the
+        block runs."""
         send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
 
         async def on_msg(msg: Msg) -> None:
             try:
-                send.send_nowait(_task_event.decode(msg.data))
+                send.send_nowait(_event.decode(msg.data))
             except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
                 pass  # not ours to judge: the guard dead-letters bad submissions
 
-        sub = await self.bus.nc.subscribe(subjects.ALL_TASK_EVENTS, cb=on_msg, pending_msgs_limit=1_000_000)
+        heard = [subjects.ALL_TASK_EVENTS, *([subjects.ALL_BREAKER] if breakers else [])]
+        subs = [await self.bus.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000) for subject in heard]
         try:
             yield receive
         finally:
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
             send.close()
 
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
@@ -90,17 +108,21 @@ class Client:
                         return event
         raise AssertionError("event stream ended")
 
-    async def _gather(self, subject: str, gather_s: float) -> list[dict]:
-        """Every reply to one request within `gather_s` (micro verbs reach every replica)."""
+    async def _gather(self, subject: str, gather_s: float, payload: bytes = b"", expect: int | None = None,
+                      ) -> list[dict]:
+        """Every reply to one request within `gather_s` (micro verbs reach every replica); stop early once
+        `expect` replies came."""
         inbox = self.bus.nc.new_inbox()
         replies: list[dict] = []
         sub = await self.bus.nc.subscribe(inbox)
         try:
-            await self.bus.nc.publish(subject, b"", reply=inbox)
+            await self.bus.nc.publish(subject, payload, reply=inbox)
             with anyio.move_on_after(gather_s):
                 async for msg in sub.messages:
                     if msg.data:  # an empty one is the server's "no responders"
                         replies.append(msgspec.json.decode(msg.data))
+                    if expect is not None and len(replies) >= expect:
+                        break
         finally:
             await sub.unsubscribe()
         return replies
@@ -124,6 +146,29 @@ class Client:
         reply = await self.bus.nc.request(subjects.MONITOR_STATUS, b"{}", timeout=timeout)
         return msgspec.json.decode(reply.data, type=StatusReport)
 
+    async def simulate(self, command: SimulateDependency, expect: int | None = None,
+                       gather_s: float = 1.0) -> list[SimulationAck]:
+        """Tell every SIMULATED worker replica how a dependency behaves; their acknowledgements (all that
+        answer within `gather_s`, or the first `expect`)."""
+        replies = await self._gather(subjects.SIM_CONTROL, gather_s, msgspec.json.encode(command), expect)
+        return [msgspec.convert(reply, SimulationAck) for reply in replies]
+
+    async def control_breaker(self, command: ControlBreaker, timeout: float = 5.0) -> BreakerReply:
+        reply = await self.bus.nc.request(subjects.BREAKER_CONTROL, msgspec.json.encode(command), timeout=timeout)
+        if not reply.data:
+            raise CorralError(f"the breaker refused: {reply.headers}")
+        return msgspec.json.decode(reply.data, type=BreakerReply)
+
+    async def breakers(self) -> list[BreakerRecord]:
+        """Every circuit, as the breaker service keeps it (read-only)."""
+        kv = await self.bus.bucket(subjects.KV_BREAKERS)
+        records = []
+        for key in await _keys(kv):
+            entry = await kv.get(key)
+            if entry.value:
+                records.append(msgspec.json.decode(entry.value, type=BreakerRecord))
+        return sorted(records, key=lambda record: record.dependency)
+
     async def task_status(self, task_id: str, timeout: float = 5.0) -> TaskStatusReply:
         query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))
         reply = await self.bus.nc.request(subjects.EXECUTOR_TASK, query, timeout=timeout)
@@ -140,3 +185,9 @@ class Client:
         reply = await self.bus.nc.request(subjects.BUDGET_COST, msgspec.json.encode(CostQuery(task_id=task_id)),
                                           timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
+
+async def _keys(kv) -> list[str]:
+    try:
+        return await kv.keys()
+    except NoKeysError:
+        return []

@@ -9,8 +9,15 @@ permanently.
 
 The seed's default budget allows 1,000 tokens an hour, two or three tasks: on a
 server where no policy was ever applied (the demo's own embedded one), the demo
-applies DEMO_POLICY: an hour as large as the day, and rate limits with room for
+applies the demo policy (`demo_policy`): an hour as large as the day, and rate limits with room for
 a demo's bursts but for one chatty user.
+
+And one outage: once a fifth of the tasks have ended, the simulated advanced model
+(`simulated/sim-large`) fails every call (`corral sim fail`) until its breaker opens
+(`corral sim recover`). Research and coding tasks fall back to the fast tier, at once
+while the circuit is open; after the wait (scaled to the demo's length by the demo's
+policy) a probe finds the model recovered and closes the circuit. The summary counts
+the trips and recoveries.
 """
 
 from __future__ import annotations
@@ -25,8 +32,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from contracts import TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
-from contracts.policy import DEFAULT_POLICY, BudgetLimits, Defaults, Policy, RateLimit, TenantPolicy, UserPolicy
+from contracts import BreakerChanged, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts.commands import SimulateDependency
+from contracts.policy import (
+    DEFAULT_POLICY,
+    BreakerSettings,
+    BudgetLimits,
+    Defaults,
+    Policy,
+    RateLimit,
+    TenantPolicy,
+    UserPolicy,
+)
 from contracts.queries import StatusReport
 from services.client import Client
 from services.monitor.handlers import percentiles
@@ -50,6 +67,10 @@ DEMO_POLICY = Policy(
              "globex": TenantPolicy(users={"user01": UserPolicy(rate=RateLimit(requests_per_minute=120,
                                                                                burst_requests=5))})},
 )
+OUTAGE = "simulated/sim-large"
+SETTLE_S = 6.0
+PROBE_EVERY_S = 0.5
+OUTAGE_FROM, OUTAGE_UNTIL = 0.2, 0.6  # shares of the tasks ended: fail from the first; recover by the second
 
 
 class Summary(msgspec.Struct):
@@ -65,6 +86,13 @@ class Summary(msgspec.Struct):
     lost: int = 0
     elapsed_s: float = 0.0
     monitor: StatusReport | None = None
+    fallbacks: int = 0
+    """Tasks completed by a strategy after the first of their chain."""
+    breaker_changes: dict[str, int] = {}
+    """BreakerChanged events by `previous->state`."""
+    outage: str = ""
+    probe_tasks: int = 0
+    """Research tasks sent after the workload so that a probe could close the circuit."""
 
     @property
     def ended(self) -> int:
@@ -96,34 +124,86 @@ def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, Task
     return out
 
 
+def demo_policy(tasks: int, rate: float) -> Policy:
+    """DEMO_POLICY, with the outage's breaker waiting a fifth of the workload's length in open (not the
+    default 60 s), so its recovery happens while tasks still arrive to probe it."""
+    wait = max(0.3, 0.2 * tasks / rate)
+    return msgspec.structs.replace(DEMO_POLICY, breaker_overrides={OUTAGE: BreakerSettings(wait_in_open_s=wait)})
+
+
 async def run(settings: Settings, tasks: int, users: int, rate: float, services: list[str]) -> Summary:
     summary = Summary()
     plan = workload(tasks, users)
     pending: dict[str, float] = {}
     retried: set[str] = set()
-    async with Client.connect(settings, "demo") as client, client.events() as events:
+    async with Client.connect(settings, "demo") as client, client.events(breakers=True) as events:
         policy_kv = await client.bus.policy_bucket()
-        if (await read_policy(policy_kv))[0] == 0:
-            await apply_policy(policy_kv, DEMO_POLICY)
+        if (await read_policy(policy_kv))[0] == 0:  # never overrule an operator's policy
+            await apply_policy(policy_kv, demo_policy(tasks, rate))
         await client.wait_ready(services)
+        workers = sum(1 for name in services if name.startswith("corral-worker-"))
         started = time.perf_counter()
         with _progress() as progress:
             bar = progress.add_task("tasks", total=len(plan))  # one step per task that reached its end
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_publish, client, plan, rate, pending, summary)
+                outage = Outage(client, workers, len(plan))
                 with anyio.move_on_after(len(plan) / rate + TERMINAL_WAIT_S):
                     async for event in events:
                         if isinstance(event, TaskProgress) and event.stage == "retrying":
                             retried.add(event.task_id)
+                        await outage.follow(event, summary)
                         if _record(event, pending, summary, settings):
                             progress.advance(bar)
                             if summary.ended == len(plan):
                                 break
+            await outage.settle(events, summary)
         summary.monitor = await _monitor_status(client)
     summary.retried_tasks = len(retried)
     summary.lost = len(plan) - summary.ended
     summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+class Outage:
+    """Fail the advanced model once a fifth of the tasks ended; recover it when its breaker opens; count every
+    breaker change."""
+
+    def __init__(self, client: Client, workers: int, tasks: int) -> None:
+        self.client = client
+        self.workers = workers
+        self.tasks = tasks
+        self.state = "pending"
+        self.circuit = "closed"
+
+    async def follow(self, event, summary: Summary) -> None:
+        """Count breaker changes; start and end the outage as the tasks end and the circuit moves."""
+        if isinstance(event, BreakerChanged):
+            change = f"{event.previous}->{event.state}"
+            summary.breaker_changes[change] = summary.breaker_changes.get(change, 0) + 1
+        if self.state == "pending" and summary.ended >= self.tasks * OUTAGE_FROM:
+            self.state, self.began = "failing", summary.ended
+            await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="fail"), expect=self.workers)
+        elif self.state == "failing" and (summary.ended >= self.tasks * OUTAGE_UNTIL or (
+                isinstance(event, BreakerChanged) and event.dependency == OUTAGE and event.state == "open")):
+            self.state = "recovered"
+            await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="recover"), expect=self.workers)
+            summary.outage = f"{OUTAGE} failing from task end {self.began} to {summary.ended}"
+        if isinstance(event, BreakerChanged) and event.dependency == OUTAGE:
+            self.circuit = event.state
+
+    async def settle(self, events, summary: Summary) -> None:
+        """After the last task, hear the outage's circuit close. A probe needs a task to make it: while the
+        circuit is not closed, send one research task each PROBE_EVERY_S (counted apart from the workload)."""
+        with anyio.move_on_after(SETTLE_S):
+            while self.circuit != "closed":
+                with anyio.move_on_after(PROBE_EVERY_S):
+                    while self.circuit != "closed":
+                        await self.follow(await events.receive(), summary)
+                if self.circuit != "closed":
+                    summary.probe_tasks += 1
+                    await self.client.submit(TaskSpec(agent="research", prompt="Is the advanced model back?"),
+                                             tenant=TENANTS[0], user="demo-prober")
 
 
 async def _publish(client: Client, plan, rate: float, pending: dict[str, float], summary: Summary) -> None:
@@ -139,12 +219,13 @@ async def _publish(client: Client, plan, rate: float, pending: dict[str, float],
 
 
 def _record(event, pending: dict[str, float], summary: Summary, settings: Settings) -> bool:
-    if event.task_id not in pending or not isinstance(event, (TaskCompleted, TaskFailed, TaskRejected)):
+    if not isinstance(event, (TaskCompleted, TaskFailed, TaskRejected)) or event.task_id not in pending:
         return False
     summary.latencies_ms.append((time.perf_counter() - pending.pop(event.task_id)) * 1000)
     match event:
         case TaskCompleted():
             summary.completed += 1
+            summary.fallbacks += event.strategy > 0
             summary.input_tokens += event.usage.input_tokens
             summary.output_tokens += event.usage.output_tokens
             summary.cost_usd += DEFAULT_POLICY.price_of(event.model).cost(event.usage)
@@ -174,11 +255,20 @@ def print_summary(summary: Summary, console: Console) -> None:
     table.add_row("submitted", str(summary.submitted))
     table.add_row("completed", str(summary.completed))
     table.add_row("  of which retried after a failure", str(summary.retried_tasks))
+    table.add_row("  of which on a fallback strategy", str(summary.fallbacks))
     for reason, count in sorted(Counter(summary.rejected).items()):
         table.add_row(f"rejected: {reason}", str(count))
     for reason, count in sorted(Counter(summary.failed).items()):
         table.add_row(f"failed: {reason}", str(count))
     table.add_row("lost (no terminal event)", str(summary.lost))
+    if summary.outage:
+        table.add_row("simulated outage", summary.outage)
+    changes = summary.breaker_changes
+    table.add_row("breaker trips (closed -> open)", str(changes.get("closed->open", 0)))
+    table.add_row("breaker probes failed (half_open -> open)", str(changes.get("half_open->open", 0)))
+    table.add_row("breaker recoveries (half_open -> closed)", str(changes.get("half_open->closed", 0)))
+    if summary.probe_tasks:
+        table.add_row("  tasks sent after the workload to probe it", str(summary.probe_tasks))
     table.add_row("latency p50 / p95 (ms)", f"{lat.p50_ms:.0f} / {lat.p95_ms:.0f}")
     table.add_row("tokens in / out", f"{summary.input_tokens:,} / {summary.output_tokens:,}")
     table.add_row("cost (simulated prices)", f"${summary.cost_usd:.4f}")

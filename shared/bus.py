@@ -65,8 +65,8 @@ class Bus:
         except (NatsTimeout, NoStreamResponseError) as exc:
             raise TransientError(f"publish to {subject} not acknowledged: {exc!r}") from exc
 
-    async def bucket(self, name: str, *, history: int = 1) -> KeyValue:
-        return await declare_bucket(self.js, self.settings, name, history=history)
+    async def bucket(self, name: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
+        return await declare_bucket(self.js, self.settings, name, history=history, ttl_s=ttl_s)
 
     async def policy_bucket(self) -> KeyValue:
         return await self.bucket(subjects.KV_POLICY, history=POLICY_HISTORY)

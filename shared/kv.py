@@ -19,8 +19,9 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared.errors import TransientError
 
@@ -80,6 +81,25 @@ class TypedBucket(Generic[T]):
             if existing is None:  # deleted in between: rare enough to let the caller retry
                 raise Contention(f"key {key!r} was deleted while being created", retry_after_s=0.1) from None
             return existing
+
+    async def read(self, key: str) -> tuple[T | None, int]:
+        """The value and its revision (None and 0 for a key never written), for `write_if`."""
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None, 0
+        return (self._decoder.decode(entry.value) if entry.value else None), entry.revision or 0
+
+    async def write_if(self, key: str, value: T, revision: int) -> bool:
+        """Write only if the key is still at `revision` (0: only if it does not exist); False if someone
+        wrote it in between. For a change that needs I/O between the read and the write."""
+        try:
+            await self.kv.update(key, self._encoder.encode(value), last=revision)
+        except KeyWrongLastSequenceError:
+            self.conflicts += 1
+            return False
+        return True
+
 
     async def update(self, key: str, change: Callable[[T], R] | Callable[[T], Awaitable[R]],
                      default: Callable[[], T] | None = None) -> R:
@@ -181,3 +201,20 @@ class TypedBucket(Generic[T]):
             value = default()
             return value, 0, self._encoder.encode(value)
         return self._decoder.decode(entry.value), entry.revision or 0, entry.value
+
+
+async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None], stop: anyio.Event) -> None:
+    """Call `apply(key, value)` for every key's current value, then for every change (None: deleted),
+    until `stop` is set. How a service keeps a read-only view of another's bucket."""
+    watcher = await kv.watchall()
+    try:
+        while not stop.is_set():
+            try:
+                entry = await watcher.updates(timeout=1.0)
+            except NatsTimeout:
+                continue
+            if entry is None:  # end of the initial values
+                continue
+            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value)
+    finally:
+        await watcher.stop()

@@ -18,6 +18,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from contracts import subjects
 from shared import tracing
 from shared.bus import Bus
 from shared.config import Settings
@@ -68,7 +69,7 @@ async def micro_service(bus: Bus, description: str, endpoints: dict[str, tuple[s
         async def stats_endpoint(_: bytes) -> bytes:
             return msgspec.json.encode(stats())
 
-        endpoints["stats"] = (f"corral.{bus.service}.stats", stats_endpoint)
+        endpoints["stats"] = (subjects.service_stats(bus.service), stats_endpoint)
     for name, (subject, endpoint) in endpoints.items():
         await service.add_endpoint(name=name, subject=subject, handler=_responder(endpoint))
     try:

@@ -72,10 +72,13 @@ async def declare_consumer(js: JetStreamContext, stream: str, config: ConsumerCo
     await js.add_consumer(stream, config)
 
 
-async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, *, history: int = 1):
+async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, *, history: int = 1,
+                         ttl_s: float | None = None):
+    """The bucket, created if missing; `ttl_s`: entries expire that many seconds after their last write."""
     try:
         return await js.key_value(bucket)
     except NotFoundError:
         return await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas)
+            KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas,
+                           ttl=ttl_s)
         )

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_the_demo_runs_every_path_end_to_end_and_loses_no_task(tmp_path):
+def test_the_demo_runs_every_path_end_to_end_shows_a_breaker_trip_and_recovery_and_loses_no_task(tmp_path):
     argv = [sys.executable, "-m", "services.cli", "demo", "--tasks", "60", "--users", "12", "--rate", "60",
             "--data-dir", str(tmp_path / "demo")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "120"})
@@ -22,4 +22,7 @@ def test_the_demo_runs_every_path_end_to_end_and_loses_no_task(tmp_path):
     completed = int(re.search(r"│ completed\s+│\s+(\d+)", out).group(1))
     assert completed >= 40, out
     assert "rejected: unknown_agent" in out and "SIMULATED" in out
+    assert int(re.search(r"breaker trips \(closed -> open\)\s+│\s+(\d+)", out).group(1)) >= 1, out
+    assert int(re.search(r"breaker recoveries \(half_open -> closed\)\s+│\s+(\d+)", out).group(1)) >= 1, out
+    assert int(re.search(r"of which on a fallback strategy\s+│\s+(\d+)", out).group(1)) >= 1, out
 

@@ -12,6 +12,7 @@ from contracts.policy import DEFAULT_POLICY, Defaults, Policy
 from services.budget.handlers import Budget, user_key
 from services.budget.ledger import Account, TaskJournal
 from services.client import Client
+from services.executor.state import step_id
 from services.stack import Services
 from shared.bus import Bus
 from shared.kv import TypedBucket
@@ -54,7 +55,7 @@ async def test_a_worker_killed_mid_step_still_completes_the_task_exactly_once_an
         workers.stop()
     assert killed is not None, "the step never started"
     assert len(completions) == 1
-    assert [s.step_id for s in cost.steps] == [f"{task_id}-a1"]
+    assert [s.step_id for s in cost.steps] == [step_id(task_id, strategy=0, attempt=1)]
     assert next(w for w in shown.windows if w.scope == "user" and w.window == "day").used == cost.tokens
     assert shown.open_tasks == 0  # released at the end
 

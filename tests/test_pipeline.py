@@ -68,13 +68,16 @@ async def test_a_permanent_failure_is_not_retried_and_the_task_reports_it(settin
     assert end.error.startswith("All strategies failed. Last error: permanent: simulated permanent failure")
 
 
-async def test_a_task_that_keeps_failing_transiently_fails_after_max_attempts_with_every_attempt(settings, tenant, user):
+async def test_a_task_that_keeps_failing_transiently_fails_after_every_strategys_attempts_with_every_attempt(
+        settings, tenant, user):
     async with stack(settings) as client:
         end = await client.run(TaskSpec(agent="research", prompt="q [sim:fail=timeout]"), tenant=tenant, user=user)
     assert isinstance(end, TaskFailed)
     assert end.reason == "attempts_exhausted"
-    assert [a.step_id.rsplit("-", 1)[1] for a in end.attempts] == ["a1", "a2", "a3"]
+    assert [a.step_id.rsplit("-", 1)[1] for a in end.attempts] == ["s0a1", "s0a2", "s0a3", "s1a1", "s1a2", "s1a3"]
+    assert [a.tier for a in end.attempts] == ["advanced"] * 3 + ["fast"] * 3
     assert {a.error for a in end.attempts} == {"timeout"}
+    assert end.error.startswith("All strategies failed. Last error: timeout: simulated timeout failure")
 
 
 async def test_a_task_that_fits_the_budget_but_not_what_remains_is_rejected_by_the_budget(settings, tenant, user):

@@ -1,4 +1,4 @@
-"""Small pieces, no server: settings, offline tokens, the simulated model, breaker states, percentiles."""
+"""Small pieces, no server: settings, offline tokens, the simulated model, percentiles."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import pytest
 
 from contracts import ChatMessage
 
-from contracts.state import BreakerRecord
-from services.breaker.handlers import half_open_if_due, record_outcome
 from services.monitor.handlers import percentiles
 from services.workers.errors import PermanentProviderError, TransientProviderError
 from services.workers.simulated import SimulatedProvider
@@ -81,28 +79,6 @@ async def test_the_simulated_model_fails_as_its_prompt_directs(anyio_backend):
     assert ok.usage.output_tokens > 0
     with anyio.fail_after(1):
         await model.complete(model="m", messages=ask("x [sim:latency=0.01]"), max_tokens=5, call_id="c", attempt=1)
-
-
-def test_a_breaker_opens_after_the_threshold_of_consecutive_failures_and_a_success_resets_the_count():
-    record = BreakerRecord(dependency="p/m")
-    for _ in range(4):
-        record_outcome(record, ok=False, now=100.0, threshold=5, reset_s=60)
-    record_outcome(record, ok=True, now=100.0, threshold=5, reset_s=60)
-    assert (record.state, record.consecutive_failures) == ("closed", 0)
-    for _ in range(5):
-        transition = record_outcome(record, ok=False, now=100.0, threshold=5, reset_s=60)
-    assert transition == ("closed", "open", 5)
-    assert not record.allows_calls(now=159.9) and record.allows_calls(now=160.0)
-
-
-def test_an_open_breaker_goes_half_open_after_the_wait_and_a_failed_probe_reopens_it():
-    record = BreakerRecord(dependency="p/m", state="open", consecutive_failures=5, opened_at=0, retry_at=60)
-    assert half_open_if_due(record, now=59) == ("open", "open", 5)
-    assert half_open_if_due(record, now=60) == ("open", "half_open", 5)
-    assert record_outcome(record, ok=False, now=61, threshold=5, reset_s=60)[:2] == ("half_open", "open")
-    assert record.retry_at == 121
-    half_open_if_due(record, now=121)
-    assert record_outcome(record, ok=True, now=122, threshold=5, reset_s=60)[:2] == ("half_open", "closed")
 
 
 def test_percentiles_pick_the_nearest_rank():

@@ -1,4 +1,9 @@
-"""breaker service: step outcomes in; circuit state in the breaker bucket and BreakerChanged out."""
+"""breaker service: step outcomes in; circuit state in the breaker bucket and BreakerChanged out.
+
+Endpoints (NATS micro, one replica answers each request): `corral.breakers.probe`
+grants half-open probe leases, `corral.breakers.control` takes operators' force
+and release commands. A tick moves due circuits to half-open and frees expired leases.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import time
 from typing import Union
 
 import anyio
+import msgspec
 
 from contracts import StepCompleted, StepFailed
 from contracts import subjects as s
+from contracts.commands import AcquireProbe, ControlBreaker
 from contracts.state import BreakerRecord
 from services.breaker.handlers import Breaker
 from shared.breakers import BreakerView
@@ -21,11 +28,13 @@ from shared.runtime import micro_service
 from shared.streams import consumer_config
 
 NAME = "breaker"
-TICK_S = 0.5
+TICK_S = 0.25
+_probe = msgspec.json.Decoder(AcquireProbe).decode
+_control = msgspec.json.Decoder(ControlBreaker).decode
 
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
-    async with Bus.connect(settings, NAME) as bus, micro_service(bus, "circuit breakers per dependency"):
+    async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BREAKERS), await bus.policy_bucket()
         policy = await PolicyView.load(policy_kv)
         breaker = Breaker(policy, TypedBucket(kv, BreakerRecord, BreakerRecord), bus.emit, clock=time.time)
@@ -34,15 +43,23 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                             consumer_config(settings, s.CONSUMER_BREAKER, s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED),
                             decoder_for(Union[StepCompleted, StepFailed]), breaker.on_outcome)
 
-        async def half_open_when_due() -> None:
-            while not stop.is_set():
-                due = [dep for dep, rec in view.records.items() if rec.state == "open" and rec.allows_calls(time.time())]
-                await breaker.tick(due)
-                await anyio.sleep(TICK_S)
+        async def probe(data: bytes) -> bytes:
+            return msgspec.json.encode(await breaker.acquire_probe(_probe(data)))
 
-        async with anyio.create_task_group() as tg:
+        async def control(data: bytes) -> bytes:
+            return msgspec.json.encode(await breaker.control(_control(data)))
+
+        async def tick() -> None:
+            while not stop.is_set():
+                await breaker.tick(list(view.records.values()))
+                with anyio.move_on_after(TICK_S):
+                    await stop.wait()
+
+        endpoints = {"probe": (s.BREAKER_PROBE, probe), "control": (s.BREAKER_CONTROL, control)}
+        async with micro_service(bus, "circuit breakers per dependency", endpoints), \
+                anyio.create_task_group() as tg:
             tg.start_soon(view.follow, kv, stop)
             tg.start_soon(policy.follow, policy_kv, stop)
-            tg.start_soon(half_open_when_due)
+            tg.start_soon(tick)
             await outcomes.run(stop)
             tg.cancel_scope.cancel()

@@ -1,8 +1,26 @@
-"""executor: one step per attempt; retry retryable failures with backoff; finish the task.
+"""executor: run a task down its agent's fallback chain, one step at a time, until one answers.
 
-Every handler publishes first and records after, so a crash between the two is
-repaired by redelivery: the repeated publish carries the same Nats-Msg-Id and
-the stream drops it.
+For each strategy in order (e.g. advanced model -> fast model -> cached answer):
+
+- a dependency whose circuit is open is not called: the strategy is skipped at once
+  (recorded as an attempt with `called` false); in half-open the step runs only with
+  a probe lease from the breaker;
+- each attempt has a timeout (the worker stops there; a sweep covers a worker that never
+  answers); the task's deadline bounds the whole chain;
+- retryable failures (transient, timeout, rate_limited) are retried on the same strategy
+  with exponential backoff and full jitter, never sooner than the dependency's retry-after,
+  up to the strategy's max_attempts; a permanent error moves to the next strategy at once;
+- when no strategy is left the task fails with every attempt and "All strategies failed.
+  Last error: …"; its reason is the last attempt's (breaker_open when it was skipped), a
+  cache miss aside.
+
+Crash safety: each handler decides, records the decision in the task's record with
+compare-and-set (naming the event that caused it), and only then publishes it. A
+redelivered event finds its decision recorded and publishes the same step or terminal
+event again, which the stream drops by its Nats-Msg-Id. So a decision that depends on
+time or on breaker state, which may differ on redelivery, is made once: a redelivered
+event never produces a second, different step. Two handlers deciding for one task at
+once (a late outcome and the timeout sweep) cannot both win the compare-and-set.
 """
 
 from __future__ import annotations
@@ -24,45 +42,57 @@ from contracts import (
     TaskCompleted,
     TaskFailed,
     TaskProgress,
+    Usage,
     subjects,
 )
 from contracts.events import FailReason
-from contracts.state import dependency_key
-from services.executor.state import TaskRecord, step_id
-from shared.breakers import BreakerView
-from shared.errors import PoisonMessage, TransientError
 from contracts.policy import Policy, Strategy
+from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
+from services.executor.state import CachedAnswer, TaskRecord, cache_key, step_id
+from shared.breakers import BreakerGate
 from shared.kv import TypedBucket
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def dependency_of(strategy: Strategy) -> str:
+    return CACHE_DEPENDENCY if strategy.kind == "cache" else dependency_key(strategy.provider, strategy.model)
 
 
 class Executor:
-    def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], breakers: BreakerView,
-                 emit: Emit) -> None:
+    def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
+                 cache: TypedBucket[CachedAnswer] | None = None, clock: Clock = time.time,
+                 sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
         self.policy = policy
         self.tasks = tasks
-        self.breakers = breakers
+        self.gate = gate
         self.emit = emit
+        self.cache = cache
+        self.clock = clock
+        self.sleep = sleep
+        self.republish_window_s = republish_window_s
+        """The stream's duplicate window: a decision is published again only within it, where the stream
+        drops the repeat if the first publish had landed."""
+
+    # --- events in ----------------------------------------------------------------
 
     async def on_admitted(self, task: TaskAdmitted) -> None:
-        record = await self.tasks.get(task.task_id)
+        record, revision = await self.tasks.read(task.task_id)
         if record is not None:
-            if record.status == "running":  # a redelivery: make sure the current step was asked for
-                await self._request_step(record.task, record.attempt)
+            await self._republish(record, task.task_id)
             return
-        record = TaskRecord(task=task, admitted_at=time.time())
-        strategy = self._strategy(task)
-        if strategy is None:
-            await self._fail(record, "permanent_error", f"agent kind {task.spec.agent!r} is not in the policy")
+        now = self.clock()
+        agent = self.policy().agents.get(task.spec.agent)
+        record = TaskRecord(task=task, admitted_at=now, chain=list(agent.chain) if agent else [],
+                            deadline_at=now + (agent.deadline_s if agent else 0.0))
+        if agent is None:
+            await self._fail(record, revision, task.task_id, "permanent_error",
+                             f"agent kind {task.spec.agent!r} is not in the policy")
             return
-        dep = dependency_key(strategy.provider, strategy.model)
-        if not self.breakers.allows(dep):
-            await self._fail(record, "breaker_open", f"circuit for {dep} is open; not calling it")
-            return
-        await self._request_step(task, 1)
-        await self.tasks.put(task.task_id, record)
+        await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
 
     async def on_step(self, step: StepCompleted | StepFailed) -> None:
         if isinstance(step, StepCompleted):
@@ -71,72 +101,188 @@ class Executor:
             await self.on_step_failed(step)
 
     async def on_step_completed(self, step: StepCompleted) -> None:
-        record = await self._record_of(step)
-        if record.status != "running":
+        record, revision = await self._current(step.task_id, step.step_id)
+        if record is None:
             return
+        strategy = record.chain[record.strategy]
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
-                                  usage=step.usage, attempts=step.attempt, model=step.model)
-        await self.emit(subjects.task_completed(step.tenant), completed)
-        record.status, record.usage = "completed", step.usage
-        await self.tasks.put(step.task_id, record)
+                                  usage=step.usage, attempts=record.steps, model=step.model,
+                                  strategy=record.strategy, tier=strategy.tier, dependency=step.dependency)
+        record.status, record.usage, record.outcome = "completed", step.usage, completed
+        if await self._record(record, revision, step.step_id):
+            await self.emit(subjects.task_completed(step.tenant), completed)
+            await self._remember(record, completed)
 
     async def on_step_failed(self, step: StepFailed) -> None:
-        record = await self._record_of(step)
-        if record.status != "running" or record.attempt != step.attempt:
-            return  # finished, or an outcome of an attempt we already moved past
-        record.attempts.append(
-            Attempt(step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message))
-        retryable = step.error in RETRYABLE
-        strategy = self._strategy(record.task)
-        if not retryable or strategy is None or step.attempt >= strategy.max_attempts:
-            reason: FailReason = "attempts_exhausted" if retryable else "permanent_error"
-            await self._fail(record, reason, f"{step.error}: {step.message}")
-            return
-        await anyio.sleep(self._backoff(step))
-        record.attempt = step.attempt + 1
-        await self.emit(subjects.task_progress(step.tenant, step.task_id), TaskProgress(
-            task_id=step.task_id, tenant=step.tenant, user=step.user, stage="retrying", attempt=record.attempt,
-            message=f"attempt {step.attempt} failed ({step.error}: {step.message}); retrying"))
-        await self._request_step(record.task, record.attempt)
-        await self.tasks.put(step.task_id, record)
-
-    async def _record_of(self, step: StepCompleted | StepFailed) -> TaskRecord:
-        record = await self.tasks.get(step.task_id)
+        record, revision = await self._current(step.task_id, step.step_id)
         if record is None:
-            # A fast worker can answer before on_admitted has written the record (it publishes
-            # the step first): come back once it is there.
-            raise TransientError(f"no record of task {step.task_id} yet", retry_after_s=0.2)
-        return record
-
-    def _backoff(self, step: StepFailed) -> float:
-        """Exponential backoff with full jitter, at least what the dependency asked for."""
+            return
+        strategy = record.chain[record.strategy]
+        record.attempts.append(Attempt(
+            step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message,
+            strategy=record.strategy, tier=strategy.tier, called=not step.breaker_open))
         retry = self.policy().retry
-        ceiling = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (step.attempt - 1))
-        return max(step.retry_after_s or 0.0, random.uniform(0, ceiling))
+        retry_after = step.retry_after_s or 0.0
+        if (step.breaker_open or step.error not in RETRYABLE or record.attempt >= strategy.max_attempts
+                or retry_after > retry.max_retry_after_s):
+            await self._advance(record, revision, step.step_id, strategy=record.strategy + 1, attempt=1)
+            return
+        ceiling = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (record.attempt - 1))
+        wait = max(retry_after, random.uniform(0, ceiling))  # full jitter, never sooner than retry-after
+        await self._advance(record, revision, step.step_id, strategy=record.strategy, attempt=record.attempt + 1,
+                            wait=wait)
 
-    def _strategy(self, task: TaskAdmitted) -> Strategy | None:
-        """The strategy the task's agent kind runs on (the head of its chain)."""
-        agent = self.policy().agents.get(task.spec.agent)
-        return agent.chain[0] if agent and agent.chain else None
-
-    async def _request_step(self, task: TaskAdmitted, attempt: int) -> None:
-        strategy = self._strategy(task)
-        if strategy is None:
-            raise PoisonMessage(f"agent kind {task.spec.agent!r} is not in the policy")
-        request = StepRequested(
-            task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=step_id(task.task_id, attempt),
-            attempt=attempt, agent=task.spec.agent, provider=strategy.provider, model=strategy.model,
-            prompt=task.spec.prompt, messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
-        )
-        await self.emit(subjects.step_requested(task.spec.agent), request)
-
-    async def _fail(self, record: TaskRecord, reason: FailReason, last_error: str) -> None:
-        task = record.task
-        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
-                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts)
-        await self.emit(subjects.task_failed(task.tenant), failed)
-        record.status = "failed"
-        await self.tasks.put(task.task_id, record)
+    async def on_overdue(self, task_id: str, overdue_step: str, grace_s: float) -> None:
+        """The timeout sweep: no outcome came for the step by its deadline plus a grace (no worker took it,
+        or every one that did died). Handled as that step's timeout."""
+        record, _ = await self.tasks.read(task_id)
+        if record is None or record.status != "running" or record.step_id != overdue_step:
+            return
+        strategy = record.chain[record.strategy]
+        await self.on_step_failed(StepFailed(
+            task_id=task_id, tenant=record.task.tenant, user=record.task.user, step_id=overdue_step,
+            attempt=record.attempt, agent=record.task.spec.agent, dependency=dependency_of(strategy),
+            error="timeout", message=f"no outcome {grace_s:g} s after the step's deadline: no worker answered"))
 
     async def task_status(self, task_id: str) -> TaskRecord | None:
         return await self.tasks.get(task_id)
+
+    # --- deciding -----------------------------------------------------------------
+
+    async def _current(self, task_id: str, step: str) -> tuple[TaskRecord | None, int]:
+        """The record if `step` is the one the task waits for; else republish if this event decided it."""
+        record, revision = await self.tasks.read(task_id)
+        if record is None:
+            return None, 0
+        if record.status == "running" and not record.step_id:  # written before fallback chains: adopt it
+            agent = self.policy().agents.get(record.task.spec.agent)
+            if agent is None:
+                return None, 0
+            record.step_id, record.chain, record.steps = step, record.chain or agent.chain[:1], record.attempt
+            record.deadline_at = record.deadline_at or record.admitted_at + agent.deadline_s
+        if record.status != "running" or record.step_id != step:
+            await self._republish(record, step)  # a redelivery of the event we acted on, or a late duplicate
+            return None, 0
+        return record, revision
+
+    async def _advance(self, record: TaskRecord, revision: int, cause: str, *, strategy: int, attempt: int,
+                       wait: float = 0.0) -> None:
+        """Decide the next step from (strategy, attempt) on, skipping strategies whose circuit is open;
+        or end the task when none is left or the deadline has passed."""
+        task = record.task
+        while strategy < len(record.chain):
+            now = self.clock()
+            if now >= record.deadline_at:
+                await self._fail(record, revision, cause, "deadline_exceeded",
+                                 f"deadline of {record.deadline_at - record.admitted_at:g} s passed")
+                return
+            if now + wait >= record.deadline_at:  # waiting would outlast the task: try the next strategy now
+                strategy, attempt, wait = strategy + 1, 1, 0.0
+                continue
+            current = record.chain[strategy]
+            if current.kind == "cache":
+                if await self._answer_from_cache(record, revision, cause, strategy):
+                    return
+                strategy, attempt, wait = strategy + 1, 1, 0.0
+                continue
+            step = step_id(task.task_id, strategy, attempt)
+            blocked = await self._blocked(current, task, step)
+            if blocked:
+                record.attempts.append(Attempt(
+                    step_id="", dependency=blocked, error="transient", strategy=strategy, tier=current.tier,
+                    called=False, message=f"circuit for {blocked} is open: not called"))
+                strategy, attempt, wait = strategy + 1, 1, 0.0
+                continue
+            record.strategy, record.attempt, record.step_id = strategy, attempt, step
+            record.steps += 1
+            record.not_before = now + wait
+            record.step_deadline = record.not_before + min(current.timeout_s, record.deadline_at - record.not_before)
+            if await self._record(record, revision, cause):
+                await self._publish_step(record)
+            return
+        # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
+        last = next((a for a in reversed(record.attempts) if a.dependency != CACHE_DEPENDENCY),
+                    record.attempts[-1] if record.attempts else None)
+        reason: FailReason = ("breaker_open" if last and not last.called else
+                              "attempts_exhausted" if last and last.error in RETRYABLE else "permanent_error")
+        await self._fail(record, revision, cause, reason, f"{last.error}: {last.message}" if last else "no strategy")
+
+    async def _blocked(self, strategy: Strategy, task: TaskAdmitted, step: str) -> str | None:
+        """The dependency whose open circuit forbids this step, if any. Tools in half-open are the
+        worker's to probe (it calls them); the model is probed here, with a lease, before asking for the step."""
+        for tool in task.spec.tools:
+            if self.gate.admission(tool_key(tool)) == "skip":
+                return tool_key(tool)
+        model = dependency_of(strategy)
+        return None if await self.gate.permits(model, step) else model
+
+    async def _answer_from_cache(self, record: TaskRecord, revision: int, cause: str, strategy: int) -> bool:
+        current = record.chain[strategy]
+        answer = await self.cache.get(cache_key(record.task)) if self.cache else None
+        if answer is None:
+            record.attempts.append(Attempt(step_id="", dependency=CACHE_DEPENDENCY, error="permanent",
+                                           strategy=strategy, tier=current.tier,
+                                           message="no cached answer for this agent and prompt"))
+            return False
+        task = record.task
+        completed = TaskCompleted(task_id=task.task_id, tenant=task.tenant, user=task.user, output=answer.output,
+                                  usage=Usage(input_tokens=0, output_tokens=0), attempts=record.steps,
+                                  model=answer.model, strategy=strategy, tier=current.tier,
+                                  dependency=CACHE_DEPENDENCY)
+        record.status, record.strategy, record.outcome = "completed", strategy, completed
+        record.usage = completed.usage
+        if await self._record(record, revision, cause):
+            await self.emit(subjects.task_completed(task.tenant), completed)
+        return True
+
+    async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
+        task = record.task
+        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
+                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts)
+        record.status, record.outcome = "failed", failed
+        if await self._record(record, revision, cause):
+            await self.emit(subjects.task_failed(task.tenant), failed)
+
+    async def _record(self, record: TaskRecord, revision: int, cause: str) -> bool:
+        """Store the decision (compare-and-set); False if another handler decided for this task meanwhile."""
+        record.decided_by, record.decided_at = cause, self.clock()
+        return await self.tasks.write_if(record.task.task_id, record, revision)
+
+    # --- publishing -----------------------------------------------------------------
+
+    async def _republish(self, record: TaskRecord, cause: str) -> None:
+        if record.decided_by != cause or self.clock() - record.decided_at > self.republish_window_s:
+            return
+        if isinstance(record.outcome, TaskCompleted):
+            await self.emit(subjects.task_completed(record.task.tenant), record.outcome)
+        elif isinstance(record.outcome, TaskFailed):
+            await self.emit(subjects.task_failed(record.task.tenant), record.outcome)
+        elif record.status == "running" and record.step_id:
+            await self._publish_step(record)
+
+    async def _publish_step(self, record: TaskRecord) -> None:
+        task, strategy = record.task, record.chain[record.strategy]
+        if record.steps > 1:
+            last = record.attempts[-1] if record.attempts else None
+            stage = "retrying" if record.attempt > 1 else "fallback"
+            why = f"{last.dependency} {last.error}: {last.message}" if last else "previous step failed"
+            await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
+                task_id=task.task_id, tenant=task.tenant, user=task.user, stage=stage, attempt=record.steps,
+                step_id=record.step_id,
+                message=f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
+                        f"{dependency_of(strategy)}), attempt {record.attempt}"))
+        await self.sleep(max(0.0, record.not_before - self.clock()))
+        request = StepRequested(
+            task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=record.step_id, attempt=record.attempt,
+            agent=task.spec.agent, provider=strategy.provider, model=strategy.model, prompt=task.spec.prompt,
+            messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens, strategy=record.strategy,
+            tier=strategy.tier, tools=task.spec.tools, timeout_s=record.step_deadline - record.not_before,
+            deadline_at=record.step_deadline)
+        await self.emit(subjects.step_requested(task.spec.agent), request)
+
+    async def _remember(self, record: TaskRecord, completed: TaskCompleted) -> None:
+        """Keep the answer for a chain that can fall back to the cache."""
+        if self.cache and any(strategy.kind == "cache" for strategy in record.chain):
+            await self.cache.put(cache_key(record.task), CachedAnswer(
+                output=completed.output, model=completed.model, dependency=completed.dependency,
+                stored_at=self.clock()))

@@ -1,7 +1,14 @@
-"""executor service: TaskAdmitted and step outcomes in; StepRequested, TaskCompleted/TaskFailed out."""
+"""executor service: TaskAdmitted and step outcomes in; StepRequested, TaskCompleted/TaskFailed out.
+
+Also: a watch of the breaker bucket (which dependencies may be called), probe leases
+asked of the breaker, the timeout sweep over its own task bucket, and the answer
+cache for chains that end in a `cache` strategy.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Union
 
 import anyio
@@ -11,26 +18,34 @@ from contracts import StepCompleted, StepFailed, TaskAdmitted
 from contracts import subjects as s
 from contracts.queries import TaskStatusQuery, TaskStatusReply
 from services.executor.handlers import Executor
-from services.executor.state import TaskRecord
-from shared.breakers import BreakerView
+from services.executor.state import CachedAnswer, TaskRecord
+from services.executor.sweep import TimeoutSweep
+from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
-from shared.kv import TypedBucket
+from shared.kv import TypedBucket, follow_bucket
 from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
 NAME = "executor"
+CACHE_TTL_S = 24 * 3600.0
+SWEEP_MARGIN_S = 2.0
 _query = msgspec.json.Decoder(TaskStatusQuery)
 
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, breaker_kv = await bus.policy_bucket(), await bus.bucket(s.KV_BREAKERS)
-        policy, breakers = await PolicyView.load(policy_kv), BreakerView()
-        executor = Executor(policy, TypedBucket(await bus.bucket(s.KV_TASKS), TaskRecord, lambda: None),
-                            breakers, bus.emit)
+        tasks_kv, cache_kv = await bus.bucket(s.KV_TASKS), await bus.bucket(s.KV_CACHE, ttl_s=CACHE_TTL_S)
+        policy, view = await PolicyView.load(policy_kv), BreakerView()
+        replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
+        executor = Executor(policy, TypedBucket(tasks_kv, TaskRecord, lambda: None),
+                            BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
+                            cache=TypedBucket(cache_kv, CachedAnswer, lambda: None),
+                            republish_window_s=settings.dedup_window_s)
+        sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)
 
         async def task_status(data: bytes) -> bytes:
             query = _query.decode(data)
@@ -39,7 +54,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                 return msgspec.json.encode(TaskStatusReply(task_id=query.task_id, found=False))
             return msgspec.json.encode(TaskStatusReply(
                 task_id=query.task_id, found=True, status=record.status, agent=record.task.spec.agent,
-                attempt=record.attempt, attempts=record.attempts, usage=record.usage))
+                attempt=record.attempt, attempts=record.attempts, usage=record.usage, strategy=record.strategy,
+                step_id=record.step_id))
 
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_EXECUTOR_TASKS, s.ALL_ADMITTED),
@@ -48,10 +64,17 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                      consumer_config(settings, s.CONSUMER_EXECUTOR_STEPS, s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED),
                      decoder_for(Union[StepCompleted, StepFailed]), executor.on_step, long_running=True),
         ]
+
+        def stats() -> dict:
+            return {"replica": replica, "breakers": view.snapshot(), "timeouts_swept": sweep.fired,
+                    "consumers": {c.name: c.stats_dict() for c in consumers}}
+
         endpoints = {"task": (s.EXECUTOR_TASK, task_status)}
-        async with micro_service(bus, "runs admitted tasks on agent workers", endpoints), \
+        async with micro_service(bus, "runs admitted tasks down their fallback chains", endpoints, stats=stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)
-            tg.start_soon(breakers.follow, breaker_kv, stop)
+            tg.start_soon(view.follow, breaker_kv, stop)
+            tg.start_soon(follow_bucket, tasks_kv, sweep.apply, stop)
+            tg.start_soon(sweep.run, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)

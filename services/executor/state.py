@@ -1,26 +1,63 @@
-"""The executor's record of each task, in the `corral_tasks` bucket it alone writes."""
+"""The executor's record of each task, in the `corral_tasks` bucket it alone writes, and its cache entries."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import msgspec
 
-from contracts import Attempt, TaskAdmitted, Usage
+from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, Usage
+from contracts.policy import Strategy
 
 TaskStatus = Literal["running", "completed", "failed"]
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
     task: TaskAdmitted
-    """The admitted task, kept to issue its next attempt."""
+    """The admitted task, kept to issue its next step."""
     status: TaskStatus = "running"
+    chain: list[Strategy] = []
+    """The agent's fallback chain as it was at admission: a policy change never shifts a running task."""
+    strategy: int = 0
+    """Index in `chain` of the current step's strategy."""
     attempt: int = 1
+    """Attempt number of the current step on its strategy."""
+    step_id: str = ""
+    steps: int = 0
+    """Steps asked for so far, over every strategy."""
+    not_before: float = 0.0
+    """Unix seconds before which the current step is not published (backoff, retry-after)."""
+    step_deadline: float = 0.0
+    """Unix seconds by which the current step's outcome is due (the sweep acts after a grace)."""
+    deadline_at: float = 0.0
+    """Unix seconds by which the whole task must end."""
+    decided_by: str = ""
+    """Id of the event (task id or step id) whose handling made the current decision."""
+    decided_at: float = 0.0
     attempts: list[Attempt] = []
+    """Failed attempts and skipped strategies, in order."""
     usage: Usage | None = None
+    outcome: TaskCompleted | TaskFailed | None = None
+    """The terminal event once decided, kept so a redelivery publishes the very same one."""
     admitted_at: float = 0.0
 
 
-def step_id(task_id: str, attempt: int) -> str:
-    return f"{task_id}-a{attempt}"
+class CachedAnswer(msgspec.Struct, kw_only=True):
+    """The last answer to one (agent, prompt), for chains that end in a `cache` strategy."""
 
+    output: str
+    model: str
+    dependency: str
+    stored_at: float
+
+
+def step_id(task_id: str, strategy: int, attempt: int) -> str:
+    """`<task>-s<strategy index>a<attempt>`: one id per step, safe in KV keys and subjects."""
+    return f"{task_id}-s{strategy}a{attempt}"
+
+
+def cache_key(task: TaskAdmitted) -> str:
+    spec = task.spec
+    text = msgspec.json.encode([spec.agent, spec.prompt, spec.messages, spec.tools])
+    return hashlib.sha256(text).hexdigest()

@@ -32,3 +32,11 @@ class ProviderRateLimited(ProviderError):
 
 class UnknownProvider(CorralError):
     """The step names a provider this worker does not have."""
+
+
+class CircuitOpen(CorralError):
+    """A dependency's circuit is open (or half-open with no probe lease for this call): it was not called."""
+
+    def __init__(self, dependency: str) -> None:
+        super().__init__(f"circuit for {dependency} is open: not called")
+        self.dependency = dependency

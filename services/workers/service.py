@@ -1,21 +1,35 @@
-"""agent worker service: one process per agent kind; start more to scale that kind."""
+"""agent worker service: one process per agent kind; start more to scale that kind.
+
+Every replica also follows the breaker bucket (tools and models it may not call), and
+listens on `corral.sim.control` (core NATS, no queue group: every replica hears each
+command and answers it) for what the simulated dependencies should do.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 import anyio
+import msgspec
+from nats.aio.msg import Msg
 
 from contracts import StepRequested
 from contracts import subjects as s
+from contracts.commands import SimulateDependency
+from contracts.queries import SimulationAck
 from services.workers.handlers import Worker
-from services.workers.simulated import SimulatedProvider
+from services.workers.simulated import SimulatedFaults, SimulatedProvider, SimulatedTools
+from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.runtime import micro_service
 from shared.streams import consumer_config
+
+log = logging.getLogger(__name__)
+_simulate = msgspec.json.Decoder(SimulateDependency).decode
 
 
 def name(agent: str) -> str:
@@ -23,10 +37,39 @@ def name(agent: str) -> str:
 
 
 async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
-    provider = SimulatedProvider(latency_s=settings.sim_latency_s, failure_rate=settings.sim_failure_rate)
-    async with Bus.connect(settings, name(agent)) as bus, micro_service(bus, f"{agent} agent worker"):
-        worker = Worker(f"{socket.gethostname()}-{os.getpid()}", {provider.name: provider}, bus.emit)
+    faults = SimulatedFaults()
+    provider = SimulatedProvider(latency_s=settings.sim_latency_s, failure_rate=settings.sim_failure_rate,
+                                 faults=faults)
+    async with Bus.connect(settings, name(agent)) as bus:
+        worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        view = BreakerView()
+        worker = Worker(worker_id, {provider.name: provider}, bus.emit, tools=SimulatedTools(faults=faults),
+                        gate=BreakerGate(view, lease_requester(bus.nc, worker_id)))
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
-        await steps.run(stop)
+
+        async def on_simulate(msg: Msg) -> None:
+            try:
+                command = _simulate(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("ignoring a bad simulation command: %s", exc)
+                return
+            faults.apply(command)
+            log.info("simulated %s: %s", command.dependency, command.mode)
+            if msg.reply:
+                await msg.respond(msgspec.json.encode(SimulationAck(
+                    worker=worker_id, agent=agent, dependency=command.dependency, mode=command.mode)))
+
+        def stats() -> dict:
+            return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
+                    "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()}}
+
+        control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
+        try:
+            async with micro_service(bus, f"{agent} agent worker", stats=stats), anyio.create_task_group() as tg:
+                tg.start_soon(view.follow, await bus.bucket(s.KV_BREAKERS), stop)
+                await steps.run(stop)
+                tg.cancel_scope.cancel()
+        finally:
+            await control.unsubscribe()

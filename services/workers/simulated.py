@@ -1,13 +1,20 @@
-"""The SIMULATED model provider: deterministic text, real token counts, injected latency and failures.
+"""The SIMULATED model provider and tools: deterministic text, real token counts, injected latency and failures.
 
-It calls no model. It exists for the default demo, the tests and the benchmarks,
-and it is named `simulated` wherever it appears (dependency keys, model names,
-outputs). Its output is a function of the prompt alone, so runs are repeatable.
+It calls no model and no tool. It exists for the default demo, the tests and the
+benchmarks, and it is named `simulated` wherever it appears (dependency keys, model
+names, outputs). Its output is a function of the prompt alone, so runs are repeatable.
 
 Directives in a prompt steer it (tests and demos use them; real providers ignore them):
     [sim:fail=transient|permanent|timeout|rate_limited]   every attempt fails with that class
-    [sim:flaky=N]                                          the first N attempts fail (transient)
+    [sim:flaky=N]                                          the first N attempts fail (transient, or [sim:error=…])
+    [sim:error=CLASS]                                      the class the flaky attempts fail with
+    [sim:retry_after=S]                                    the retry-after a rate_limited failure carries (0.2)
     [sim:latency=S]                                        this call takes S seconds
+
+At run time, every worker replica also obeys `corral sim fail|slow|recover DEPENDENCY`
+(SimulateDependency on `corral.sim.control`), kept in `SimulatedFaults`: a dependency
+(`simulated/MODEL` or `tool/NAME`) can be made to fail every call, or to take longer,
+until it is told to recover.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import anyio
 import msgspec
 
 from contracts import ChatMessage, Usage
+from contracts.commands import SimulateDependency
+from contracts.state import dependency_key, tool_key
 from services.workers.errors import (
     PermanentProviderError,
     ProviderError,
@@ -29,7 +38,7 @@ from services.workers.errors import (
 from shared.tokens import count_chat, count_tokens, encoding
 
 NAME = "simulated"
-_DIRECTIVE = re.compile(r"\[sim:(fail|flaky|latency)=([A-Za-z0-9_.]+)\]")
+_DIRECTIVE = re.compile(r"\[sim:(fail|flaky|error|retry_after|latency)=([A-Za-z0-9_.]+)\]")
 _ERRORS: dict[str, type[ProviderError]] = {
     "transient": TransientProviderError,
     "permanent": PermanentProviderError,
@@ -45,20 +54,49 @@ class Completion(msgspec.Struct, frozen=True):
     usage: Usage
 
 
+class SimulatedFaults:
+    """What operators told the simulated dependencies to do, per dependency key (one per worker process)."""
+
+    def __init__(self) -> None:
+        self.by_dependency: dict[str, SimulateDependency] = {}
+
+    def apply(self, command: SimulateDependency) -> None:
+        if command.mode == "recover":
+            self.by_dependency.pop(command.dependency, None)
+        else:
+            self.by_dependency[command.dependency] = command
+
+    async def call(self, dependency: str) -> None:
+        """Add the latency of a `slow` dependency; raise the error of a `fail` one."""
+        fault = self.by_dependency.get(dependency)
+        if fault is None:
+            return
+        if fault.latency_s > 0:
+            await anyio.sleep(fault.latency_s)
+        if fault.mode == "fail":
+            error = _ERRORS[fault.error]
+            retry_after = fault.retry_after_s if fault.retry_after_s is not None else 0.2
+            raise error(f"simulated {fault.error} failure of {dependency} (corral sim fail)",
+                        retry_after_s=retry_after if error is ProviderRateLimited else None)
+
+
 class SimulatedProvider:
     """A stand-in for a model API. Configure its base latency and failure rate."""
 
     name = NAME
 
-    def __init__(self, latency_s: float = 0.05, failure_rate: float = 0.0) -> None:
+    def __init__(self, latency_s: float = 0.05, failure_rate: float = 0.0,
+                 faults: SimulatedFaults | None = None) -> None:
         self.latency_s = latency_s
         self.failure_rate = failure_rate
+        self.faults = faults or SimulatedFaults()
 
     async def complete(self, *, model: str, messages: list[ChatMessage], max_tokens: int, call_id: str,
                        attempt: int) -> Completion:
         prompt = "\n".join(message.content for message in messages)
         directives = dict(_DIRECTIVE.findall(prompt))
         await anyio.sleep(float(directives.get("latency", self.latency_s)))
+        await self.faults.call(dependency_key(NAME, model))
         self._maybe_fail(directives, call_id, attempt)
         text = _generate(model, prompt, max_tokens)
         # Billed like a chat API: the conversation with its per-message overhead, then the reply.
@@ -66,14 +104,32 @@ class SimulatedProvider:
                                                  output_tokens=count_tokens(text, model)))
 
     def _maybe_fail(self, directives: dict[str, str], call_id: str, attempt: int) -> None:
+        retry_after = float(directives.get("retry_after", "0.2"))
         if "fail" in directives:
             error = _ERRORS.get(directives["fail"], TransientProviderError)
             raise error(f"simulated {error.error_class} failure (requested by the prompt)",
-                        retry_after_s=0.2 if error is ProviderRateLimited else None)
+                        retry_after_s=retry_after if error is ProviderRateLimited else None)
         if attempt <= int(directives.get("flaky", "0")):
-            raise TransientProviderError(f"simulated transient failure on attempt {attempt}")
+            error = _ERRORS.get(directives.get("error", "transient"), TransientProviderError)
+            raise error(f"simulated {error.error_class} failure on attempt {attempt}",
+                        retry_after_s=retry_after if error is ProviderRateLimited else None)
         if _fraction(call_id) < self.failure_rate:
             raise TransientProviderError("simulated transient failure (sim_failure_rate)")
+
+
+class SimulatedTools:
+    """Stand-ins for the tools a step names (search, calculator, …): each is a dependency `tool/NAME`
+    with its own breaker. A call returns a short deterministic text; faults apply as to models."""
+
+    def __init__(self, latency_s: float = 0.0, faults: SimulatedFaults | None = None) -> None:
+        self.latency_s = latency_s
+        self.faults = faults or SimulatedFaults()
+
+    async def call(self, tool: str, query: str) -> str:
+        await anyio.sleep(self.latency_s)
+        await self.faults.call(tool_key(tool))
+        digest = hashlib.sha256(f"{tool}\0{query}".encode()).hexdigest()[:12]
+        return f"[simulated {tool} result {digest}]"
 
 
 def _fraction(key: str) -> float:

@@ -1,0 +1,61 @@
+"""Commands: requests that something be done, imperative, one frozen tagged Struct each.
+
+They travel by request/reply on NATS micro endpoints (subjects in subjects.py),
+not in streams: the answer is the point, and a command nobody answered is simply
+sent again. Replies are in queries.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from contracts.events import CONTRACT_VERSION, ErrorClass
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    version: int = CONTRACT_VERSION
+
+
+class AcquireProbe(Command, frozen=True, kw_only=True, tag="breaker.acquire_probe"):
+    """Ask the breaker for one of a half-open circuit's probe leases, for one call.
+
+    Idempotent per (dependency, call_id): asking again for the same call returns the same answer."""
+
+    dependency: str
+    call_id: str
+    """The step id that will make the call; its outcome settles the lease."""
+    holder: str
+    """Which replica asks (host-pid), for operators."""
+
+
+BreakerAction = Literal["force_open", "force_closed", "release"]
+
+
+class ControlBreaker(Command, frozen=True, kw_only=True, tag="breaker.control"):
+    """An operator forces a circuit open or closed (it stays so until released), or releases it."""
+
+    dependency: str
+    action: BreakerAction
+    operator: str = ""
+
+
+SimulationMode = Literal["fail", "slow", "recover"]
+
+
+class SimulateDependency(Command, frozen=True, kw_only=True, tag="sim.control"):
+    """Tell every SIMULATED worker replica how a dependency behaves from now on.
+
+    fail: every call fails with `error`; slow: every call takes `latency_s` more; recover: back to normal."""
+
+    dependency: str
+    """`simulated/MODEL` or `tool/NAME`."""
+    mode: SimulationMode
+    error: ErrorClass = "transient"
+    latency_s: float = 0.0
+    retry_after_s: float | None = None
+    """With error rate_limited: the retry-after the dependency answers with."""
+
+
+COMMAND_CONTRACTS = (AcquireProbe, ControlBreaker, SimulateDependency)

@@ -1,0 +1,72 @@
+"""The executor's timeout sweep: a step whose outcome is overdue is handled as a timeout.
+
+Why a sweep, and why here. The worker enforces each attempt's timeout itself (the
+step carries `timeout_s` and `deadline_at`; the call is cancelled there and reported
+as a `timeout` StepFailed, which the breaker counts), so the usual case needs nothing
+from the executor, and no consumer ever blocks waiting. What the worker cannot cover
+is a step no worker reports on at all: none running for that agent kind, or each one
+that took it killed (JetStream redelivers after ack_wait, and the next worker reports
+the passed deadline). So every executor replica keeps a small index of running
+tasks' step deadlines, fed by a watch of the executor's own `corral_tasks` bucket,
+and handles a step still unanswered `grace_s` (ack_wait plus a margin) after its
+deadline as that step's timeout. Replicas racing on one task are settled by the
+record's compare-and-set; the index holds three fields per running task, not the
+records themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import msgspec
+
+OnOverdue = Callable[[str, str, float], Awaitable[None]]
+"""(task id, step id, grace seconds)."""
+SWEEP_EVERY_S = 0.5
+log = logging.getLogger(__name__)
+
+
+class _Due(msgspec.Struct):
+    """The three fields of a TaskRecord the sweep reads (the rest is skipped while decoding)."""
+
+    status: str = "running"
+    step_id: str = ""
+    step_deadline: float = 0.0
+
+
+_decode = msgspec.json.Decoder(_Due).decode
+
+
+class TimeoutSweep:
+    def __init__(self, on_overdue: OnOverdue, grace_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.on_overdue = on_overdue
+        self.grace_s = grace_s
+        self.clock = clock
+        self.due: dict[str, tuple[str, float]] = {}
+        """task id -> (step id, unix seconds from which it is overdue)."""
+        self.fired = 0
+
+    def apply(self, key: str, value: bytes | None) -> None:
+        record = _decode(value) if value else None
+        if record is None or record.status != "running" or not record.step_id or not record.step_deadline:
+            self.due.pop(key, None)
+        else:
+            self.due[key] = (record.step_id, record.step_deadline + self.grace_s)
+
+    async def run(self, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            now = self.clock()
+            for task_id, (step, overdue_at) in list(self.due.items()):
+                if overdue_at <= now and self.due.get(task_id) == (step, overdue_at):
+                    del self.due[task_id]  # the record's next change puts it back if it still runs
+                    self.fired += 1
+                    try:
+                        await self.on_overdue(task_id, step, self.grace_s)
+                    except Exception:  # counted and logged; the task is looked at again next round
+                        log.exception("timeout sweep failed for task %s; retrying", task_id)
+                        self.due.setdefault(task_id, (step, now + SWEEP_EVERY_S))
+            with anyio.move_on_after(SWEEP_EVERY_S):
+                await stop.wait()
