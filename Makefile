@@ -29,10 +29,11 @@ integration: $(STAMP)  ## tests on a real nats-server
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then the guard and the budget (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget and breakers (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
+	$(PY) -m tests.bench.breakers
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts
