@@ -28,6 +28,7 @@ from shared.errors import TransientError
 T = TypeVar("T")
 R = TypeVar("R")
 MAX_ATTEMPTS = 64
+LAST_WRITTEN_KEYS = 4096  # keys whose last write this process remembers
 
 
 class Contention(TransientError):
@@ -58,6 +59,7 @@ class TypedBucket(Generic[T]):
         self._encoder = msgspec.json.Encoder()
         self.conflicts = 0  # CAS retries since start, for stats and benchmarks
         self._queued: dict[str, list[_Waiter]] = {}
+        self._last_written: dict[str, tuple[bytes, int]] = {}  # key -> (value, revision), oldest first
         self._leaders: set[str] = set()
 
     async def get(self, key: str) -> T | None:
@@ -136,7 +138,11 @@ class TypedBucket(Generic[T]):
     async def _commit(self, key: str, batch: list[_Waiter]) -> None:
         for attempt in range(MAX_ATTEMPTS):
             default = next((w.default for w in batch if w.default), self.default)
-            value, revision, before = await self._read(key, default)
+            cached = self._last_written.pop(key, None) if attempt == 0 else None
+            if cached is not None:  # what this process wrote last: try it without a read
+                value, revision, before = self._decoder.decode(cached[0]), cached[1], cached[0]
+            else:
+                value, revision, before = await self._read(key, default)
             failed = False
             for waiter in batch:
                 try:
@@ -151,19 +157,29 @@ class TypedBucket(Generic[T]):
                     return
                 continue
             after = self._encoder.encode(value)
+            if after == before and cached is not None:
+                continue  # "nothing to change" may be stale news: decide again on a fresh read
             if after != before:
                 try:
-                    await self.kv.update(key, after, last=revision)
+                    written = await self.kv.update(key, after, last=revision)
                 except KeyWrongLastSequenceError:
                     self.conflicts += 1
                     await anyio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 6)))
                     continue
+                self._remember(key, after, written)
             for waiter in batch:
                 waiter.finish(result=waiter.result)
             return
         for waiter in batch:
             waiter.finish(error=Contention(f"key {key!r} stayed contended for {MAX_ATTEMPTS} attempts",
                                            retry_after_s=0.5))
+
+    def _remember(self, key: str, value: bytes, revision: int) -> None:
+        """Keep what we wrote, so the next update of the key can skip its read: a compare-and-set
+        with this revision fails if anyone wrote since, and then it reads."""
+        self._last_written[key] = (value, revision)
+        if len(self._last_written) > LAST_WRITTEN_KEYS:
+            self._last_written.pop(next(iter(self._last_written)))
 
     def _hand_over(self, key: str) -> None:
         """Wake the first caller queued for `key` to lead the next batch, or step down."""
