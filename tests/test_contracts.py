@@ -69,3 +69,13 @@ def test_the_readme_subject_table_lists_every_subject_the_code_uses():
     ]
     missing = [p for p in patterns if f"`{p}`" not in readme]
     assert not missing, f"README's subject table lacks {missing}"
+
+
+def test_the_readme_example_task_is_a_valid_submission():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"nats pub corral\.task\.submitted\.(\w+) \\\n\s+'(.+)'", readme)
+    task = msgspec.json.decode(example.group(2), type=TaskSubmitted)
+    assert task.tenant == example.group(1) and task.spec.agent == "research"
