@@ -55,7 +55,7 @@ class BreakerView:
     def allows(self, dependency: str, now: float | None = None) -> bool:
         return self.admission(dependency, now) != "skip"
 
-    def apply(self, key: str, value: bytes | None) -> None:
+    def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
         if not value:
             self.records.pop(key, None)
             self.seen.pop(key, None)

@@ -219,10 +219,12 @@ class TypedBucket(Generic[T]):
         return self._decoder.decode(entry.value), entry.revision or 0, entry.value
 
 
-async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None], stop: anyio.Event) -> None:
-    """Call `apply(key, value)` for every key's current value, then for every change (None: deleted),
-    until `stop` is set. How a service keeps a read-only view of another's bucket."""
-    watcher = await kv.watchall()
+async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None, int], None], stop: anyio.Event,
+                        keys: str = ">") -> None:
+    """Call `apply(key, value, revision)` for the current value of every key matching `keys`, then
+    for every change (value None: deleted), until `stop` is set. How a process keeps a
+    read-only view of a bucket."""
+    watcher = await kv.watch(keys)
     try:
         while not stop.is_set():
             try:
@@ -231,6 +233,6 @@ async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None]
                 continue
             if entry is None:  # end of the initial values
                 continue
-            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value)
+            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value, entry.revision or 0)
     finally:
         await watcher.stop()

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import anyio
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from contracts.policy import DEFAULT_POLICY, Policy
 from shared.errors import CorralError
+from shared.kv import follow_bucket
 
 log = logging.getLogger(__name__)
 KEY = "current"
@@ -98,23 +98,13 @@ class PolicyView:
         log.info("policy version %d in effect", version)
 
     async def follow(self, kv: KeyValue, stop: anyio.Event) -> None:
-        watcher = await kv.watch(KEY)
+        await follow_bucket(kv, self._apply, stop, keys=KEY)
+
+    def _apply(self, key: str, value: bytes | None, revision: int) -> None:
+        if value is None:  # the policy was deleted: the built-in defaults apply
+            self.switch(revision, DEFAULT_POLICY)
+            return
         try:
-            while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except NatsTimeout:
-                    continue
-                if entry is None:
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE):
-                    self.switch(entry.revision or 0, DEFAULT_POLICY)
-                    continue
-                try:
-                    self.switch(entry.revision or 0, _decode(entry.value))
-                except msgspec.ValidationError as exc:  # keep the last good one; apply validates first
-                    log.error("policy version %s is invalid, keeping %d: %s", entry.revision, self.version, exc)
-        finally:
-            await watcher.stop()
-
-
+            self.switch(revision, _decode(value))
+        except msgspec.ValidationError as exc:  # keep the last good one; apply validates first
+            log.error("policy version %s is invalid, keeping %d: %s", revision, self.version, exc)

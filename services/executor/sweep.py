@@ -49,7 +49,7 @@ class TimeoutSweep:
         """task id -> (step id, unix seconds from which it is overdue)."""
         self.fired = 0
 
-    def apply(self, key: str, value: bytes | None) -> None:
+    def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
         record = _decode(value) if value else None
         if record is None or record.status != "running" or not record.step_id or not record.step_deadline:
             self.due.pop(key, None)
