@@ -80,5 +80,5 @@ async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, 
     except NotFoundError:
         return await js.create_key_value(
             KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas,
-                           ttl=ttl_s)
+                           ttl=ttl_s, direct=True)  # reads skip the JetStream API queue
         )
