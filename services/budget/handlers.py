@@ -15,8 +15,10 @@ replicas share the ledger without a lock, and every handler can be run again
   no hold in an account any more (it ended before this step was posted), the
   handler reads the account, then the journal, and writes the account only if it did
   not change since it was read: a step is in the journal before its hold goes.
-- **release** closes the task's holds (they reserve nothing more), marks the journal
-  finished, then drops each closed hold once the journal lists its steps.
+- **release** marks the journal finished, then closes the task's holds (they reserve
+  nothing more) and drops each one the journal lists every step of, in one
+  compare-and-set per account; a hold with a step not journaled yet is dropped by
+  that step's handler, which settles after journaling when the task has ended.
 - **expire**: a hold older than the timeout is closed the same way, by any replica.
 """
 
@@ -27,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
+
+import msgspec
 
 from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated
 from contracts import subjects
@@ -84,9 +88,10 @@ class Budget:
     # --- reserve -------------------------------------------------------------------
 
     async def on_validated(self, task: TaskValidated) -> None:
-        journal = await self.journals.get(task_key(task.task_id))
-        if journal is None:
-            journal = await self.journals.create(task_key(task.task_id), await self._decide(task))
+        # Decide first, then create the journal: a redelivery decides again (reserving is idempotent
+        # per task) and the first decision written wins; `_agree` undoes what the second one held.
+        decision = await self._decide(task)
+        journal = await self.journals.create(task_key(task.task_id), decision)
         await self._agree(task, journal)
 
     async def _decide(self, task: TaskValidated) -> TaskJournal:
@@ -121,9 +126,10 @@ class Budget:
     async def _agree(self, task: TaskValidated, journal: TaskJournal) -> None:
         """Make the holds agree with the decision, then publish it (again, on a redelivery:
         the stream drops a repeat within its dedup window, and the executor ignores one after)."""
-        if journal.status == "rejected" and journal.rejection is not None:
+        if journal.status != "admitted":  # rejected, or a late redelivery of a task that has ended
             for key, _, _ in self._accounts(task.tenant, task.user):
                 await self.accounts.update(key, partial(ledger.unreserve, task_id=task.task_id))
+        if journal.status == "rejected" and journal.rejection is not None:
             await self.emit(subjects.task_rejected(task.tenant), journal.rejection)
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
@@ -136,26 +142,29 @@ class Budget:
     async def on_step_completed(self, step: StepCompleted) -> None:
         now, tokens = self.clock(), step.usage.total
         cost = self.policy().price_of(step.model).cost(step.usage)
-        over = 0
-        for key, limits, thresholds in self._accounts(step.tenant, step.user):
-            posted = await self.accounts.update(key, partial(self._post, step=step, tokens=tokens, cost=cost,
-                                                             limits=limits, now=now, thresholds=thresholds))
-            if thresholds:
-                over = posted.over_reservation if posted else await self._over_of(key, step)
+        over, user_after = 0, None
+        for key, limits, is_user in self._accounts(step.tenant, step.user):
+            posted, after = await self.accounts.update(key, partial(
+                self._post, step=step, tokens=tokens, cost=cost, limits=limits, now=now, thresholds=is_user))
+            if is_user:
+                over, user_after = (posted.over_reservation if posted else await self._over_of(key, step)), after
         charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost,
                           over_reservation=over, posted_at=now)
         if over:
             log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
         journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
                                              default=partial(_untracked, step, now))
-        await self._settle(step.tenant, step.user, journal)
-        await self._notify_thresholds(step.tenant, step.user)
+        await self._settle(step.tenant, step.user, journal, close=False)
+        if user_after is not None and user_after.due:
+            await self._notify_thresholds(step.tenant, step.user, user_after)
 
     async def _post(self, account: Account, *, step: StepCompleted, tokens: int, cost: float, limits: BudgetLimits,
-                    now: datetime, thresholds: bool) -> ledger.Posted | None:
+                    now: datetime, thresholds: bool) -> tuple[ledger.Posted | None, _After]:
         if step.task_id not in account.holds and step.step_id in await self._journaled(step.task_id):
-            return None  # posted, journaled and settled already: the account was read before the journal
-        return ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
+            # posted, journaled and settled already: the account was read before the journal
+            return None, _After.of(account, limits, now)
+        posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
+        return posted, _After.of(account, limits, now)
 
     async def _journaled(self, task_id: str) -> set[str]:
         journal = await self.journals.get(task_key(task_id))
@@ -170,12 +179,12 @@ class Budget:
     # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        for key, _, _ in self._accounts(task.tenant, task.user):
-            await self.accounts.update(key, partial(ledger.close, task_id=task.task_id))
+        # The journal says "finished" before the holds close: a step posted in between keeps its
+        # closed hold until its own handler has journaled it and settles (see `_settle`).
         spent = task.usage.total if isinstance(task, TaskCompleted) else 0
         journal = await self.journals.update(task_key(task.task_id), partial(_finish, status="finished",
                                                                              expected_tokens=spent))
-        await self._settle(task.tenant, task.user, journal)
+        await self._settle(task.tenant, task.user, journal, close=True, task_id=task.task_id)
 
     async def expire_stale(self) -> list[str]:
         """Close holds older than the hold timeout, in every account; returns the tasks expired."""
@@ -191,47 +200,46 @@ class Budget:
                                                             journaled=journal.step_ids() if journal else set()))
             elif ledger.due_notices(account) and key.startswith("acct.user."):
                 _, _, tenant, user = key.split(".", 3)
-                await self._notify_thresholds(tenant, user)  # published before a crash left them unmarked
+                limits, _ = self._limits(tenant, user)
+                # published before a crash left them unmarked
+                await self._notify_thresholds(tenant, user, _After.of(account, limits, self.clock()))
         return expired
 
-    async def _settle(self, tenant: str, user: str, journal: TaskJournal | None) -> None:
-        """Drop the task's closed holds the journal accounts for; publish its CostNotice once it is complete."""
-        if journal is None or journal.status not in ("finished", "expired"):
+    async def _settle(self, tenant: str, user: str, journal: TaskJournal | None, *, close: bool,
+                      task_id: str = "") -> None:
+        """Close the task's holds if `close`; once its journal says it ended, drop the closed holds the
+        journal accounts for, and publish its CostNotice once it is complete."""
+        ended = journal is not None and journal.status in ("finished", "expired")
+        if not close and not ended:
             return
-        for key, _, _ in self._accounts(tenant, user):
-            await self.accounts.update(key, partial(ledger.settle, task_id=journal.task_id,
-                                                    journaled=journal.step_ids()))
-        if journal.notice_due():
-            await self._notify_task(journal)
+        task_id = journal.task_id if journal is not None else task_id
+        journaled = journal.step_ids() if journal is not None and ended else None
+        user_after = None
+        for key, limits, is_user in self._accounts(tenant, user):
+            after = await self.accounts.update(key, partial(_close_and_settle, task_id=task_id, close=close,
+                                                            journaled=journaled, limits=limits, now=self.clock()))
+            user_after = after if is_user else user_after
+        if journal is not None and journal.notice_due() and user_after is not None:
+            await self._notify_task(journal, user_after)
 
     # --- notices ----------------------------------------------------------------------
 
-    async def _notify_task(self, journal: TaskJournal) -> None:
-        account = await self.accounts.get(user_key(journal.tenant, journal.user)) or Account()
-        day, hour = self._remaining(account, journal.tenant, journal.user)
+    async def _notify_task(self, journal: TaskJournal, user_after: _After) -> None:
         await self.emit(subjects.cost_notice(journal.tenant, journal.user), CostNotice(
             task_id=journal.task_id, tenant=journal.tenant, user=journal.user, reason="task", tokens=journal.tokens,
-            cost_usd=round(journal.cost_usd, 6), remaining_daily_tokens=day, remaining_hourly_tokens=hour))
+            cost_usd=round(journal.cost_usd, 6), remaining_daily_tokens=user_after.day,
+            remaining_hourly_tokens=user_after.hour))
         await self.journals.update(task_key(journal.task_id), _mark_notified)
 
-    async def _notify_thresholds(self, tenant: str, user: str) -> None:
-        key = user_key(tenant, user)
-        account = await self.accounts.get(key)
-        due = ledger.due_notices(account) if account else []
-        if not due:
-            return
-        day, hour = self._remaining(account, tenant, user)
-        for notice in due:
+    async def _notify_thresholds(self, tenant: str, user: str, user_after: _After) -> None:
+        """Publish the threshold notices due in the user's account as it was written, then mark them sent."""
+        for notice in user_after.due:
             await self.emit(subjects.cost_notice(tenant, user), CostNotice(
                 task_id=notice.task_id, tenant=tenant, user=user, reason="threshold", tokens=notice.used,
-                cost_usd=round(notice.cost_usd, 6), remaining_daily_tokens=day, remaining_hourly_tokens=hour,
-                window=notice.window, window_start=notice.start, threshold_pct=notice.threshold_pct))
-        await self.accounts.update(key, partial(ledger.mark_notified, sent=due))
-
-    def _remaining(self, account: Account, tenant: str, user: str) -> tuple[int, int]:
-        limits, _ = self._limits(tenant, user)
-        ledger.roll(account, self.clock())
-        return account.remaining("day", limits), account.remaining("hour", limits)
+                cost_usd=round(notice.cost_usd, 6), remaining_daily_tokens=user_after.day,
+                remaining_hourly_tokens=user_after.hour, window=notice.window, window_start=notice.start,
+                threshold_pct=notice.threshold_pct))
+        await self.accounts.update(user_key(tenant, user), partial(ledger.mark_notified, sent=user_after.due))
 
     # --- queries ------------------------------------------------------------------------
 
@@ -270,6 +278,28 @@ class Budget:
                               cached_tokens=sum(s.usage.cached_tokens for s in steps),
                               cost_usd=round(sum(s.cost_usd for s in steps), 6))
                     for model, steps in sorted(models.items())])
+
+
+class _After(msgspec.Struct, frozen=True):
+    """What a change left in an account, for the notices that follow it without reading it again."""
+
+    day: int
+    hour: int
+    due: list[ledger.DueNotice]
+
+    @classmethod
+    def of(cls, account: Account, limits: BudgetLimits, now: datetime) -> _After:
+        ledger.roll(account, now)
+        return cls(account.remaining("day", limits), account.remaining("hour", limits), ledger.due_notices(account))
+
+
+def _close_and_settle(account: Account, *, task_id: str, close: bool, journaled: set[str] | None,
+                      limits: BudgetLimits, now: datetime) -> _After:
+    if close:
+        ledger.close(account, task_id)
+    if journaled is not None:
+        ledger.settle(account, task_id, journaled)
+    return _After.of(account, limits, now)
 
 
 # --- journal changes (pure: they run again on a conflict) ---------------------------------
