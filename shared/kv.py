@@ -75,8 +75,10 @@ class TypedBucket(Generic[T]):
     async def create(self, key: str, value: T) -> T:
         """Write `value` if `key` does not exist yet; return what the key holds now (the
         first writer's value, whoever that was)."""
+        encoded = self._encoder.encode(value)
         try:
-            await self.kv.create(key, self._encoder.encode(value))
+            revision = await self.kv.create(key, encoded)
+            self._remember(key, encoded, revision)
             return value
         except KeyWrongLastSequenceError:
             existing = await self.get(key)
@@ -84,8 +86,14 @@ class TypedBucket(Generic[T]):
                 raise Contention(f"key {key!r} was deleted while being created", retry_after_s=0.1) from None
             return existing
 
-    async def read(self, key: str) -> tuple[T | None, int]:
-        """The value and its revision (None and 0 for a key never written), for `write_if`."""
+    async def read(self, key: str, *, cached: bool = False) -> tuple[T | None, int]:
+        """The value and its revision (None and 0 for a key never written), for `write_if`.
+
+        `cached`: what this process last wrote, if it remembers the key, without asking the server.
+        It may be stale (another process wrote since): then `write_if` fails, and only a
+        successful `write_if` proves the value was current."""
+        if cached and (hit := self._last_written.get(key)) is not None:
+            return self._decoder.decode(hit[0]), hit[1]
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -95,13 +103,20 @@ class TypedBucket(Generic[T]):
     async def write_if(self, key: str, value: T, revision: int) -> bool:
         """Write only if the key is still at `revision` (0: only if it does not exist); False if someone
         wrote it in between. For a change that needs I/O between the read and the write."""
+        encoded = self._encoder.encode(value)
         try:
-            await self.kv.update(key, self._encoder.encode(value), last=revision)
+            written = await self.kv.update(key, encoded, last=revision)
         except KeyWrongLastSequenceError:
             self.conflicts += 1
+            self._last_written.pop(key, None)
             return False
+        self._last_written.pop(key, None)  # re-inserted last: the cache drops the least recently written
+        self._remember(key, encoded, written)
         return True
 
+    def forget(self, key: str) -> None:
+        """Drop what this process remembers of `key` (it will not write it again soon)."""
+        self._last_written.pop(key, None)
 
     async def update(self, key: str, change: Callable[[T], R] | Callable[[T], Awaitable[R]],
                      default: Callable[[], T] | None = None) -> R:

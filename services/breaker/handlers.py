@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-import anyio
 
 from contracts import BreakerChanged, Call, StepCompleted, StepFailed, subjects
 from contracts.commands import AcquireProbe, ControlBreaker
@@ -47,9 +46,6 @@ class Breaker:
         self.records = records
         self.emit = emit
         self.clock = clock
-        self._locks: dict[str, anyio.Lock] = {}
-        """One per dependency: this process's handlers change a record one at a time (every outcome of a busy
-        dependency is a change of the same key), so compare-and-set conflicts come only from other replicas."""
 
     async def on_outcome(self, step: StepCompleted | StepFailed) -> None:
         for call in calls_of(step):
@@ -95,9 +91,10 @@ class Breaker:
                 reason=record.reason, generation=record.generation, cause_at=record.cause_at)
             return result, record, event
 
-        async with self._locks.setdefault(dependency, anyio.Lock()):
-            result, record, event = await self.records.update(
-                dependency, changed, partial(BreakerRecord, dependency=dependency))
+        # Concurrent outcomes of one dependency are applied in order and written at once (the bucket's
+        # group commit), so conflicts come only from other replicas.
+        result, record, event = await self.records.update(dependency, changed,
+                                                          partial(BreakerRecord, dependency=dependency))
         if event is not None:
             await self.emit(subjects.breaker_state(dependency), event)
         return result, record

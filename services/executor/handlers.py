@@ -21,6 +21,10 @@ event again, which the stream drops by its Nats-Msg-Id. So a decision that depen
 time or on breaker state, which may differ on redelivery, is made once: a redelivered
 event never produces a second, different step. Two handlers deciding for one task at
 once (a late outcome and the timeout sweep) cannot both win the compare-and-set.
+
+Reads are saved where it is safe: a handler first decides on the record as this
+process last wrote it (and a new task on no record), and reads the bucket only when
+that compare-and-set fails or the remembered record says the event is not current.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class _Stale(Exception):
+    """The task's record changed since it was read: this decision does not count."""
+
+
 def dependency_of(strategy: Strategy) -> str:
     return CACHE_DEPENDENCY if strategy.kind == "cache" else dependency_key(strategy.provider, strategy.model)
 
@@ -80,7 +88,35 @@ class Executor:
     # --- events in ----------------------------------------------------------------
 
     async def on_admitted(self, task: TaskAdmitted) -> None:
-        record, revision = await self.tasks.read(task.task_id)
+        await self._decide(self._admit, task)
+
+    async def on_step(self, step: StepCompleted | StepFailed) -> None:
+        if isinstance(step, StepCompleted):
+            await self.on_step_completed(step)
+        else:
+            await self.on_step_failed(step)
+
+    async def on_step_completed(self, step: StepCompleted) -> None:
+        await self._decide(self._complete, step)
+
+    async def on_step_failed(self, step: StepFailed) -> None:
+        await self._decide(self._retry_or_fall_back, step)
+
+    async def _decide(self, handler: Callable[[Any, bool], Awaitable[None]], event: Any) -> None:
+        """Run `handler` on the record as this process last wrote it (no read), and again on a fresh
+        read if that record proves stale. A decision counts only once its compare-and-set succeeds,
+        so a stale record never decides; a conflict on a fresh read means another handler decided."""
+        try:
+            await handler(event, False)
+        except _Stale:
+            try:
+                await handler(event, True)
+            except _Stale:
+                pass
+
+    async def _admit(self, task: TaskAdmitted, fresh: bool) -> None:
+        # A task is almost always new here: first try to create its record without reading.
+        record, revision = await self.tasks.read(task.task_id) if fresh else (None, 0)
         if record is not None:
             await self._republish(record, task.task_id)
             return
@@ -94,14 +130,8 @@ class Executor:
             return
         await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
 
-    async def on_step(self, step: StepCompleted | StepFailed) -> None:
-        if isinstance(step, StepCompleted):
-            await self.on_step_completed(step)
-        else:
-            await self.on_step_failed(step)
-
-    async def on_step_completed(self, step: StepCompleted) -> None:
-        record, revision = await self._current(step.task_id, step.step_id)
+    async def _complete(self, step: StepCompleted, fresh: bool) -> None:
+        record, revision = await self._current(step.task_id, step.step_id, fresh)
         if record is None:
             return
         strategy = record.chain[record.strategy]
@@ -109,12 +139,12 @@ class Executor:
                                   usage=step.usage, attempts=record.steps, model=step.model,
                                   strategy=record.strategy, tier=strategy.tier, dependency=step.dependency)
         record.status, record.usage, record.outcome = "completed", step.usage, completed
-        if await self._record(record, revision, step.step_id):
-            await self.emit(subjects.task_completed(step.tenant), completed)
-            await self._remember(record, completed)
+        await self._record(record, revision, step.step_id)
+        await self.emit(subjects.task_completed(step.tenant), completed)
+        await self._remember(record, completed)
 
-    async def on_step_failed(self, step: StepFailed) -> None:
-        record, revision = await self._current(step.task_id, step.step_id)
+    async def _retry_or_fall_back(self, step: StepFailed, fresh: bool) -> None:
+        record, revision = await self._current(step.task_id, step.step_id, fresh)
         if record is None:
             return
         strategy = record.chain[record.strategy]
@@ -149,9 +179,13 @@ class Executor:
 
     # --- deciding -----------------------------------------------------------------
 
-    async def _current(self, task_id: str, step: str) -> tuple[TaskRecord | None, int]:
-        """The record if `step` is the one the task waits for; else republish if this event decided it."""
-        record, revision = await self.tasks.read(task_id)
+    async def _current(self, task_id: str, step: str, fresh: bool) -> tuple[TaskRecord | None, int]:
+        """The record if `step` is the one the task waits for; else republish if this event decided it.
+        Only a fresh read may conclude that the event is not current: a remembered record may be old."""
+        record, revision = await self.tasks.read(task_id, cached=not fresh)
+        current = record is not None and record.status == "running" and record.step_id in (step, "")
+        if not fresh and not current:
+            raise _Stale
         if record is None:
             return None, 0
         if record.status == "running" and not record.step_id:  # written before fallback chains: adopt it
@@ -197,8 +231,8 @@ class Executor:
             record.steps += 1
             record.not_before = now + wait
             record.step_deadline = record.not_before + min(current.timeout_s, record.deadline_at - record.not_before)
-            if await self._record(record, revision, cause):
-                await self._publish_step(record)
+            await self._record(record, revision, cause)
+            await self._publish_step(record)
             return
         # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
         last = next((a for a in reversed(record.attempts) if a.dependency != CACHE_DEPENDENCY),
@@ -231,8 +265,8 @@ class Executor:
                                   dependency=CACHE_DEPENDENCY)
         record.status, record.strategy, record.outcome = "completed", strategy, completed
         record.usage = completed.usage
-        if await self._record(record, revision, cause):
-            await self.emit(subjects.task_completed(task.tenant), completed)
+        await self._record(record, revision, cause)
+        await self.emit(subjects.task_completed(task.tenant), completed)
         return True
 
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
@@ -240,13 +274,16 @@ class Executor:
         failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
                             error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts)
         record.status, record.outcome = "failed", failed
-        if await self._record(record, revision, cause):
-            await self.emit(subjects.task_failed(task.tenant), failed)
+        await self._record(record, revision, cause)
+        await self.emit(subjects.task_failed(task.tenant), failed)
 
-    async def _record(self, record: TaskRecord, revision: int, cause: str) -> bool:
-        """Store the decision (compare-and-set); False if another handler decided for this task meanwhile."""
+    async def _record(self, record: TaskRecord, revision: int, cause: str) -> None:
+        """Store the decision (compare-and-set); _Stale if the task's record changed since it was read."""
         record.decided_by, record.decided_at = cause, self.clock()
-        return await self.tasks.write_if(record.task.task_id, record, revision)
+        if not await self.tasks.write_if(record.task.task_id, record, revision):
+            raise _Stale
+        if record.status != "running":
+            self.tasks.forget(record.task.task_id)  # ended: this process will not write it again
 
     # --- publishing -----------------------------------------------------------------
 
