@@ -58,19 +58,28 @@ class Bus:
 
     async def emit(self, subject: str, event: Any) -> None:
         """Publish `event` durably: returns once the stream has stored it."""
-        headers = tracing.inject({subjects.HEADER_MSG_ID: event.dedup_key()})
-        if task_id := getattr(event, "task_id", None):
-            headers[subjects.HEADER_TASK_ID] = task_id
         try:
-            await self.js.publish(subject, ENCODER.encode(event), headers=headers)
+            await self.js.publish(subject, ENCODER.encode(event), headers=_headers(event))
         except (NatsTimeout, NoStreamResponseError) as exc:
             raise TransientError(f"publish to {subject} not acknowledged: {exc!r}") from exc
+
+    async def notify(self, subject: str, event: Any) -> None:
+        """Publish `event` without waiting for the stream to store it: for progress news that may be
+        lost with a server, never for a decision. Saves the acknowledgement and the wait for it."""
+        await self.nc.publish(subject, ENCODER.encode(event), headers=_headers(event))
 
     async def bucket(self, name: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         return await declare_bucket(self.js, self.settings, name, history=history, ttl_s=ttl_s)
 
     async def policy_bucket(self) -> KeyValue:
         return await self.bucket(subjects.KV_POLICY, history=POLICY_HISTORY)
+
+
+def _headers(event: Any) -> dict[str, str]:
+    headers = tracing.inject({subjects.HEADER_MSG_ID: event.dedup_key()})
+    if task_id := getattr(event, "task_id", None):
+        headers[subjects.HEADER_TASK_ID] = task_id
+    return headers
 
 
 async def _close(nc: Client) -> None:

@@ -57,6 +57,7 @@ class Consumer(Generic[T]):
         handler: Handler[T],
         *,
         long_running: bool = False,
+        inline: bool = False,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -64,6 +65,8 @@ class Consumer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.long_running = long_running  # send in-progress acks while the handler runs
+        self.inline = inline  # a handler that never waits (the monitor's) runs in the fetch loop, no task each
+        self._started: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
         self.acks = config.ack_policy != AckPolicy.NONE
         self.stats = ConsumerStats()
 
@@ -86,20 +89,27 @@ class Consumer(Generic[T]):
                 await sub.unsubscribe()
 
     async def _loop(self, sub: Any, slots: anyio.Semaphore, stop: anyio.Event) -> None:
-        async with anyio.create_task_group() as tg:
-            while not stop.is_set():
-                if slots.value == 0:  # wait for room before asking for more
-                    async with slots:
-                        pass
-                try:
-                    msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
-                except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing came
-                    continue
-                for msg in msgs:
-                    await slots.acquire()
-                    tg.start_soon(self._handle, msg, slots)
+        async with anyio.create_task_group() as beating:
+            if self.long_running:
+                beating.start_soon(self._heartbeat)
+            async with anyio.create_task_group() as handlers:
+                while not stop.is_set():
+                    if slots.value == 0:  # wait for room before asking for more
+                        async with slots:
+                            pass
+                    try:
+                        msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
+                    except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing came
+                        continue
+                    for msg in msgs:
+                        if self.inline:
+                            await self._handle(msg)
+                        else:
+                            await slots.acquire()
+                            handlers.start_soon(self._handle, msg, slots)
+            beating.cancel_scope.cancel()  # every handler has finished
 
-    async def _handle(self, msg: Msg, slots: anyio.Semaphore) -> None:
+    async def _handle(self, msg: Msg, slots: anyio.Semaphore | None = None) -> None:
         try:
             deliveries = msg.metadata.num_delivered
             if deliveries > 1:
@@ -111,7 +121,8 @@ class Consumer(Generic[T]):
                 return
             await self._run_handler(msg, event, deliveries)
         finally:
-            slots.release()
+            if slots is not None:
+                slots.release()
 
     async def _run_handler(self, msg: Msg, event: Any, deliveries: int) -> None:
         attributes = {
@@ -148,17 +159,26 @@ class Consumer(Generic[T]):
         self.stats.handled += 1
 
     async def _with_progress(self, msg: Msg, event: Any) -> None:
-        """Run the handler while telling the server every ack_wait/3 that we are still on it."""
-        async with anyio.create_task_group() as tg:
-
-            async def heartbeat() -> None:
-                while True:
-                    await anyio.sleep(self.config.ack_wait / 3)
-                    await msg.in_progress()
-
-            tg.start_soon(heartbeat)
+        """Run the handler where `_heartbeat` sees it, while it runs."""
+        self._started[id(msg)] = (msg, anyio.current_time())
+        try:
             await self.handler(event)
-            tg.cancel_scope.cancel()
+        finally:
+            del self._started[id(msg)]
+
+    async def _heartbeat(self) -> None:
+        """Tell the server every ack_wait/3 that we are still on each message handled for that long.
+        One task per consumer: most handlers end long before, and cost no timer of their own."""
+        every = self.config.ack_wait / 3
+        while True:
+            await anyio.sleep(every)
+            now = anyio.current_time()
+            for msg, started in list(self._started.values()):
+                if now - started >= every:
+                    try:
+                        await msg.in_progress()
+                    except Exception as exc:  # reconnecting: the next beat tries again
+                        log.warning("%s: in-progress ack failed: %r", self.name, exc)
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         self.stats.dead_lettered += 1

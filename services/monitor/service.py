@@ -45,13 +45,13 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         consumers = [
             Consumer(bus, s.STREAM_TASKS,
                      consumer_config(settings, s.CONSUMER_MONITOR_TASKS, *TASK_SUBJECTS, acks=False),
-                     decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
+                     decoder_for(Union[e.TASK_EVENTS]), metrics.on_event, inline=True),
             Consumer(bus, s.STREAM_STEPS,
                      consumer_config(settings, s.CONSUMER_MONITOR_STEPS, *STEP_SUBJECTS, acks=False),
-                     decoder_for(Union[e.STEP_EVENTS]), metrics.on_event),
+                     decoder_for(Union[e.STEP_EVENTS]), metrics.on_event, inline=True),
             Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER,
                                                             acks=False),
-                     decoder_for(e.BreakerChanged), metrics.on_event),
+                     decoder_for(e.BreakerChanged), metrics.on_event, inline=True),
         ]
         async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}), \
                 anyio.create_task_group() as tg:

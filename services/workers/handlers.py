@@ -44,10 +44,12 @@ class Tools(Protocol):
 
 class Worker:
     def __init__(self, worker_id: str, providers: dict[str, Provider], emit: Emit, *, tools: Tools | None = None,
-                 gate: BreakerGate | None = None, clock: Clock = time.time) -> None:
+                 gate: BreakerGate | None = None, clock: Clock = time.time, notify: Emit | None = None) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
+        self.notify = notify or emit
+        """For progress news: need not wait for the stream to store it."""
         self.tools = tools
         self.gate = gate
         self.clock = clock
@@ -56,7 +58,7 @@ class Worker:
         provider = self.providers.get(step.provider)
         if provider is None:
             raise PoisonMessage(str(UnknownProvider(f"no provider {step.provider!r} in this worker")))
-        await self.emit(subjects.task_progress(step.tenant, step.task_id), TaskProgress(
+        await self.notify(subjects.task_progress(step.tenant, step.task_id), TaskProgress(
             task_id=step.task_id, tenant=step.tenant, user=step.user, stage="step_started", attempt=step.attempt,
             worker=self.worker_id, step_id=step.step_id,
             message=f"{step.agent} worker {self.worker_id} calling {step.provider}/{step.model}"))

@@ -44,7 +44,7 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         worker_id = f"{socket.gethostname()}-{os.getpid()}"
         view = BreakerView()
         worker = Worker(worker_id, {provider.name: provider}, bus.emit, tools=SimulatedTools(faults=faults),
-                        gate=BreakerGate(view, lease_requester(bus.nc, worker_id)))
+                        gate=BreakerGate(view, lease_requester(bus.nc, worker_id)), notify=bus.notify)
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
