@@ -31,6 +31,8 @@ from contracts import (
 )
 from contracts.policy import BudgetLimits, Defaults, Policy, TenantPolicy
 from services.budget import service as budget_service
+from services.budget.handlers import tenant_key, user_key
+from services.budget.ledger import Account
 from services.client import Client
 from services.stack import Services
 from shared.config import Settings
@@ -257,6 +259,27 @@ async def test_each_threshold_notifies_once_per_window_whatever_the_redeliveries
     task_notice = next(n for n in notices if n.reason == "task")
     assert (task_notice.tokens, task_notice.remaining_hourly_tokens) == (1_050, -50)
     assert task_notice.cost_usd > 0
+
+
+async def test_a_step_that_arrives_after_its_tasks_end_is_billed_once_and_leaves_no_hold(settings, tenant, user):
+    async with budget(settings) as client:
+        assert isinstance(await decide(client, validated("e1", tenant, user, 500)), TaskAdmitted)
+        step = completed_step("e1", tenant, user, 1, 40, 60)
+        await client.bus.emit(subjects.task_completed(tenant), finished("e1", tenant, user, step.usage))
+        await wait_until(lambda: _status(client, "e1", "finished"))
+        await publish_copies(client, subjects.step_completed(tenant), step, 2)
+        cost = await wait_until(lambda: settled(client, "e1", 100))
+        notices = await wait_until(lambda: _stored_notices(client, tenant, user, 1))
+        await wait_until(lambda: _all_acked(client, subjects.CONSUMER_BUDGET_USAGE, 2))
+        shown = await client.budget(tenant, user)
+        kv = await client.bus.js.key_value(subjects.KV_BUDGET)
+        holds = [msgspec.json.decode((await kv.get(key)).value, type=Account).holds
+                 for key in (user_key(tenant, user), tenant_key(tenant))]
+    assert holds == [{}, {}]
+    assert [(s.step_id, s.usage.total) for s in cost.steps] == [("e1-a1", 100)]
+    assert window(shown, "user", "day").used == 100 and window(shown, "tenant", "day").used == 100
+    assert window(shown, "user", "day").reserved == 0 and shown.open_tasks == 0
+    assert [(n.reason, n.tokens) for n in notices] == [("task", 100)]
 
 
 async def _stored_notices(client: Client, tenant: str, user: str, at_least: int) -> list[CostNotice] | None:

@@ -15,10 +15,11 @@ replicas share the ledger without a lock, and every handler can be run again
   no hold in an account any more (it ended before this step was posted), the
   handler reads the account, then the journal, and writes the account only if it did
   not change since it was read: a step is in the journal before its hold goes.
-- **release** marks the journal finished, then closes the task's holds (they reserve
-  nothing more) and drops each one the journal lists every step of, in one
-  compare-and-set per account; a hold with a step not journaled yet is dropped by
-  that step's handler, which settles after journaling when the task has ended.
+- **release** closes the task's holds (they reserve nothing more) and drops each one
+  whose steps the journal lists, one compare-and-set per account; then marks the
+  journal finished (publishing the task's CostNotice first, when that completes it).
+  Steps journaled in between are settled right after; a step journaled later is
+  settled by its own handler, which finds the journal finished.
 - **expire**: a hold older than the timeout is closed the same way, by any replica.
 """
 
@@ -154,7 +155,7 @@ class Budget:
             log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
         journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
                                              default=partial(_untracked, step, now))
-        await self._settle(step.tenant, step.user, journal, close=False)
+        await self._settle(step.tenant, step.user, journal)
         if user_after is not None and user_after.due:
             await self._notify_thresholds(step.tenant, step.user, user_after)
 
@@ -179,12 +180,28 @@ class Budget:
     # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        # The journal says "finished" before the holds close: a step posted in between keeps its
-        # closed hold until its own handler has journaled it and settles (see `_settle`).
+        key = task_key(task.task_id)
+        journal, _ = await self.journals.read(key, cached=True)  # it only gains steps: an old one settles less
+        journaled = journal.step_ids() if journal is not None else None
+        user_after = await self._close_and_settle(task.tenant, task.user, task.task_id, close=True,
+                                                  journaled=journaled)
         spent = task.usage.total if isinstance(task, TaskCompleted) else 0
-        journal = await self.journals.update(task_key(task.task_id), partial(_finish, status="finished",
-                                                                             expected_tokens=spent))
-        await self._settle(task.tenant, task.user, journal, close=True, task_id=task.task_id)
+        journal = await self.journals.update(key, partial(self._finish_and_notify, expected_tokens=spent,
+                                                          user_after=user_after))
+        if journal is not None and journaled is not None and journal.step_ids() != journaled:
+            # steps journaled since the read above: their closed holds can go now
+            await self._close_and_settle(task.tenant, task.user, task.task_id, close=False,
+                                         journaled=journal.step_ids())
+
+    async def _finish_and_notify(self, journal: TaskJournal | None, *, expected_tokens: int,
+                                 user_after: _After) -> TaskJournal | None:
+        """Mark the journal finished; if that completes it, publish its CostNotice before the write that
+        marks it sent. A retried write publishes it again, which the stream drops as a duplicate."""
+        journal = _finish(journal, status="finished", expected_tokens=expected_tokens)
+        if journal is not None and journal.notice_due():
+            await self._publish_task_notice(journal, user_after)
+            journal.notified = True
+        return journal
 
     async def expire_stale(self) -> list[str]:
         """Close holds older than the hold timeout, in every account; returns the tasks expired."""
@@ -205,31 +222,33 @@ class Budget:
                 await self._notify_thresholds(tenant, user, _After.of(account, limits, self.clock()))
         return expired
 
-    async def _settle(self, tenant: str, user: str, journal: TaskJournal | None, *, close: bool,
-                      task_id: str = "") -> None:
-        """Close the task's holds if `close`; once its journal says it ended, drop the closed holds the
-        journal accounts for, and publish its CostNotice once it is complete."""
-        ended = journal is not None and journal.status in ("finished", "expired")
-        if not close and not ended:
+    async def _settle(self, tenant: str, user: str, journal: TaskJournal | None) -> None:
+        """After a step was journaled: if the task has ended, drop its closed holds the journal accounts
+        for, and publish its CostNotice once it is complete."""
+        if journal is None or journal.status not in ("finished", "expired"):
             return
-        task_id = journal.task_id if journal is not None else task_id
-        journaled = journal.step_ids() if journal is not None and ended else None
-        user_after = None
-        for key, limits, is_user in self._accounts(tenant, user):
-            after = await self.accounts.update(key, partial(_close_and_settle, task_id=task_id, close=close,
-                                                            journaled=journaled, limits=limits, now=self.clock()))
-            user_after = after if is_user else user_after
-        if journal is not None and journal.notice_due() and user_after is not None:
-            await self._notify_task(journal, user_after)
+        user_after = await self._close_and_settle(tenant, user, journal.task_id, close=False,
+                                                  journaled=journal.step_ids())
+        if journal.notice_due():
+            await self._publish_task_notice(journal, user_after)
+            await self.journals.update(task_key(journal.task_id), _mark_notified)
+
+    async def _close_and_settle(self, tenant: str, user: str, task_id: str, *, close: bool,
+                                journaled: set[str] | None) -> _After:
+        """Close the task's holds if `close`; drop the closed ones whose steps are all `journaled`.
+        Returns the user's account as written."""
+        afters = [await self.accounts.update(key, partial(_close_and_settle, task_id=task_id, close=close,
+                                                          journaled=journaled, limits=limits, now=self.clock()))
+                  for key, limits, _ in self._accounts(tenant, user)]
+        return afters[0]  # the user's account comes first
 
     # --- notices ----------------------------------------------------------------------
 
-    async def _notify_task(self, journal: TaskJournal, user_after: _After) -> None:
+    async def _publish_task_notice(self, journal: TaskJournal, user_after: _After) -> None:
         await self.emit(subjects.cost_notice(journal.tenant, journal.user), CostNotice(
             task_id=journal.task_id, tenant=journal.tenant, user=journal.user, reason="task", tokens=journal.tokens,
             cost_usd=round(journal.cost_usd, 6), remaining_daily_tokens=user_after.day,
             remaining_hourly_tokens=user_after.hour))
-        await self.journals.update(task_key(journal.task_id), _mark_notified)
 
     async def _notify_thresholds(self, tenant: str, user: str, user_after: _After) -> None:
         """Publish the threshold notices due in the user's account as it was written, then mark them sent."""
