@@ -73,9 +73,10 @@ class Client:
         return task.task_id
 
     @asynccontextmanager
-    async def events(self, breakers: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
-        """A stream of every task event (and with `breakers`, every BreakerChanged) published while the
-        block runs."""
+    async def events(self, breakers: bool = False,
+                     ends_only: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+        """A stream of every task event (only their ends with `ends_only`; with `breakers`, every
+        BreakerChanged too) published while the block runs."""
         send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
 
         async def on_msg(msg: Msg) -> None:
@@ -84,7 +85,9 @@ class Client:
             except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
                 pass  # not ours to judge: the guard dead-letters bad submissions
 
-        heard = [subjects.ALL_TASK_EVENTS, *([subjects.ALL_BREAKER] if breakers else [])]
+        tasks = [subjects.ALL_COMPLETED, subjects.ALL_FAILED, subjects.ALL_REJECTED] if ends_only else [
+            subjects.ALL_TASK_EVENTS]
+        heard = [*tasks, *([subjects.ALL_BREAKER] if breakers else [])]
         subs = [await self.bus.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000) for subject in heard]
         try:
             yield receive

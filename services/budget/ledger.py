@@ -23,6 +23,7 @@ hour or day turns.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 import msgspec
@@ -146,8 +147,14 @@ class Posted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def window_start(name: BudgetWindow, now: datetime) -> str:
-    now = now.astimezone(UTC)
-    return now.strftime("%Y-%m-%d") if name == "day" else now.strftime("%Y-%m-%dT%H")
+    return _window_start(name, int(now.timestamp()) // 3600)
+
+
+@lru_cache(maxsize=64)
+def _window_start(name: BudgetWindow, hour: int) -> str:
+    """Formatting a date costs more than the rest of a posting: once per window and hour."""
+    at = datetime.fromtimestamp(hour * 3600, UTC)
+    return at.strftime("%Y-%m-%d") if name == "day" else at.strftime("%Y-%m-%dT%H")
 
 
 def resets_at(name: BudgetWindow, now: datetime) -> datetime:

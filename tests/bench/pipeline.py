@@ -70,7 +70,7 @@ async def _apply_bench_policy(nats_url: str) -> None:
 async def _measure(services: Services, tasks: int, users: int, concurrency: int,
                    idle_timeout_s: float) -> Measured:
     settings = Settings(nats_url=services.nats_url)
-    async with Client.connect(settings, "bench") as client, client.events() as events:
+    async with Client.connect(settings, "bench") as client, client.events(ends_only=True) as events:
         await client.wait_ready(services.names(), timeout=READY_TIMEOUT_S)
         warm = await _drive(client, events, workload(WARMUP_TASKS, users), concurrency, WARMUP_IDLE_S)
         if warm_up_failed(warm):
