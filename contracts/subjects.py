@@ -117,9 +117,6 @@ CONSUMER_BUDGET_RELEASE = "budget-release"
 CONSUMER_EXECUTOR_TASKS = "executor-tasks"
 CONSUMER_EXECUTOR_STEPS = "executor-steps"
 CONSUMER_BREAKER = "breaker"
-CONSUMER_MONITOR_TASKS = "monitor-tasks"
-CONSUMER_MONITOR_STEPS = "monitor-steps"
-CONSUMER_MONITOR_SIGNALS = "monitor-signals"
 
 
 def consumer_worker(agent: str) -> str:

@@ -57,7 +57,6 @@ class Consumer(Generic[T]):
         handler: Handler[T],
         *,
         long_running: bool = False,
-        inline: bool = False,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -65,7 +64,6 @@ class Consumer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.long_running = long_running  # send in-progress acks while the handler runs
-        self.inline = inline  # a handler that never waits (the monitor's) runs in the fetch loop, no task each
         self._started: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
         self.acks = config.ack_policy != AckPolicy.NONE
         self.stats = ConsumerStats()
@@ -102,14 +100,11 @@ class Consumer(Generic[T]):
                     except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing came
                         continue
                     for msg in msgs:
-                        if self.inline:
-                            await self._handle(msg)
-                        else:
-                            await slots.acquire()
-                            handlers.start_soon(self._handle, msg, slots)
+                        await slots.acquire()
+                        handlers.start_soon(self._handle, msg, slots)
             beating.cancel_scope.cancel()  # every handler has finished
 
-    async def _handle(self, msg: Msg, slots: anyio.Semaphore | None = None) -> None:
+    async def _handle(self, msg: Msg, slots: anyio.Semaphore) -> None:
         try:
             deliveries = msg.metadata.num_delivered
             if deliveries > 1:
@@ -121,8 +116,7 @@ class Consumer(Generic[T]):
                 return
             await self._run_handler(msg, event, deliveries)
         finally:
-            if slots is not None:
-                slots.release()
+            slots.release()
 
     async def _run_handler(self, msg: Msg, event: Any, deliveries: int) -> None:
         attributes = {

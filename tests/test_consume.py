@@ -1,4 +1,4 @@
-"""The consume loop's modes: a long handler keeps its message, an inline handler sees every message in order."""
+"""Consuming and observing: a long handler keeps its message; an observer sees what is published, in order."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from nats.js.api import StreamConfig
 
 from shared.bus import Bus
 from shared.consume import Consumer
+from shared.observe import Observer
 from shared.streams import consumer_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -55,8 +56,8 @@ async def test_a_handler_running_longer_than_the_ack_wait_keeps_its_message_and_
     assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
-async def test_an_inline_consumer_without_acks_handles_every_message_in_stream_order(settings):
-    async with Bus.connect(settings, "test-consume") as bus:
+async def test_an_observer_sees_events_as_they_are_published_and_skips_one_it_cannot_decode(settings):
+    async with Bus.connect(settings, "test-observe") as bus:
         await _stream(bus)
         seen: list[int] = []
         done = anyio.Event()
@@ -66,9 +67,16 @@ async def test_an_inline_consumer_without_acks_handles_every_message_in_stream_o
             if len(seen) == 300:
                 done.set()
 
-        for n in range(300):
-            await bus.js.publish("consume.test.inline", msgspec.json.encode(Item(n=n)))
-        config = consumer_config(settings, "inline", "consume.test.inline", acks=False)
-        consumer = Consumer(bus, STREAM, config, msgspec.json.Decoder(Item).decode, record, inline=True)
-        await _run_until(consumer, done, timeout_s=10)
+        observer = Observer(bus, "items", ["consume.test.observed"], msgspec.json.Decoder(Item).decode, record)
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(observer.run, stop)
+            await anyio.sleep(0.2)  # subscribed
+            await bus.js.publish("consume.test.observed", b"{not an item")
+            for n in range(300):
+                await bus.js.publish("consume.test.observed", msgspec.json.encode(Item(n=n)))
+            with anyio.fail_after(10):
+                await done.wait()
+            stop.set()
     assert seen == list(range(300))
+    assert (observer.stats.undecodable, observer.stats.handled) == (1, 300)

@@ -1,4 +1,4 @@
-"""monitor service: consumes every stream; answers status requests; polls queue depths."""
+"""monitor service: observes the events as they are published; answers status requests; polls queue depths."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from contracts import subjects as s
 from services.monitor.handlers import Metrics
 from shared.bus import Bus
 from shared.config import Settings
-from shared.consume import Consumer, decoder_for
+from shared.consume import decoder_for
+from shared.observe import Observer
 from shared.policy import PolicyView
 from shared.runtime import micro_service
-from shared.streams import consumer_config
 
 NAME = "monitor"
 # What the metrics need; admissions, progress and step requests are left on the server.
@@ -42,23 +42,22 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         async def status(_: bytes) -> bytes:
             return msgspec.json.encode(metrics.report())
 
-        consumers = [
-            Consumer(bus, s.STREAM_TASKS,
-                     consumer_config(settings, s.CONSUMER_MONITOR_TASKS, *TASK_SUBJECTS, acks=False),
-                     decoder_for(Union[e.TASK_EVENTS]), metrics.on_event, inline=True),
-            Consumer(bus, s.STREAM_STEPS,
-                     consumer_config(settings, s.CONSUMER_MONITOR_STEPS, *STEP_SUBJECTS, acks=False),
-                     decoder_for(Union[e.STEP_EVENTS]), metrics.on_event, inline=True),
-            Consumer(bus, s.STREAM_SIGNALS, consumer_config(settings, s.CONSUMER_MONITOR_SIGNALS, s.ALL_BREAKER,
-                                                            acks=False),
-                     decoder_for(e.BreakerChanged), metrics.on_event, inline=True),
+        observers = [
+            Observer(bus, "tasks", TASK_SUBJECTS, decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
+            Observer(bus, "steps", STEP_SUBJECTS, decoder_for(Union[e.STEP_EVENTS]), metrics.on_event),
+            Observer(bus, "breakers", (s.ALL_BREAKER,), decoder_for(e.BreakerChanged), metrics.on_event),
         ]
-        async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)}), \
+
+        def stats() -> dict:
+            return {observer.name: observer.stats_dict() for observer in observers}
+
+        async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
+                                 stats=stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
-            for consumer in consumers:
-                tg.start_soon(consumer.run, stop)
+            for observer in observers:
+                tg.start_soon(observer.run, stop)
 
 
 async def _poll_queue_depth(bus: Bus, metrics: Metrics, policy: PolicyView, every_s: float,
