@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"nats-server on {url}; logs in {log_dir}")
             floor_run = None
             if not args.skip_floor:
-                console.print(f"floor: {args.tasks:,} messages through {floor.HOPS} empty hops…")
+                console.print(f"floor: {args.tasks:,} messages through {floor.HOPS} empty hops, "
+                              f"the best of {floor.ROUNDS} rounds…")
                 floor_run = floor.run(url, log_dir, args.tasks, args.concurrency, args.timeout)
             console.print(f"pipeline: {args.tasks:,} tasks through every service…")
             pipe_run = pipeline.run(url, log_dir, args.tasks, args.users, args.concurrency, args.timeout)

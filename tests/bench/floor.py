@@ -6,7 +6,8 @@ hop 0 and listens to `bench.hop.5`. Everything a real hop pays for the transport
 is kept: file storage, a Nats-Msg-Id per publish (the streams deduplicate),
 ~600-byte messages, fetching batches into a semaphore of `concurrency` handlers,
 the publish awaited on its PubAck, then the ack. Nothing else is: no decoding,
-no tracing, no KV.
+no tracing, no KV. It is measured ROUNDS times and the fastest round is kept: on a
+machine whose speed wanders, that is the floor least kind to the pipeline's ratio.
 
 Run a hop with `python -m tests.bench.floor --hop I --nats URL`.
 """
@@ -39,6 +40,7 @@ ID_HEADER = "Bench-Id"
 MSG_ID_HEADER = "Nats-Msg-Id"
 FETCH_TIMEOUT_S = 1.0  # as shared.consume
 WARMUP_MESSAGES = 50
+ROUNDS = 2
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -97,10 +99,14 @@ async def _measure(nats_url: str, hops: list[Process], messages: int, concurrenc
         warm = await drive(_ids(WARMUP_MESSAGES), publish, receive, concurrency, WARMUP_IDLE_S)
         if warm_up_failed(warm):
             raise RuntimeError(f"no floor warm-up message came through; see {hops[0].log_path.parent}")
-        ids = _ids(messages)
-        result, sampler, server_msgs = await sampled(
-            {hop.name: hop.pid for hop in hops}, " (floor run)",
-            lambda: drive(ids, publish, receive, concurrency, idle_timeout_s))
+        best = None
+        for _ in range(ROUNDS):  # the fastest round: a floor measured low would flatter the pipeline
+            ids = _ids(messages)
+            round_ = await sampled({hop.name: hop.pid for hop in hops}, " (floor run)",
+                                   lambda: drive(ids, publish, receive, concurrency, idle_timeout_s))
+            if best is None or round_[0].per_s > best[0].per_s:
+                best = round_
+        result, sampler, server_msgs = best
     finally:
         await sub.unsubscribe()
         await nc.close()
