@@ -41,11 +41,13 @@ class Observer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.stats = ObserverStats()
+        self.subscribed = anyio.Event()  # set once the subscriptions are sent: what is published after, is seen
 
     async def run(self, stop: anyio.Event) -> None:
         queue = f"{self.bus.service}-{self.name}"
         subs = [await self.bus.nc.subscribe(subject, queue=queue, cb=self._on_msg, pending_msgs_limit=PENDING_MSGS)
                 for subject in self.subjects]
+        self.subscribed.set()
         try:
             await stop.wait()
         finally:

@@ -71,7 +71,8 @@ async def test_an_observer_sees_events_as_they_are_published_and_skips_one_it_ca
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(observer.run, stop)
-            await anyio.sleep(0.2)  # subscribed
+            with anyio.fail_after(5):
+                await observer.subscribed.wait()  # the same connection publishes: the server has the SUBs first
             await bus.js.publish("consume.test.observed", b"{not an item")
             for n in range(300):
                 await bus.js.publish("consume.test.observed", msgspec.json.encode(Item(n=n)))
