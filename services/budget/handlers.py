@@ -160,12 +160,13 @@ class Budget:
             await self._notify_thresholds(step.tenant, step.user, user_after)
 
     async def _post(self, account: Account, *, step: StepCompleted, tokens: int, cost: float, limits: BudgetLimits,
-                    now: datetime, thresholds: bool) -> tuple[ledger.Posted | None, _After]:
-        if step.task_id not in account.holds and step.step_id in await self._journaled(step.task_id):
-            # posted, journaled and settled already: the account was read before the journal
-            return None, _After.of(account, limits, now)
-        posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
-        return posted, _After.of(account, limits, now)
+                    now: datetime, thresholds: bool) -> tuple[ledger.Posted | None, _After | None]:
+        """Post the step; with `thresholds` (the user's account) also what the account holds after."""
+        posted = None
+        if step.task_id in account.holds or step.step_id not in await self._journaled(step.task_id):
+            posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
+        # else: posted, journaled and settled already (the account was read before the journal)
+        return posted, (_After.of(account, limits, now) if thresholds else None)
 
     async def _journaled(self, task_id: str) -> set[str]:
         journal = await self.journals.get(task_key(task_id))
@@ -237,10 +238,11 @@ class Budget:
                                 journaled: set[str] | None) -> _After:
         """Close the task's holds if `close`; drop the closed ones whose steps are all `journaled`.
         Returns the user's account as written."""
-        afters = [await self.accounts.update(key, partial(_close_and_settle, task_id=task_id, close=close,
-                                                          journaled=journaled, limits=limits, now=self.clock()))
-                  for key, limits, _ in self._accounts(tenant, user)]
-        return afters[0]  # the user's account comes first
+        change = partial(_close_and_settle, task_id=task_id, close=close, journaled=journaled, now=self.clock())
+        (user_account, user_limits, _), (tenant_account, tenant_limits, _) = self._accounts(tenant, user)
+        user_after = await self.accounts.update(user_account, partial(change, limits=user_limits, report=True))
+        await self.accounts.update(tenant_account, partial(change, limits=tenant_limits, report=False))
+        return user_after
 
     # --- notices ----------------------------------------------------------------------
 
@@ -313,12 +315,12 @@ class _After(msgspec.Struct, frozen=True):
 
 
 def _close_and_settle(account: Account, *, task_id: str, close: bool, journaled: set[str] | None,
-                      limits: BudgetLimits, now: datetime) -> _After:
+                      limits: BudgetLimits, now: datetime, report: bool) -> _After | None:
     if close:
         ledger.close(account, task_id)
     if journaled is not None:
         ledger.settle(account, task_id, journaled)
-    return _After.of(account, limits, now)
+    return _After.of(account, limits, now) if report else None  # only the user's: a tenant's holds are many
 
 
 # --- journal changes (pure: they run again on a conflict) ---------------------------------
