@@ -6,7 +6,6 @@ event's dedup key (so a retried publish is stored once) and carries the trace.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,11 +24,11 @@ from contracts import subjects
 from shared import tracing
 from shared.config import Settings
 from shared.errors import TransientError
+from shared.nats_client import TunedClient
 from shared.streams import declare_bucket, declare_streams
 
 log = logging.getLogger(__name__)
 ENCODER = msgspec.json.Encoder()
-FLUSH_PASSES = 4
 CONNECT_ATTEMPTS = 60
 POLICY_HISTORY = 64  # policy versions kept for rollback
 
@@ -93,51 +92,11 @@ async def _close(nc: Client) -> None:
     await nc.close()
 
 
-class CoalescingClient(Client):
-    """nats-py's client, writing to the socket once per event-loop pass instead of once per command.
-
-    nats-py wakes its flusher for every publish and ack and writes what is pending
-    at once, so a service handling 64 messages at a time makes one write syscall per
-    command: a third of the executor's CPU in a profile. Yielding to the loop before
-    the write, again while the last pass still added commands (at most FLUSH_PASSES
-    times), lets every task that is ready add its commands first. Measured with
-    `python -m tests.bench`: one pass 240 tasks/s, four 310-325, eight 309. Overrides a private method, so nats-py is pinned to 2.x
-    in pyproject.toml; tests/test_bus.py checks that nothing is lost or reordered."""
-
-    async def _flusher(self) -> None:
-        while self.is_connected and not self.is_connecting:
-            waiting = [await self._flush_queue.get()]
-            size = -1
-            for _ in range(FLUSH_PASSES):  # other ready tasks queue their commands, while they still add some
-                if self._pending_data_size == size:
-                    break
-                size = self._pending_data_size
-                await asyncio.sleep(0)
-            while not self._flush_queue.empty():
-                waiting.append(self._flush_queue.get_nowait())
-            try:
-                if self._pending_data_size > 0:
-                    self._transport.writelines(self._pending[:])
-                    self._pending = []
-                    self._pending_data_size = 0
-                    await self._transport.drain()
-            except OSError as exc:
-                await self._error_cb(exc)
-                await self._process_op_err(exc)
-                break
-            except (asyncio.CancelledError, RuntimeError, AttributeError):
-                break
-            finally:
-                for future in waiting:
-                    if not future.done():
-                        future.set_result(None)
-
-
 async def _connect(settings: Settings, service: str) -> Client:
     servers = [url.strip() for url in settings.nats_url.split(",")]
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
-            nc = CoalescingClient()
+            nc = TunedClient()
             await nc.connect(
                 servers=servers,
                 name=service,

@@ -12,6 +12,7 @@ of the same key that arrive together are applied in order and written at once.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +42,9 @@ class _Waiter:
     def __init__(self, change: Callable[[Any], Any], default: Callable[[], Any] | None) -> None:
         self.change = change
         self.default = default
-        self.wake = anyio.Event()  # set when done, or when it is this caller's turn to lead
+        # set when done, or when it is this caller's turn to lead. An asyncio Event, not anyio's: making
+        # one of those asks for the current task, a getpid system call on Python 3.11, on every update.
+        self.wake = asyncio.Event()
         self.finished = False
         self.result: Any = None
         self.error: BaseException | None = None

@@ -1,18 +1,21 @@
-"""The bus's connection writes commands in batches; nothing may be lost or reordered by that."""
+"""The bus's tuned connection batches writes and times requests itself; nothing may be lost,
+reordered or left waiting by that."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
+from nats.errors import TimeoutError as NatsTimeout
 
-from shared.bus import Bus, CoalescingClient
+from shared.bus import Bus
+from shared.nats_client import TunedClient
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 async def test_commands_from_many_tasks_all_arrive_and_each_tasks_stay_in_order(settings):
     async with Bus.connect(settings, "test-bus") as bus:
-        assert isinstance(bus.nc, CoalescingClient)
+        assert isinstance(bus.nc, TunedClient)
         received: list[bytes] = []
         done = anyio.Event()
 
@@ -37,3 +40,32 @@ async def test_commands_from_many_tasks_all_arrive_and_each_tasks_stay_in_order(
     for n in range(20):
         mine = [int(m.split(b":")[1]) for m in received if m.startswith(f"{n}:".encode())]
         assert mine == list(range(100))
+
+
+async def test_concurrent_requests_each_get_their_own_reply_and_leave_nothing_waiting(settings):
+    async with Bus.connect(settings, "test-bus") as bus:
+        async def echo(msg) -> None:
+            await msg.respond(b"re:" + msg.data)
+
+        await bus.nc.subscribe("bus.echo", cb=echo)
+        replies: dict[int, bytes] = {}
+
+        async def ask(n: int) -> None:
+            replies[n] = (await bus.nc.request("bus.echo", str(n).encode(), timeout=5)).data
+
+        async with anyio.create_task_group() as tg:
+            for n in range(500):
+                tg.start_soon(ask, n)
+        assert replies == {n: f"re:{n}".encode() for n in range(500)}
+        assert bus.nc._resp_map == {}
+
+
+async def test_a_request_nobody_answers_times_out_and_is_forgotten(settings):
+    async with Bus.connect(settings, "test-bus") as bus:
+        async def silent(msg) -> None:
+            pass
+
+        await bus.nc.subscribe("bus.silent", cb=silent)
+        with pytest.raises(NatsTimeout):
+            await bus.nc.request("bus.silent", b"anyone?", timeout=0.3)
+        assert bus.nc._resp_map == {}
