@@ -92,7 +92,7 @@ class Consumer(Generic[T]):
                 await sub.unsubscribe()
 
     async def _loop(self, sub: Any, stop: anyio.Event) -> None:
-        handlers = _Handlers(self.bus.settings.concurrency)
+        handlers = HandlerTasks(self.bus.settings.concurrency)
         try:
             while not stop.is_set():
                 await handlers.room()  # wait for room before asking for more
@@ -189,14 +189,14 @@ class Consumer(Generic[T]):
             await msg.term()
 
 
-class _Handlers:
+class HandlerTasks:
     """The handler tasks of one consumer loop, which owns them: at most `limit` at once, cancelled with
     the loop, awaited before it returns.
 
     Plain asyncio tasks, not an anyio task group and semaphore: on Python 3.11 each anyio
     spawn, checkpoint and cancel scope asks for the current task, and that costs a getpid
-    system call each time. Measured on an empty handler (/tmp-free: see tests/bench): about
-    half of the consumer's CPU per message."""
+    system call each time. `python -m tests.bench.consume` (an empty handler): 54 µs of CPU
+    per message with anyio's, 28 with these."""
 
     def __init__(self, limit: int) -> None:
         self.free = limit

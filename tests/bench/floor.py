@@ -3,9 +3,10 @@
 Five OS processes, hop i consuming `bench.hop.i` on its own durable pull consumer
 and publishing each message on to `bench.hop.{i+1}`; the driver publishes into
 hop 0 and listens to `bench.hop.5`. Everything a real hop pays for the transport
-is kept: file storage, a Nats-Msg-Id per publish (the streams deduplicate),
-~600-byte messages, fetching batches into a semaphore of `concurrency` handlers,
-the publish awaited on its PubAck, then the ack. Nothing else is: no decoding,
+is kept: the services' own connection (shared/nats_client.py), file storage, a
+Nats-Msg-Id per publish (the streams deduplicate), ~600-byte messages, fetching
+batches for at most `concurrency` handler tasks (shared.consume.HandlerTasks), the
+publish awaited on its PubAck, then the ack. Nothing else is: no decoding,
 no tracing, no KV. It is measured ROUNDS times and the fastest round is kept: on a
 machine whose speed wanders, that is the floor least kind to the pipeline's ratio.
 
@@ -30,6 +31,8 @@ from nats.js.errors import NotFoundError
 
 from services.stack import Process
 from shared.config import Settings, load_settings
+from shared.consume import HandlerTasks
+from shared.nats_client import TunedClient
 from shared.streams import consumer_config
 from tests.bench.common import ISOLATED_ENV, WARMUP_IDLE_S, Measured, drive, sampled, warm_up_failed
 
@@ -79,7 +82,8 @@ async def _declare_stream(nats_url: str) -> None:
 
 async def _measure(nats_url: str, hops: list[Process], messages: int, concurrency: int,
                    idle_timeout_s: float) -> Measured:
-    nc = await nats.connect(nats_url, name="bench-floor", pending_size=64 * 1024 * 1024)
+    nc = TunedClient()  # as the pipeline's driver
+    await nc.connect(nats_url, name="bench-floor", pending_size=64 * 1024 * 1024)
     js = nc.jetstream(timeout=10)
     send, arrivals = anyio.create_memory_object_stream[tuple[str, str]](max_buffer_size=1_000_000)
 
@@ -136,12 +140,12 @@ def _ids(count: int) -> list[str]:
 
 async def hop_main(hop: int, settings: Settings) -> None:
     """Consume hop `hop` and forward every message until SIGTERM/SIGINT."""
-    nc = await nats.connect(settings.nats_url, name=f"bench-hop-{hop}", pending_size=64 * 1024 * 1024)
+    nc = TunedClient()  # the services' connection: the floor gets every transport gain they get
+    await nc.connect(settings.nats_url, name=f"bench-hop-{hop}", pending_size=64 * 1024 * 1024)
     js = nc.jetstream(timeout=10)
     config = consumer_config(settings, f"bench-hop-{hop}", subject(hop))
     await js.add_consumer(STREAM, config)
     sub = await js.pull_subscribe_bind(config.durable_name, STREAM)
-    slots = anyio.Semaphore(settings.concurrency)
 
     async def forward(msg: Msg) -> None:  # the empty handler: publish on, then ack
         try:
@@ -150,28 +154,26 @@ async def hop_main(hop: int, settings: Settings) -> None:
             await msg.ack()
         except NatsTimeout:
             await msg.nak()  # not stored downstream: let it come again, as the real loop would
-        finally:
-            slots.release()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-        await _fetch_loop(sub, slots, tg, forward)
+        await _fetch_loop(sub, HandlerTasks(settings.concurrency), forward)
     await nc.close()
 
 
-async def _fetch_loop(sub, slots: anyio.Semaphore, tg, handle) -> None:
+async def _fetch_loop(sub, handlers: HandlerTasks, handle) -> None:
     """The loop of shared.consume.Consumer._loop: fetch what there is room for, handle each concurrently."""
-    while True:
-        if slots.value == 0:  # wait for room before asking for more
-            async with slots:
-                pass
-        try:
-            msgs = await sub.fetch(max(1, slots.value), timeout=FETCH_TIMEOUT_S)
-        except (NatsTimeout, TimeoutError):
-            continue
-        for msg in msgs:
-            await slots.acquire()
-            tg.start_soon(handle, msg)
+    try:
+        while True:
+            await handlers.room()
+            try:
+                msgs = await sub.fetch(handlers.free, timeout=FETCH_TIMEOUT_S)
+            except (NatsTimeout, TimeoutError):
+                continue
+            for msg in msgs:
+                handlers.spawn(handle(msg))
+    finally:
+        handlers.cancel()
 
 
 async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
