@@ -195,8 +195,8 @@ class HandlerTasks:
 
     Plain asyncio tasks, not an anyio task group and semaphore: on Python 3.11 each anyio
     spawn, checkpoint and cancel scope asks for the current task, and that costs a getpid
-    system call each time. `python -m tests.bench.consume` (an empty handler): 54 µs of CPU
-    per message with anyio's, 28 with these."""
+    system call each time. `python -m tests.bench.consume` (an empty handler): 49-50 µs of
+    CPU per message with anyio's, 25-33 with these."""
 
     def __init__(self, limit: int) -> None:
         self.free = limit
