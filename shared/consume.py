@@ -202,10 +202,11 @@ class HandlerTasks:
         self.free = limit
         self._tasks: set[asyncio.Task[None]] = set()
         self._room: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()  # once: each ask costs a getpid on Python 3.11
 
     def spawn(self, handling: Coroutine[Any, Any, None]) -> None:
         self.free -= 1
-        task = asyncio.get_running_loop().create_task(handling)
+        task = self._loop.create_task(handling)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -219,7 +220,7 @@ class HandlerTasks:
 
     async def room(self) -> None:
         while self.free <= 0:
-            self._room = asyncio.get_running_loop().create_future()
+            self._room = self._loop.create_future()
             await self._room
 
     def cancel(self) -> None:

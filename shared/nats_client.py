@@ -31,6 +31,8 @@ FLUSH_PASSES = 4
 
 
 class TunedClient(Client):
+    _request_loop: asyncio.AbstractEventLoop | None = None  # asking for it costs a getpid on Python 3.11
+
     async def _flusher(self) -> None:
         while self.is_connected and not self.is_connecting:
             waiting = [await self._flush_queue.get()]
@@ -66,7 +68,8 @@ class TunedClient(Client):
         if not self._resp_sub_prefix:
             await self._init_request_sub()
         token = self._nuid.next().decode()  # nats-py's reply callback reads the token after the prefix
-        loop = asyncio.get_running_loop()
+        loop = self._request_loop or asyncio.get_running_loop()
+        self._request_loop = loop
         future: asyncio.Future[Msg] = loop.create_future()
         self._resp_map[token] = future
         timer = loop.call_later(timeout, _time_out, future)
