@@ -2,7 +2,7 @@
 
 It drives tasks through the real pipeline (every service as an OS process on an
 embedded nats-server) and, in the same run, the same number of messages through
-a raw floor of five empty JetStream hops; it reports throughput, latency, the
+a raw floor with the pipeline's JetStream hops, each handler empty; it reports throughput, latency, the
 ratio to the floor and each process's peak memory. It reports, it never asserts.
 
 Modules: `common` (drive loop, percentiles, process sampling), `pipeline`,

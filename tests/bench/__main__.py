@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m tests.bench",
         description="Drive tasks through the whole Corral pipeline (every service as an OS process on an embedded "
                     "nats-server, SIMULATED model with no latency) and the same number of messages through a raw "
-                    "floor of 5 empty JetStream hops; report throughput, latency, ratio to the floor and peak RSS "
+                    f"floor of the pipeline's {floor.HOPS} JetStream hops with empty handlers; report throughput, latency, ratio to the floor and peak RSS "
                     f"per service. Results also go to {OUT_DIR.relative_to(REPO)}/results.json.",
     )
     parser.add_argument("--tasks", type=int, default=2000, help="tasks (and floor messages) to measure (default 2000)")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"nats-server on {url}; logs in {log_dir}")
             floor_run = None
             if not args.skip_floor:
-                console.print(f"floor: {args.tasks:,} messages through {floor.HOPS} empty hops, "
+                console.print(f"floor: {args.tasks:,} messages through {floor.HOPS} empty hops "
+                              f"({floor.CHAIN} in a chain, {len(floor.SIDE)} beside it), "
                               f"the best of {floor.ROUNDS} rounds…")
                 floor_run = floor.run(url, log_dir, args.tasks, args.concurrency, args.timeout)
             console.print(f"pipeline: {args.tasks:,} tasks through every service…")
