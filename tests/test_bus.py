@@ -6,9 +6,11 @@ from __future__ import annotations
 import anyio
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError, NoStreamResponseError
 
 from shared.bus import Bus
-from shared.nats_client import TunedClient
+from shared.nats_client import TunedClient, TunedJetStream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -69,3 +71,18 @@ async def test_a_request_nobody_answers_times_out_and_is_forgotten(settings):
         with pytest.raises(NatsTimeout):
             await bus.nc.request("bus.silent", b"anyone?", timeout=0.3)
         assert bus.nc._resp_map == {}
+
+
+async def test_a_stream_publish_returns_its_ack_and_a_refused_one_raises_the_servers_error(settings):
+    async with Bus.connect(settings, "test-bus") as bus:
+        assert isinstance(bus.js, TunedJetStream)
+        await bus.js.add_stream(StreamConfig(name="BUS_TEST", subjects=["bus.stream.>"]))
+        first = await bus.js.publish("bus.stream.a", b"1", headers={"Nats-Msg-Id": "m1"})
+        again = await bus.js.publish("bus.stream.a", b"1", headers={"Nats-Msg-Id": "m1"})
+        assert (first.stream, first.seq, bool(first.duplicate)) == ("BUS_TEST", 1, False)
+        assert (again.seq, again.duplicate) == (1, True)
+        with pytest.raises(BadRequestError) as refused:  # stored at sequence 1, not 7
+            await bus.js.publish("bus.stream.a", b"2", headers={"Nats-Expected-Last-Subject-Sequence": "7"})
+        assert refused.value.err_code == 10071
+        with pytest.raises(NoStreamResponseError):
+            await bus.js.publish("bus.nostream", b"3", timeout=1)
