@@ -35,7 +35,7 @@ from services.workers.errors import (
     ProviderTimeout,
     TransientProviderError,
 )
-from shared.tokens import count_chat, count_tokens, encoding
+from shared.tokens import count_chat, encoding
 
 NAME = "simulated"
 _DIRECTIVE = re.compile(r"\[sim:(fail|flaky|error|retry_after|latency)=([A-Za-z0-9_.]+)\]")
@@ -95,13 +95,15 @@ class SimulatedProvider:
                        attempt: int) -> Completion:
         prompt = "\n".join(message.content for message in messages)
         directives = dict(_DIRECTIVE.findall(prompt))
-        await anyio.sleep(float(directives.get("latency", self.latency_s)))
+        latency = float(directives.get("latency", self.latency_s))
+        if latency > 0:
+            await anyio.sleep(latency)
         await self.faults.call(dependency_key(NAME, model))
         self._maybe_fail(directives, call_id, attempt)
-        text = _generate(model, prompt, max_tokens)
+        text, output_tokens = _generate(model, prompt, max_tokens)
         # Billed like a chat API: the conversation with its per-message overhead, then the reply.
         return Completion(text=text, usage=Usage(input_tokens=count_chat(messages, model),
-                                                 output_tokens=count_tokens(text, model)))
+                                                 output_tokens=output_tokens))
 
     def _maybe_fail(self, directives: dict[str, str], call_id: str, attempt: int) -> None:
         retry_after = float(directives.get("retry_after", "0.2"))
@@ -137,9 +139,10 @@ def _fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _generate(model: str, prompt: str, max_tokens: int) -> str:
+def _generate(model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """The reply and the tokens it took, as a model counts them: those it generated."""
     digest = hashlib.sha256(f"{model}\0{prompt}".encode()).digest()
     words = max(8, min(max_tokens // 2, 24 + digest[0] % 96))
     body = " ".join(_WORDS[digest[i % len(digest)] % len(_WORDS)] for i in range(words))
-    tokens = encoding().encode_ordinary(f"[simulated {model}] {body}.")
-    return encoding().decode(tokens[:max_tokens])  # a real model stops at max_tokens too
+    tokens = encoding().encode_ordinary(f"[simulated {model}] {body}.")[:max_tokens]  # a real model stops there too
+    return encoding().decode(tokens), len(tokens)
