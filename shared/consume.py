@@ -2,7 +2,7 @@
 
 - ack after the handler returns (its effects are durable by then: publishes and
   KV writes wait for the server's acknowledgement);
-- nak with a delay when the handler raises TransientError;
+- nak with a delay when the handler raises TransientError (NotYet: the same, quietly);
 - term a poison message (undecodable, or PoisonMessage, or failing on its last
   delivery) and record it with the reason in the dead-letter stream.
 
@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -27,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from contracts import DeadLetter, subjects
 from shared import tracing
 from shared.bus import Bus
-from shared.errors import PoisonMessage, TransientError
+from shared.errors import NotYet, PoisonMessage, TransientError
 from shared.streams import declare_consumer
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ T = TypeVar("T")
 Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
+_delivery: ContextVar[int] = ContextVar("corral_delivery", default=1)
+
+
+def delivery() -> int:
+    """Which delivery of its message the running handler is on (1: the first), for a handler that
+    waits a bounded number of times (raising NotYet) before it goes ahead anyway."""
+    return _delivery.get()
 
 
 class ConsumerStats(msgspec.Struct):
@@ -127,6 +135,7 @@ class Consumer(Generic[T]):
             "messaging.consumer.group.name": self.name,
             "corral.task_id": getattr(event, "task_id", ""),
         }
+        _delivery.set(deliveries)  # each message is handled in its own task, so in its own context
         try:
             with tracing.consuming(f"{self.bus.service} {self.name}", msg.headers, attributes):
                 if self.long_running:
@@ -135,7 +144,8 @@ class Consumer(Generic[T]):
                     await self.handler(event)
         except TransientError as exc:
             self.stats.retried += 1
-            log.warning("%s: retrying %s later: %s", self.name, getattr(event, "task_id", "?"), exc)
+            log.log(logging.DEBUG if isinstance(exc, NotYet) else logging.WARNING, "%s: retrying %s later: %s",
+                    self.name, getattr(event, "task_id", "?"), exc)
             if self.acks:
                 await msg.nak(delay=exc.retry_after_s)
             return

@@ -17,6 +17,12 @@ class TransientError(CorralError):
         self.retry_after_s = retry_after_s
 
 
+class NotYet(TransientError):
+    """The message came before something it waits for (e.g. a task's end before its steps' usage):
+    redelivered after `retry_after_s` like any transient error, but an expected wait, so logged quietly.
+    The handler bounds how often it waits (`shared.consume.delivery()`)."""
+
+
 class PoisonMessage(CorralError):
     """The message can never be processed: it goes to the dead-letter stream."""
 

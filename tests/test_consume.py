@@ -1,4 +1,5 @@
-"""Consuming and observing: a long handler keeps its message; an observer sees what is published, in order."""
+"""Consuming and observing: a long handler keeps its message; a handler not ready yet gets it again; an
+observer sees what is published, in order."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from nats.js.api import StreamConfig
 
 from shared.bus import Bus
-from shared.consume import Consumer
+from shared.consume import Consumer, delivery
+from shared.errors import NotYet
 from shared.observe import Observer
 from shared.streams import consumer_config
 
@@ -81,3 +83,25 @@ async def test_an_observer_sees_events_as_they_are_published_and_skips_one_it_ca
             stop.set()
     assert seen == list(range(300))
     assert (observer.stats.undecodable, observer.stats.handled) == (1, 300)
+
+
+async def test_a_handler_that_is_not_ready_yet_gets_its_message_again_and_knows_which_delivery_it_is(settings):
+    async with Bus.connect(settings, "test-consume") as bus:
+        await _stream(bus)
+        seen: list[int] = []
+        done = anyio.Event()
+
+        async def waits_once(item: Item) -> None:
+            seen.append(delivery())
+            if delivery() < 3:
+                raise NotYet("not yet", retry_after_s=0.05)
+            done.set()
+
+        config = consumer_config(settings, "later", "consume.test.later")
+        consumer = Consumer(bus, STREAM, config, msgspec.json.Decoder(Item).decode, waits_once)
+        await bus.js.publish("consume.test.later", msgspec.json.encode(Item(n=1)))
+        await _run_until(consumer, done, timeout_s=10)
+        info = await bus.js.consumer_info(STREAM, "later")
+    assert seen == [1, 2, 3]
+    assert (consumer.stats.retried, consumer.stats.handled, consumer.stats.dead_lettered) == (2, 1, 0)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
