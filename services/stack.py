@@ -77,33 +77,56 @@ class Process:
         self._log.close()
 
 
+START_ATTEMPTS = 3
+"""A port found free may be taken before the server binds it (by any socket's ephemeral port): try others."""
+
+
 @contextmanager
 def nats_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
     """Run a JetStream-enabled nats-server on loopback; yield its URL."""
-    port = port or free_port()
     store = data_dir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
-    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store),
-            "--http_port", str(free_port())]
-    proc = Process("nats-server", argv, data_dir / "logs" / "nats-server.log")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        chosen = port or free_port()
+        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(chosen), "-js", "-sd", str(store),
+                "--http_port", str(free_port())]
+        log_path = data_dir / "logs" / "nats-server.log"
+        logged = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across runs
+        proc = Process("nats-server", argv, log_path)
+        try:
+            _wait_until_ready(proc, logged)
+            break
+        except StackError:
+            proc.stop()
+            if port is not None or attempt == START_ATTEMPTS or not _lost_its_port(proc.log_path, logged):
+                raise
     try:
-        _wait_for_port(port, proc)
-        yield f"nats://127.0.0.1:{port}"
+        yield f"nats://127.0.0.1:{chosen}"
     finally:
         proc.stop()
 
 
-def _wait_for_port(port: int, proc: Process, timeout: float = 15.0) -> None:
+def _logged_since(log_path: Path, offset: int) -> str:
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def _lost_its_port(log_path: Path, offset: int) -> bool:
+    return "address already in use" in _logged_since(log_path, offset)
+
+
+def _wait_until_ready(proc: Process, offset: int, timeout: float = 15.0) -> None:
+    """Until this server says it is ready. Not "until the port accepts": if another process took the
+    port, that one would accept."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise StackError(f"nats-server exited; see {proc.log_path}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise StackError(f"nats-server did not listen on {port} within {timeout}s; see {proc.log_path}")
+        if "Server is ready" in _logged_since(proc.log_path, offset):
+            return
+        time.sleep(0.05)
+    raise StackError(f"nats-server was not ready within {timeout}s; see {proc.log_path}")
 
 
 def service_argv(name: str, nats_url: str, agent: str | None = None) -> list[str]:

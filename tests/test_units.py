@@ -9,6 +9,7 @@ import pytest
 
 from contracts import ChatMessage
 
+from services import stack
 from services.monitor.handlers import percentiles
 from services.workers.errors import PermanentProviderError, TransientProviderError
 from services.workers.simulated import SimulatedProvider
@@ -103,3 +104,17 @@ def test_without_an_exporter_a_submission_still_starts_a_trace():
     with tracing.producing("submit", {}):
         header = tracing.inject({})["traceparent"]
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", header)
+
+
+def test_a_nats_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real_free_port = stack.free_port
+        monkeypatch.setattr(stack, "free_port", lambda: next(ports, None) or real_free_port())
+        with stack.nats_server(tmp_path) as url:
+            assert url != f"nats://127.0.0.1:{taken.getsockname()[1]}"
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2):
+                pass
+    assert "address already in use" in (tmp_path / "logs" / "nats-server.log").read_text()
