@@ -8,6 +8,10 @@ other keys after this one was read, and the write still happens only if this key
 is unchanged since (the budget relies on that order). Within one process, updates
 of the same key that arrive together are applied in order and written at once.
 `create(key, value)` writes only if the key does not exist: a first-writer-wins marker.
+
+`expires(value)` (optional) gives each write a time to live: the key is removed
+that many seconds after its last write (nats-server's per-message TTL; None keeps
+it). Records of finished work use it, so buckets do not grow forever.
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ class _Waiter:
 
 
 class TypedBucket(Generic[T]):
-    def __init__(self, kv: KeyValue, type_: type[T], default: Callable[[], T]) -> None:
+    def __init__(self, kv: KeyValue, type_: type[T], default: Callable[[], T],
+                 expires: Callable[[T], float | None] | None = None) -> None:
         self.kv = kv
         self.default = default
+        self.expires = expires
         self._decoder = msgspec.json.Decoder(type_)
         self._encoder = msgspec.json.Encoder()
         self.conflicts = 0  # CAS retries since start, for stats and benchmarks
@@ -80,7 +86,7 @@ class TypedBucket(Generic[T]):
         first writer's value, whoever that was)."""
         encoded = self._encoder.encode(value)
         try:
-            revision = await self.kv.create(key, encoded)
+            revision = await self.kv.create(key, encoded, msg_ttl=self._ttl(value))
             self._remember(key, encoded, revision)
             return value
         except KeyWrongLastSequenceError:
@@ -108,7 +114,7 @@ class TypedBucket(Generic[T]):
         wrote it in between. For a change that needs I/O between the read and the write."""
         encoded = self._encoder.encode(value)
         try:
-            written = await self.kv.update(key, encoded, last=revision)
+            written = await self._write(key, encoded, revision, value)
         except KeyWrongLastSequenceError:
             self.conflicts += 1
             self._last_written.pop(key, None)
@@ -179,7 +185,7 @@ class TypedBucket(Generic[T]):
                 continue  # "nothing to change" may be stale news: decide again on a fresh read
             if after != before:
                 try:
-                    written = await self.kv.update(key, after, last=revision)
+                    written = await self._write(key, after, revision, value)
                 except KeyWrongLastSequenceError:
                     self.conflicts += 1
                     await anyio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 6)))
@@ -191,6 +197,17 @@ class TypedBucket(Generic[T]):
         for waiter in batch:
             waiter.finish(error=Contention(f"key {key!r} stayed contended for {MAX_ATTEMPTS} attempts",
                                            retry_after_s=0.5))
+
+    async def _write(self, key: str, encoded: bytes, revision: int, value: T) -> int:
+        """Write if the key is at `revision` (0: does not exist); its revision now. Raises on a conflict."""
+        ttl = self._ttl(value)
+        if ttl is None:
+            return await self.kv.update(key, encoded, last=revision)
+        # nats-py's public update takes no TTL (2.x): its _update does, the same request with a Nats-TTL header
+        return await self.kv._update(key, encoded, last=revision, msg_ttl=ttl)
+
+    def _ttl(self, value: T) -> float | None:
+        return self.expires(value) if self.expires else None
 
     def _remember(self, key: str, value: bytes, revision: int) -> None:
         """Keep what we wrote, so the next update of the key can skip its read: a compare-and-set

@@ -109,8 +109,10 @@ class TunedJetStream(JetStreamContext):
     async def publish(self, subject: str, payload: bytes = b"", timeout: float | None = None,
                       stream: str | None = None, headers: dict[str, Any] | None = None,
                       msg_ttl: float | None = None) -> api.PubAck:
-        if stream is not None or msg_ttl is not None:  # headers of their own: nats-py's path
+        if stream is not None:  # a header of its own: nats-py's path
             return await super().publish(subject, payload, timeout, stream, headers, msg_ttl)
+        if msg_ttl is not None:  # seconds, as nats-py sends it
+            headers = {**(headers or {}), api.Header.MSG_TTL: str(int(msg_ttl))}
         try:
             msg = await self._nc.request(subject, payload, timeout=self._timeout if timeout is None else timeout,
                                          headers=headers)

@@ -22,6 +22,9 @@ from contracts import subjects as s
 from shared.config import Settings
 
 DAY = 24 * 3600.0
+EVENTS_MAX_AGE_S = 7 * DAY
+"""How long the task and step streams keep an event, so the longest after its publication a consumer
+can get it (again). Records that make a redelivery harmless must outlive it."""
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
@@ -32,8 +35,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         duplicate_window=settings.dedup_window_s,
     )
     return [
-        StreamConfig(name=s.STREAM_TASKS, subjects=[s.ALL_TASK_EVENTS], max_age=7 * DAY, **common),
-        StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=7 * DAY, **common),
+        StreamConfig(name=s.STREAM_TASKS, subjects=[s.ALL_TASK_EVENTS], max_age=EVENTS_MAX_AGE_S, **common),
+        StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=EVENTS_MAX_AGE_S, **common),
         StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER, s.ALL_COST], max_age=7 * DAY, **common),
         StreamConfig(name=s.STREAM_DLQ, subjects=[s.ALL_DEAD_LETTERS], max_age=30 * DAY, **common),
     ]

@@ -47,3 +47,19 @@ async def test_concurrent_updates_of_one_key_are_written_together_and_none_is_lo
     assert final.count == 200 and sorted(final.seen) == list(range(200))
     assert sorted(results) == list(range(1, 201))  # each caller got the count its own change made
     assert writes < 100  # far fewer writes than updates: batches, not one CAS each
+
+
+async def test_a_key_written_with_a_time_to_live_goes_after_it_and_one_written_without_stays(settings):
+    async with Bus.connect(settings, "test-kv") as bus:
+        kv = await bus.bucket("test_expiry")
+        lasting = TypedBucket(kv, Counter, Counter)
+        short_lived = TypedBucket(kv, Counter, Counter, expires=lambda counter: 1.0 if counter.count else None)
+        await lasting.update("kept", lambda c: add(c, 1))
+        await short_lived.create("made", Counter(count=1))
+        await short_lived.update("updated", lambda c: add(c, 1))
+        stored = await bus.js.get_msg("KV_test_expiry", subject="$KV.test_expiry.updated", direct=True)
+        assert stored.headers["Nats-TTL"] == "1"
+        with anyio.fail_after(10):
+            while await short_lived.get("made") is not None or await short_lived.get("updated") is not None:
+                await anyio.sleep(0.2)
+        assert (await lasting.get("kept")).count == 1

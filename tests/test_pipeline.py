@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec
+from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec, subjects
 from contracts.policy import BudgetLimits, Defaults, Limits, Policy
 from shared.tokens import count_tokens
 from tests.conftest import stack, wait_until
@@ -110,3 +110,20 @@ async def test_status_reports_what_the_monitor_saw(settings, tenant, user):
     assert report.tokens_last_hour > 0 and report.cost_usd > 0
     assert "guard" in report.queue_depth
     assert task_state.found is False
+
+
+async def test_a_finished_tasks_records_and_its_idle_account_expire_so_the_buckets_do_not_grow_forever(settings, tenant, user):
+    async with stack(settings) as client:
+        end = await client.run(TaskSpec(agent="research", prompt="Summarise the design"), tenant=tenant, user=user)
+
+        async def ttl_of(bucket: str, key: str) -> str | None:
+            stored = await client.bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+            return (stored.headers or {}).get("Nats-TTL")
+
+        journal_ttl = await wait_until(lambda: ttl_of(subjects.KV_BUDGET, f"task.{end.task_id}"))
+        record_ttl = await ttl_of(subjects.KV_TASKS, end.task_id)
+        account_ttl = await wait_until(lambda: ttl_of(subjects.KV_BUDGET, f"acct.user.{tenant}.{user}"))
+    assert isinstance(end, TaskCompleted), end
+    assert int(journal_ttl) == 35 * 24 * 3600  # a month of `corral cost`
+    assert int(record_ttl) == 8 * 24 * 3600  # a day past the longest an event of the task can come back
+    assert int(account_ttl) == 2 * 24 * 3600  # released: it holds nothing, and its windows pass

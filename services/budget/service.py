@@ -23,16 +23,27 @@ from shared.runtime import micro_service
 from shared.streams import consumer_config
 
 NAME = "budget"
+JOURNAL_TTL_S = 35 * 24 * 3600.0
+"""A task's journal (what `corral cost` shows) is kept 35 days after its last change: a month's bills, and
+far longer than any of the task's events can come back (shared.streams.EVENTS_MAX_AGE_S)."""
+IDLE_ACCOUNT_TTL_S = 2 * 24 * 3600.0
+"""An account that holds nothing goes two days after its last change: its windows have passed by then, and a
+fresh account is the same thing. One with holds stays (its holds expire, and that changes it)."""
 log = logging.getLogger(__name__)
 _budget_query = msgspec.json.Decoder(BudgetQuery)
 _cost_query = msgspec.json.Decoder(CostQuery)
+
+
+def _idle_account_ttl(account: Account) -> float | None:
+    return None if account.holds else IDLE_ACCOUNT_TTL_S
 
 
 async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -> None:
     async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BUDGET), await bus.policy_bucket()
         policy = await PolicyView.load(policy_kv)
-        accounts, journals = TypedBucket(kv, Account, Account), TypedBucket(kv, TaskJournal, lambda: None)
+        accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl)
+        journals = TypedBucket(kv, TaskJournal, lambda: None, expires=lambda _: JOURNAL_TTL_S)
         budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s)
 
         async def show(data: bytes) -> bytes:

@@ -27,12 +27,18 @@ from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket, follow_bucket
 from shared.policy import PolicyView
 from shared.runtime import micro_service
-from shared.streams import consumer_config
+from shared.streams import EVENTS_MAX_AGE_S, consumer_config
 
 NAME = "executor"
 CACHE_TTL_S = 24 * 3600.0
+ENDED_RECORD_TTL_S = EVENTS_MAX_AGE_S + 24 * 3600.0
+"""A finished task's record is kept a day longer than any of its events can come back (it answers them)."""
 SWEEP_MARGIN_S = 2.0
 _query = msgspec.json.Decoder(TaskStatusQuery)
+
+
+def _ended_record_ttl(record: TaskRecord) -> float | None:
+    return None if record.status == "running" else ENDED_RECORD_TTL_S
 
 
 async def run(settings: Settings, stop: anyio.Event) -> None:
@@ -41,7 +47,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         tasks_kv, cache_kv = await bus.bucket(s.KV_TASKS), await bus.bucket(s.KV_CACHE, ttl_s=CACHE_TTL_S)
         policy, view = await PolicyView.load(policy_kv), BreakerView()
         replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
-        executor = Executor(policy, TypedBucket(tasks_kv, TaskRecord, lambda: None),
+        records = TypedBucket(tasks_kv, TaskRecord, lambda: None, expires=_ended_record_ttl)
+        executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None),
                             republish_window_s=settings.dedup_window_s)
