@@ -12,6 +12,7 @@ import os
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import anyio
 import msgspec
@@ -58,6 +59,7 @@ class Measured(msgspec.Struct):
     other_cpu_s: float  # used by processes not ours during the run
     server_msgs: int  # through the nats-server during the run, in + out
     crashed: list[str]
+    kv_writes: dict[str, int] = {}  # per KV bucket during the run: where the pipeline's writes go
     lost_status: dict[str, str] = {}
 
 
@@ -225,15 +227,28 @@ async def sampled(pids: dict[str, int], suffix: str, measure: Callable[[], Await
 
 def server_messages(pid: int | None) -> int:
     """Messages in + out of the nats-server so far, from its monitoring port (0 if unknown)."""
+    varz = _monitoring(pid, "varz") or {}
+    return varz.get("in_msgs", 0) + varz.get("out_msgs", 0)
+
+
+def kv_writes(pid: int | None) -> dict[str, int]:
+    """Writes so far to each KV bucket (its stream's last sequence), from the monitoring port."""
+    jsz = _monitoring(pid, "jsz?streams=true") or {}
+    return {stream["name"].removeprefix("KV_"): stream["state"]["last_seq"]
+            for account in jsz.get("account_details", []) for stream in account.get("stream_detail", [])
+            if stream["name"].startswith("KV_")}
+
+
+def _monitoring(pid: int | None, path: str) -> dict[str, Any] | None:
+    """The nats-server's monitoring endpoint `path` (None if unknown)."""
     try:
         argv = psutil.Process(pid).cmdline() if pid else []
         port = int(argv[argv.index("--http_port") + 1])
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-        with opener.open(f"http://127.0.0.1:{port}/varz", timeout=2) as response:
-            varz = json.load(response)
+        with opener.open(f"http://127.0.0.1:{port}/{path}", timeout=2) as response:
+            return json.load(response)
     except (psutil.Error, ValueError, IndexError, OSError):
-        return 0
-    return varz.get("in_msgs", 0) + varz.get("out_msgs", 0)
+        return None
 
 
 def warm_up_failed(warm: RunResult) -> bool:

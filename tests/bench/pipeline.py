@@ -20,7 +20,8 @@ from services.stack import Services
 from shared.bus import Bus
 from shared.config import Settings
 from shared.policy import apply_policy
-from tests.bench.common import ISOLATED_ENV, WARMUP_IDLE_S, Measured, RunResult, drive, sampled, warm_up_failed
+from tests.bench.common import (ISOLATED_ENV, WARMUP_IDLE_S, Measured, RunResult, drive, kv_writes, nats_server_pid,
+                                sampled, warm_up_failed)
 
 TENANTS = ("default", "acme", "globex", "initech")
 AGENTS = ("research", "coding", "writing")
@@ -77,11 +78,15 @@ async def _measure(services: Services, tasks: int, users: int, concurrency: int,
             raise RuntimeError(f"no warm-up task finished; see the logs in {services.log_dir}")
         plan = workload(tasks, users)
         pids = {proc.name: proc.pid for proc in services.processes}
+        server = nats_server_pid()
+        writes_before = await anyio.to_thread.run_sync(kv_writes, server)
         result, sampler, server_msgs = await sampled(
             pids, "", lambda: _drive(client, events, plan, concurrency, idle_timeout_s))
+        writes_after = await anyio.to_thread.run_sync(kv_writes, server)
         lost_status = {task_id: await _status(client, task_id) for task_id in result.lost_sample}
     return Measured(result=result, processes=sampler.stats(), other_cpu_s=sampler.other_cpu_s(),
                     server_msgs=server_msgs, crashed=[proc.name for proc in services.crashed()],
+                    kv_writes={bucket: last - writes_before.get(bucket, 0) for bucket, last in writes_after.items()},
                     lost_status=lost_status)
 
 

@@ -93,10 +93,17 @@ def _summary(data: dict[str, Any]) -> Table:
     table.add_row("messages through nats-server per item",
                   *[f"{run['server_msgs'] / max(run['result']['arrived'], 1):.1f}" if run else "skipped"
                     for run in (pipe, floor)])
+    table.add_row("KV writes per item, by bucket", _kv_writes(pipe), "none" if floor else "skipped")
     table.add_row("CPU used by other processes", *[_other(run) for run in (pipe, floor)])
     ratio_text = "-" if ratio is None else f"{ratio:.1%}"
     table.add_row("throughput / floor", f"{ratio_text} (target ≥ {TARGET_RATIO:.0%})", "")
     return table
+
+
+def _kv_writes(run: dict[str, Any]) -> str:
+    items = max(run["result"]["arrived"], 1)
+    writes = sorted(run["kv_writes"].items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{bucket.removeprefix('corral_')} {count / items:.1f}" for bucket, count in writes if count) or "-"
 
 
 def _other(run: dict[str, Any] | None) -> str:
