@@ -118,7 +118,7 @@ class Consumer(Generic[T]):
                 await handlers.finished()
 
     async def _handle(self, msg: Msg) -> None:
-        deliveries = msg.metadata.num_delivered
+        deliveries = _deliveries(msg)
         if deliveries > 1:
             self.stats.redelivered += 1
         try:
@@ -240,6 +240,14 @@ class HandlerTasks:
     async def finished(self) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
+
+
+def _deliveries(msg: Msg) -> int:
+    """Which delivery of `msg` this is, from its ack subject ($JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<time>.<pending>). nats-py's `metadata` parses every field (3 µs); this only the one
+    every message needs. The longer form with a domain and account goes to nats-py."""
+    tokens = msg.reply.split(".")
+    return int(tokens[4]) if len(tokens) == 9 else msg.metadata.num_delivered
 
 
 def decoder_for(contract: type[T] | Any) -> Decode[T]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 
 from opentelemetry import context, propagate, trace
@@ -57,13 +57,16 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-@contextmanager
-def consuming(name: str, headers: Mapping[str, str] | None, attributes: dict[str, str]) -> Iterator[Span | None]:
+def consuming(name: str, headers: Mapping[str, str] | None,
+              attributes: dict[str, str]) -> AbstractContextManager[Span | None]:
     """A CONSUMER span continuing the trace found in `headers`, current while the block runs."""
-    if _tracer is None:
-        with _carrying({k: headers[k] for k in TRACE_HEADERS if headers and k in headers}):
-            yield None
-        return
+    if _tracer is None:  # on every message: a plain object, not a generator (a third of the cost)
+        return _Carrying({k: headers[k] for k in TRACE_HEADERS if k in headers} if headers else {})
+    return _consumer_span(name, headers, attributes)
+
+
+@contextmanager
+def _consumer_span(name: str, headers: Mapping[str, str] | None, attributes: dict[str, str]) -> Iterator[Span]:
     token = context.attach(propagate.extract(dict(headers or {})))
     try:
         with _tracer.start_as_current_span(name, kind=SpanKind.CONSUMER, attributes=attributes) as span:
@@ -76,17 +79,24 @@ def consuming(name: str, headers: Mapping[str, str] | None, attributes: dict[str
 def producing(name: str, attributes: dict[str, str]) -> Iterator[Span | None]:
     """A PRODUCER span for a message that starts a trace (e.g. a task submission)."""
     if _tracer is None:  # no export here, but later hops may export: start the trace id anyway
-        with _carrying({"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}):
+        with _Carrying({"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}):
             yield None
         return
     with _tracer.start_as_current_span(name, kind=SpanKind.PRODUCER, attributes=attributes) as span:
         yield span
 
 
-@contextmanager
-def _carrying(headers: dict[str, str]) -> Iterator[None]:
-    token = _carried.set(headers)
-    try:
-        yield
-    finally:
-        _carried.reset(token)
+class _Carrying:
+    """Carry `headers` (the trace context) to what the block publishes."""
+
+    __slots__ = ("headers", "token")
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def __enter__(self) -> None:
+        self.token = _carried.set(self.headers)
+
+    def __exit__(self, *_: object) -> None:
+        _carried.reset(self.token)
+

@@ -6,6 +6,7 @@ import socket
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
 from contracts import ChatMessage
 
@@ -14,6 +15,7 @@ from services.monitor.handlers import percentiles
 from services.workers.errors import PermanentProviderError, TransientProviderError
 from services.workers.simulated import SimulatedProvider
 from shared.config import load_settings
+from shared.consume import _deliveries
 from shared.errors import ConfigError
 from shared.tokens import count_tokens, encoding_for
 
@@ -118,3 +120,10 @@ def test_a_nats_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp
             with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2):
                 pass
     assert "address already in use" in (tmp_path / "logs" / "nats-server.log").read_text()
+
+
+def test_the_delivery_count_is_read_from_either_form_of_ack_subject():
+    short = Msg(_client=None, subject="s", reply="$JS.ACK.TASKS.guard.3.120.97.1764215123123456789.5")
+    with_domain = Msg(_client=None, subject="s",
+                      reply="$JS.ACK.hub.ACCOUNTHASH.TASKS.guard.4.120.97.1764215123123456789.5.token")
+    assert (_deliveries(short), _deliveries(with_domain)) == (3, 4)
