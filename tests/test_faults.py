@@ -7,7 +7,7 @@ import uuid
 import anyio
 import pytest
 
-from contracts import TaskAdmitted, TaskCompleted, TaskProgress, TaskSpec, Usage, subjects, utcnow
+from contracts import TaskAdmitted, TaskCompleted, TaskFailed, TaskProgress, TaskSpec, Usage, subjects, utcnow
 from contracts.policy import DEFAULT_POLICY, Defaults, Policy
 from services.budget.handlers import Budget, user_key
 from services.budget.ledger import Account, TaskJournal
@@ -161,3 +161,27 @@ async def test_a_crash_after_any_ledger_write_is_repaired_by_redelivery_without_
             assert (cost.status, cost.tokens, len(cost.steps)) == ("finished", 200, 1), crash_after
             assert [(w.used, w.reserved) for w in shown.windows if w.scope == "user"] == [(200, 0), (200, 0)]
             assert account.holds == {}, crash_after  # nothing left behind
+
+
+async def test_a_step_another_replica_posts_while_a_release_reads_a_stale_account_is_journaled_by_the_release(
+        settings, tenant):
+    user = f"u-{uuid.uuid4().hex[:6]}"
+    async with Bus.connect(settings, "test-budget") as bus:
+        kv = await bus.bucket(subjects.KV_BUDGET)
+
+        def replica() -> Budget:  # each with its own memory of what it wrote last
+            return Budget(lambda: DEFAULT_POLICY, TypedBucket(kv, Account, Account),
+                          TypedBucket(kv, TaskJournal, lambda: None), bus.emit, utcnow)
+
+        first, second = replica(), replica()
+        await first.on_validated(validated("r1", tenant, user, 500))
+        await second.on_step_completed(completed_step("r1", tenant, user, 1, 40, 160))
+        # `first` last wrote the account before the step: its release starts from that view
+        ended = TaskFailed(task_id="r1", tenant=tenant, user=user, reason="permanent_error", error="a later step",
+                           attempts=[])
+        await first.on_task_finished(ended)
+        cost, shown = await first.cost("r1"), await first.show(tenant, user)
+        account = await first.accounts.get(user_key(tenant, user))
+    assert (cost.status, cost.tokens, [s.step_id for s in cost.steps]) == ("finished", 200, ["r1-a1"])
+    assert [(w.used, w.reserved) for w in shown.windows] == [(200, 0)] * 4  # user and tenant, day and hour
+    assert account.holds == {}

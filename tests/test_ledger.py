@@ -6,6 +6,7 @@ import pytest
 
 from contracts import Usage
 from contracts.policy import BudgetLimits, Price
+from contracts.queries import StepCost
 from services.budget import ledger
 from services.budget.ledger import Account
 
@@ -53,6 +54,18 @@ def test_a_step_is_posted_once_and_shrinks_its_tasks_reservation():
     assert post(account, "t1", "t1-a1", 250) is not None
     assert post(account, "t1", "t1-a1", 250) is None
     assert (account.day.used, account.hour.used, account.reserved) == (250, 250, 350)
+
+
+def test_a_steps_cost_waits_in_the_hold_with_its_tokens_beyond_the_reservation_until_the_release():
+    account = Account()
+    reserve(account, "t1", 100)
+    charge = StepCost(step_id="t1-a1", model="m", usage=Usage(input_tokens=100, output_tokens=200), cost_usd=0.01)
+    ledger.post(account, "t1", "t1-a1", 300, 0.01, LIMITS, NOON, thresholds=True, charge=charge)
+    ledger.post(account, "t1", "t1-a1", 300, 0.01, LIMITS, NOON, thresholds=True, charge=charge)  # again: once
+    ledger.close(account, "t1")
+    assert [(c.step_id, c.over_reservation) for c in account.holds["t1"].costs] == [("t1-a1", 200)]
+    assert account.holds["t1"].posted_tokens == 300
+    assert ledger.expire(account, NOON.timestamp() + 1) == {}  # closed already: nothing to expire
 
 
 def test_usage_above_the_reservation_is_posted_and_flagged():
@@ -129,7 +142,7 @@ def test_a_hold_older_than_the_timeout_expires_and_a_newer_one_does_not():
     reserve(account, "old", 300, now=datetime(2026, 11, 27, 11, 0, tzinfo=UTC))
     reserve(account, "new", 300, now=datetime(2026, 11, 27, 11, 50, tzinfo=UTC))
     cutoff = datetime(2026, 11, 27, 11, 45, tzinfo=UTC).timestamp()
-    assert ledger.expire(account, cutoff) == ["old"]
+    assert ledger.expire(account, cutoff) == {"old": []}
     assert account.reserved == 300 and account.holds["old"].closed
 
 

@@ -10,20 +10,23 @@ replicas share the ledger without a lock, and every handler can be run again
   written once (KV create) in the task's journal before anything is published, and
   whoever comes later (a redelivery, a concurrent duplicate) follows that decision
   and makes the holds agree with it.
-- **post** keeps the step id inside the task's hold, in the same compare-and-set
-  that adds the tokens; then the step goes into the task's journal. When the task has
-  no hold in an account any more (it ended before this step was posted), the
-  handler reads the account, then the journal, and writes the account only if it did
-  not change since it was read: a step is in the journal before its hold goes.
+- **post** posts the step to the tenant's account, then to the user's, each in one
+  compare-and-set that also keeps the step id in the task's hold (the user's keeps its
+  cost too). So a step in the user's hold is in the tenant's. While the task runs,
+  that is all: its release copies the user's hold into the journal. A step that finds
+  the hold closed (its task's release has begun) goes into the journal itself. When
+  the task has no hold in an account any more (it ended before this step was posted),
+  the handler reads the account, then the journal, and writes the account only if it
+  did not change since it was read: a step is in the journal before its hold goes.
 - **release** first waits, at most STEP_WAITS times, for the usage of the steps the
   task's end reports: the executor publishes each StepCompleted before the end, but
-  the two reach the budget on different consumers, and a step posted after its
-  task's release costs twice the writes. Then it closes the task's holds (they
+  the two reach the budget on different consumers. Then it marks the journal
+  finished with the steps the user's hold has kept (publishing the task's
+  CostNotice first, when that completes it), then closes the task's holds (they
   reserve nothing more) and drops each one whose steps the journal lists, one
-  compare-and-set per account; then marks the journal finished (publishing the
-  task's CostNotice first, when that completes it). Steps journaled in between are
-  settled right after; a step journaled later is settled by its own handler, which
-  finds the journal finished.
+  compare-and-set per account. A step posted in between is found by that close:
+  it is journaled, and its holds dropped, right after. A step posted later finds the
+  hold closed or gone and journals itself.
 - **expire**: a hold older than the timeout is closed the same way, by any replica.
 """
 
@@ -152,30 +155,34 @@ class Budget:
     async def on_step_completed(self, step: StepCompleted) -> None:
         now, tokens = self.clock(), step.usage.total
         cost = self.policy().price_of(step.model).cost(step.usage)
-        over, user_after = 0, None
-        for key, limits, is_user in self._accounts(step.tenant, step.user):
-            posted, after = await self.accounts.update(key, partial(
-                self._post, step=step, tokens=tokens, cost=cost, limits=limits, now=now, thresholds=is_user))
-            if is_user:
-                over, user_after = (posted.over_reservation if posted else await self._over_of(key, step)), after
-        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost,
-                          over_reservation=over, posted_at=now)
+        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now)
+        (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(step.tenant, step.user)
+        post = partial(self._post, step=step, tokens=tokens, cost=cost, now=now)
+        await self.accounts.update(tkey, partial(post, limits=tenant_limits, charge=None))  # the tenant's first
+        user = await self.accounts.update(ukey, partial(post, limits=user_limits, charge=charge))
+        over = user.posted.over_reservation if user.posted else await self._over_of(ukey, step)
         if over:
             log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
-        journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
-                                             default=partial(_untracked, step, now))
-        await self._settle(step.tenant, step.user, journal)
-        if user_after is not None and user_after.due:
-            await self._notify_thresholds(step.tenant, step.user, user_after)
+        if not user.running:  # the release has begun (or is over): it may not see this step
+            charge = msgspec.structs.replace(charge, over_reservation=over)
+            journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
+                                                 default=partial(_untracked, step, now))
+            await self._settle(step.tenant, step.user, journal)
+        if user.after is not None and user.after.due:
+            await self._notify_thresholds(step.tenant, step.user, user.after)
 
     async def _post(self, account: Account, *, step: StepCompleted, tokens: int, cost: float, limits: BudgetLimits,
-                    now: datetime, thresholds: bool) -> tuple[ledger.Posted | None, _After | None]:
-        """Post the step; with `thresholds` (the user's account) also what the account holds after."""
+                    now: datetime, charge: StepCost | None) -> _Post:
+        """Post the step; with a `charge` (the user's account) keep its cost in the hold and report what the
+        account holds after."""
+        hold = account.holds.get(step.task_id)
         posted = None
-        if step.task_id in account.holds or step.step_id not in await self._journaled(step.task_id):
-            posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now, thresholds)
+        if hold is not None or step.step_id not in await self._journaled(step.task_id):
+            posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now,
+                                 thresholds=charge is not None, charge=charge)
         # else: posted, journaled and settled already (the account was read before the journal)
-        return posted, (_After.of(account, limits, now) if thresholds else None)
+        return _Post(posted=posted, running=hold is not None and not hold.closed,
+                     after=_After.of(account, limits, now) if charge is not None else None)
 
     async def _journaled(self, task_id: str) -> set[str]:
         journal = await self.journals.get(task_key(task_id))
@@ -190,29 +197,31 @@ class Budget:
     # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        key = task_key(task.task_id)
+        key, spent = task_key(task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
+        (ukey, user_limits, _), _ = self._accounts(task.tenant, task.user)
         waited = delivery() - 1
-        # it only gains steps: an old one settles less; after a wait, ask the server (another replica may post)
-        journal, _ = await self.journals.read(key, cached=waited == 0)
-        spent = task.usage.total if isinstance(task, TaskCompleted) else 0
-        if waited < STEP_WAITS and spent > (journal.tokens if journal is not None else 0):
+        # the hold as this process last wrote it; after a wait, as the server has it (another replica may post)
+        account, _ = await self.accounts.read(ukey, cached=waited == 0)
+        hold = account.holds.get(task.task_id) if account is not None else None
+        if waited < STEP_WAITS and hold is not None and not hold.closed and spent > hold.posted_tokens:
             raise NotYet(f"task {task.task_id}: waiting for its steps' usage ({spent} tokens) before releasing it",
                          retry_after_s=STEP_WAIT_S)
-        journaled = journal.step_ids() if journal is not None else None
-        user_after = await self._close_and_settle(task.tenant, task.user, task.task_id, close=True,
-                                                  journaled=journaled)
-        journal = await self.journals.update(key, partial(self._finish_and_notify, expected_tokens=spent,
-                                                          user_after=user_after))
-        if journal is not None and journaled is not None and journal.step_ids() != journaled:
-            # steps journaled since the read above: their closed holds can go now
-            await self._close_and_settle(task.tenant, task.user, task.task_id, close=False,
-                                         journaled=journal.step_ids())
+        user_after = _After.releasing(account or Account(), task.task_id, user_limits, self.clock())
+        journal = await self.journals.update(key, partial(
+            self._finish_and_notify, steps=list(hold.costs) if hold else [], expected_tokens=spent,
+            user_after=user_after))
+        _, unjournaled = await self._close_and_settle(task.tenant, task.user, task.task_id, close=True,
+                                                      journaled=journal.step_ids() if journal else None)
+        if unjournaled and journal is not None:  # posted since the read above, while the hold was open
+            journal = await self.journals.update(key, partial(_journal_steps, charges=unjournaled))
+            await self._settle(task.tenant, task.user, journal)
 
-    async def _finish_and_notify(self, journal: TaskJournal | None, *, expected_tokens: int,
+    async def _finish_and_notify(self, journal: TaskJournal | None, *, steps: list[StepCost], expected_tokens: int,
                                  user_after: _After) -> TaskJournal | None:
-        """Mark the journal finished; if that completes it, publish its CostNotice before the write that
-        marks it sent. A retried write publishes it again, which the stream drops as a duplicate."""
-        journal = _finish(journal, status="finished", expected_tokens=expected_tokens)
+        """Mark the journal finished, with the steps the user's hold kept; if that completes it, publish its
+        CostNotice before the write that marks it sent. A retried write publishes it again, which the stream
+        drops as a duplicate."""
+        journal = _finish(journal, status="finished", expected_tokens=expected_tokens, steps=steps)
         if journal is not None and journal.notice_due():
             await self._publish_task_notice(journal, user_after)
             journal.notified = True
@@ -223,11 +232,16 @@ class Budget:
         cutoff = self.clock().timestamp() - self.hold_timeout_s
         expired: list[str] = []
         async for key, account in self.accounts.scan(ACCOUNT_KEYS):
-            if any(not hold.closed and hold.since < cutoff for hold in account.holds.values()):
-                for task_id in await self.accounts.update(key, partial(ledger.expire, cutoff=cutoff)):
-                    expired.append(task_id)
-                    log.warning("task %s: reservation in %s expired after %.0f s", task_id, key, self.hold_timeout_s)
-                    journal = await self.journals.update(task_key(task_id), partial(_finish, status="expired"))
+            stale = [task_id for task_id, hold in account.holds.items() if hold.since < cutoff]
+            if stale:  # open ones expire; closed ones left unsettled (a replica died in between) settle
+                closed_now = await self.accounts.update(key, partial(ledger.expire, cutoff=cutoff))
+                for task_id in stale:
+                    if task_id in closed_now:
+                        expired.append(task_id)
+                        log.warning("task %s: reservation in %s expired after %.0f s", task_id, key,
+                                    self.hold_timeout_s)
+                    journal = await self.journals.update(task_key(task_id), partial(
+                        _finish, status="expired", steps=closed_now.get(task_id, [])))
                     await self.accounts.update(key, partial(ledger.settle, task_id=task_id,
                                                             journaled=journal.step_ids() if journal else set()))
             elif ledger.due_notices(account) and key.startswith("acct.user."):
@@ -242,21 +256,21 @@ class Budget:
         for, and publish its CostNotice once it is complete."""
         if journal is None or journal.status not in ("finished", "expired"):
             return
-        user_after = await self._close_and_settle(tenant, user, journal.task_id, close=False,
-                                                  journaled=journal.step_ids())
+        user_after, _ = await self._close_and_settle(tenant, user, journal.task_id, close=False,
+                                                     journaled=journal.step_ids())
         if journal.notice_due():
             await self._publish_task_notice(journal, user_after)
             await self.journals.update(task_key(journal.task_id), _mark_notified)
 
     async def _close_and_settle(self, tenant: str, user: str, task_id: str, *, close: bool,
-                                journaled: set[str] | None) -> _After:
+                                journaled: set[str] | None) -> tuple[_After, list[StepCost]]:
         """Close the task's holds if `close`; drop the closed ones whose steps are all `journaled`.
-        Returns the user's account as written."""
+        Returns the user's account as written, and the costs its hold keeps that `journaled` lacks."""
         change = partial(_close_and_settle, task_id=task_id, close=close, journaled=journaled, now=self.clock())
         (user_account, user_limits, _), (tenant_account, tenant_limits, _) = self._accounts(tenant, user)
-        user_after = await self.accounts.update(user_account, partial(change, limits=user_limits, report=True))
+        written = await self.accounts.update(user_account, partial(change, limits=user_limits, report=True))
         await self.accounts.update(tenant_account, partial(change, limits=tenant_limits, report=False))
-        return user_after
+        return written
 
     # --- notices ----------------------------------------------------------------------
 
@@ -301,6 +315,10 @@ class Budget:
         journal = await self.journals.get(task_key(task_id))
         if journal is None:
             return CostReply(task_id=task_id, found=False)
+        if journal.status == "admitted":  # running: the steps so far wait in the user's hold
+            account = await self.accounts.get(user_key(journal.tenant, journal.user))
+            hold = account.holds.get(task_id) if account is not None else None
+            journal.add_steps(hold.costs if hold is not None else [])
         models: dict[str, list[StepCost]] = {}
         for step in journal.steps:
             models.setdefault(step.model, []).append(step)
@@ -327,14 +345,35 @@ class _After(msgspec.Struct, frozen=True):
         ledger.roll(account, now)
         return cls(account.remaining("day", limits), account.remaining("hour", limits), ledger.due_notices(account))
 
+    @classmethod
+    def releasing(cls, account: Account, task_id: str, limits: BudgetLimits, now: datetime) -> _After:
+        """What closing the task's hold will leave in (this copy of) the account."""
+        ledger.close(account, task_id)
+        return cls.of(account, limits, now)
+
+
+class _Post(msgspec.Struct, frozen=True):
+    """What posting a step to one account did."""
+
+    posted: ledger.Posted | None
+    """None: this account had the step already."""
+    running: bool
+    """The task's hold was open: its release, still to come, will journal the step."""
+    after: _After | None
+    """The user's account as written (None for the tenant's)."""
+
 
 def _close_and_settle(account: Account, *, task_id: str, close: bool, journaled: set[str] | None,
-                      limits: BudgetLimits, now: datetime, report: bool) -> _After | None:
+                      limits: BudgetLimits, now: datetime, report: bool) -> tuple[_After, list[StepCost]] | None:
     if close:
         ledger.close(account, task_id)
     if journaled is not None:
         ledger.settle(account, task_id, journaled)
-    return _After.of(account, limits, now) if report else None  # only the user's: a tenant's holds are many
+    if not report:  # only the user's: a tenant's holds are many
+        return None
+    hold = account.holds.get(task_id)
+    unjournaled = [cost for cost in hold.costs if cost.step_id not in (journaled or set())] if hold else []
+    return _After.of(account, limits, now), unjournaled
 
 
 # --- journal changes (pure: they run again on a conflict) ---------------------------------
@@ -351,14 +390,21 @@ def _journal_step(journal: TaskJournal, *, charge: StepCost) -> TaskJournal:
     return journal
 
 
-def _finish(journal: TaskJournal | None, *, status: ledger.JournalStatus,
-            expected_tokens: int | None = None) -> TaskJournal | None:
+def _journal_steps(journal: TaskJournal | None, *, charges: list[StepCost]) -> TaskJournal | None:
+    if journal is not None:
+        journal.add_steps(charges)
+    return journal
+
+
+def _finish(journal: TaskJournal | None, *, status: ledger.JournalStatus, expected_tokens: int | None = None,
+            steps: list[StepCost] | None = None) -> TaskJournal | None:
     if journal is None or journal.status == "rejected":
         return journal
     if status == "finished" or journal.status == "admitted":
         journal.status = status
     if expected_tokens is not None:
         journal.expected_tokens = expected_tokens
+    journal.add_steps(steps or [])
     return journal
 
 

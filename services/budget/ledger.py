@@ -9,13 +9,16 @@ Two kinds of record live in the budget's KV bucket:
 - a **TaskJournal** per task: the decision (admitted or rejected), every step
   posted with its usage and cost, and how the task ended. It is what `corral cost`
   shows and what keeps a step from being billed twice once the task's hold is gone.
+  While the task runs, its steps' costs wait in its hold in the user's account: the
+  release copies them into the journal in one write, not one write per step.
 
 An account stays small: a hold exists only while its task runs (plus the moment it
-takes to copy its step ids into the journal), and windows are replaced when the
-hour or day turns.
+takes to copy its steps into the journal), and windows are replaced when the hour
+or day turns.
 
     reserve(task, estimate)  at admission: only if used + reserved + estimate <= limit, for every window
-    post(task, step, tokens) once per step id: used += tokens; the hold shrinks; the step id is kept in it
+    post(task, step, tokens) once per step id: used += tokens; the hold shrinks; the step id (and, in the
+                             user's account, its cost) is kept in it
     close(task)              at the end (or on expiry): the hold reserves nothing more
     settle(task, journaled)  the closed hold goes, once the journal lists every step it posted
 """
@@ -66,6 +69,12 @@ class Hold(msgspec.Struct, kw_only=True, omit_defaults=True):
     closed: bool = False
     """The task ended (or the hold expired): it holds nothing, and stays only until
     the task's journal lists all of `steps`."""
+    costs: list[StepCost] = []
+    """In the user's account: each posted step as the journal will list it, until the journal does."""
+
+    @property
+    def posted_tokens(self) -> int:
+        return sum(cost.usage.total for cost in self.costs)
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -118,6 +127,11 @@ class TaskJournal(msgspec.Struct, kw_only=True):
 
     def step_ids(self) -> set[str]:
         return {step.step_id for step in self.steps}
+
+    def add_steps(self, costs: list[StepCost]) -> None:
+        """List the steps it does not list yet (a step is listed once, whoever copies it)."""
+        listed = self.step_ids()
+        self.steps.extend(cost for cost in costs if cost.step_id not in listed)
 
     @property
     def ended(self) -> bool:
@@ -202,8 +216,9 @@ def unreserve(account: Account, task_id: str) -> None:
 
 
 def post(account: Account, task_id: str, step_id: str, tokens: int, cost_usd: float, limits: BudgetLimits,
-         now: datetime, thresholds: bool) -> Posted | None:
-    """Post a step's usage once; None if this account has it already.
+         now: datetime, thresholds: bool, charge: StepCost | None = None) -> Posted | None:
+    """Post a step's usage once; None if this account has it already. `charge`: keep the step's cost
+    in the hold (with its tokens beyond the reservation) until the journal lists it.
 
     The caller must know that the step is not in the task's journal when the task has
     no hold here (a late step): then a closed hold is made to carry the step id until
@@ -218,6 +233,8 @@ def post(account: Account, task_id: str, step_id: str, tokens: int, cost_usd: fl
     if not hold.closed:
         hold.reserved = max(0, hold.reserved - tokens)
     hold.steps[step_id] = over
+    if charge is not None:
+        hold.costs.append(msgspec.structs.replace(charge, over_reservation=over))
     for name in WINDOWS:
         window = account.window(name)
         before = window.used
@@ -249,12 +266,13 @@ def settle(account: Account, task_id: str, journaled: set[str]) -> bool:
     return True
 
 
-def expire(account: Account, cutoff: float) -> list[str]:
-    """Close every open hold made before `cutoff` (unix seconds); returns their task ids."""
+def expire(account: Account, cutoff: float) -> dict[str, list[StepCost]]:
+    """Close every open hold made before `cutoff` (unix seconds); returns their task ids and the costs
+    of the steps they kept, for the journals."""
     expired = [task_id for task_id, hold in account.holds.items() if not hold.closed and hold.since < cutoff]
     for task_id in expired:
         close(account, task_id)
-    return expired
+    return {task_id: list(account.holds[task_id].costs) for task_id in expired}
 
 
 # --- notices -------------------------------------------------------------------------
