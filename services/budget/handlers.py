@@ -199,11 +199,14 @@ class Budget:
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
         key, spent = task_key(task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
         (ukey, user_limits, _), _ = self._accounts(task.tenant, task.user)
-        waited = delivery() - 1
-        # the hold as this process last wrote it; after a wait, as the server has it (another replica may post)
-        account, _ = await self.accounts.read(ukey, cached=waited == 0)
+        # the hold as this process last wrote it; if that lacks steps, as the server has it (another replica
+        # may have posted them); if that lacks them too, wait for them
+        account, _ = await self.accounts.read(ukey, cached=True)
         hold = account.holds.get(task.task_id) if account is not None else None
-        if waited < STEP_WAITS and hold is not None and not hold.closed and spent > hold.posted_tokens:
+        if hold is not None and not hold.closed and spent > hold.posted_tokens:
+            account, _ = await self.accounts.read(ukey)
+            hold = account.holds.get(task.task_id) if account is not None else None
+        if delivery() <= STEP_WAITS and hold is not None and not hold.closed and spent > hold.posted_tokens:
             raise NotYet(f"task {task.task_id}: waiting for its steps' usage ({spent} tokens) before releasing it",
                          retry_after_s=STEP_WAIT_S)
         user_after = _After.releasing(account or Account(), task.task_id, user_limits, self.clock())
