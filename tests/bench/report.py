@@ -31,8 +31,19 @@ def machine() -> dict[str, Any]:
     return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
-def results(command: str, options: dict[str, Any], pipeline: Measured, floor: Measured | None) -> dict[str, Any]:
-    ratio = pipeline.result.per_s / floor.result.per_s if floor and floor.result.per_s else None
+def ratio_of(pipeline: Measured, floor: Measured | None) -> float | None:
+    return pipeline.result.per_s / floor.result.per_s if floor and floor.result.per_s else None
+
+
+def median_round(runs: list[tuple[Measured, Measured | None]]) -> tuple[Measured, Measured | None]:
+    """The round whose ratio (or, without a floor, pipeline rate) is the median: the one the tables show."""
+    ordered = sorted(runs, key=lambda run: ratio_of(*run) or run[0].result.per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def results(command: str, options: dict[str, Any], pipeline: Measured, floor: Measured | None,
+            rounds: list[tuple[Measured, Measured | None]] | None = None) -> dict[str, Any]:
+    ratio = ratio_of(pipeline, floor)
     return {
         "command": command,
         "machine": machine(),
@@ -40,6 +51,9 @@ def results(command: str, options: dict[str, Any], pipeline: Measured, floor: Me
         "pipeline": _run(pipeline),
         "floor": None if floor is None else _run(floor) | {"hops": HOPS, "chain": CHAIN, "side": sorted(SIDE)},
         "ratio_to_floor": None if ratio is None else round(ratio, 4),
+        "rounds": [{"pipeline_per_s": round(p.result.per_s, 1), "floor_per_s": round(f.result.per_s, 1) if f else None,
+                    "ratio_to_floor": None if ratio_of(p, f) is None else round(ratio_of(p, f), 4)}
+                   for p, f in rounds or [(pipeline, floor)]],
         "targets": {"ratio_to_floor_min": TARGET_RATIO, "peak_rss_mb_max": TARGET_RSS_MB},
     }
 
@@ -97,6 +111,10 @@ def _summary(data: dict[str, Any]) -> Table:
     table.add_row("CPU used by other processes", *[_other(run) for run in (pipe, floor)])
     ratio_text = "-" if ratio is None else f"{ratio:.1%}"
     table.add_row("throughput / floor", f"{ratio_text} (target ≥ {TARGET_RATIO:.0%})", "")
+    if len(data["rounds"]) > 1:
+        table.add_row("rounds (pipeline / floor per s, ratio)", "; ".join(
+            f"{r['pipeline_per_s']:,.0f} / {r['floor_per_s']:,.0f}, {r['ratio_to_floor']:.1%}" if r["floor_per_s"]
+            else f"{r['pipeline_per_s']:,.0f}" for r in data["rounds"]), "(the median round is shown)")
     return table
 
 
