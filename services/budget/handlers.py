@@ -199,14 +199,10 @@ class Budget:
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
         key, spent = task_key(task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
         (ukey, user_limits, _), _ = self._accounts(task.tenant, task.user)
-        # the hold as this process last wrote it; if that lacks steps, as the server has it (another replica
-        # may have posted them); if that lacks them too, wait for them
-        account, _ = await self.accounts.read(ukey, cached=True)
-        hold = account.holds.get(task.task_id) if account is not None else None
-        if hold is not None and not hold.closed and spent > hold.posted_tokens:
-            account, _ = await self.accounts.read(ukey)
-            hold = account.holds.get(task.task_id) if account is not None else None
-        if delivery() <= STEP_WAITS and hold is not None and not hold.closed and spent > hold.posted_tokens:
+        account, hold = await self._hold(ukey, task.task_id, cached=True)  # as this process last wrote it
+        if _lacks_steps(hold, spent):  # another replica may have posted them: ask the server
+            account, hold = await self._hold(ukey, task.task_id, cached=False)
+        if _lacks_steps(hold, spent) and delivery() <= STEP_WAITS:
             raise NotYet(f"task {task.task_id}: waiting for its steps' usage ({spent} tokens) before releasing it",
                          retry_after_s=STEP_WAIT_S)
         user_after = _After.releasing(account or Account(), task.task_id, user_limits, self.clock())
@@ -218,6 +214,10 @@ class Budget:
         if unjournaled and journal is not None:  # posted since the read above, while the hold was open
             journal = await self.journals.update(key, partial(_journal_steps, charges=unjournaled))
             await self._settle(task.tenant, task.user, journal)
+
+    async def _hold(self, key: str, task_id: str, *, cached: bool) -> tuple[Account | None, ledger.Hold | None]:
+        account, _ = await self.accounts.read(key, cached=cached)
+        return account, (account.holds.get(task_id) if account is not None else None)
 
     async def _finish_and_notify(self, journal: TaskJournal | None, *, steps: list[StepCost], expected_tokens: int,
                                  user_after: _After) -> TaskJournal | None:
@@ -334,6 +334,11 @@ class Budget:
                               cached_tokens=sum(s.usage.cached_tokens for s in steps),
                               cost_usd=round(sum(s.cost_usd for s in steps), 6))
                     for model, steps in sorted(models.items())])
+
+
+def _lacks_steps(hold: ledger.Hold | None, spent: int) -> bool:
+    """The task's hold is open and its steps' usage adds up to less than the task's end reports."""
+    return hold is not None and not hold.closed and spent > hold.posted_tokens
 
 
 class _After(msgspec.Struct, frozen=True):
