@@ -77,9 +77,16 @@ async def declare_consumer(js: JetStreamContext, stream: str, config: ConsumerCo
 
 async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, *, history: int = 1,
                          ttl_s: float | None = None):
-    """The bucket, created if missing; `ttl_s`: entries expire that many seconds after their last write."""
+    """The bucket, created if missing; `ttl_s`: entries expire that many seconds after their last write.
+    An existing bucket made without per-message TTL (by another tool) gets it: records of finished work
+    are written with one (shared/kv.py)."""
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
+        info = await js.stream_info(f"KV_{bucket}")
+        if not info.config.allow_msg_ttl:
+            info.config.allow_msg_ttl = True  # the server allows turning it on, never off
+            await js.update_stream(info.config)
+        return kv
     except NotFoundError:
         return await js.create_key_value(
             KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import msgspec
 import pytest
+from nats.js.api import StreamConfig
 
 from shared.bus import Bus
 from shared.kv import TypedBucket
@@ -63,3 +64,14 @@ async def test_a_key_written_with_a_time_to_live_goes_after_it_and_one_written_w
             while await short_lived.get("made") is not None or await short_lived.get("updated") is not None:
                 await anyio.sleep(0.2)
         assert (await lasting.get("kept")).count == 1
+
+
+async def test_a_bucket_made_without_per_message_ttl_gets_it_when_a_service_declares_it(settings):
+    async with Bus.connect(settings, "test-kv") as bus:
+        await bus.js.add_stream(StreamConfig(name="KV_test_made_elsewhere", subjects=["$KV.test_made_elsewhere.>"],
+                                             max_msgs_per_subject=1, allow_direct=True))
+        kv = await bus.bucket("test_made_elsewhere")
+        records = TypedBucket(kv, Counter, Counter, expires=lambda _: 60.0)
+        await records.update("k", lambda c: add(c, 1))
+        info, stored = await bus.js.stream_info("KV_test_made_elsewhere"), await records.get("k")
+    assert info.config.allow_msg_ttl and stored.count == 1
