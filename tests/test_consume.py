@@ -91,14 +91,14 @@ async def test_a_handler_that_is_not_ready_yet_gets_its_message_again_and_knows_
         seen: list[int] = []
         done = anyio.Event()
 
-        async def waits_once(item: Item) -> None:
+        async def waits_twice(item: Item) -> None:
             seen.append(delivery())
             if delivery() < 3:
                 raise NotYet("not yet", retry_after_s=0.05)
             done.set()
 
         config = consumer_config(settings, "later", "consume.test.later")
-        consumer = Consumer(bus, STREAM, config, msgspec.json.Decoder(Item).decode, waits_once)
+        consumer = Consumer(bus, STREAM, config, msgspec.json.Decoder(Item).decode, waits_twice)
         await bus.js.publish("consume.test.later", msgspec.json.encode(Item(n=1)))
         await _run_until(consumer, done, timeout_s=10)
         info = await bus.js.consumer_info(STREAM, "later")
