@@ -14,7 +14,9 @@ Two kinds of record live in the budget's KV bucket:
 
 An account stays small: a hold exists only while its task runs (plus the moment it
 takes to copy its steps into the journal), and windows are replaced when the hour
-or day turns.
+or day turns. The trade: a user's account carries the costs of their running tasks'
+steps (about 200 bytes each), so a user with many long, many-step tasks at once has
+a larger value to rewrite; in exchange a step costs one write less.
 
     reserve(task, estimate)  at admission: only if used + reserved + estimate <= limit, for every window
     post(task, step, tokens) once per step id: used += tokens; the hold shrinks; the step id (and, in the
