@@ -165,7 +165,7 @@ class Budget:
             log.warning("task %s: step %s used %d tokens beyond its reservation", step.task_id, step.step_id, over)
         if not user.running:  # the release has begun (or is over): it may not see this step
             charge = msgspec.structs.replace(charge, over_reservation=over)
-            journal = await self.journals.update(task_key(step.task_id), partial(_journal_step, charge=charge),
+            journal = await self.journals.update(task_key(step.task_id), partial(_journal_steps, charges=[charge]),
                                                  default=partial(_untracked, step, now))
             await self._settle(step.tenant, step.user, journal)
         if user.after is not None and user.after.due:
@@ -390,12 +390,6 @@ def _close_and_settle(account: Account, *, task_id: str, close: bool, journaled:
 def _untracked(step: StepCompleted, now: datetime) -> TaskJournal:
     """The journal of a task this budget never decided (a step published by hand): its steps still count."""
     return TaskJournal(task_id=step.task_id, tenant=step.tenant, user=step.user, status="admitted", decided_at=now)
-
-
-def _journal_step(journal: TaskJournal, *, charge: StepCost) -> TaskJournal:
-    if charge.step_id not in journal.step_ids():
-        journal.steps.append(charge)
-    return journal
 
 
 def _journal_steps(journal: TaskJournal | None, *, charges: list[StepCost]) -> TaskJournal | None:
