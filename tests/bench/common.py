@@ -60,6 +60,7 @@ class Measured(msgspec.Struct):
     server_msgs: int  # through the nats-server during the run, in + out
     crashed: list[str]
     kv_writes: dict[str, int] = {}  # per KV bucket during the run: where the pipeline's writes go
+    late_steps: int | None = None  # steps the budget posted after their task's release had begun
     lost_status: dict[str, str] = {}
 
 

@@ -12,8 +12,9 @@ import uuid
 from pathlib import Path
 
 import anyio
+import msgspec
 
-from contracts import TaskSpec
+from contracts import TaskSpec, subjects
 from contracts.policy import BudgetLimits, Defaults, Policy, RateLimit
 from services.client import TERMINAL, Client
 from services.stack import Services
@@ -79,15 +80,25 @@ async def _measure(services: Services, tasks: int, users: int, concurrency: int,
         plan = workload(tasks, users)
         pids = {proc.name: proc.pid for proc in services.processes}
         server = nats_server_pid()
-        writes_before = await anyio.to_thread.run_sync(kv_writes, server)
+        writes_before, late_before = await anyio.to_thread.run_sync(kv_writes, server), await _late_steps(client)
         result, sampler, server_msgs = await sampled(
             pids, "", lambda: _drive(client, events, plan, concurrency, idle_timeout_s))
-        writes_after = await anyio.to_thread.run_sync(kv_writes, server)
+        writes_after, late_after = await anyio.to_thread.run_sync(kv_writes, server), await _late_steps(client)
         lost_status = {task_id: await _status(client, task_id) for task_id in result.lost_sample}
     return Measured(result=result, processes=sampler.stats(), other_cpu_s=sampler.other_cpu_s(),
                     server_msgs=server_msgs, crashed=[proc.name for proc in services.crashed()],
                     kv_writes={bucket: last - writes_before.get(bucket, 0) for bucket, last in writes_after.items()},
+                    late_steps=None if late_before is None or late_after is None else late_after - late_before,
                     lost_status=lost_status)
+
+
+async def _late_steps(client: Client) -> int | None:
+    """The budget's count of steps posted after their task's release had begun (None if it does not answer)."""
+    try:
+        reply = await client.bus.nc.request(subjects.service_stats("budget"), b"", timeout=2.0)
+        return msgspec.json.decode(reply.data).get("late_steps")
+    except Exception:  # an older budget, or none: the bench still reports the rest
+        return None
 
 
 async def _status(client: Client, task_id: str) -> str:

@@ -108,6 +108,9 @@ def _summary(data: dict[str, Any]) -> Table:
                   *[f"{run['server_msgs'] / max(run['result']['arrived'], 1):.1f}" if run else "skipped"
                     for run in (pipe, floor)])
     table.add_row("KV writes per item, by bucket", _kv_writes(pipe), "none" if floor else "skipped")
+    late = pipe["late_steps"]
+    table.add_row("steps posted after their task's release began", "?" if late is None else f"{late:,}",
+                  "none" if floor else "skipped")
     table.add_row("CPU used by other processes", *[_other(run) for run in (pipe, floor)])
     ratio_text = "-" if ratio is None else f"{ratio:.1%}"
     table.add_row("throughput / floor", f"{ratio_text} (target ≥ {TARGET_RATIO:.0%})", "")
