@@ -29,10 +29,11 @@ def refuse(counter: Counter) -> None:
     raise ValueError("refused")
 
 
-async def test_concurrent_updates_of_one_key_are_written_together_and_none_is_lost(settings):
+@pytest.mark.parametrize("reuse_written", [False, True])
+async def test_concurrent_updates_of_one_key_are_written_together_and_none_is_lost(settings, reuse_written):
     async with Bus.connect(settings, "test-kv") as bus:
         kv = await bus.bucket("test_group_commit")
-        one, other = TypedBucket(kv, Counter, Counter), TypedBucket(kv, Counter, Counter)  # two "replicas"
+        one, other = (TypedBucket(kv, Counter, Counter, reuse_written=reuse_written) for _ in range(2))  # "replicas"
         results: list[int] = []
 
         async def bump(bucket: TypedBucket[Counter], n: int) -> None:
@@ -48,6 +49,31 @@ async def test_concurrent_updates_of_one_key_are_written_together_and_none_is_lo
     assert final.count == 200 and sorted(final.seen) == list(range(200))
     assert sorted(results) == list(range(1, 201))  # each caller got the count its own change made
     assert writes < 100  # far fewer writes than updates: batches, not one CAS each
+
+
+def bump_keeping(kept: list[Counter], *, give_back: bool = False):
+    """A change that bumps the counter and keeps the object it was given; it may return that object."""
+    def change(counter: Counter) -> Counter | None:
+        kept.append(counter)
+        counter.count += 1
+        return counter if give_back else None
+    return change
+
+
+async def test_with_reuse_an_update_starts_from_the_object_last_written_unless_a_caller_got_it_back(settings):
+    async with Bus.connect(settings, "test-kv") as bus:
+        kv = await bus.bucket("test_reuse")
+        bucket, kept = TypedBucket(kv, Counter, Counter, reuse_written=True), []
+        await bucket.update("k", bump_keeping(kept))
+        await bucket.update("k", bump_keeping(kept))
+        returned = await bucket.update("k", bump_keeping(kept, give_back=True))
+        await bucket.update("k", bump_keeping(kept))
+        await TypedBucket(kv, Counter, Counter).update("k", lambda c: add(c, 0))  # another replica writes
+        await bucket.update("k", bump_keeping(kept))
+        final = await bucket.get("k")
+    assert kept[1] is kept[0] and kept[2] is kept[0]  # no decoding between this process's own writes
+    assert returned is kept[2] and kept[3] is not returned  # a value a caller holds is not changed under it
+    assert kept[-1].count == 6 and final.count == 6  # the other replica's write was read, not overwritten
 
 
 async def test_a_key_written_with_a_time_to_live_goes_after_it_and_one_written_without_stays(settings):

@@ -42,7 +42,7 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
     async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BUDGET), await bus.policy_bucket()
         policy = await PolicyView.load(policy_kv)
-        accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl)
+        accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl, reuse_written=True)
         journals = TypedBucket(kv, TaskJournal, lambda: None, expires=lambda _: JOURNAL_TTL_S)
         budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s)
 
