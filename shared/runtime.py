@@ -6,6 +6,7 @@ and `$SRV.STATS` find and measure every replica like any NATS service.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,11 @@ from shared.bus import Bus
 from shared.config import Settings
 
 SERVICE_VERSION = "0.1.0"
+GC_THRESHOLDS = (50_000, 20, 20)
+"""Allocations between young-generation collections (Python's default is 700), and how many of those
+before each older one. Measured (`python -m tests.bench --skip-floor`, 4,000 tasks): with the defaults
+the budget spent 0.3 of its 2.3 s of CPU in 539 collections, each older one walking every account it
+keeps; with these, none ran during the run."""
 Main = Callable[[Settings, anyio.Event], Awaitable[None]]
 Endpoint = Callable[[bytes], Awaitable[bytes]]
 
@@ -32,6 +38,7 @@ def run_service(name: str, main: Main, settings: Settings) -> None:
     """Run `main(settings, stop)` until it returns; SIGINT/SIGTERM set `stop`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     tracing.init_tracing(f"corral-{name}", settings.otlp_endpoint)
+    tune_gc()
 
     async def supervised() -> None:
         stop = anyio.Event()
@@ -44,6 +51,13 @@ def run_service(name: str, main: Main, settings: Settings) -> None:
         anyio.run(supervised, backend_options={"use_uvloop": True})
     finally:
         tracing.shutdown_tracing()
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage less often in a long-running process that allocates per message, and never
+    scan what start-up made (modules, tables): call once, when start-up is done."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _stop_on_signal(stop: anyio.Event) -> None:

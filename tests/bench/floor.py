@@ -41,6 +41,7 @@ from services.stack import Process
 from shared.config import Settings, load_settings
 from shared.consume import HandlerTasks
 from shared.nats_client import TunedClient
+from shared.runtime import tune_gc
 from shared.streams import consumer_config
 from tests.bench.common import ISOLATED_ENV, WARMUP_IDLE_S, Measured, drive, sampled, warm_up_failed
 
@@ -219,6 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     # Same settings source as the services, so CORRAL_CONCURRENCY etc. apply to both.
     settings = load_settings().with_changes(nats_url=args.nats)
+    tune_gc()  # as every service process does
     anyio.run(hop_main, args.side if args.hop is None else args.hop, settings, backend_options={"use_uvloop": True})
 
 
