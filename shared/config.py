@@ -53,11 +53,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     leaks no budget). Keep it above the longest task."""
     budget_sweep_s: float = 30.0
     """How often each budget replica looks for reservations past the timeout."""
+    budget_account_max_bytes: int = 0
+    """A user's or tenant's budget account (one hold per running task) larger than this takes no new task,
+    so its running tasks' steps and releases still fit in a message. 0: half the server's max payload."""
 
     def __post_init__(self) -> None:
         for name in ("max_payload_bytes", "concurrency", "max_deliver", "budget_hold_timeout_s", "budget_sweep_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.budget_account_max_bytes < 0:
+            raise ConfigError(f"budget_account_max_bytes must be 0 or more, got {self.budget_account_max_bytes}")
         if not 0.0 <= self.sim_failure_rate <= 1.0:
             raise ConfigError(f"sim_failure_rate must be within 0..1, got {self.sim_failure_rate}")
         if self.ack_wait_s < 1.0:

@@ -130,6 +130,11 @@ class TypedBucket(Generic[T]):
         self._remember(key, encoded, written)
         return True
 
+    def stored_size(self, key: str) -> int:
+        """Bytes of the key's value as this process last wrote it; 0 if it does not remember it."""
+        hit = self._last_written.get(key)
+        return len(hit[0]) if hit is not None else 0
+
     def forget(self, key: str) -> None:
         """Drop what this process remembers of `key` (it will not write it again soon)."""
         self._last_written.pop(key, None)

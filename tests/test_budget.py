@@ -209,6 +209,32 @@ async def test_a_task_its_tenant_cannot_afford_is_rejected_and_the_users_hold_is
     assert window(shown, "tenant", "hour").reserved == 800
 
 
+async def test_a_tenant_with_too_many_tasks_running_takes_no_new_one_until_some_finish(settings, user):
+    tenant, people = "crowd", [f"{user}-{n}" for n in range(60)]
+    small_accounts = settings.with_changes(budget_account_max_bytes=1_500)  # a few holds' worth
+    async with budget(small_accounts, Policy(defaults=Defaults(budget=ROOMY, tenant_budget=ROOMY))) as client:
+        decisions = []
+        for n, person in enumerate(people):
+            decisions.append(await decide(client, validated(f"crowd-{n}", tenant, person, 100)))
+            if isinstance(decisions[-1], TaskRejected):
+                break
+        running = decisions[:-1]
+        step = completed_step(running[0].task_id, tenant, people[0], 1, 20, 30)  # still billed when crowded
+        await client.bus.emit(subjects.step_completed(tenant), step)
+        for n, task in enumerate(running):
+            await client.bus.emit(subjects.task_completed(tenant),
+                                  finished(task.task_id, tenant, people[n], step.usage if n == 0 else Usage(input_tokens=0, output_tokens=0)))
+        first = await wait_until(lambda: settled(client, running[0].task_id, 50))
+        await wait_until(lambda: settled(client, running[-1].task_id, 0))
+        after = await decide(client, validated("crowd-after", tenant, people[-1], 100))
+    refused = decisions[-1]
+    assert all(isinstance(task, TaskAdmitted) for task in running) and 5 <= len(running) < len(people) - 1
+    assert isinstance(refused, TaskRejected) and refused.reason == "rate_limited" and refused.retry_after_s == 30
+    assert "your tenant has too many tasks running at once" in refused.message and "at most 1,500" in refused.message
+    assert first.tokens == 50
+    assert isinstance(after, TaskAdmitted)
+
+
 async def test_a_task_over_the_per_task_cap_is_rejected_however_much_remains(settings, tenant, user):
     capped = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000,
                                                           per_task_tokens=400)))

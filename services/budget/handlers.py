@@ -9,7 +9,8 @@ replicas share the ledger without a lock, and every handler can be run again
   the decision is "rejected" and the user's hold is given back. The decision is
   written once (KV create) in the task's journal before anything is published, and
   whoever comes later (a redelivery, a concurrent duplicate) follows that decision
-  and makes the holds agree with it.
+  and makes the holds agree with it. A user or tenant whose account has grown too large
+  to hold another task (one hold per running task) is refused first, `rate_limited`.
 - **post** posts the step to the tenant's account, then to the user's, each in one
   compare-and-set that also keeps the step id in the task's hold (the user's keeps its
   cost too). So a step in the user's hold is in the tenant's. While the task runs,
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, Any], Awaitable[None]]
 Clock = Callable[[], datetime]
 DEFAULT_HOLD_TIMEOUT_S = 15 * 60.0
+DEFAULT_ACCOUNT_MAX_BYTES = 512 * 1024  # half of nats-server's default max payload
+CROWDED_RETRY_S = 30.0
 STEP_WAITS, STEP_WAIT_S = 2, 0.1
 """How often, and how long each time, a task's end waits for its steps' usage before it is released anyway.
 `python -m tests.bench --skip-floor` counts the steps posted after their release began: 0 of 2,000 with
@@ -80,13 +83,15 @@ class Budget:
 
     def __init__(self, policy: Callable[[], Policy], accounts: TypedBucket[Account],
                  journals: TypedBucket[TaskJournal | None], emit: Emit, clock: Clock,
-                 hold_timeout_s: float = DEFAULT_HOLD_TIMEOUT_S) -> None:
+                 hold_timeout_s: float = DEFAULT_HOLD_TIMEOUT_S,
+                 account_max_bytes: int = DEFAULT_ACCOUNT_MAX_BYTES) -> None:
         self.policy = policy
         self.accounts = accounts
         self.journals = journals
         self.emit = emit
         self.clock = clock
         self.hold_timeout_s = hold_timeout_s
+        self.account_max_bytes = account_max_bytes
         self.late_steps = 0  # step events handled after their task's release had begun (redeliveries too)
 
     # --- limits --------------------------------------------------------------------
@@ -113,6 +118,9 @@ class Budget:
         """Reserve the estimate in the user's account, then in the tenant's; the decision as a journal."""
         now, amount = self.clock(), task.estimate.total
         (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(task.tenant, task.user)
+        if (crowded := self._crowded(task, ukey, tkey, now)) is not None:
+            return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="rejected",
+                               decided_at=now, rejection=crowded)
         refusal = self._over_task_cap(amount, user_limits, tenant_limits)
         if refusal is None:
             refusal = await self.accounts.update(ukey, partial(ledger.reserve, task_id=task.task_id, amount=amount,
@@ -129,6 +137,22 @@ class Budget:
                                 remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now)
         return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="rejected",
                            decided_at=now, rejection=rejected)
+
+    def _crowded(self, task: TaskValidated, ukey: str, tkey: str, now: datetime) -> TaskRejected | None:
+        """A rejection if the user's or the tenant's account is too large to hold another task. An account
+        keeps a hold per running task, and a write of it must fit in one message: past the limit, new
+        tasks wait, so that the running ones' steps and releases still fit. Judged on the account as this
+        process last wrote it (no read): the budget writes both accounts of every task it admits."""
+        for whose, key in (("you have", ukey), ("your tenant has", tkey)):
+            size = self.accounts.stored_size(key)
+            if size > self.account_max_bytes:
+                return TaskRejected(
+                    task_id=task.task_id, tenant=task.tenant, user=task.user, reason="rate_limited", stage="budget",
+                    message=(f"{whose} too many tasks running at once for the budget to hold another: their "
+                             f"reservations take {size:,} bytes, at most {self.account_max_bytes:,}; retry "
+                             f"when some have finished"),
+                    retry_after_s=CROWDED_RETRY_S, occurred_at=now)
+        return None
 
     @staticmethod
     def _over_task_cap(amount: int, user_limits: BudgetLimits, tenant_limits: BudgetLimits) -> Refusal | None:

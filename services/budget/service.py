@@ -44,7 +44,8 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
         policy = await PolicyView.load(policy_kv)
         accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl, reuse_written=True)
         journals = TypedBucket(kv, TaskJournal, lambda: None, expires=lambda _: JOURNAL_TTL_S)
-        budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s)
+        budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s,
+                        settings.budget_account_max_bytes or bus.nc.max_payload // 2)
 
         async def show(data: bytes) -> bytes:
             query = _budget_query.decode(data)
