@@ -221,9 +221,10 @@ async def test_a_tenant_with_too_many_tasks_running_takes_no_new_one_until_some_
         running = decisions[:-1]
         step = completed_step(running[0].task_id, tenant, people[0], 1, 20, 30)  # still billed when crowded
         await client.bus.emit(subjects.step_completed(tenant), step)
+        nothing = Usage(input_tokens=0, output_tokens=0)
         for n, task in enumerate(running):
-            await client.bus.emit(subjects.task_completed(tenant),
-                                  finished(task.task_id, tenant, people[n], step.usage if n == 0 else Usage(input_tokens=0, output_tokens=0)))
+            usage = step.usage if n == 0 else nothing
+            await client.bus.emit(subjects.task_completed(tenant), finished(task.task_id, tenant, people[n], usage))
         first = await wait_until(lambda: settled(client, running[0].task_id, 50))
         await wait_until(lambda: settled(client, running[-1].task_id, 0))
         after = await decide(client, validated("crowd-after", tenant, people[-1], 100))
