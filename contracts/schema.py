@@ -6,8 +6,10 @@ committed files equal what the code generates, so they cannot drift.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -27,10 +29,21 @@ def schemas() -> dict[str, str]:
     """File name -> JSON Schema text, for every contract."""
     out = {}
     for contract in (*ALL_CONTRACTS, *COMMAND_CONTRACTS, *QUERY_CONTRACTS):
-        schema = msgspec.json.schema(contract)
+        schema = _normalised(msgspec.json.schema(contract))
         schema["$comment"] = f"Corral contract {contract.__name__}, version {CONTRACT_VERSION}. Generated: corral contracts"
         out[_file_name(contract)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
+
+
+def _normalised(node: Any) -> Any:
+    """Descriptions dedented and stripped the same way whatever msgspec version made them
+    (0.23 dedents docstrings, earlier versions kept their indentation)."""
+    if isinstance(node, dict):
+        return {key: inspect.cleandoc(value) if key == "description" and isinstance(value, str)
+                else _normalised(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_normalised(item) for item in node]
+    return node
 
 
 def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:

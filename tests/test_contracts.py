@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from contracts import TaskSpec, TaskSubmitted, subjects
-from contracts.schema import SCHEMA_DIR, schemas
+from contracts.schema import SCHEMA_DIR, _normalised, schemas
 
 
 def test_the_committed_json_schemas_match_the_contracts_in_code():
@@ -15,6 +15,12 @@ def test_the_committed_json_schemas_match_the_contracts_in_code():
     assert set(committed) == set(generated), "run `corral contracts` and commit contracts/schemas"
     for name, text in generated.items():
         assert committed[name] == text, f"{name} drifted: run `corral contracts` and commit the result"
+
+
+def test_a_schema_description_reads_the_same_whether_msgspec_dedented_it_or_not():
+    kept_indent = {"$defs": {"A": {"description": "First line\n    second line.\n"}}}
+    dedented = {"$defs": {"A": {"description": "First line\nsecond line."}}}
+    assert _normalised(kept_indent) == _normalised(dedented) == dedented
 
 
 def test_an_older_consumer_reads_an_event_with_fields_it_does_not_know():
