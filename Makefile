@@ -2,16 +2,20 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 
-.PHONY: run test unit integration fault bench contracts lint clean help
+.PHONY: run test unit integration fault bench contracts lock lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
+# A new environment from the lock whenever the lock or pyproject.toml changes: every package pinned and
+# checked against its hashes (pip refuses anything else), then this project itself, built offline.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 run: $(STAMP)  ## embedded nats-server + every service + the demo workload (simulated model)
@@ -38,6 +42,10 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts
+
+lock: $(STAMP)  ## refresh requirements.lock from pyproject.toml (reaches PyPI); then `make test`
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra tools --generate-hashes --universal \
+		--python-version 3.11 --quiet -o $(LOCK)
 
 clean:  ## remove the environment and local data
 	rm -rf $(VENV) .data
