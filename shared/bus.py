@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from contracts import subjects
 from shared import tracing
 from shared.config import Settings
-from shared.errors import TransientError
+from shared.errors import NatsServerTooOld, TransientError
 from shared.nats_client import TunedClient
 from shared.streams import declare_bucket, declare_streams
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 ENCODER = msgspec.json.Encoder()
 CONNECT_ATTEMPTS = 60
 POLICY_HISTORY = 64  # policy versions kept for rollback
+MIN_SERVER_VERSION = (2, 11, 0)
+"""Buckets write per-message TTLs (nats-server 2.11+); an older server ignores them without a word,
+so finished tasks' records and idle accounts would never expire."""
 
 
 class Bus:
@@ -105,10 +108,23 @@ async def _connect(settings: Settings, service: str) -> Client:
                 reconnect_time_wait=0.5,
                 pending_size=64 * 1024 * 1024,
             )
-            return nc
         except (NoServersError, OSError, NatsTimeout) as exc:
             if attempt == CONNECT_ATTEMPTS:
                 raise NoServersError(f"no NATS server at {settings.nats_url}: {exc!r}") from exc
             log.warning("%s: waiting for NATS at %s (%s)", service, settings.nats_url, exc)
             await anyio.sleep(0.5)
+        else:
+            await _require_server_version(nc)
+            return nc
     raise AssertionError("unreachable")
+
+
+async def _require_server_version(nc: Client) -> None:
+    found = nc.connected_server_version
+    if (found.major, found.minor, found.patch) >= MIN_SERVER_VERSION:
+        return
+    where = nc.connected_url.netloc if nc.connected_url else "?"
+    await nc.close()
+    needed = ".".join(map(str, MIN_SERVER_VERSION))
+    raise NatsServerTooOld(f"the NATS server at {where} runs nats-server {found.major}.{found.minor}.{found.patch};"
+                           f" Corral needs {needed} or later (per-message TTL in KV buckets): upgrade the server")

