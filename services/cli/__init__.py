@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import TaskSpec
-from services.budget import cli as budget_cli
-from services.policy_cli import policy_app
+from services.cli import budget as budget_cli
+from services.cli.policy import policy_app
 from shared.config import Settings, load_settings
 from shared.errors import CorralError
 
@@ -241,11 +241,9 @@ def _maybe_embedded(nats: str | None, data_dir: Path):
 
 app.add_typer(budget_cli.app, name="budget")  # corral budget show USER
 app.command()(budget_cli.cost)  # corral cost TASK_ID
-from services.breaker.cli import breakers_app  # noqa: E402 - sub-commands, registered last
-from services.workers.cli import sim_app  # noqa: E402
+from services.cli.breakers import breakers_app  # noqa: E402 - sub-commands, registered last
+from services.cli.sim import sim_app  # noqa: E402
 
 app.add_typer(breakers_app, name="breakers")
 app.add_typer(sim_app, name="sim")
 
-if __name__ == "__main__":
-    app()
