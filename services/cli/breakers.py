@@ -19,58 +19,45 @@ from rich.table import Table
 
 from contracts.commands import BreakerAction, ControlBreaker
 from contracts.state import BreakerRecord
+from services.cli.common import call, console
 
-breakers_app = typer.Typer(help="Circuit breakers: list them (no command), force one open or closed, release it.")
+app = typer.Typer(help="Circuit breakers: list them (no command), force one open or closed, release it.")
 NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or config")]
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (or $CORRAL_CONFIG)")]
 Dependency = Annotated[str, typer.Argument(help="provider/model (e.g. simulated/sim-large) or tool/NAME")]
 
 
-@breakers_app.callback(invoke_without_command=True)
+@app.callback(invoke_without_command=True)
 def breakers(ctx: typer.Context, nats: NatsOption = None, config: ConfigOption = None) -> None:
     """List every breaker: state, failure and slow-call rates over its window, and since when."""
     if ctx.invoked_subcommand:
         return
-    from services.cli import _run_cli, _settings, console
-    from services.client import Client
-
-    async def go() -> None:
-        async with Client.connect(_settings(nats, config), "cli") as client:
-            print_breakers(await client.breakers(), console)
-
-    _run_cli(go)
+    print_breakers(call(nats, config, lambda client: client.breakers()), console)
 
 
-@breakers_app.command("force-open")
+@app.command("force-open")
 def force_open(dependency: Dependency, nats: NatsOption = None, config: ConfigOption = None) -> None:
     """Force a circuit open: nothing calls the dependency until `release`."""
     _control(dependency, "force_open", nats, config)
 
 
-@breakers_app.command("force-closed")
+@app.command("force-closed")
 def force_closed(dependency: Dependency, nats: NatsOption = None, config: ConfigOption = None) -> None:
     """Force a circuit closed: calls go through whatever their outcomes, until `release`."""
     _control(dependency, "force_closed", nats, config)
 
 
-@breakers_app.command("release")
+@app.command("release")
 def release(dependency: Dependency, nats: NatsOption = None, config: ConfigOption = None) -> None:
     """End a forced state: the circuit starts again closed, with an empty window."""
     _control(dependency, "release", nats, config)
 
 
 def _control(dependency: str, action: BreakerAction, nats: str | None, config: Path | None) -> None:
-    from services.cli import _run_cli, _settings, console
-    from services.client import Client
-
-    async def go() -> None:
-        async with Client.connect(_settings(nats, config), "cli") as client:
-            reply = await client.control_breaker(ControlBreaker(dependency=dependency, action=action,
-                                                                operator=_operator()))
-        forced = " (forced)" if reply.forced else ""
-        console.print(f"{reply.dependency}: [bold]{reply.state}[/]{forced} — {reply.reason}")
-
-    _run_cli(go)
+    command = ControlBreaker(dependency=dependency, action=action, operator=_operator())
+    reply = call(nats, config, lambda client: client.control_breaker(command))
+    forced = " (forced)" if reply.forced else ""
+    console.print(f"{reply.dependency}: [bold]{reply.state}[/]{forced} — {reply.reason}")
 
 
 def _operator() -> str:

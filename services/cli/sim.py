@@ -17,15 +17,16 @@ import typer
 
 from contracts.commands import SimulateDependency
 from contracts.events import ErrorClass
+from services.cli.common import call, console
 
-sim_app = typer.Typer(help="Steer the SIMULATED model and tools at run time: fail, slow down or recover a dependency.",
-                      no_args_is_help=True)
+app = typer.Typer(help="Steer the SIMULATED model and tools at run time: fail, slow down or recover a dependency.",
+                  no_args_is_help=True)
 NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or config")]
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (or $CORRAL_CONFIG)")]
 Dependency = Annotated[str, typer.Argument(help="simulated/MODEL (e.g. simulated/sim-large) or tool/NAME")]
 
 
-@sim_app.command()
+@app.command()
 def fail(dependency: Dependency,
          error: Annotated[str, typer.Option(help="transient, timeout, rate_limited or permanent")] = "transient",
          retry_after: Annotated[Optional[float], typer.Option(help="seconds, with --error rate_limited")] = None,
@@ -39,7 +40,7 @@ def fail(dependency: Dependency,
                              latency_s=latency), nats, config)
 
 
-@sim_app.command()
+@app.command()
 def slow(dependency: Dependency,
          latency: Annotated[float, typer.Option(help="seconds added to every call")] = 2.0,
          nats: NatsOption = None, config: ConfigOption = None) -> None:
@@ -47,23 +48,16 @@ def slow(dependency: Dependency,
     _send(SimulateDependency(dependency=dependency, mode="slow", latency_s=latency), nats, config)
 
 
-@sim_app.command()
+@app.command()
 def recover(dependency: Dependency, nats: NatsOption = None, config: ConfigOption = None) -> None:
     """Make DEPENDENCY behave normally again."""
     _send(SimulateDependency(dependency=dependency, mode="recover"), nats, config)
 
 
 def _send(command: SimulateDependency, nats: str | None, config: Path | None) -> None:
-    from services.cli import _run_cli, _settings, console
-    from services.client import Client
-
-    async def go() -> None:
-        async with Client.connect(_settings(nats, config), "cli") as client:
-            acks = await client.simulate(command)
-        if not acks:
-            console.print("[yellow]no worker replica answered[/]: is the stack running?")
-            raise typer.Exit(1)
-        agents = ", ".join(sorted({ack.agent for ack in acks}))
-        console.print(f"{len(acks)} worker replica(s) ({agents}): {command.dependency} -> {command.mode}")
-
-    _run_cli(go)
+    acks = call(nats, config, lambda client: client.simulate(command))
+    if not acks:
+        console.print("[yellow]no worker replica answered[/]: is the stack running?")
+        raise typer.Exit(1)
+    agents = ", ".join(sorted({ack.agent for ack in acks}))
+    console.print(f"{len(acks)} worker replica(s) ({agents}): {command.dependency} -> {command.mode}")

@@ -8,38 +8,32 @@ from typing import Annotated, Optional
 import anyio
 import msgspec
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import console, fail, resolve_settings
 from shared import policy as store
 from shared.bus import Bus
-from shared.config import Settings, load_settings
 from shared.errors import CorralError
 
-policy_app = typer.Typer(help="The policy: limits, budgets, prices, tools, agents, breakers (one TOML file).",
-                         no_args_is_help=True)
-console = Console()
+app = typer.Typer(help="The policy: limits, budgets, prices, tools, agents, breakers (one TOML file).",
+                  no_args_is_help=True)
 NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL; default: CORRAL_NATS_URL")]
 
 
-def _settings(nats: str | None) -> Settings:
-    settings = load_settings()
-    return settings.with_changes(nats_url=nats) if nats else settings
-
-
 def _with_bucket(nats: str | None, action):
+    """Run ACTION on the policy bucket; a Corral error is printed and exits 2."""
+
     async def go():
-        async with Bus.connect(_settings(nats), "policy-cli") as bus:
+        async with Bus.connect(resolve_settings(nats, None), "policy-cli") as bus:
             return await action(await bus.policy_bucket())
 
     try:
         return anyio.run(go)
     except CorralError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(2) from None
+        fail(exc, 2)
 
 
-@policy_app.command()
+@app.command()
 def apply(
     file: Annotated[Path, typer.Argument(help="policy TOML file", exists=True, dir_okay=False)],
     nats: NatsOption = None,
@@ -59,7 +53,7 @@ def apply(
     console.print(f"policy version {version} applied from {file}{shadow}")
 
 
-@policy_app.command()
+@app.command()
 def show(
     version: Annotated[Optional[int], typer.Option(help="a past version (default: current)")] = None,
     nats: NatsOption = None,
@@ -70,7 +64,7 @@ def show(
     console.print_json(msgspec.json.encode(policy).decode())
 
 
-@policy_app.command()
+@app.command()
 def history(nats: NatsOption = None) -> None:
     """List the kept versions."""
     versions = _with_bucket(nats, store.policy_versions)
@@ -80,7 +74,7 @@ def history(nats: NatsOption = None) -> None:
     console.print(table if versions else "no policy applied yet: the built-in defaults are in effect")
 
 
-@policy_app.command()
+@app.command()
 def rollback(
     to: Annotated[Optional[int], typer.Option(help="version to return to (default: the one before)")] = None,
     nats: NatsOption = None,

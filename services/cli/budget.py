@@ -1,14 +1,15 @@
 """`corral budget show USER` and `corral cost TASK_ID`: ask the budget service (request/reply).
 
+`app` is the `budget` group; `cost_app` holds `cost`, a command at the top level.
+
 Nothing here reads the budget's bucket: the budget service owns it and answers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
-import anyio
 import msgspec
 import typer
 from nats.errors import NoRespondersError
@@ -17,14 +18,13 @@ from rich.table import Table
 
 from contracts.queries import BudgetReply, CostReply
 from services.budget.errors import BudgetUnavailable, UnknownTask
-from shared.config import Settings, load_settings
-from shared.errors import CorralError
+from services.cli.common import ConfigOption, NatsOption, call, console
+
+if TYPE_CHECKING:
+    from services.client import Client
 
 app = typer.Typer(help="Token budgets, as the budget service books them.", no_args_is_help=True)
-console = Console()
-
-NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+cost_app = typer.Typer()
 JsonOption = Annotated[bool, typer.Option("--json", help="print the reply as JSON")]
 
 
@@ -37,18 +37,14 @@ def show(
     config: ConfigOption = None,
 ) -> None:
     """A user's daily and hourly windows (and their tenant's): limit, used, reserved, remaining, reset time."""
-    from services.client import Client
-
-    async def ask(client: Client) -> BudgetReply:
-        return await client.budget(tenant, user)
-
-    reply = _ask(nats, config, ask)
+    reply = _ask(nats, config, lambda client: client.budget(tenant, user))
     if as_json:
         console.print_json(msgspec.json.encode(reply).decode())
     else:
         print_budget(reply, console)
 
 
+@cost_app.command()
 def cost(
     task_id: Annotated[str, typer.Argument(help="the task")],
     as_json: JsonOption = False,
@@ -56,7 +52,6 @@ def cost(
     config: ConfigOption = None,
 ) -> None:
     """A task's tokens and cost, per step and per model (prices from the policy)."""
-    from services.client import Client
 
     async def ask(client: Client) -> CostReply:
         reply = await client.cost(task_id)
@@ -103,22 +98,13 @@ def print_cost(reply: CostReply, out: Console) -> None:
 
 
 def _ask(nats: str | None, config: Path | None, ask):
-    """Run one query against the budget service; errors become a message and exit code 3."""
-    from services.client import Client
+    """Run one query against the budget service; no answer is a BudgetUnavailable, and errors exit 3."""
 
-    settings: Settings = load_settings(config)
-    settings = settings.with_changes(nats_url=nats) if nats else settings
+    async def asked(client: Client):
+        try:
+            return await ask(client)
+        except (TimeoutError, NoRespondersError) as exc:
+            raise BudgetUnavailable("no budget service answered: is the stack running? (`corral up`, or "
+                                    "pass --nats)") from exc
 
-    async def go():
-        async with Client.connect(settings, "cli") as client:
-            try:
-                return await ask(client)
-            except (TimeoutError, NoRespondersError) as exc:
-                raise BudgetUnavailable("no budget service answered: is the stack running? (`corral up`, or "
-                                        "pass --nats)") from exc
-
-    try:
-        return anyio.run(go, backend_options={"use_uvloop": True})
-    except CorralError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(3) from None
+    return call(nats, config, asked)

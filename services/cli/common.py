@@ -1,0 +1,63 @@
+"""What every command group shares: the --nats and --config options, settings from them, the
+console, and running one async call against the stack with its failures printed as exit codes.
+
+Command groups import this module and no other module of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+
+from shared.config import Settings, load_settings
+from shared.errors import CorralError
+
+if TYPE_CHECKING:
+    from services.client import Client
+
+T = TypeVar("T")
+
+console = Console()
+
+NatsOption = Annotated[Optional[str],
+                       typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+
+
+def resolve_settings(nats: str | None, config: Path | None) -> Settings:
+    """The settings from CONFIG (or $CORRAL_CONFIG) and the environment, with --nats over them."""
+    settings = load_settings(config)
+    return settings.with_changes(nats_url=nats) if nats else settings
+
+
+def fail(exc: Exception, code: int) -> NoReturn:
+    """Print the error on one line and end the command with CODE."""
+    console.print(f"[red]error[/]: {exc}")
+    raise typer.Exit(code) from None
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run FN to its end; a timeout or a Corral error is printed and ends the command with 3."""
+    try:
+        return anyio.run(fn, backend_options={"use_uvloop": True})
+    except TimeoutError:
+        console.print("[red]timed out[/]: is the stack running? (`corral up`, or pass --nats)")
+        raise typer.Exit(3) from None
+    except CorralError as exc:
+        fail(exc, 3)
+
+
+def call(nats: str | None, config: Path | None, action: Callable[[Client], Awaitable[T]]) -> T:
+    """Connect as the CLI, await ACTION(client), close; a bad setting or a failure as in `run`."""
+    from services.client import Client  # imported on first use, so `corral --help` does not load it
+
+    async def go() -> T:
+        async with Client.connect(resolve_settings(nats, config), "cli") as client:
+            return await action(client)
+
+    return run(go)

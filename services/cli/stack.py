@@ -1,0 +1,111 @@
+"""`corral service`, `corral up`, `corral demo`: run one service, the whole stack, or the demo on it."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Optional
+
+import anyio
+import typer
+
+from services.cli.common import ConfigOption, NatsOption, console, resolve_settings
+from shared.config import load_settings
+from shared.errors import CorralError
+
+app = typer.Typer()
+DATA_DIR = Path(".data")
+
+
+@app.command()
+def service(
+    name: Annotated[str, typer.Argument(help="guard, budget, executor, breaker, monitor or worker")],
+    agent: Annotated[Optional[str], typer.Option(help="agent kind, for `worker` (research, coding, writing…)")] = None,
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run ONE service against a NATS server. Start more of the same to scale it out."""
+    from services import registry
+    from shared.runtime import run_service
+
+    settings = resolve_settings(nats, config)
+    try:
+        label, main = registry.resolve(name, agent)
+    except CorralError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run_service(label, main, settings)
+
+
+@app.command()
+def up(
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+    data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store and logs")] = DATA_DIR,
+) -> None:
+    """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service."""
+    from services.stack import Services
+
+    _sigterm_as_ctrl_c()
+    with _maybe_embedded(nats, data_dir) as url:
+        services = Services(url, data_dir / "logs", env=_config_env(config))
+        services.start()
+        console.print(f"[green]Corral is up[/] on {url}; logs in {data_dir / 'logs'}. Ctrl-C stops it.")
+        console.print(f"  try: corral submit 'Summarise the design' --agent research --user alice --nats {url}")
+        try:
+            while True:
+                for proc in services.crashed():
+                    console.print(f"[red]{proc.name} exited[/] ({proc.popen.returncode}); see {proc.log_path}")
+                    services.processes.remove(proc)
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping…")
+        finally:
+            services.stop()
+
+
+@app.command()
+def demo(
+    tasks: Annotated[int, typer.Option(help="tasks to submit")] = 300,
+    users: Annotated[int, typer.Option(help="distinct users")] = 36,
+    rate: Annotated[float, typer.Option(help="submissions per second")] = 150.0,
+    nats: NatsOption = None,
+    data_dir: Annotated[Path, typer.Option(help="fresh store for the demo (wiped first)")] = DATA_DIR / "demo",
+) -> None:
+    """Start the embedded stack, drive a mixed workload with the SIMULATED model, print a summary."""
+    from services import demo as demo_mod
+    from services.stack import Services
+
+    _sigterm_as_ctrl_c()
+    if not nats and data_dir.exists():
+        shutil.rmtree(data_dir)
+    env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05"}
+    with _maybe_embedded(nats, data_dir) as url:
+        services = Services(url, data_dir / "logs", env=env)
+        services.start()
+        try:
+            summary = anyio.run(demo_mod.run, load_settings().with_changes(nats_url=url), tasks, users, rate,
+                                services.names(), backend_options={"use_uvloop": True})
+        finally:
+            services.stop()
+    demo_mod.print_summary(summary, console)
+    if summary.lost:
+        raise typer.Exit(1)
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (e.g. from `timeout` or a supervisor) unwinds like Ctrl-C, so the services we
+    started, which run in their own sessions, are stopped rather than orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+def _config_env(config: Path | None) -> dict[str, str]:
+    return {"CORRAL_CONFIG": str(config.resolve())} if config else {}
+
+
+def _maybe_embedded(nats: str | None, data_dir: Path):
+    from services.stack import nats_server
+
+    return nullcontext(nats) if nats else nats_server(data_dir)

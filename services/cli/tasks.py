@@ -1,0 +1,105 @@
+"""`corral submit` and `corral status`: send a task and follow it; read the monitor's metrics or one task."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from contracts import TaskSpec
+from services.cli.common import ConfigOption, NatsOption, call, console, resolve_settings, run
+
+if TYPE_CHECKING:
+    from services.client import Client
+
+app = typer.Typer()
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="what the agent should do")],
+    agent: Annotated[str, typer.Option(help="agent kind")] = "research",
+    user: Annotated[str, typer.Option(help="user the task runs for")] = "alice",
+    tenant: Annotated[str, typer.Option(help="tenant of the user")] = "default",
+    max_tokens: Annotated[Optional[int], typer.Option(help="cap on output tokens")] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="wait and print progress until it ends")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --follow")] = 60.0,
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Submit one task (and by default follow it to its end)."""
+    from services.client import Client
+    from shared import tracing
+
+    spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens)
+    settings = resolve_settings(nats, config)
+    tracing.init_tracing("corral-cli", settings.otlp_endpoint)
+
+    async def go() -> None:
+        async with Client.connect(settings, "cli") as client:
+            if not follow:
+                console.print(await client.submit(spec, tenant=tenant, user=user))
+                return
+            end = await client.run(spec, tenant=tenant, user=user, timeout=timeout,
+                                   on_progress=lambda p: console.print(f"  {p.stage}: {p.message}", markup=False))
+            _print_terminal(end)
+
+    try:
+        run(go)
+    finally:
+        tracing.shutdown_tracing()
+
+
+@app.command()
+def status(
+    task_id: Annotated[Optional[str], typer.Argument(help="a task id; omit for the whole system")] = None,
+    nats: NatsOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Show the monitor's live metrics, or one task's state."""
+
+    async def go(client: Client) -> None:
+        if task_id:
+            console.print_json(data=msgspec.to_builtins(await client.task_status(task_id)))
+        else:
+            print_status(await client.status(), console)
+
+    call(nats, config, go)
+
+
+def print_status(report, out: Console) -> None:
+    table = Table(title="Corral status (from the monitor)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for kind, count in sorted(report.counts.items()):
+        table.add_row(f"events {kind}", str(count))
+    table.add_row("latency p50 / p95 / p99 (ms)",
+                  f"{report.latency.p50_ms:.0f} / {report.latency.p95_ms:.0f} / {report.latency.p99_ms:.0f}")
+    table.add_row("task error rate", f"{report.error_rate:.1%}")
+    table.add_row("step error rate", f"{report.step_error_rate:.1%}")
+    table.add_row("tokens, last hour", f"{report.tokens_last_hour:,}")
+    table.add_row("cost (simulated prices)", f"${report.cost_usd:.4f} (${report.cost_per_task_usd:.5f}/task)")
+    for durable, depth in sorted(report.queue_depth.items()):
+        table.add_row(f"queue {durable}", str(depth))
+    for dep, state in sorted(report.breakers.items()):
+        table.add_row(f"breaker {dep}", state)
+    out.print(table)
+
+
+def _print_terminal(event) -> None:
+    kind = type(event).__struct_config__.tag
+    if kind == "task.completed":
+        console.print(f"[green]completed[/] {event.task_id} in {event.attempts} attempt(s), "
+                      f"{event.usage.input_tokens}+{event.usage.output_tokens} tokens")
+        console.print(event.output, markup=False, highlight=False)
+    elif kind == "task.rejected":
+        console.print(f"[yellow]rejected[/] ({event.reason}) ", end="")
+        console.print(event.message, markup=False)
+        raise typer.Exit(2)
+    else:
+        console.print(f"[red]failed[/] ({event.reason}) ", end="")
+        console.print(event.error, markup=False)
+        raise typer.Exit(1)
