@@ -27,7 +27,7 @@ from contracts import subjects
 from contracts.commands import AcquireProbe
 from contracts.queries import ProbeGrant
 from contracts.state import BreakerRecord
-from shared.kv import follow_bucket
+from shared.watch import follow_bucket
 
 log = logging.getLogger(__name__)
 _decode = msgspec.json.Decoder(BreakerRecord).decode

@@ -29,9 +29,8 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from shared.errors import TransientError
 
@@ -270,20 +269,7 @@ class TypedBucket(Generic[T]):
         return self._decoder.decode(entry.value), entry.revision or 0, entry.value
 
 
-async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None, int], None], stop: anyio.Event,
-                        keys: str = ">") -> None:
-    """Call `apply(key, value, revision)` for the current value of every key matching `keys`, then
-    for every change (value None: deleted), until `stop` is set. How a process keeps a
-    read-only view of a bucket."""
-    watcher = await kv.watch(keys)
-    try:
-        while not stop.is_set():
-            try:
-                entry = await watcher.updates(timeout=1.0)
-            except NatsTimeout:
-                continue
-            if entry is None:  # end of the initial values
-                continue
-            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value, entry.revision or 0)
-    finally:
-        await watcher.stop()
+
+def bucket_name(kv: KeyValue) -> str:
+    """The bucket's name (nats-py 2.x keeps it private, as it does the stream and subject prefix)."""
+    return getattr(kv, "_name", "?")

@@ -8,6 +8,7 @@ policy …`) rather than by a service. Each apply is a new revision of the key
 from __future__ import annotations
 
 import logging
+import time
 import tomllib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from contracts.policy import DEFAULT_POLICY, Policy
 from shared.errors import CorralError
-from shared.kv import follow_bucket
+from shared.watch import follow_bucket
 
 log = logging.getLogger(__name__)
 KEY = "current"
@@ -81,6 +82,8 @@ class PolicyView:
     def __init__(self, policy: Policy = DEFAULT_POLICY, version: int = 0) -> None:
         self.policy = policy
         self.version = version
+        self.since = time.time()
+        """Unix seconds this process switched to `version`."""
         self.changed = anyio.Event()  # set on each switch; tests and CLIs wait on it
 
     @classmethod
@@ -92,10 +95,14 @@ class PolicyView:
         return self.policy
 
     def switch(self, version: int, policy: Policy) -> None:
-        self.policy, self.version = policy, version
+        self.policy, self.version, self.since = policy, version, time.time()
         self.changed.set()
         self.changed = anyio.Event()
         log.info("policy version %d in effect", version)
+
+    def stats(self) -> dict[str, object]:
+        """For $SRV.STATS: the version in effect, and since when."""
+        return {"version": self.version, "since": self.since}
 
     async def follow(self, kv: KeyValue, stop: anyio.Event) -> None:
         await follow_bucket(kv, self._apply, stop, keys=KEY)

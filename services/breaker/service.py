@@ -55,8 +55,11 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                 with anyio.move_on_after(TICK_S):
                     await stop.wait()
 
+        def stats() -> dict:
+            return {"breakers": view.snapshot(), "consumer": outcomes.stats_dict(), "policy": policy.stats()}
+
         endpoints = {"probe": (s.BREAKER_PROBE, probe), "control": (s.BREAKER_CONTROL, control)}
-        async with micro_service(bus, "circuit breakers per dependency", endpoints), \
+        async with micro_service(bus, "circuit breakers per dependency", endpoints, stats=stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(view.follow, kv, stop)
             tg.start_soon(policy.follow, policy_kv, stop)

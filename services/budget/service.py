@@ -54,8 +54,9 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
         async def cost(data: bytes) -> bytes:
             return msgspec.json.encode(await budget.cost(_cost_query.decode(data).task_id))
 
-        def stats() -> dict[str, int]:
-            return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps}
+        def stats() -> dict[str, object]:
+            return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps,
+                    "policy": policy.stats()}
 
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_BUDGET_ADMIT, s.ALL_VALIDATED),

@@ -24,10 +24,11 @@ from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
-from shared.kv import TypedBucket, follow_bucket
+from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.runtime import micro_service
 from shared.streams import EVENTS_MAX_AGE_S, consumer_config
+from shared.watch import follow_bucket
 
 NAME = "executor"
 CACHE_TTL_S = 24 * 3600.0
@@ -74,7 +75,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             return {"replica": replica, "breakers": view.snapshot(), "timeouts_swept": sweep.fired,
-                    "consumers": {c.name: c.stats_dict() for c in consumers}}
+                    "consumers": {c.name: c.stats_dict() for c in consumers}, "policy": policy.stats()}
 
         endpoints = {"task": (s.EXECUTOR_TASK, task_status)}
         async with micro_service(bus, "runs admitted tasks down their fallback chains", endpoints, stats=stats), \

@@ -39,7 +39,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             timing = percentiles(guard.decision_ms)
             return {"policy_version": policy.version, "shadow": policy().shadow, "decisions": dict(guard.decisions),
                     "decision_p50_ms": timing.p50_ms, "decision_p99_ms": timing.p99_ms,
-                    "consumer": submissions.stats_dict()}
+                    "consumer": submissions.stats_dict(), "policy": policy.stats()}
 
         async with micro_service(bus, "validates, rate-limits and estimates submitted tasks", stats=stats), \
                 anyio.create_task_group() as tg:

@@ -49,7 +49,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         ]
 
         def stats() -> dict:
-            return {observer.name: observer.stats_dict() for observer in observers}
+            return {**{observer.name: observer.stats_dict() for observer in observers}, "policy": policy.stats()}
 
         async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
                                  stats=stats), \
