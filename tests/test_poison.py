@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import anyio
 import msgspec
 import pytest
 
-from contracts import DeadLetter, TaskCompleted, TaskSpec
+from contracts import DeadLetter, StepRequested, TaskAdmitted, TaskCompleted, TaskFailed, TaskProgress, TaskSpec
 from contracts import subjects as s
 from contracts.policy import AgentPolicy, Strategy
 from services.budget.handlers import user_key
@@ -17,7 +18,7 @@ from services.executor.state import cache_key
 from shared.bus import Bus
 from shared.policy import apply_policy, rollback
 from tests.conftest import apply, stack, wait_until
-from tests.signals import example_policy
+from tests.signals import example_policy, signals
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 GARBAGE = b"\x00not json {"
@@ -95,6 +96,53 @@ async def test_a_value_that_does_not_decode_in_any_bucket_is_reported_once_with_
     for name in POLICY_READERS:  # each refused the bad version and kept the good one
         assert stats[name]["policy"]["version"] == good, (name, stats[name]["policy"])
         assert stats[name]["policy"]["refused"]["version"] == revisions[s.KV_POLICY], (name, stats[name]["policy"])
+
+
+async def test_a_running_tasks_record_that_does_not_decode_fails_the_task_once_and_it_never_runs_again(
+        settings, tenant, user):
+    async with stack(settings, policy=example_policy()) as client, client.events() as events, \
+            signals(client) as heard:
+        tasks = await client.bus.bucket(s.KV_TASKS)
+        task_id = await client.submit(TaskSpec(agent="writing", prompt="slow one [sim:latency=1]"), tenant=tenant,
+                                      user=user)
+        ends, admitted = [], None
+        with anyio.fail_after(30):
+            async for event in events:
+                if event.task_id != task_id:
+                    continue
+                if isinstance(event, TaskAdmitted):
+                    admitted = event
+                if isinstance(event, TaskProgress) and event.stage == "step_started":
+                    await tasks.put(task_id, GARBAGE)  # while the worker is on its step
+                if isinstance(event, (TaskCompleted, TaskFailed)):
+                    ends.append(event)
+                    break
+        first = await tasks.put(task_id, GARBAGE)  # and once more, then the admission comes again
+        await client.bus.js.publish(s.task_admitted(tenant), msgspec.json.encode(admitted),
+                                    headers={s.HEADER_MSG_ID: f"again-{task_id}"})
+
+        async def record_replaced():
+            entry = await tasks.get(task_id)
+            return entry.revision > first
+
+        await wait_until(record_replaced)
+        later = []
+        with anyio.move_on_after(3.0):  # a real wait: would a step or a completion show up?
+            async for event in events:
+                if event.task_id == task_id and isinstance(event, (TaskCompleted, TaskProgress)):
+                    later.append(event)
+        status = await client.task_status(task_id)
+        budget = await wait_until(lambda: _released(client, tenant, user))
+    assert [type(e) for e in ends] == [TaskFailed]
+    assert ends[0].reason == "permanent_error" and "does not decode" in ends[0].error
+    assert later == [] and len(heard.of(StepRequested, task_id=task_id)) == 1  # the one step, before the loss
+    assert (status.found, status.status) == (True, "failed")
+    assert budget.open_tasks == 0  # its reservation was released
+
+
+async def _released(client: Client, tenant: str, user: str):
+    shown = await client.budget(tenant, user)
+    return shown if shown.open_tasks == 0 else None
 
 
 async def test_a_rollback_from_a_version_that_does_not_decode_returns_to_the_last_good_one(settings):
