@@ -45,6 +45,7 @@ from shared import tracing
 from shared.bus import Bus
 from shared.config import Settings
 from shared.errors import CorralError
+from shared.kv import TypedBucket
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 Terminal = TaskCompleted | TaskFailed | TaskRejected
@@ -163,14 +164,12 @@ class Client:
         return msgspec.json.decode(reply.data, type=BreakerReply)
 
     async def breakers(self) -> list[BreakerRecord]:
-        """Every circuit, as the breaker service keeps it (read-only)."""
+        """Every circuit, as the breaker service keeps it (read-only; a record that does not decode is logged
+        and left out)."""
         kv = await self.bus.bucket(subjects.KV_BREAKERS)
-        records = []
-        for key in await _keys(kv):
-            entry = await kv.get(key)
-            if entry.value:
-                records.append(msgspec.json.decode(entry.value, type=BreakerRecord))
-        return sorted(records, key=lambda record: record.dependency)
+        records = TypedBucket(kv, BreakerRecord, BreakerRecord)
+        found = [await records.get(key) for key in await _keys(kv)]
+        return sorted((record for record in found if record is not None), key=lambda record: record.dependency)
 
     async def task_status(self, task_id: str, timeout: float = 5.0) -> TaskStatusReply:
         query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))

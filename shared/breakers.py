@@ -8,6 +8,10 @@ gate that executors and workers pass before calling a dependency.
 The lease is asked of the breaker service (request/reply): it alone writes the
 bucket, and the lease is a compare-and-set on the dependency's record, so the
 permitted number of probes holds across every replica together.
+
+A record that does not decode is quarantined (shared/quarantine.py) and the view keeps
+what it knew of that dependency (nothing, at start: its calls go ahead) until the
+breaker writes a good record over it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from contracts import subjects
 from contracts.commands import AcquireProbe
 from contracts.queries import ProbeGrant
 from contracts.state import BreakerRecord
-from shared.kv import follow_bucket
+from shared.quarantine import Quarantine
+from shared.watch import follow_bucket
 
 log = logging.getLogger(__name__)
 _decode = msgspec.json.Decoder(BreakerRecord).decode
@@ -39,7 +44,8 @@ PROBE_REQUEST_TIMEOUT_S = 2.0
 
 
 class BreakerView:
-    def __init__(self) -> None:
+    def __init__(self, quarantine: Quarantine | None = None) -> None:
+        self.quarantine = quarantine or Quarantine()
         self.records: dict[str, BreakerRecord] = {}
         self.seen: dict[str, tuple[str, bool, float]] = {}
         """dependency -> (state, forced, unix time this process first saw it so)."""
@@ -56,7 +62,7 @@ class BreakerView:
         return self.admission(dependency, now) != "skip"
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
-        if not value:
+        if value is None:
             self.records.pop(key, None)
             self.seen.pop(key, None)
             return
@@ -72,7 +78,7 @@ class BreakerView:
 
     async def follow(self, kv: KeyValue, stop: anyio.Event) -> None:
         """Keep `records` up to date until `stop` is set."""
-        await follow_bucket(kv, self.apply, stop)
+        await follow_bucket(kv, self.apply, stop, quarantine=self.quarantine)
 
 
 class BreakerGate:

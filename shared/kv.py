@@ -17,6 +17,17 @@ it). Records of finished work use it, so buckets do not grow forever.
 object this process last wrote, instead of decoding its bytes again; worth it for
 large values (a tenant's budget account). Only for changes whose results never hold
 mutable parts of the value: a later change would alter them under the caller.
+
+A value that does not decode is quarantined, then moved aside: its bytes go to the
+dead-letter stream (shared/quarantine.py), and the bucket treats the key as absent
+*at that value's revision*. `get` gives None; `read` gives (None, revision), which no
+key that is merely absent gives (its revision is 0); `update` starts from the default;
+`create` writes. So the next write replaces the bad value, by compare-and-set on its
+revision: a good value written since is kept, and of several replicas one replaces it.
+Why this and not leaving the value in place: a key that can never be written again
+stops its user, dependency or task for good, while the letter keeps every byte for an
+operator to read. The bucket's owner decides what a fresh start means for its records
+(the executor fails a task whose record is lost instead of running it again).
 """
 
 from __future__ import annotations
@@ -29,11 +40,11 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from shared.errors import TransientError
+from shared.quarantine import Quarantine
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,12 +76,15 @@ class _Waiter:
 
 class TypedBucket(Generic[T]):
     def __init__(self, kv: KeyValue, type_: type[T], default: Callable[[], T],
-                 expires: Callable[[T], float | None] | None = None, *, reuse_written: bool = False) -> None:
+                 expires: Callable[[T], float | None] | None = None, *, reuse_written: bool = False,
+                 quarantine: Quarantine | None = None) -> None:
         self.kv = kv
+        self.name = bucket_name(kv)
+        self.quarantine = quarantine or Quarantine()
         self.default = default
         self.expires = expires
         self.reuse_written = reuse_written
-        self._decoder = msgspec.json.Decoder(type_)
+        self._decoder = msgspec.json.Decoder(type_ | None)  # null: no record (what replaces a quarantined one)
         self._encoder = msgspec.json.Encoder()
         self.conflicts = 0  # CAS retries since start, for stats and benchmarks
         self._queued: dict[str, list[_Waiter]] = {}
@@ -79,11 +93,8 @@ class TypedBucket(Generic[T]):
         self._leaders: set[str] = set()
 
     async def get(self, key: str) -> T | None:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None
-        return self._decoder.decode(entry.value) if entry.value else None
+        value, _ = await self.read(key)
+        return value
 
     async def put(self, key: str, value: T) -> None:
         await self.kv.put(key, self._encoder.encode(value))
@@ -97,13 +108,16 @@ class TypedBucket(Generic[T]):
             self._remember(key, encoded, revision)
             return value
         except KeyWrongLastSequenceError:
-            existing = await self.get(key)
+            existing, revision = await self.read(key)
+            if existing is None and revision and await self.write_if(key, value, revision):
+                return value  # the key held a value that does not decode: quarantined, and replaced
             if existing is None:  # deleted in between: rare enough to let the caller retry
                 raise Contention(f"key {key!r} was deleted while being created", retry_after_s=0.1) from None
             return existing
 
     async def read(self, key: str, *, cached: bool = False) -> tuple[T | None, int]:
-        """The value and its revision (None and 0 for a key never written), for `write_if`.
+        """The value and its revision (None and 0 for a key never written; None and its revision for
+        a value that does not decode, quarantined), for `write_if`.
 
         `cached`: what this process last wrote, if it remembers the key, without asking the server.
         It may be stale (another process wrote since): then `write_if` fails, and only a
@@ -114,7 +128,8 @@ class TypedBucket(Generic[T]):
             entry = await self.kv.get(key)
         except KeyNotFoundError:
             return None, 0
-        return (self._decoder.decode(entry.value) if entry.value else None), entry.revision or 0
+        revision = entry.revision or 0
+        return await self._decoded(key, entry.value, revision), revision
 
     async def write_if(self, key: str, value: T, revision: int) -> bool:
         """Write only if the key is still at `revision` (0: only if it does not exist); False if someone
@@ -255,8 +270,9 @@ class TypedBucket(Generic[T]):
             async for entry in watcher:
                 if entry is None:  # the end of what existed when the pass began
                     return
-                if entry.value:
-                    yield entry.key, self._decoder.decode(entry.value)
+                value = await self._decoded(entry.key, entry.value, entry.revision or 0)
+                if value is not None:
+                    yield entry.key, value
         finally:
             await watcher.stop()
 
@@ -267,23 +283,20 @@ class TypedBucket(Generic[T]):
         except KeyNotFoundError:
             value = default()
             return value, 0, self._encoder.encode(value)
-        return self._decoder.decode(entry.value), entry.revision or 0, entry.value
+        revision = entry.revision or 0
+        value = await self._decoded(key, entry.value, revision)
+        return (default() if value is None else value), revision, entry.value
+
+    async def _decoded(self, key: str, value: bytes, revision: int) -> T | None:
+        """The stored value decoded; None, once quarantined, if it does not decode."""
+        try:
+            return self._decoder.decode(value)
+        except msgspec.DecodeError as exc:
+            await self.quarantine.keep(self.name, key, revision, value, exc)
+            return None
 
 
-async def follow_bucket(kv: KeyValue, apply: Callable[[str, bytes | None, int], None], stop: anyio.Event,
-                        keys: str = ">") -> None:
-    """Call `apply(key, value, revision)` for the current value of every key matching `keys`, then
-    for every change (value None: deleted), until `stop` is set. How a process keeps a
-    read-only view of a bucket."""
-    watcher = await kv.watch(keys)
-    try:
-        while not stop.is_set():
-            try:
-                entry = await watcher.updates(timeout=1.0)
-            except NatsTimeout:
-                continue
-            if entry is None:  # end of the initial values
-                continue
-            apply(entry.key, None if entry.operation in (KV_DEL, KV_PURGE) else entry.value, entry.revision or 0)
-    finally:
-        await watcher.stop()
+def bucket_name(kv: KeyValue) -> str:
+    """The bucket's name (nats-py 2.x keeps it private, as it does the stream and subject prefix)."""
+    return getattr(kv, "_name", "?")
+

@@ -15,6 +15,9 @@
 - **Publish acks** (every emit and every KV write waits for one). nats-py parses each
   with `json.loads` and a dataclass's `from_response`, 3.2 µs; msgspec takes 0.2.
 
+It also tells whoever asks (`on_reconnect`) the moment the connection is back, so a KV
+watch replaces its consumer then (shared/watch.py), not after missed heartbeats.
+
 The first two override private methods, and the third reimplements JetStream's
 publish (shared/kv.py also calls KeyValue._update, for a write's TTL), so nats-py is
 pinned to 2.x in pyproject.toml; tests/test_bus.py checks that nothing is lost,
@@ -24,6 +27,7 @@ reordered or left waiting, and what a publish returns or raises.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -52,6 +56,25 @@ _decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 class TunedClient(Client):
     _request_loop: asyncio.AbstractEventLoop | None = None  # asking for it costs a getpid on Python 3.11
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reconnect_listeners: set[Callable[[], None]] = set()
+
+    async def connect(self, *args: Any, reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+                      **kwargs: Any) -> None:
+        async def reconnected() -> None:
+            for listener in list(self._reconnect_listeners):
+                listener()
+            if reconnected_cb is not None:
+                await reconnected_cb()
+
+        await super().connect(*args, reconnected_cb=reconnected, **kwargs)
+
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` each time the connection is back (subscriptions renewed); returns what stops that."""
+        self._reconnect_listeners.add(listener)
+        return lambda: self._reconnect_listeners.discard(listener)
 
     def jetstream(self, **opts: Any) -> TunedJetStream:
         return TunedJetStream(self, **opts)

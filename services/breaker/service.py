@@ -24,6 +24,7 @@ from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -36,9 +37,11 @@ _control = msgspec.json.Decoder(ControlBreaker).decode
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BREAKERS), await bus.policy_bucket()
-        policy = await PolicyView.load(policy_kv)
-        breaker = Breaker(policy, TypedBucket(kv, BreakerRecord, BreakerRecord), bus.emit, clock=time.time)
-        view = BreakerView()
+        quarantine = Quarantine(bus.js, NAME)
+        policy = await PolicyView.load(policy_kv, quarantine)
+        breaker = Breaker(policy, TypedBucket(kv, BreakerRecord, BreakerRecord, quarantine=quarantine), bus.emit,
+                          clock=time.time)
+        view = BreakerView(quarantine)
         outcomes = Consumer(bus, s.STREAM_STEPS,
                             consumer_config(settings, s.CONSUMER_BREAKER, s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED),
                             decoder_for(Union[StepCompleted, StepFailed]), breaker.on_outcome)
@@ -55,8 +58,12 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                 with anyio.move_on_after(TICK_S):
                     await stop.wait()
 
+        def stats() -> dict:
+            return {"breakers": view.snapshot(), "consumer": outcomes.stats_dict(), "policy": policy.stats(),
+                    "quarantined": quarantine.stats()}
+
         endpoints = {"probe": (s.BREAKER_PROBE, probe), "control": (s.BREAKER_CONTROL, control)}
-        async with micro_service(bus, "circuit breakers per dependency", endpoints), \
+        async with micro_service(bus, "circuit breakers per dependency", endpoints, stats=stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(view.follow, kv, stop)
             tg.start_soon(policy.follow, policy_kv, stop)

@@ -19,6 +19,7 @@ from shared.config import Settings
 from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -41,9 +42,11 @@ def _idle_account_ttl(account: Account) -> float | None:
 async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -> None:
     async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_BUDGET), await bus.policy_bucket()
-        policy = await PolicyView.load(policy_kv)
-        accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl, reuse_written=True)
-        journals = TypedBucket(kv, TaskJournal, lambda: None, expires=lambda _: JOURNAL_TTL_S)
+        quarantine = Quarantine(bus.js, NAME)
+        policy = await PolicyView.load(policy_kv, quarantine)
+        accounts = TypedBucket(kv, Account, Account, expires=_idle_account_ttl, reuse_written=True,
+                               quarantine=quarantine)
+        journals = TypedBucket(kv, TaskJournal, lambda: None, expires=lambda _: JOURNAL_TTL_S, quarantine=quarantine)
         budget = Budget(policy, accounts, journals, bus.emit, clock, settings.budget_hold_timeout_s,
                         settings.budget_account_max_bytes or bus.nc.max_payload // 2)
 
@@ -54,8 +57,9 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
         async def cost(data: bytes) -> bytes:
             return msgspec.json.encode(await budget.cost(_cost_query.decode(data).task_id))
 
-        def stats() -> dict[str, int]:
-            return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps}
+        def stats() -> dict[str, object]:
+            return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps,
+                    "policy": policy.stats(), "quarantined": quarantine.stats()}
 
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_BUDGET_ADMIT, s.ALL_VALIDATED),

@@ -22,6 +22,12 @@ time or on breaker state, which may differ on redelivery, is made once: a redeli
 event never produces a second, different step. Two handlers deciding for one task at
 once (a late outcome and the timeout sweep) cannot both win the compare-and-set.
 
+A record that does not decode (quarantined: its bytes are a dead letter, shared/kv.py)
+ends its task: the first handler to read it, for a step outcome or a redelivered
+admission, fails the task with a reason that says so and writes that failure over
+the bad value (compare-and-set on its revision). Its state being unknown, the task
+is never started again, and it does not wait for ever unheard.
+
 Reads are saved where it is safe: a handler first decides on the record as this
 process last wrote it (and a new task on no record), and reads the bucket only when
 that compare-and-set fails or the remembered record says the event is not current.
@@ -52,7 +58,7 @@ from contracts import (
 from contracts.events import FailReason
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
-from services.executor.state import CachedAnswer, TaskRecord, cache_key, step_id
+from services.executor.state import CachedAnswer, TaskRecord, admitted_from, cache_key, step_id
 from shared.breakers import BreakerGate
 from shared.kv import TypedBucket
 
@@ -60,6 +66,8 @@ Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+UNREADABLE = ("the executor's record of this task does not decode (it is kept as a dead letter): the task is "
+              "stopped rather than run again")
 
 
 class _Stale(Exception):
@@ -120,6 +128,9 @@ class Executor:
         if record is not None:
             await self._republish(record, task.task_id)
             return
+        if revision:  # a record is there and does not decode: the task may have run already
+            await self._fail_unreadable(task, revision, task.task_id)
+            return
         now = self.clock()
         agent = self.policy().agents.get(task.spec.agent)
         record = TaskRecord(task=task, admitted_at=now, chain=list(agent.chain) if agent else [],
@@ -131,7 +142,7 @@ class Executor:
         await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
 
     async def _complete(self, step: StepCompleted, fresh: bool) -> None:
-        record, revision = await self._current(step.task_id, step.step_id, fresh)
+        record, revision = await self._current(step, fresh)
         if record is None:
             return
         strategy = record.chain[record.strategy]
@@ -144,7 +155,7 @@ class Executor:
         await self._remember(record, completed)
 
     async def _retry_or_fall_back(self, step: StepFailed, fresh: bool) -> None:
-        record, revision = await self._current(step.task_id, step.step_id, fresh)
+        record, revision = await self._current(step, fresh)
         if record is None:
             return
         strategy = record.chain[record.strategy]
@@ -179,14 +190,17 @@ class Executor:
 
     # --- deciding -----------------------------------------------------------------
 
-    async def _current(self, task_id: str, step: str, fresh: bool) -> tuple[TaskRecord | None, int]:
-        """The record if `step` is the one the task waits for; else republish if this event decided it.
-        Only a fresh read may conclude that the event is not current: a remembered record may be old."""
-        record, revision = await self.tasks.read(task_id, cached=not fresh)
+    async def _current(self, event: StepCompleted | StepFailed, fresh: bool) -> tuple[TaskRecord | None, int]:
+        """The record if the event's step is the one the task waits for; else republish if this event decided
+        it. Only a fresh read may conclude that the event is not current: a remembered record may be old."""
+        record, revision = await self.tasks.read(event.task_id, cached=not fresh)
+        step = event.step_id
         current = record is not None and record.status == "running" and record.step_id in (step, "")
         if not fresh and not current:
             raise _Stale
         if record is None:
+            if revision:  # there, and it does not decode
+                await self._fail_unreadable(admitted_from(event), revision, step)
             return None, 0
         if record.status == "running" and not record.step_id:  # written before fallback chains: adopt it
             agent = self.policy().agents.get(record.task.spec.agent)
@@ -270,9 +284,18 @@ class Executor:
         return True
 
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
+        await self._end_failed(record, revision, cause, reason, f"All strategies failed. Last error: {last_error}")
+
+    async def _fail_unreadable(self, task: TaskAdmitted, revision: int, cause: str) -> None:
+        """Fail a task whose record does not decode, writing the failure over that record."""
+        record = TaskRecord(task=task, admitted_at=self.clock())
+        await self._end_failed(record, revision, cause, "permanent_error", UNREADABLE)
+
+    async def _end_failed(self, record: TaskRecord, revision: int, cause: str, reason: FailReason,
+                          error: str) -> None:
         task = record.task
-        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
-                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts)
+        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason, error=error,
+                            attempts=record.attempts)
         record.status, record.outcome = "failed", failed
         await self._record(record, revision, cause)
         await self.emit(subjects.task_failed(task.tenant), failed)

@@ -24,10 +24,12 @@ from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
-from shared.kv import TypedBucket, follow_bucket
+from shared.kv import TypedBucket
 from shared.policy import PolicyView
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import EVENTS_MAX_AGE_S, consumer_config
+from shared.watch import follow_bucket
 
 NAME = "executor"
 CACHE_TTL_S = 24 * 3600.0
@@ -45,12 +47,13 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, breaker_kv = await bus.policy_bucket(), await bus.bucket(s.KV_BREAKERS)
         tasks_kv, cache_kv = await bus.bucket(s.KV_TASKS), await bus.bucket(s.KV_CACHE, ttl_s=CACHE_TTL_S)
-        policy, view = await PolicyView.load(policy_kv), BreakerView()
+        quarantine = Quarantine(bus.js, NAME)
+        policy, view = await PolicyView.load(policy_kv, quarantine), BreakerView(quarantine)
         replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
-        records = TypedBucket(tasks_kv, TaskRecord, lambda: None, expires=_ended_record_ttl)
+        records = TypedBucket(tasks_kv, TaskRecord, lambda: None, expires=_ended_record_ttl, quarantine=quarantine)
         executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
-                            cache=TypedBucket(cache_kv, CachedAnswer, lambda: None),
+                            cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),
                             republish_window_s=settings.dedup_window_s)
         sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)
 
@@ -74,14 +77,15 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             return {"replica": replica, "breakers": view.snapshot(), "timeouts_swept": sweep.fired,
-                    "consumers": {c.name: c.stats_dict() for c in consumers}}
+                    "consumers": {c.name: c.stats_dict() for c in consumers}, "policy": policy.stats(),
+                    "quarantined": quarantine.stats()}
 
         endpoints = {"task": (s.EXECUTOR_TASK, task_status)}
         async with micro_service(bus, "runs admitted tasks down their fallback chains", endpoints, stats=stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(view.follow, breaker_kv, stop)
-            tg.start_soon(follow_bucket, tasks_kv, sweep.apply, stop)
+            tg.start_soon(follow_bucket, tasks_kv, sweep.apply, stop, ">", quarantine)
             tg.start_soon(sweep.run, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)

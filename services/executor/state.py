@@ -7,7 +7,8 @@ from typing import Literal
 
 import msgspec
 
-from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, Usage
+from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec, TokenEstimate, Usage
+from contracts.events import StepEvent
 from contracts.policy import Strategy
 
 TaskStatus = Literal["running", "completed", "failed"]
@@ -50,6 +51,13 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     model: str
     dependency: str
     stored_at: float
+
+
+def admitted_from(step: StepEvent) -> TaskAdmitted:
+    """The task as one of its steps tells it: who, which task, which agent (not its prompt or estimate).
+    Enough to end a task whose record was lost."""
+    return TaskAdmitted(task_id=step.task_id, tenant=step.tenant, user=step.user, spec=TaskSpec(agent=step.agent),
+                        estimate=TokenEstimate(prompt_tokens=0, max_output_tokens=0), reserved_tokens=0, window="")
 
 
 def step_id(task_id: str, strategy: int, attempt: int) -> str:

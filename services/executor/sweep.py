@@ -12,6 +12,11 @@ and handles a step still unanswered `grace_s` (ack_wait plus a margin) after its
 deadline as that step's timeout. Replicas racing on one task are settled by the
 record's compare-and-set; the index holds three fields per running task, not the
 records themselves.
+
+A record that does not decode is quarantined by the watch (shared/watch.py) and its
+entry stays as its last good revision left it. It is the step's outcome that ends such
+a task (the handler fails it, services/executor/handlers.py); a timeout finds no record
+it can read, and leaves it at the dead letter.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class TimeoutSweep:
         self.fired = 0
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
-        record = _decode(value) if value else None
+        record = _decode(value) if value is not None else None
         if record is None or record.status != "running" or not record.step_id or not record.step_deadline:
             self.due.pop(key, None)
         else:

@@ -16,6 +16,7 @@ from shared.config import Settings
 from shared.consume import Consumer
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -25,8 +26,10 @@ NAME = "guard"
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, rates_kv = await bus.policy_bucket(), await bus.bucket(s.KV_RATES)
-        policy = await PolicyView.load(policy_kv)
-        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit)
+        quarantine = Quarantine(bus.js, NAME)
+        policy = await PolicyView.load(policy_kv, quarantine)
+        cells = TypedBucket(rates_kv, Cell, Cell, quarantine=quarantine)
+        guard = Guard(policy, RateLimiter(cells, clock=time.time), bus.emit)
         submissions = Consumer(
             bus,
             s.STREAM_TASKS,
@@ -39,7 +42,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             timing = percentiles(guard.decision_ms)
             return {"policy_version": policy.version, "shadow": policy().shadow, "decisions": dict(guard.decisions),
                     "decision_p50_ms": timing.p50_ms, "decision_p99_ms": timing.p99_ms,
-                    "consumer": submissions.stats_dict()}
+                    "consumer": submissions.stats_dict(), "policy": policy.stats(), "quarantined": quarantine.stats()}
 
         async with micro_service(bus, "validates, rate-limits and estimates submitted tasks", stats=stats), \
                 anyio.create_task_group() as tg:

@@ -16,6 +16,7 @@ from shared.config import Settings
 from shared.consume import decoder_for
 from shared.observe import Observer
 from shared.policy import PolicyView
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 
 NAME = "monitor"
@@ -36,7 +37,8 @@ WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scal
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv = await bus.policy_bucket()
-        policy = await PolicyView.load(policy_kv)
+        quarantine = Quarantine(bus.js, NAME)
+        policy = await PolicyView.load(policy_kv, quarantine)
         metrics = Metrics(policy)
 
         async def status(_: bytes) -> bytes:
@@ -49,7 +51,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         ]
 
         def stats() -> dict:
-            return {observer.name: observer.stats_dict() for observer in observers}
+            return {**{observer.name: observer.stats_dict() for observer in observers}, "policy": policy.stats(),
+                    "quarantined": quarantine.stats()}
 
         async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
                                  stats=stats), \

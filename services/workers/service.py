@@ -25,6 +25,7 @@ from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
+from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 
@@ -42,7 +43,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                                  faults=faults)
     async with Bus.connect(settings, name(agent)) as bus:
         worker_id = f"{socket.gethostname()}-{os.getpid()}"
-        view = BreakerView()
+        quarantine = Quarantine(bus.js, name(agent))
+        view = BreakerView(quarantine)
         worker = Worker(worker_id, {provider.name: provider}, bus.emit, tools=SimulatedTools(faults=faults),
                         gate=BreakerGate(view, lease_requester(bus.nc, worker_id)), notify=bus.notify)
         steps = Consumer(bus, s.STREAM_STEPS,
@@ -63,7 +65,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
 
         def stats() -> dict:
             return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
-                    "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()}}
+                    "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()},
+                    "quarantined": quarantine.stats()}
 
         control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
         try:
