@@ -76,7 +76,7 @@ def tour_commands(text: str) -> list[Command]:
 TASK_ID = r"[0-9a-f]{32}"
 SHAPES = [  # (what the README shows, what it matches), applied to each shown line before escaping the rest
     (re.compile(TASK_ID), f"({TASK_ID})"),
-    (re.compile(r"\d{4}-\d{2}-\d{2}"), r"\\d{4}-\\d{2}-\\d{2}"),
+    (re.compile(r"\d{4}-\d{2}-\d{2}(?:T\d{2})?"), r"\\d{4}-\\d{2}-\\d{2}(?:T\\d{2})?"),  # a day, or an hour
     (re.compile(r"\b\d{2}:\d{2}(?::\d{2})?\b"), r"\\d{2}:\\d{2}(?::\\d{2})?"),
     (re.compile(r"127\.0\.0\.1:\d+"), r"127\\.0\\.0\\.1:\\d+"),
 ]
@@ -140,10 +140,10 @@ def assert_shows(command: Command, output: str, ids: dict[str, str], numbers_var
 
 def test_a_shown_output_matches_only_what_it_shows():
     command = Command("corral x", ["completed 7c33a085098343ed958a98fd7eeb21bc in 1 attempt(s), 12+109 tokens",
-                                   "…", "┏━━━━━━┳━━━━━━━━━━━━━━━━┓", "│ user   │ day 2026-11-27 │ 10,000 │"])
+                                   "…", "┏━━━━━━┳━━━━━━━━━━━━━━━━┓", "│ user   │ hour 2026-11-27T02 │ 10,000 │"])
     ids: dict[str, str] = {}
     printed = "completed 0123456789abcdef0123456789abcdef in 1 attempt(s), 12+109 tokens\nsome\ntext\n" \
-              "┏━━━━━━┳━━━━━━━━━━━━━━━━━━━━━┓\n│ user │ day 2026-12-01      │ 10,000 │\n"
+              "┏━━━━━━┳━━━━━━━━━━━━━━━━━━━━━┓\n│ user │ hour 2026-12-01T21      │ 10,000 │\n"
     assert_shows(command, printed, ids)
     assert ids == {"7c33a085098343ed958a98fd7eeb21bc": "0123456789abcdef0123456789abcdef"}
     with pytest.raises(AssertionError, match="other than the README shows"):
