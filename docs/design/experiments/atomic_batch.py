@@ -1,10 +1,10 @@
-"""Session 4 experiment: two KV compare-and-sets, or one atomic batch of the same two writes?
+"""Experiment: two KV compare-and-sets, or one atomic batch of the same two writes?
 
 Starts its own nats-server (from the venv) on a free port of 127.0.0.1, makes a file KV bucket
 with atomic batch publish allowed, and runs 64 writers of 300 two-key updates each, first as two
 compare-and-sets, then as one atomic batch with a Nats-Expected-Last-Subject-Sequence per key.
-Run: `.venv/bin/python docs/notes/experiments/atomic_batch.py` (cas|batch, default both).
-Measured on nats-server 2.15.1: about 23,000 pairs/s as compare-and-sets, 490 as atomic batches.
+Run: `.venv/bin/python docs/design/experiments/atomic_batch.py` (cas|batch, default both).
+Figures, with their date and machine: docs/design/0007-measured-and-rejected.md.
 """
 
 import asyncio
