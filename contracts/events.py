@@ -316,16 +316,26 @@ class CostNotice(Event, frozen=True, kw_only=True, tag="cost.notice"):
 # --- what the dead-letter stream stores --------------------------------------
 
 
+DEAD_LETTER_PAYLOAD_BYTES = 4096
+"""How much of a dead message its letter keeps: enough to see what it was, and a letter of any message fits in
+one (the whole payload of a message near the server's maximum would not, base64-encoded)."""
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", tag_field="kind"):
-    """A message a service could not process, kept with the reason."""
+    """A message a service could not process, kept with the reason: its first bytes, its size and its hash."""
 
     service: str
     subject: str
     reason: str
     payload: bytes
+    """The message's first DEAD_LETTER_PAYLOAD_BYTES bytes (all of it, when it is shorter)."""
     deliveries: int = 1
     occurred_at: datetime = msgspec.field(default_factory=utcnow)
     version: int = CONTRACT_VERSION
+    payload_size: int = 0
+    """Bytes of the whole message."""
+    payload_sha256: str = ""
+    """Hex SHA-256 of the whole message, to find it (or its copies) in the stream it came from."""
 
 
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)

@@ -4,7 +4,13 @@
   KV writes wait for the server's acknowledgement);
 - nak with a delay when the handler raises TransientError (NotYet: the same, quietly);
 - term a poison message (undecodable, or PoisonMessage, or failing on its last
-  delivery) and record it with the reason in the dead-letter stream.
+  delivery, transiently or not) and record it with the reason in the dead-letter stream.
+
+"Undecodable" is whatever the decoder raises: malformed JSON, a schema refusal, but
+also a RecursionError (msgspec's answer to JSON nested deeper than the interpreter's
+recursion limit) or a bug in a hand-written decoder. A dead letter keeps a bounded
+prefix of the message with its size and hash, so it fits in one message however large
+the original was: a message is never accepted and then lost for want of room.
 
 Handlers see only the decoded contract; no NATS and no span plumbing.
 """
@@ -12,6 +18,7 @@ Handlers see only the decoded contract; no NATS and no span plumbing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -26,6 +33,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import DeadLetter, subjects
+from contracts.events import DEAD_LETTER_PAYLOAD_BYTES
 from shared import tracing
 from shared.bus import Bus
 from shared.errors import NotYet, PoisonMessage, TransientError
@@ -36,6 +44,8 @@ T = TypeVar("T")
 Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
+MAX_REASON_CHARS = 2048  # an exception's text can be anything: a letter keeps its start
+MAX_SUBJECT_CHARS = 1024
 _delivery: ContextVar[int] = ContextVar("corral_delivery", default=1)
 
 
@@ -123,8 +133,8 @@ class Consumer(Generic[T]):
             self.stats.redelivered += 1
         try:
             event = self.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage) as exc:
-            await self._dead_letter(msg, f"undecodable: {exc}", deliveries)
+        except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the message cannot be handled
+            await self._dead_letter(msg, f"undecodable: {undecodable_reason(exc)}", deliveries)
             return
         await self._run_handler(msg, event, deliveries)
 
@@ -143,11 +153,14 @@ class Consumer(Generic[T]):
                 else:
                     await self.handler(event)
         except TransientError as exc:
+            if self._last(deliveries):  # the server would drop it after this: keep it, with why
+                await self._dead_letter(msg, f"still failing after {deliveries} deliveries, last: {exc!r}",
+                                        deliveries)
+                return
             self.stats.retried += 1
             log.log(logging.DEBUG if isinstance(exc, NotYet) else logging.WARNING, "%s: retrying %s later: %s",
                     self.name, getattr(event, "task_id", "?"), exc)
-            if self.acks:
-                await msg.nak(delay=exc.retry_after_s)
+            await msg.nak(delay=exc.retry_after_s)
             return
         except PoisonMessage as exc:
             await self._dead_letter(msg, f"poison: {exc}", deliveries)
@@ -155,7 +168,7 @@ class Consumer(Generic[T]):
         except Exception as exc:  # a bug or an unexpected failure: counted, logged, retried, then dead-lettered
             self.stats.errors += 1
             log.exception("%s: handler failed for task %s", self.name, getattr(event, "task_id", "?"))
-            if deliveries >= self.bus.settings.max_deliver or not self.acks:
+            if self._last(deliveries):
                 await self._dead_letter(msg, f"failed {deliveries} times, last: {exc!r}", deliveries)
             else:
                 await msg.nak(delay=min(30.0, 0.5 * 2**deliveries * random.random()))
@@ -163,6 +176,11 @@ class Consumer(Generic[T]):
         if self.acks:
             await msg.ack()
         self.stats.handled += 1
+
+    def _last(self, deliveries: int) -> bool:
+        """This is the message's last delivery: the server gives up on it after (or never redelivers it)."""
+        limit = self.config.max_deliver or self.bus.settings.max_deliver  # -1: the server never gives up
+        return not self.acks or 0 < limit <= deliveries
 
     async def _with_progress(self, msg: Msg, event: Any) -> None:
         """Run the handler where `_heartbeat` sees it, while it runs."""
@@ -188,15 +206,36 @@ class Consumer(Generic[T]):
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         self.stats.dead_lettered += 1
-        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject, reason)
-        letter = DeadLetter(
-            service=self.bus.service, subject=msg.subject, reason=reason, payload=msg.data, deliveries=deliveries
-        )
+        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject, reason[:MAX_REASON_CHARS])
+        letter = dead_letter(self.bus.service, msg.subject, reason, msg.data, deliveries,
+                             keep_bytes=min(DEAD_LETTER_PAYLOAD_BYTES, self.bus.nc.max_payload // 8))
         subject = subjects.dead_letter(self.bus.service)
         msg_id = f"dlq:{self.name}:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
         if self.acks:
             await msg.term()
+
+
+def dead_letter(service: str, subject: str, reason: str, data: bytes, deliveries: int,
+                keep_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
+    """The letter of a message: its reason, subject and first `keep_bytes` bytes, each bounded, with the whole
+    payload's size and hash. Its size does not depend on the message's."""
+    return DeadLetter(service=service, subject=_clip(subject, MAX_SUBJECT_CHARS),
+                      reason=_clip(reason, MAX_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
+                      payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
+
+
+def undecodable_reason(exc: Exception) -> str:
+    """Why a decoder refused a message, in words an operator can act on."""
+    if isinstance(exc, RecursionError):
+        return f"JSON nested too deeply ({exc})"
+    if isinstance(exc, (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"  # a decoder's own bug: name it
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 class HandlerTasks:
