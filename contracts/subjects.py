@@ -75,13 +75,19 @@ def _token(value: str) -> str:
 
 
 # Wildcards that consumers filter on.
-ALL_SUBMITTED = f"{PREFIX}.task.submitted.>"
+ALL_SUBMITTED = f"{PREFIX}.task.submitted.*"
+"""Ingress: exactly one tenant token. `corral.task.submitted` alone, or with more tokens, is stored by no
+stream, so a publisher's JetStream publish there fails (no responders) instead of waiting unanswered."""
 ALL_VALIDATED = f"{PREFIX}.task.validated.>"
 ALL_ADMITTED = f"{PREFIX}.task.admitted.>"
 ALL_REJECTED = f"{PREFIX}.task.rejected.>"
+ALL_PROGRESS = f"{PREFIX}.task.progress.>"
 ALL_COMPLETED = f"{PREFIX}.task.completed.>"
 ALL_FAILED = f"{PREFIX}.task.failed.>"
+INTERNAL_TASK_EVENTS = (ALL_VALIDATED, ALL_ADMITTED, ALL_REJECTED, ALL_PROGRESS, ALL_COMPLETED, ALL_FAILED)
+"""What services publish about a task (CORRAL_TASKS); submissions are apart, in CORRAL_INGRESS."""
 ALL_TASK_EVENTS = f"{PREFIX}.task.>"
+"""Every task subject, submissions included: for listening (core NATS), never a stream's subjects."""
 ALL_STEP_COMPLETED = f"{PREFIX}.step.completed.>"
 ALL_STEP_FAILED = f"{PREFIX}.step.failed.>"
 ALL_STEP_EVENTS = f"{PREFIX}.step.>"
@@ -103,6 +109,7 @@ SIM_CONTROL = f"{PREFIX}.sim.control"  # SimulateDependency -> SimulationAck fro
 
 # --- streams (file storage; see shared/streams.py for their configuration) ---
 
+STREAM_INGRESS = "CORRAL_INGRESS"  # what publishers submit, apart from every internal event (untrusted)
 STREAM_TASKS = "CORRAL_TASKS"
 STREAM_STEPS = "CORRAL_STEPS"
 STREAM_SIGNALS = "CORRAL_SIGNALS"

@@ -66,10 +66,14 @@ class Client:
             yield cls(bus)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
-        """Publish a task; returns its id once the stream has stored it. Starts the task's trace."""
+        """Publish a task; returns its id once the stream has stored it. Starts the task's trace.
+
+        Submitting the same task id again (a retry after a lost acknowledgement) is safe: the guard
+        de-duplicates per (tenant, task id). So no `Nats-Msg-Id` is sent: on the ingress stream, ids are
+        chosen by every publisher, and one tenant's could make the stream drop another's message."""
         task = TaskSubmitted(task_id=task_id or new_task_id(), tenant=tenant, user=user, spec=spec)
         with tracing.producing("corral submit", {"corral.task_id": task.task_id, "corral.agent": spec.agent}):
-            await self.bus.emit(subjects.task_submitted(tenant), task)
+            await self.bus.emit(subjects.task_submitted(tenant), task, msg_id=False)
         return task.task_id
 
     @asynccontextmanager

@@ -29,7 +29,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit)
         submissions = Consumer(
             bus,
-            s.STREAM_TASKS,
+            s.STREAM_INGRESS,
             consumer_config(settings, s.CONSUMER_GUARD, s.ALL_SUBMITTED),
             partial(decode_submission, max_payload_bytes=settings.max_payload_bytes),
             guard.on_submission,
