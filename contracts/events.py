@@ -24,6 +24,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def task_ref(tenant: str, task_id: str) -> str:
+    """A task's identity inside Corral: its tenant and the publisher's id, `<tenant>.<task_id>`, so two
+    tenants' task ids never meet in a key, a de-duplication id or a record. A valid KV key ('.' is in
+    neither part)."""
+    return f"{tenant}.{task_id}"
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     """Base of every event: who, which task, when, and the contract version."""
 
@@ -33,9 +40,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     occurred_at: datetime = msgspec.field(default_factory=utcnow)
     version: int = CONTRACT_VERSION
 
+    @property
+    def task_ref(self) -> str:
+        """The task's identity inside Corral (`task_ref`): what keys and de-duplication ids use."""
+        return task_ref(self.tenant, self.task_id)
+
     def dedup_key(self) -> str:
         """The `Nats-Msg-Id` of this event: the same fact published twice is stored once."""
-        return f"{self.task_id}:{type(self).__struct_config__.tag}"
+        return f"{self.task_ref}:{type(self).__struct_config__.tag}"
 
 
 # --- value types carried inside events ---------------------------------------
@@ -173,7 +185,7 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     """The step it is about, when it is about one."""
 
     def dedup_key(self) -> str:
-        return f"{self.task_id}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
+        return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
@@ -205,7 +217,7 @@ class StepEvent(Event, frozen=True, kw_only=True):
     agent: Token
 
     def dedup_key(self) -> str:
-        return f"{self.task_id}:{self.step_id}:{type(self).__struct_config__.tag}"
+        return f"{self.task_ref}:{self.step_id}:{type(self).__struct_config__.tag}"
 
 
 class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
@@ -310,7 +322,7 @@ class CostNotice(Event, frozen=True, kw_only=True, tag="cost.notice"):
     def dedup_key(self) -> str:
         if self.reason == "threshold":  # one notice per threshold per window, whichever task crossed it
             return f"cost:{self.tenant}:{self.user}:{self.window}:{self.window_start}:{self.threshold_pct}"
-        return f"{self.task_id}:cost.notice"
+        return f"{self.task_ref}:cost.notice"
 
 
 # --- what the dead-letter stream stores --------------------------------------

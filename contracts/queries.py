@@ -8,7 +8,7 @@ import msgspec
 from datetime import datetime
 from typing import Literal
 
-from contracts.events import Attempt, BudgetWindow, Usage
+from contracts.events import Attempt, BudgetWindow, TaskId, Token, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,7 +39,9 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
+    task_id: TaskId
+    tenant: Token = "default"
+    """The task's tenant: task ids are the publishers', so two tenants may use the same one."""
 
 
 class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,7 +90,9 @@ class BudgetReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CostQuery(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
+    task_id: TaskId
+    tenant: Token = "default"
+    """The task's tenant: task ids are the publishers', so two tenants may use the same one."""
 
 
 class StepCost(msgspec.Struct, frozen=True, kw_only=True):

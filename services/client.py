@@ -107,7 +107,7 @@ class Client:
             task_id = await self.submit(spec, tenant=tenant, user=user)
             with anyio.fail_after(timeout):
                 async for event in events:
-                    if event.task_id != task_id:
+                    if (event.tenant, event.task_id) != (tenant, task_id):  # another tenant may use the same id
                         continue
                     if isinstance(event, TaskProgress) and on_progress:
                         on_progress(event)
@@ -176,8 +176,8 @@ class Client:
                 records.append(msgspec.json.decode(entry.value, type=BreakerRecord))
         return sorted(records, key=lambda record: record.dependency)
 
-    async def task_status(self, task_id: str, timeout: float = 5.0) -> TaskStatusReply:
-        query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))
+    async def task_status(self, task_id: str, timeout: float = 5.0, *, tenant: str = "default") -> TaskStatusReply:
+        query = msgspec.json.encode(TaskStatusQuery(task_id=task_id, tenant=tenant))
         reply = await self.bus.nc.request(subjects.EXECUTOR_TASK, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=TaskStatusReply)
 
@@ -187,10 +187,10 @@ class Client:
         reply = await self.bus.nc.request(subjects.BUDGET_SHOW, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=BudgetReply)
 
-    async def cost(self, task_id: str, timeout: float = 5.0) -> CostReply:
+    async def cost(self, task_id: str, timeout: float = 5.0, *, tenant: str = "default") -> CostReply:
         """A task's tokens and cost per step and model, from the budget service."""
-        reply = await self.bus.nc.request(subjects.BUDGET_COST, msgspec.json.encode(CostQuery(task_id=task_id)),
-                                          timeout=timeout)
+        query = msgspec.json.encode(CostQuery(task_id=task_id, tenant=tenant))
+        reply = await self.bus.nc.request(subjects.BUDGET_COST, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
 
 async def _keys(kv) -> list[str]:

@@ -45,12 +45,12 @@ def test_a_tenant_that_cannot_be_a_subject_token_is_refused_at_decoding(tenant):
         msgspec.json.decode(msgspec.json.encode(bad), type=TaskSubmitted)
 
 
-def test_the_dedup_key_of_a_step_event_names_task_step_and_kind():
+def test_the_dedup_key_of_a_step_event_names_tenant_task_step_and_kind():
     from contracts import StepFailed
 
     failed = StepFailed(task_id="t1", tenant="a", user="b", step_id="t1-a2", attempt=2, agent="research",
                         dependency="simulated/sim-large", error="timeout", message="slow")
-    assert failed.dedup_key() == "t1:t1-a2:step.failed"
+    assert failed.dedup_key() == "a.t1:t1-a2:step.failed"
 
 
 def test_subjects_keep_the_tenant_as_one_token():

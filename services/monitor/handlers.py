@@ -55,9 +55,9 @@ class Metrics:
                 self.counts[f"shadow.{event.shadow_rejection}"] += 1
             case TaskSubmitted():
                 if len(self.submitted_at) < OPEN_TASKS_CAP:
-                    self.submitted_at[event.task_id] = event.occurred_at.timestamp()
+                    self.submitted_at[event.task_ref] = event.occurred_at.timestamp()
             case TaskCompleted() | TaskFailed() | TaskRejected():
-                started = self.submitted_at.pop(event.task_id, None)
+                started = self.submitted_at.pop(event.task_ref, None)
                 if started is not None and not isinstance(event, TaskRejected):
                     self.latencies_ms.append((event.occurred_at.timestamp() - started) * 1000)
             case StepCompleted():
