@@ -16,7 +16,8 @@ import msgspec
 CONTRACT_VERSION = 1
 
 # A subject token: tenants, users and agent kinds become parts of subjects.
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 
 
@@ -155,6 +156,9 @@ class TaskValidated(Event, frozen=True, kw_only=True, tag="task.validated"):
     shadow_rejection: RejectReason | None = None
     """Set in shadow mode: the reason the policy would have refused this task."""
     shadow_message: str = ""
+    received_at: datetime | None = None
+    """When Corral received the submission: the ingress stream's timestamp, stamped by the guard and carried
+    onward. Latency is measured from it, never from the publisher's `occurred_at` (None: an older guard's)."""
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
@@ -167,6 +171,15 @@ class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
     """over_budget: tokens left in the window that refused the task (after its open reservations)."""
     resets_at: datetime | None = None
     """over_budget: when that window resets (UTC); None if waiting cannot help (a per-task cap)."""
+    received_at: datetime | None = None
+    """When Corral received the submission (see TaskValidated)."""
+
+    def dedup_key(self) -> str:
+        if self.stage == "guard" and self.received_at is not None:
+            # The guard answers each submission, and a task id refused once may be submitted again (after a
+            # rate limit's retry-after): one rejection per submission, the same on its redeliveries.
+            return f"{self.task_ref}:task.rejected:{self.received_at.timestamp():.6f}"
+        return super().dedup_key()
 
 
 class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
@@ -174,6 +187,8 @@ class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     estimate: TokenEstimate
     reserved_tokens: int
     window: str
+    received_at: datetime | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
@@ -200,12 +215,16 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     tier: str = ""
     dependency: str = ""
     """`provider/model` that answered, or `cache` for a cached answer."""
+    received_at: datetime | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     reason: FailReason
     error: str
     attempts: list[Attempt]
+    received_at: datetime | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 # --- steps: one model call by an agent worker ---------------------------------

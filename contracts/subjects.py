@@ -6,6 +6,10 @@ agent kinds and dependencies are subject tokens (see `events.Token`).
 
 from __future__ import annotations
 
+import re
+
+from contracts.events import TOKEN_PATTERN
+
 PREFIX = "corral"
 
 # --- subjects -----------------------------------------------------------------
@@ -13,6 +17,17 @@ PREFIX = "corral"
 
 def task_submitted(tenant: str) -> str:
     return f"{PREFIX}.task.submitted.{tenant}"
+
+
+_SUBMITTED_PREFIX = f"{PREFIX}.task.submitted."
+_TOKEN = re.compile(TOKEN_PATTERN)
+
+
+def submission_tenant(subject: str) -> str | None:
+    """The tenant a submission was published for: its subject's tenant token, or None if that is not a
+    valid tenant id. The subject, not the body, says who sent it (a publisher may write only its own)."""
+    tenant = subject.removeprefix(_SUBMITTED_PREFIX)
+    return tenant if tenant != subject and _TOKEN.fullmatch(tenant) else None
 
 
 def task_validated(tenant: str) -> str:
@@ -138,6 +153,7 @@ KV_BREAKERS = "corral_breakers"  # breaker
 KV_POLICY = "corral_policy"  # operators (corral policy apply); every service reads it
 KV_RATES = "corral_rates"  # guard
 KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
+KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (tenant, task id)
 
 # --- headers -------------------------------------------------------------------
 

@@ -101,10 +101,10 @@ class Client:
             send.close()
 
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
-                  on_progress=None) -> Terminal:
+                  on_progress=None, task_id: str | None = None) -> Terminal:
         """Submit and wait for the task's terminal event (calling `on_progress` for progress)."""
         async with self.events() as events:
-            task_id = await self.submit(spec, tenant=tenant, user=user)
+            task_id = await self.submit(spec, tenant=tenant, user=user, task_id=task_id)
             with anyio.fail_after(timeout):
                 async for event in events:
                     if (event.tenant, event.task_id) != (tenant, task_id):  # another tenant may use the same id

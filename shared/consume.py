@@ -12,7 +12,10 @@ recursion limit) or a bug in a hand-written decoder. A dead letter keeps a bound
 prefix of the message with its size and hash, so it fits in one message however large
 the original was: a message is never accepted and then lost for want of room.
 
-Handlers see only the decoded contract; no NATS and no span plumbing.
+Handlers see only the decoded contract; no NATS and no span plumbing. One that must know
+more than the body (the guard: which tenant's subject it came on, and when it arrived)
+asks for a Delivery with it: what the stream says of the message, which its publisher
+cannot set.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -36,13 +40,14 @@ from contracts import DeadLetter, subjects
 from contracts.events import DEAD_LETTER_PAYLOAD_BYTES
 from shared import tracing
 from shared.bus import Bus
-from shared.errors import NotYet, PoisonMessage, TransientError
+from shared.errors import NotYet, PoisonMessage, TransientError, Undecodable
 from shared.streams import declare_consumer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
+DeliveredHandler = Callable[[T, "Delivery"], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
 MAX_REASON_CHARS = 2048  # an exception's text can be anything: a letter keeps its start
 MAX_SUBJECT_CHARS = 1024
@@ -53,6 +58,18 @@ def delivery() -> int:
     """Which delivery of its message the running handler is on (1: the first), for a handler that
     waits a bounded number of times (raising NotYet) before it goes ahead anyway."""
     return _delivery.get()
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """What the stream says of one delivered message: facts its publisher cannot choose."""
+
+    subject: str
+    stream_seq: int
+    """Its sequence in the stream: the same on every redelivery, another for another message."""
+    stored_at: datetime
+    """When the stream stored it (UTC): Corral's clock, not the publisher's."""
+    number: int
+    """Which delivery of it this is (1: the first)."""
 
 
 class ConsumerStats(msgspec.Struct):
@@ -74,9 +91,10 @@ class Consumer(Generic[T]):
         stream: str,
         config: ConsumerConfig,
         decode: Decode[T],
-        handler: Handler[T],
+        handler: Handler[T] | DeliveredHandler[T],
         *,
         long_running: bool = False,
+        with_delivery: bool = False,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -84,6 +102,7 @@ class Consumer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.long_running = long_running  # send in-progress acks while the handler runs
+        self.with_delivery = with_delivery  # call handler(event, Delivery) instead of handler(event)
         self._started: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
         self.acks = config.ack_policy != AckPolicy.NONE
         self.stats = ConsumerStats()
@@ -147,11 +166,12 @@ class Consumer(Generic[T]):
         }
         _delivery.set(deliveries)  # each message is handled in its own task, so in its own context
         try:
+            args = (event, _delivery_of(msg, deliveries)) if self.with_delivery else (event,)
             with tracing.consuming(f"{self.bus.service} {self.name}", msg.headers, attributes):
                 if self.long_running:
-                    await self._with_progress(msg, event)
+                    await self._with_progress(msg, args)
                 else:
-                    await self.handler(event)
+                    await self.handler(*args)
         except TransientError as exc:
             if self._last(deliveries):  # the server would drop it after this: keep it, with why
                 await self._dead_letter(msg, f"still failing after {deliveries} deliveries, last: {exc!r}",
@@ -163,7 +183,8 @@ class Consumer(Generic[T]):
             await msg.nak(delay=exc.retry_after_s)
             return
         except PoisonMessage as exc:
-            await self._dead_letter(msg, f"poison: {exc}", deliveries)
+            kind = "undecodable" if isinstance(exc, Undecodable) else "poison"
+            await self._dead_letter(msg, f"{kind}: {exc}", deliveries)
             return
         except Exception as exc:  # a bug or an unexpected failure: counted, logged, retried, then dead-lettered
             self.stats.errors += 1
@@ -182,11 +203,11 @@ class Consumer(Generic[T]):
         limit = self.config.max_deliver or self.bus.settings.max_deliver  # -1: the server never gives up
         return not self.acks or 0 < limit <= deliveries
 
-    async def _with_progress(self, msg: Msg, event: Any) -> None:
+    async def _with_progress(self, msg: Msg, args: tuple[Any, ...]) -> None:
         """Run the handler where `_heartbeat` sees it, while it runs."""
         self._started[id(msg)] = (msg, time.monotonic())
         try:
-            await self.handler(event)
+            await self.handler(*args)
         finally:
             del self._started[id(msg)]
 
@@ -287,6 +308,17 @@ def _deliveries(msg: Msg) -> int:
     every message needs. The longer form with a domain and account goes to nats-py."""
     tokens = msg.reply.split(".")
     return int(tokens[4]) if len(tokens) == 9 else msg.metadata.num_delivered
+
+
+def _delivery_of(msg: Msg, deliveries: int) -> Delivery:
+    """From the ack subject, as `_deliveries` reads it (<stream seq> is token 5, <time> in ns token 7)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        stream_seq, stored_at = int(tokens[5]), datetime.fromtimestamp(int(tokens[7]) / 1e9, UTC)
+    else:
+        metadata = msg.metadata
+        stream_seq, stored_at = metadata.sequence.stream, metadata.timestamp.astimezone(UTC)
+    return Delivery(subject=msg.subject, stream_seq=stream_seq, stored_at=stored_at, number=deliveries)
 
 
 def decoder_for(contract: type[T] | Any) -> Decode[T]:

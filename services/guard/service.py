@@ -8,6 +8,7 @@ from functools import partial
 import anyio
 
 from contracts import subjects as s
+from services.guard.claims import CLAIM_TTL_S, Claim
 from services.guard.handlers import Guard, decode_submission
 from services.guard.limiter import Cell, RateLimiter
 from services.monitor.handlers import percentiles
@@ -25,14 +26,16 @@ NAME = "guard"
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, rates_kv = await bus.policy_bucket(), await bus.bucket(s.KV_RATES)
+        claims = TypedBucket(await bus.bucket(s.KV_SUBMISSIONS), Claim, lambda: None, expires=lambda _: CLAIM_TTL_S)
         policy = await PolicyView.load(policy_kv)
-        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit)
+        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit, claims)
         submissions = Consumer(
             bus,
             s.STREAM_INGRESS,
             consumer_config(settings, s.CONSUMER_GUARD, s.ALL_SUBMITTED),
             partial(decode_submission, max_payload_bytes=settings.max_payload_bytes),
             guard.on_submission,
+            with_delivery=True,  # the subject's tenant and the stream's receipt time
         )
 
         def stats() -> dict:
