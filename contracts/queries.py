@@ -24,7 +24,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     counts: dict[str, int]
     """Events seen, by kind (task.completed, step.failed, …)."""
     latency: Percentiles
-    """Submission to terminal event, over the most recent tasks."""
+    """Receipt (the ingress stream's time) to terminal event, over the most recent tasks."""
     error_rate: float
     """Failed / (completed + failed) tasks."""
     step_error_rate: float

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Union
@@ -19,7 +20,7 @@ from nats.js.errors import NoKeysError, NoStreamResponseError
 from contracts import DeadLetter, TaskCompleted, TaskFailed, TaskRejected, TaskSpec, TaskSubmitted, TaskValidated
 from contracts import subjects
 from contracts.events import TASK_EVENTS
-from contracts.policy import Defaults, Policy, RateLimit
+from contracts.policy import BudgetLimits, Defaults, Policy, RateLimit
 from services.client import Client
 from shared.bus import Bus
 from shared.streams import INGRESS_DEDUP_WINDOW_S
@@ -267,3 +268,29 @@ async def test_a_publisher_chosen_msg_id_naming_an_internal_event_does_not_silen
         end = await client.run(TaskSpec(agent="research", prompt="the real one"), tenant=tenant, user=user,
                                task_id=victim)
     assert isinstance(end, TaskCompleted) and end.task_id == victim
+
+
+# --- Corral's own clock --------------------------------------------------------------------------------------
+
+
+async def test_tasks_stamped_in_the_year_2000_leave_the_monitors_latency_measured_from_their_receipt(
+        settings, tenant, user):
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    roomy = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)))
+    async with stack(settings, "guard", "budget", "executor", "worker:research", "monitor", policy=roomy) as client, \
+            heard(client) as events:
+        for n in range(3):
+            task = TaskSubmitted(task_id=f"t-2000-{n}", tenant=tenant, user=user, occurred_at=long_ago,
+                                 spec=TaskSpec(agent="research", prompt=f"from the past {n}"))
+            await client.bus.js.publish(subjects.task_submitted(tenant), ENCODER.encode(task))
+        ends = [await events.first(lambda e, n=n: e.task_id == f"t-2000-{n}" and isinstance(e, TaskCompleted))
+                for n in range(3)]
+
+        async def counted():
+            report = await client.status()
+            return report if report.latency.count == 3 else None
+
+        report = await wait_until(counted)
+    now = datetime.now(UTC)
+    assert all(end.received_at is not None and now - end.received_at < timedelta(minutes=1) for end in ends)
+    assert 0 < report.latency.p99_ms < 60_000

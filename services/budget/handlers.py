@@ -140,7 +140,8 @@ class Budget:
         rejected = TaskRejected(task_id=task.task_id, tenant=task.tenant, user=task.user, reason="over_budget",
                                 stage="budget", message=refusal_message(refusal, amount),
                                 retry_after_s=(refusal.resets_at - now).total_seconds() if refusal.resets_at else None,
-                                remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now)
+                                remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now,
+                                received_at=task.received_at)
         return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="rejected",
                            decided_at=now, rejection=rejected)
 
@@ -157,7 +158,7 @@ class Budget:
                     message=(f"{whose} too many tasks running at once for the budget to hold another: their "
                              f"reservations take {size:,} bytes, at most {self.account_max_bytes:,}; retry "
                              f"when some have finished"),
-                    retry_after_s=CROWDED_RETRY_S, occurred_at=now)
+                    retry_after_s=CROWDED_RETRY_S, occurred_at=now, received_at=task.received_at)
         return None
 
     @staticmethod
@@ -179,7 +180,7 @@ class Budget:
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
                                 estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
-                                window=ledger.window_start("day", journal.decided_at))
+                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
     # --- post ----------------------------------------------------------------------

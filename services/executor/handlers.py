@@ -137,7 +137,8 @@ class Executor:
         strategy = record.chain[record.strategy]
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=step.usage, attempts=record.steps, model=step.model,
-                                  strategy=record.strategy, tier=strategy.tier, dependency=step.dependency)
+                                  strategy=record.strategy, tier=strategy.tier, dependency=step.dependency,
+                                  received_at=record.task.received_at)
         record.status, record.usage, record.outcome = "completed", step.usage, completed
         await self._record(record, revision, step.step_id)
         await self.emit(subjects.task_completed(step.tenant), completed)
@@ -275,7 +276,7 @@ class Executor:
         completed = TaskCompleted(task_id=task.task_id, tenant=task.tenant, user=task.user, output=answer.output,
                                   usage=Usage(input_tokens=0, output_tokens=0), attempts=record.steps,
                                   model=answer.model, strategy=strategy, tier=current.tier,
-                                  dependency=CACHE_DEPENDENCY)
+                                  dependency=CACHE_DEPENDENCY, received_at=task.received_at)
         record.status, record.strategy, record.outcome = "completed", strategy, completed
         record.usage = completed.usage
         await self._record(record, revision, cause)
@@ -285,7 +286,8 @@ class Executor:
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
         task = record.task
         failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
-                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts)
+                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts,
+                            received_at=task.received_at)
         record.status, record.outcome = "failed", failed
         await self._record(record, revision, cause)
         await self.emit(subjects.task_failed(task.tenant), failed)
