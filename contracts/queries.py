@@ -58,8 +58,8 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True):
-    tenant: str
-    user: str
+    tenant: Token
+    user: Token
 
 
 class WindowUse(msgspec.Struct, frozen=True, kw_only=True):

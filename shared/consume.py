@@ -37,7 +37,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import DeadLetter, subjects
-from contracts.events import DEAD_LETTER_PAYLOAD_BYTES
+from contracts.events import DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON_CHARS, DEAD_LETTER_SUBJECT_CHARS, clip
 from shared import tracing
 from shared.bus import Bus
 from shared.errors import NotYet, PoisonMessage, TransientError, Undecodable
@@ -49,8 +49,6 @@ Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
 DeliveredHandler = Callable[[T, "Delivery"], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
-MAX_REASON_CHARS = 2048  # an exception's text can be anything: a letter keeps its start
-MAX_SUBJECT_CHARS = 1024
 _delivery: ContextVar[int] = ContextVar("corral_delivery", default=1)
 
 
@@ -227,7 +225,8 @@ class Consumer(Generic[T]):
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         self.stats.dead_lettered += 1
-        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject, reason[:MAX_REASON_CHARS])
+        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject,
+                  clip(reason, DEAD_LETTER_REASON_CHARS))
         letter = dead_letter(self.bus.service, msg.subject, reason, msg.data, deliveries,
                              keep_bytes=min(DEAD_LETTER_PAYLOAD_BYTES, self.bus.nc.max_payload // 8))
         subject = subjects.dead_letter(self.bus.service)
@@ -241,8 +240,8 @@ def dead_letter(service: str, subject: str, reason: str, data: bytes, deliveries
                 keep_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
     """The letter of a message: its reason, subject and first `keep_bytes` bytes, each bounded, with the whole
     payload's size and hash. Its size does not depend on the message's."""
-    return DeadLetter(service=service, subject=_clip(subject, MAX_SUBJECT_CHARS),
-                      reason=_clip(reason, MAX_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
+    return DeadLetter(service=service, subject=clip(subject, DEAD_LETTER_SUBJECT_CHARS),
+                      reason=clip(reason, DEAD_LETTER_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
                       payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -253,10 +252,6 @@ def undecodable_reason(exc: Exception) -> str:
     if isinstance(exc, (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"  # a decoder's own bug: name it
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 class HandlerTasks:

@@ -85,3 +85,62 @@ def test_the_readme_example_task_is_a_valid_submission():
     example = re.search(r"nats pub corral\.task\.submitted\.(\w+) \\\n\s+'(.+)'", readme)
     task = msgspec.json.decode(example.group(2), type=TaskSubmitted)
     assert task.tenant == example.group(1) and task.spec.agent == "research"
+
+
+def _unbounded(node: dict, defs: dict, path: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """Paths of the JSON Schema `node` a publisher could fill without limit (a string with no length or
+    pattern, a number with no range, a list or map with no size), or nest by recursion."""
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[1]
+        if name in seen:
+            return [f"{path}: recursive ({name})"]
+        return _unbounded(defs[name], defs, path, (*seen, name))
+    found = []
+    for option in node.get("anyOf", []):
+        found += _unbounded(option, defs, path, seen)
+    kind = node.get("type")
+    if "enum" in node or "const" in node or kind in ("boolean", "null"):
+        return found
+    if kind == "string" and not ({"maxLength", "pattern", "format"} & set(node)):
+        found.append(f"{path}: string of any length")
+    if kind in ("integer", "number") and not ({"minimum", "exclusiveMinimum"} & set(node) and "maximum" in node):
+        found.append(f"{path}: number of any size")
+    if kind == "array":
+        found += [] if "maxItems" in node else [f"{path}: list of any length"]
+        found += _unbounded(node.get("items", {}), defs, f"{path}[]", seen)
+    if kind == "object":
+        for name, field in node.get("properties", {}).items():
+            found += _unbounded(field, defs, f"{path}.{name}", seen)
+        if isinstance(node.get("additionalProperties"), dict):
+            found += [] if "maxProperties" in node else [f"{path}: map of any size"]
+            found += _unbounded(node["additionalProperties"], defs, f"{path}{{}}", seen)
+    return found
+
+
+def test_every_field_a_publisher_can_send_is_bounded_in_its_json_schema_and_nothing_nests_by_recursion():
+    from contracts.commands import COMMAND_CONTRACTS
+    from contracts.events import ALL_CONTRACTS
+    from contracts.queries import BudgetQuery, CostQuery, TaskStatusQuery
+
+    unbounded = []
+    for contract in (*ALL_CONTRACTS, *COMMAND_CONTRACTS, BudgetQuery, CostQuery, TaskStatusQuery):
+        schema = msgspec.json.schema(contract)
+        unbounded += _unbounded(schema, schema.get("$defs", {}), contract.__name__)
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("usage", {"input_tokens": -1_000_000, "output_tokens": 10}),
+    ("usage", {"input_tokens": 10, "output_tokens": 10**12}),
+    ("latency_ms", -5.0),
+    ("dependency", "simulated/sim large"),
+    ("step_id", "x" * 300),
+])
+def test_a_step_outcome_with_nonsense_numbers_or_names_is_refused_at_decoding(field, value):
+    from contracts import StepCompleted
+
+    step = {"kind": "step.completed", "task_id": "t1", "tenant": "acme", "user": "bob", "step_id": "acme/t1-s0a1",
+            "attempt": 1, "agent": "research", "dependency": "simulated/sim-large", "model": "sim-large",
+            "output": "ok", "usage": {"input_tokens": 1, "output_tokens": 1}, "latency_ms": 1.0, field: value}
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.json.decode(msgspec.json.encode(step), type=StepCompleted)

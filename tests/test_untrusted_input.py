@@ -270,6 +270,26 @@ async def test_a_publisher_chosen_msg_id_naming_an_internal_event_does_not_silen
     assert isinstance(end, TaskCompleted) and end.task_id == victim
 
 
+# --- schemas that refuse nonsense ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [-1_000_000, 10**12], ids=["negative", "a trillion"])
+async def test_a_step_outcome_claiming_nonsense_tokens_is_dead_lettered_and_leaves_the_budget_as_it_was(
+        settings, tenant, user, tokens):
+    forged = {"kind": "step.completed", "task_id": "t-forged", "tenant": tenant, "user": user,
+              "step_id": f"{tenant}/t-forged-s0a1", "attempt": 1, "agent": "research",
+              "dependency": "simulated/sim-large", "model": "sim-large", "output": "ok", "latency_ms": 1.0,
+              "usage": {"input_tokens": tokens, "output_tokens": 1}}
+    async with stack(settings, "budget") as client, dead_letters(client, "budget") as letters:
+        before = await client.budget(tenant, user)
+        await client.bus.js.publish(subjects.step_completed(tenant), ENCODER.encode(forged))
+        letter, _ = await letters.next()
+        after = await client.budget(tenant, user)
+    assert letter.reason.startswith("undecodable: ") and "usage.input_tokens" in letter.reason
+    assert [(w.used, w.remaining) for w in after.windows] == [(w.used, w.remaining) for w in before.windows]
+    assert all(w.remaining <= w.limit for w in after.windows)
+
+
 # --- Corral's own clock --------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ from contracts import (
     Usage,
     subjects,
 )
-from contracts.events import FailReason, task_ref
+from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
 from services.executor.state import CachedAnswer, TaskRecord, cache_key, step_id
@@ -286,7 +286,7 @@ class Executor:
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
         task = record.task
         failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason,
-                            error=f"All strategies failed. Last error: {last_error}", attempts=record.attempts,
+                            error=clip(f"All strategies failed. Last error: {last_error}"), attempts=record.attempts,
                             received_at=task.received_at)
         record.status, record.outcome = "failed", failed
         await self._record(record, revision, cause)
@@ -321,8 +321,8 @@ class Executor:
             await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
                 task_id=task.task_id, tenant=task.tenant, user=task.user, stage=stage, attempt=record.steps,
                 step_id=record.step_id,
-                message=f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
-                        f"{dependency_of(strategy)}), attempt {record.attempt}"))
+                message=clip(f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
+                             f"{dependency_of(strategy)}), attempt {record.attempt}")))
         await self.sleep(max(0.0, record.not_before - self.clock()))
         request = StepRequested(
             task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=record.step_id, attempt=record.attempt,

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from contracts import TaskRejected, TaskSubmitted, TaskValidated, TokenEstimate, subjects
-from contracts.events import TaskId, Token
+from contracts.events import TaskId, Token, clip
 from contracts.policy import Policy
 from services.guard.errors import (
     GuardError,
@@ -113,7 +113,8 @@ def check_request(task: TaskSubmitted, policy: Policy) -> None:
     """Raise the GuardError for a request that is malformed, too large, or names what it may not."""
     spec, limits = task.spec, policy.limits
     if task.tenant not in policy.tenants:
-        raise UnknownTenant(f"tenant {task.tenant!r} is not known; known tenants: {', '.join(policy.tenants)}")
+        # Not the list of known tenants: a publisher learns nothing of the others.
+        raise UnknownTenant(f"tenant {task.tenant!r} is not known: the operator adds tenants to the policy")
     if spec.agent not in policy.agents:
         raise UnknownAgent(f"agent kind {spec.agent!r} is not known; use one of: {', '.join(sorted(policy.agents))}")
     if not spec.prompt.strip() and not any(m.content.strip() for m in spec.messages):
@@ -241,7 +242,7 @@ class Guard:
             task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec, estimate=tokens,
             high_stakes_tools=[tool for tool in task.spec.tools if tool in high_stakes],
             policy_version=getattr(self.policy, "version", 0),
-            shadow_rejection=shadow.reason if shadow else None, shadow_message=str(shadow) if shadow else "",
+            shadow_rejection=shadow.reason if shadow else None, shadow_message=clip(str(shadow)) if shadow else "",
             received_at=delivery.stored_at,
         )
         await self.emit(subjects.task_validated(task.tenant), validated)
@@ -251,7 +252,7 @@ class Guard:
                       claimed: bool = False) -> None:
         """Answer `who` on `tenant`'s subject; with `claimed`, keep the answer in the task's claim first."""
         rejected = TaskRejected(task_id=who.task_id, tenant=tenant, user=who.user, reason=error.reason,
-                                message=str(error), stage="guard", retry_after_s=error.retry_after_s,
+                                message=clip(str(error)), stage="guard", retry_after_s=error.retry_after_s,
                                 policy_version=getattr(self.policy, "version", 0), received_at=delivery.stored_at)
         if claimed:
             await self.claims.update(rejected.task_ref, partial(record_rejection, seq=delivery.stream_seq,
