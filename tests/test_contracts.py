@@ -70,8 +70,10 @@ def test_the_readme_subject_table_lists_every_subject_the_code_uses():
         f"{subjects.PREFIX}.breaker.state.<dependency>", subjects.dead_letter("<service>"),
         subjects.MONITOR_STATUS, subjects.EXECUTOR_TASK, subjects.BUDGET_SHOW, subjects.BUDGET_COST,
         subjects.cost_notice("<tenant>", "<user>"),
-        subjects.STREAM_TASKS, subjects.STREAM_STEPS, subjects.STREAM_SIGNALS, subjects.STREAM_DLQ,
+        subjects.STREAM_INGRESS, subjects.STREAM_TASKS, subjects.STREAM_STEPS, subjects.STREAM_SIGNALS,
+        subjects.STREAM_DLQ, subjects.ALL_SUBMITTED,
         subjects.KV_BUDGET, subjects.KV_TASKS, subjects.KV_BREAKERS, subjects.KV_POLICY, subjects.KV_RATES,
+        subjects.KV_SUBMISSIONS,
     ]
     missing = [p for p in patterns if f"`{p}`" not in readme]
     assert not missing, f"README's subject table lacks {missing}"

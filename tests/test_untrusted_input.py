@@ -241,6 +241,23 @@ async def test_the_same_task_id_three_times_runs_once_is_answered_once_and_uses_
     assert isinstance(third, TaskRejected) and third.reason == "rate_limited"
 
 
+async def test_a_task_id_refused_once_is_judged_afresh_each_time_it_is_submitted_again(settings, tenant, user):
+    async with stack(settings, "guard") as client, heard(client) as events:
+        def decisions() -> list:
+            return [e for e in events.of("t-again") if isinstance(e, TaskValidated | TaskRejected)]
+
+        async def decided(count: int):
+            return decisions() if len(decisions()) >= count else None
+
+        for count, prompt in enumerate(["", " ", "fixed now"], start=1):  # refused, refused again, then right
+            await client.submit(TaskSpec(agent="research", prompt=prompt), tenant=tenant, user=user,
+                                task_id="t-again")
+            answers = await wait_until(lambda c=count: decided(c))
+    assert [type(e) for e in answers] == [TaskRejected, TaskRejected, TaskValidated]
+    assert {e.reason for e in answers[:2]} == {"invalid_request"}
+    assert answers[0].dedup_key() != answers[1].dedup_key()  # each submission's answer is stored
+
+
 async def test_a_task_id_another_tenant_already_used_is_another_task(settings, user):
     async with stack(settings, "guard", "budget", "executor", "worker:research") as client:
         acme = await client.run(TaskSpec(agent="research", prompt="acme's"), tenant="acme", user=user,
