@@ -8,6 +8,7 @@ with defaults; decoders ignore fields they do not know.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -425,6 +426,15 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", t
     payload_size: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
     """Bytes of the whole message."""
     payload_sha256: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+
+    @classmethod
+    def of(cls, service: str, subject: str, reason: str, data: bytes, deliveries: int,
+           keep_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
+        """The letter of a message: its reason, subject and first `keep_bytes` bytes, each bounded, with the
+        whole payload's size and hash. Its size does not depend on the message's."""
+        return cls(service=service, subject=clip(subject, DEAD_LETTER_SUBJECT_CHARS),
+                   reason=clip(reason, DEAD_LETTER_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
+                   payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
     """Hex SHA-256 of the whole message, to find it (or its copies) in the stream it came from."""
 
 

@@ -21,7 +21,6 @@ cannot set.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -37,7 +36,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import DeadLetter, subjects
-from contracts.events import DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON_CHARS, DEAD_LETTER_SUBJECT_CHARS, clip
+from contracts.events import DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON_CHARS, clip
 from shared import tracing
 from shared.bus import Bus
 from shared.errors import NotYet, PoisonMessage, TransientError, Undecodable
@@ -227,22 +226,13 @@ class Consumer(Generic[T]):
         self.stats.dead_lettered += 1
         log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject,
                   clip(reason, DEAD_LETTER_REASON_CHARS))
-        letter = dead_letter(self.bus.service, msg.subject, reason, msg.data, deliveries,
-                             keep_bytes=min(DEAD_LETTER_PAYLOAD_BYTES, self.bus.nc.max_payload // 8))
+        letter = DeadLetter.of(self.bus.service, msg.subject, reason, msg.data, deliveries,
+                               keep_bytes=min(DEAD_LETTER_PAYLOAD_BYTES, self.bus.nc.max_payload // 8))
         subject = subjects.dead_letter(self.bus.service)
         msg_id = f"dlq:{self.name}:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
         if self.acks:
             await msg.term()
-
-
-def dead_letter(service: str, subject: str, reason: str, data: bytes, deliveries: int,
-                keep_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
-    """The letter of a message: its reason, subject and first `keep_bytes` bytes, each bounded, with the whole
-    payload's size and hash. Its size does not depend on the message's."""
-    return DeadLetter(service=service, subject=clip(subject, DEAD_LETTER_SUBJECT_CHARS),
-                      reason=clip(reason, DEAD_LETTER_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
-                      payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
 
 
 def undecodable_reason(exc: Exception) -> str:
