@@ -11,11 +11,11 @@ from typing import Literal
 
 import msgspec
 
-from contracts.events import CONTRACT_VERSION, ErrorClass
+from contracts.events import CONTRACT_VERSION, DependencyKey, ErrorClass, Label, Seconds, StepId, Version
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
-    version: int = CONTRACT_VERSION
+    version: Version = CONTRACT_VERSION
 
 
 class AcquireProbe(Command, frozen=True, kw_only=True, tag="breaker.acquire_probe"):
@@ -23,10 +23,10 @@ class AcquireProbe(Command, frozen=True, kw_only=True, tag="breaker.acquire_prob
 
     Idempotent per (dependency, call_id): asking again for the same call returns the same answer."""
 
-    dependency: str
-    call_id: str
+    dependency: DependencyKey
+    call_id: StepId
     """The step id that will make the call; its outcome settles the lease."""
-    holder: str
+    holder: Label
     """Which replica asks (host-pid), for operators."""
 
 
@@ -36,9 +36,9 @@ BreakerAction = Literal["force_open", "force_closed", "release"]
 class ControlBreaker(Command, frozen=True, kw_only=True, tag="breaker.control"):
     """An operator forces a circuit open or closed (it stays so until released), or releases it."""
 
-    dependency: str
+    dependency: DependencyKey
     action: BreakerAction
-    operator: str = ""
+    operator: Label = ""
 
 
 SimulationMode = Literal["fail", "slow", "recover"]
@@ -49,12 +49,12 @@ class SimulateDependency(Command, frozen=True, kw_only=True, tag="sim.control"):
 
     fail: every call fails with `error`; slow: every call takes `latency_s` more; recover: back to normal."""
 
-    dependency: str
+    dependency: DependencyKey
     """`simulated/MODEL` or `tool/NAME`."""
     mode: SimulationMode
     error: ErrorClass = "transient"
-    latency_s: float = 0.0
-    retry_after_s: float | None = None
+    latency_s: Seconds = 0.0
+    retry_after_s: Seconds | None = None
     """With error rate_limited: the retry-after the dependency answers with."""
 
 

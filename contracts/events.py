@@ -8,6 +8,7 @@ with defaults; decoders ignore fields they do not know.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -16,12 +17,77 @@ import msgspec
 CONTRACT_VERSION = 1
 
 # A subject token: tenants, users and agent kinds become parts of subjects.
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
+# --- bounds -------------------------------------------------------------------------------------------------
+# Every field has a range, a pattern or a length, checked at decoding and published in the JSON Schemas, so a
+# publisher learns them before it sends. The maxima are far beyond any real workload (each says why): only
+# nonsense meets them. The types are not recursive, so a decoded event is at most a few levels deep; JSON
+# nested deeper in a field an event does not know raises RecursionError, which its consumer dead-letters.
+
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
+"""Tokens of one model call or estimate. The largest context windows hold about 2 million."""
+TokenSum = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+"""Tokens over many calls (a window's, a reservation): budgets of a trillion tokens are not a real thing."""
+SignedTokenSum = Annotated[int, msgspec.Meta(ge=-(10**12), le=10**12)]
+"""What a window has left: below zero when steps used more than their task reserved."""
+Usd = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+"""Attempts, strategies, deliveries: a task tries a handful."""
+BigCount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
+"""Counters that grow for ever (a circuit's calls and transitions)."""
+Millis = Annotated[float, msgspec.Meta(ge=0.0, le=366 * 86_400_000.0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=366 * 86_400.0)]
+"""Durations: a timeout or a retry-after of more than a year is not one."""
+UnixSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e10)]
+"""A point in time (0: unknown); 1e10 is the year 2286."""
+Version = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time", "maxLength": 64})]
+"""RFC 3339, as msgspec writes and reads it (its schema says no more than `string`)."""
+StepId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_=/-]{1,256}$")]
+"""`<tenant>/<task>-s<strategy>a<attempt>` (services.executor.state.step_id): a valid KV key and subject token."""
+MaybeStepId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_=/-]{0,256}$")]
+"""A step id, or empty where no step was asked for."""
+_KV_KEY = r"[A-Za-z0-9_.=/-]"  # what a NATS KV key may hold; breakers are keyed by dependency
+DependencyKey = Annotated[str, msgspec.Meta(pattern=rf"^{_KV_KEY}{{1,192}}$")]
+"""`provider/model`, `tool/NAME` or `cache` (contracts.state)."""
+MaybeDependencyKey = Annotated[str, msgspec.Meta(pattern=rf"^{_KV_KEY}{{0,192}}$")]
+ModelName = Annotated[str, msgspec.Meta(pattern=rf"^{_KV_KEY}{{0,128}}$")]
+"""Part of a dependency key, so of its alphabet."""
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""A tool a task may name; `tool/NAME` is its breaker's key."""
+Text = Annotated[str, msgspec.Meta(max_length=1 << 20)]
+"""Prompts, message contents, outputs: no NATS message of the default maximum holds more (1 MiB). The
+policy's limits (`limits.max_prompt_bytes`) are what the guard enforces; this is the backstop."""
+MAX_MESSAGE_CHARS = 16_384
+Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
+"""Reasons, errors and progress in words: an error page quoted whole would be longer; its producer clips it."""
+Label = Annotated[str, msgspec.Meta(max_length=256)]
+"""Tiers, stages, window names, replica names."""
+MetadataKey = Annotated[str, msgspec.Meta(max_length=256)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=65_536)]
+MAX_ITEMS = 1024
+"""Entries of any list or map a publisher may send (messages, tools, metadata; the policy allows far fewer)."""
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, cut to `limit` characters (the last one an ellipsis) when longer: for words a service puts in a
+    bounded field (a provider's error text, an exception's)."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def task_ref(tenant: str, task_id: str) -> str:
+    """A task's identity inside Corral: its tenant and the publisher's id, `<tenant>.<task_id>`, so two
+    tenants' task ids never meet in a key, a de-duplication id or a record. A valid KV key ('.' is in
+    neither part)."""
+    return f"{tenant}.{task_id}"
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -30,12 +96,17 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     task_id: TaskId
     tenant: Token
     user: Token
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
-    version: int = CONTRACT_VERSION
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+
+    @property
+    def task_ref(self) -> str:
+        """The task's identity inside Corral (`task_ref`): what keys and de-duplication ids use."""
+        return task_ref(self.tenant, self.task_id)
 
     def dedup_key(self) -> str:
         """The `Nats-Msg-Id` of this event: the same fact published twice is stored once."""
-        return f"{self.task_id}:{type(self).__struct_config__.tag}"
+        return f"{self.task_ref}:{type(self).__struct_config__.tag}"
 
 
 # --- value types carried inside events ---------------------------------------
@@ -58,19 +129,19 @@ FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "d
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Token | None = None
 
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What the publisher asks for: a prompt, or chat messages (or both: the prompt comes last, as the user)."""
 
     agent: Token
-    prompt: str = ""
-    messages: list[ChatMessage] = []
-    max_tokens: int | None = None
-    tools: list[str] = []
-    metadata: dict[str, str] = {}
+    prompt: Text = ""
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
+    tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    metadata: Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_ITEMS)] = {}
 
     def chat(self) -> list[ChatMessage]:
         """The conversation a model sees."""
@@ -80,8 +151,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
 class TokenEstimate(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens the guard expects the task to use (tiktoken count + expected output)."""
 
-    prompt_tokens: int
-    max_output_tokens: int
+    prompt_tokens: TokenCount
+    max_output_tokens: TokenCount
 
     @property
     def total(self) -> int:
@@ -91,9 +162,9 @@ class TokenEstimate(msgspec.Struct, frozen=True, kw_only=True):
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens a model call really used."""
 
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int = 0
+    input_tokens: TokenCount
+    output_tokens: TokenCount
+    cached_tokens: TokenCount = 0
 
     @property
     def total(self) -> int:
@@ -104,13 +175,13 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     """One try of a step, as TaskFailed reports it; or a strategy skipped because its circuit was open
     (`called` false, `step_id` empty: no step was asked for)."""
 
-    step_id: str
-    dependency: str
+    step_id: MaybeStepId
+    dependency: DependencyKey
     error: ErrorClass
-    message: str
-    strategy: int = 0
+    message: Message
+    strategy: Count = 0
     """Index of the strategy in the agent's fallback chain (0: the preferred one)."""
-    tier: str = ""
+    tier: Label = ""
     called: bool = True
     """False when the dependency was not called because its circuit breaker was open."""
 
@@ -118,11 +189,11 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
 class Call(msgspec.Struct, frozen=True, kw_only=True):
     """One call a step made to a dependency (a model or a tool), as the breaker counts it."""
 
-    dependency: str
+    dependency: DependencyKey
     error: ErrorClass | None = None
     """None: the call succeeded."""
-    latency_ms: float = 0.0
-    started_at: float = 0.0
+    latency_ms: Millis = 0.0
+    started_at: UnixSeconds = 0.0
     """Unix seconds the call began (0: unknown); a call begun before the circuit's last transition is not
     counted against its new state."""
 
@@ -137,116 +208,134 @@ class TaskSubmitted(Event, frozen=True, kw_only=True, tag="task.submitted"):
 class TaskValidated(Event, frozen=True, kw_only=True, tag="task.validated"):
     spec: TaskSpec
     estimate: TokenEstimate
-    high_stakes_tools: list[str] = []
+    high_stakes_tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
     """Tools this task names that need human approval before they run."""
-    policy_version: int = 0
+    policy_version: Version = 0
     shadow_rejection: RejectReason | None = None
     """Set in shadow mode: the reason the policy would have refused this task."""
-    shadow_message: str = ""
+    shadow_message: Message = ""
+    received_at: Timestamp | None = None
+    """When Corral received the submission: the ingress stream's timestamp, stamped by the guard and carried
+    onward. Latency is measured from it, never from the publisher's `occurred_at` (None: an older guard's)."""
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
     reason: RejectReason
-    message: str
+    message: Message
     stage: Literal["guard", "budget"]
-    retry_after_s: float | None = None
-    policy_version: int = 0
-    remaining_tokens: int | None = None
+    retry_after_s: Seconds | None = None
+    policy_version: Version = 0
+    remaining_tokens: TokenSum | None = None
     """over_budget: tokens left in the window that refused the task (after its open reservations)."""
-    resets_at: datetime | None = None
+    resets_at: Timestamp | None = None
     """over_budget: when that window resets (UTC); None if waiting cannot help (a per-task cap)."""
+    received_at: Timestamp | None = None
+    """When Corral received the submission (see TaskValidated)."""
+
+    def dedup_key(self) -> str:
+        if self.stage == "guard" and self.received_at is not None:
+            # The guard answers each submission, and a task id refused once may be submitted again (after a
+            # rate limit's retry-after): one rejection per submission, the same on its redeliveries.
+            return f"{self.task_ref}:task.rejected:{self.received_at.timestamp():.6f}"
+        return super().dedup_key()
 
 
 class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     spec: TaskSpec
     estimate: TokenEstimate
-    reserved_tokens: int
-    window: str
+    reserved_tokens: TokenSum
+    window: Label
+    received_at: Timestamp | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
-    stage: str
-    message: str
-    attempt: int = 0
-    worker: str = ""
-    step_id: str = ""
+    stage: Label
+    message: Message
+    attempt: Count = 0
+    worker: Label = ""
+    step_id: MaybeStepId = ""
     """The step it is about, when it is about one."""
 
     def dedup_key(self) -> str:
-        return f"{self.task_id}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
+        return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
-    output: str
+    output: Text
     usage: Usage
     """Tokens of all the task's completed steps (the budget waits for their StepCompleted to add up)."""
-    attempts: int
+    attempts: Count
     """Steps tried, over every strategy, the successful one included."""
-    model: str
-    strategy: int = 0
+    model: ModelName
+    strategy: Count = 0
     """Index of the strategy in the fallback chain that produced the output."""
-    tier: str = ""
-    dependency: str = ""
+    tier: Label = ""
+    dependency: MaybeDependencyKey = ""
     """`provider/model` that answered, or `cache` for a cached answer."""
+    received_at: Timestamp | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     reason: FailReason
-    error: str
-    attempts: list[Attempt]
+    error: Message
+    attempts: Annotated[list[Attempt], msgspec.Meta(max_length=MAX_ITEMS)]
+    received_at: Timestamp | None = None
+    """When Corral received the submission (see TaskValidated)."""
 
 
 # --- steps: one model call by an agent worker ---------------------------------
 
 
 class StepEvent(Event, frozen=True, kw_only=True):
-    step_id: str
-    attempt: int
+    step_id: StepId
+    attempt: Count
     agent: Token
 
     def dedup_key(self) -> str:
-        return f"{self.task_id}:{self.step_id}:{type(self).__struct_config__.tag}"
+        return f"{self.task_ref}:{self.step_id}:{type(self).__struct_config__.tag}"
 
 
 class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
-    provider: str
-    model: str
-    prompt: str
-    max_tokens: int
-    messages: list[ChatMessage] = []
+    provider: Token
+    model: ModelName
+    prompt: Text
+    max_tokens: TokenCount
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_ITEMS + 1)] = []
     """The whole conversation, when the task came as chat messages; `prompt` is its last user turn."""
-    strategy: int = 0
+    strategy: Count = 0
     """Index of the strategy in the agent's fallback chain."""
-    tier: str = ""
-    tools: list[str] = []
+    tier: Label = ""
+    tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
     """Tools the step calls (each a dependency `tool/NAME` with its own breaker)."""
-    timeout_s: float = 0.0
+    timeout_s: Seconds = 0.0
     """The worker gives up on the step after this many seconds (0: no limit)."""
-    deadline_at: float = 0.0
+    deadline_at: UnixSeconds = 0.0
     """Unix seconds after which the step must not start (the task's deadline or the attempt's); 0: none."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
-    dependency: str
-    model: str
-    output: str
+    dependency: DependencyKey
+    model: ModelName
+    output: Text
     usage: Usage
-    latency_ms: float
-    calls: list[Call] | None = None
+    latency_ms: Millis
+    calls: Annotated[list[Call], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
     """Every dependency the step called (tools, then the model), for the breakers; None from older
     workers, whose one call was `dependency`."""
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
-    dependency: str
+    dependency: DependencyKey
     """The dependency that failed (a model `provider/model` or a tool `tool/NAME`)."""
     error: ErrorClass
-    message: str
-    retry_after_s: float | None = None
-    calls: list[Call] | None = None
+    message: Message
+    retry_after_s: Seconds | None = None
+    calls: Annotated[list[Call], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
     """Every dependency the step called, the failed call last, for the breakers (empty: it called none);
     None from older workers, whose one call was `dependency`."""
-    latency_ms: float = 0.0
+    latency_ms: Millis = 0.0
     breaker_open: bool = False
     """The worker did not call `dependency`: its circuit was open (error is then `transient`)."""
 
@@ -259,23 +348,23 @@ BreakerStateName = Literal["closed", "open", "half_open"]
 class BreakerChanged(msgspec.Struct, frozen=True, kw_only=True, tag="breaker.changed", tag_field="kind"):
     """A dependency's circuit moved from one state to another."""
 
-    dependency: str
+    dependency: DependencyKey
     previous: BreakerStateName
     state: BreakerStateName
-    consecutive_failures: int
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
-    version: int = CONTRACT_VERSION
-    failure_rate: float = 0.0
+    consecutive_failures: BigCount
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+    failure_rate: Percent = 0.0
     """Percent of failed calls in the window (or among the half-open probes) when it changed."""
-    slow_call_rate: float = 0.0
-    calls: int = 0
+    slow_call_rate: Percent = 0.0
+    calls: BigCount = 0
     """Calls the rates were computed over."""
     forced: bool = False
     """An operator forced this state; it holds until released."""
-    reason: str = ""
-    generation: int = 0
+    reason: Message = ""
+    generation: BigCount = 0
     """Counts the circuit's transitions; with the dependency it identifies this one."""
-    cause_at: float = 0.0
+    cause_at: UnixSeconds = 0.0
     """Unix seconds of its cause: the end of the call that tripped or settled the circuit, the end of the wait
     in open, or the operator's command (0: unknown)."""
 
@@ -296,36 +385,57 @@ class CostNotice(Event, frozen=True, kw_only=True, tag="cost.notice"):
     crossed 50, 80 or 100 % of its limit (reason "threshold", once per threshold per window)."""
 
     reason: CostReason
-    tokens: int
+    tokens: TokenSum
     """The task's tokens ("task"), or the window's tokens used so far ("threshold")."""
-    cost_usd: float
+    cost_usd: Usd
     """The task's cost ("task"), or the window's cost so far ("threshold")."""
-    remaining_daily_tokens: int
-    remaining_hourly_tokens: int
+    remaining_daily_tokens: SignedTokenSum
+    remaining_hourly_tokens: SignedTokenSum
     window: BudgetWindow | None = None
-    window_start: str = ""
+    window_start: Label = ""
     """"threshold": the window, e.g. "2026-11-27" (day) or "2026-11-27T13" (hour), UTC."""
-    threshold_pct: int = 0
+    threshold_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
     def dedup_key(self) -> str:
         if self.reason == "threshold":  # one notice per threshold per window, whichever task crossed it
             return f"cost:{self.tenant}:{self.user}:{self.window}:{self.window_start}:{self.threshold_pct}"
-        return f"{self.task_id}:cost.notice"
+        return f"{self.task_ref}:cost.notice"
 
 
 # --- what the dead-letter stream stores --------------------------------------
 
 
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", tag_field="kind"):
-    """A message a service could not process, kept with the reason."""
+DEAD_LETTER_PAYLOAD_BYTES = 4096
+"""How much of a dead message its letter keeps: enough to see what it was, and a letter of any message fits in
+one (the whole payload of a message near the server's maximum would not, base64-encoded)."""
+DEAD_LETTER_SUBJECT_CHARS = 1024
+DEAD_LETTER_REASON_CHARS = 2048
 
-    service: str
-    subject: str
-    reason: str
-    payload: bytes
-    deliveries: int = 1
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
-    version: int = CONTRACT_VERSION
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", tag_field="kind"):
+    """A message a service could not process, kept with the reason: its first bytes, its size and its hash."""
+
+    service: Label
+    subject: Annotated[str, msgspec.Meta(max_length=DEAD_LETTER_SUBJECT_CHARS)]
+    reason: Annotated[str, msgspec.Meta(max_length=DEAD_LETTER_REASON_CHARS)]
+    payload: Annotated[bytes, msgspec.Meta(max_length=DEAD_LETTER_PAYLOAD_BYTES)]
+    """The message's first DEAD_LETTER_PAYLOAD_BYTES bytes (all of it, when it is shorter)."""
+    deliveries: Count = 1
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+    payload_size: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
+    """Bytes of the whole message."""
+    payload_sha256: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    """Hex SHA-256 of the whole message, to find it (or its copies) in the stream it came from."""
+
+    @classmethod
+    def of(cls, service: str, subject: str, reason: str, data: bytes, deliveries: int,
+           keep_bytes: int = DEAD_LETTER_PAYLOAD_BYTES) -> DeadLetter:
+        """The letter of a message: its reason, subject and first `keep_bytes` bytes, each bounded, with the
+        whole payload's size and hash. Its size does not depend on the message's."""
+        return cls(service=service, subject=clip(subject, DEAD_LETTER_SUBJECT_CHARS),
+                   reason=clip(reason, DEAD_LETTER_REASON_CHARS), payload=data[:keep_bytes], deliveries=deliveries,
+                   payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
 
 
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)

@@ -8,7 +8,7 @@ import msgspec
 from datetime import datetime
 from typing import Literal
 
-from contracts.events import Attempt, BudgetWindow, Usage
+from contracts.events import Attempt, BudgetWindow, TaskId, Token, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,7 +24,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     counts: dict[str, int]
     """Events seen, by kind (task.completed, step.failed, …)."""
     latency: Percentiles
-    """Submission to terminal event, over the most recent tasks."""
+    """Receipt (the ingress stream's time) to terminal event, over the most recent tasks."""
     error_rate: float
     """Failed / (completed + failed) tasks."""
     step_error_rate: float
@@ -39,7 +39,9 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
+    task_id: TaskId
+    tenant: Token = "default"
+    """The task's tenant: task ids are the publishers', so two tenants may use the same one."""
 
 
 class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,8 +58,8 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True):
-    tenant: str
-    user: str
+    tenant: Token
+    user: Token
 
 
 class WindowUse(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,7 +90,9 @@ class BudgetReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CostQuery(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
+    task_id: TaskId
+    tenant: Token = "default"
+    """The task's tenant: task ids are the publishers', so two tenants may use the same one."""
 
 
 class StepCost(msgspec.Struct, frozen=True, kw_only=True):

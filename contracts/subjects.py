@@ -6,6 +6,10 @@ agent kinds and dependencies are subject tokens (see `events.Token`).
 
 from __future__ import annotations
 
+import re
+
+from contracts.events import TOKEN_PATTERN
+
 PREFIX = "corral"
 
 # --- subjects -----------------------------------------------------------------
@@ -13,6 +17,17 @@ PREFIX = "corral"
 
 def task_submitted(tenant: str) -> str:
     return f"{PREFIX}.task.submitted.{tenant}"
+
+
+_SUBMITTED_PREFIX = f"{PREFIX}.task.submitted."
+_TOKEN = re.compile(TOKEN_PATTERN)
+
+
+def submission_tenant(subject: str) -> str | None:
+    """The tenant a submission was published for: its subject's tenant token, or None if that is not a
+    valid tenant id. The subject, not the body, says who sent it (a publisher may write only its own)."""
+    tenant = subject.removeprefix(_SUBMITTED_PREFIX)
+    return tenant if tenant != subject and _TOKEN.fullmatch(tenant) else None
 
 
 def task_validated(tenant: str) -> str:
@@ -75,13 +90,19 @@ def _token(value: str) -> str:
 
 
 # Wildcards that consumers filter on.
-ALL_SUBMITTED = f"{PREFIX}.task.submitted.>"
+ALL_SUBMITTED = f"{PREFIX}.task.submitted.*"
+"""Ingress: exactly one tenant token. `corral.task.submitted` alone, or with more tokens, is stored by no
+stream, so a publisher's JetStream publish there fails (no responders) instead of waiting unanswered."""
 ALL_VALIDATED = f"{PREFIX}.task.validated.>"
 ALL_ADMITTED = f"{PREFIX}.task.admitted.>"
 ALL_REJECTED = f"{PREFIX}.task.rejected.>"
+ALL_PROGRESS = f"{PREFIX}.task.progress.>"
 ALL_COMPLETED = f"{PREFIX}.task.completed.>"
 ALL_FAILED = f"{PREFIX}.task.failed.>"
+INTERNAL_TASK_EVENTS = (ALL_VALIDATED, ALL_ADMITTED, ALL_REJECTED, ALL_PROGRESS, ALL_COMPLETED, ALL_FAILED)
+"""What services publish about a task (CORRAL_TASKS); submissions are apart, in CORRAL_INGRESS."""
 ALL_TASK_EVENTS = f"{PREFIX}.task.>"
+"""Every task subject, submissions included: for listening (core NATS), never a stream's subjects."""
 ALL_STEP_COMPLETED = f"{PREFIX}.step.completed.>"
 ALL_STEP_FAILED = f"{PREFIX}.step.failed.>"
 ALL_STEP_EVENTS = f"{PREFIX}.step.>"
@@ -103,6 +124,7 @@ SIM_CONTROL = f"{PREFIX}.sim.control"  # SimulateDependency -> SimulationAck fro
 
 # --- streams (file storage; see shared/streams.py for their configuration) ---
 
+STREAM_INGRESS = "CORRAL_INGRESS"  # what publishers submit, apart from every internal event (untrusted)
 STREAM_TASKS = "CORRAL_TASKS"
 STREAM_STEPS = "CORRAL_STEPS"
 STREAM_SIGNALS = "CORRAL_SIGNALS"
@@ -131,6 +153,7 @@ KV_BREAKERS = "corral_breakers"  # breaker
 KV_POLICY = "corral_policy"  # operators (corral policy apply); every service reads it
 KV_RATES = "corral_rates"  # guard
 KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
+KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (tenant, task id)
 
 # --- headers -------------------------------------------------------------------
 

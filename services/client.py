@@ -67,10 +67,14 @@ class Client:
             yield cls(bus)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
-        """Publish a task; returns its id once the stream has stored it. Starts the task's trace."""
+        """Publish a task; returns its id once the stream has stored it. Starts the task's trace.
+
+        Submitting the same task id again (a retry after a lost acknowledgement) is safe: the guard
+        de-duplicates per (tenant, task id). So no `Nats-Msg-Id` is sent: on the ingress stream, ids are
+        chosen by every publisher, and one tenant's could make the stream drop another's message."""
         task = TaskSubmitted(task_id=task_id or new_task_id(), tenant=tenant, user=user, spec=spec)
         with tracing.producing("corral submit", {"corral.task_id": task.task_id, "corral.agent": spec.agent}):
-            await self.bus.emit(subjects.task_submitted(tenant), task)
+            await self.bus.emit(subjects.task_submitted(tenant), task, msg_id=False)
         return task.task_id
 
     @asynccontextmanager
@@ -98,13 +102,13 @@ class Client:
             send.close()
 
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
-                  on_progress=None) -> Terminal:
+                  on_progress=None, task_id: str | None = None) -> Terminal:
         """Submit and wait for the task's terminal event (calling `on_progress` for progress)."""
         async with self.events() as events:
-            task_id = await self.submit(spec, tenant=tenant, user=user)
+            task_id = await self.submit(spec, tenant=tenant, user=user, task_id=task_id)
             with anyio.fail_after(timeout):
                 async for event in events:
-                    if event.task_id != task_id:
+                    if (event.tenant, event.task_id) != (tenant, task_id):  # another tenant may use the same id
                         continue
                     if isinstance(event, TaskProgress) and on_progress:
                         on_progress(event)
@@ -171,8 +175,8 @@ class Client:
         found = [await records.get(key) for key in await _keys(kv)]
         return sorted((record for record in found if record is not None), key=lambda record: record.dependency)
 
-    async def task_status(self, task_id: str, timeout: float = 5.0) -> TaskStatusReply:
-        query = msgspec.json.encode(TaskStatusQuery(task_id=task_id))
+    async def task_status(self, task_id: str, timeout: float = 5.0, *, tenant: str = "default") -> TaskStatusReply:
+        query = msgspec.json.encode(TaskStatusQuery(task_id=task_id, tenant=tenant))
         reply = await self.bus.nc.request(subjects.EXECUTOR_TASK, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=TaskStatusReply)
 
@@ -182,10 +186,10 @@ class Client:
         reply = await self.bus.nc.request(subjects.BUDGET_SHOW, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=BudgetReply)
 
-    async def cost(self, task_id: str, timeout: float = 5.0) -> CostReply:
+    async def cost(self, task_id: str, timeout: float = 5.0, *, tenant: str = "default") -> CostReply:
         """A task's tokens and cost per step and model, from the budget service."""
-        reply = await self.bus.nc.request(subjects.BUDGET_COST, msgspec.json.encode(CostQuery(task_id=task_id)),
-                                          timeout=timeout)
+        query = msgspec.json.encode(CostQuery(task_id=task_id, tenant=tenant))
+        reply = await self.bus.nc.request(subjects.BUDGET_COST, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
 
 async def _keys(kv) -> list[str]:

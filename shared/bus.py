@@ -58,10 +58,11 @@ class Bus:
         finally:
             await _close(nc)
 
-    async def emit(self, subject: str, event: Any) -> None:
-        """Publish `event` durably: returns once the stream has stored it."""
+    async def emit(self, subject: str, event: Any, *, msg_id: bool = True) -> None:
+        """Publish `event` durably: returns once the stream has stored it. `msg_id=False`: without its
+        `Nats-Msg-Id` (a submission: the guard de-duplicates those, not the ingress stream)."""
         try:
-            await self.js.publish(subject, ENCODER.encode(event), headers=_headers(event))
+            await self.js.publish(subject, ENCODER.encode(event), headers=_headers(event, msg_id))
         except (NatsTimeout, NoStreamResponseError) as exc:
             raise TransientError(f"publish to {subject} not acknowledged: {exc!r}") from exc
 
@@ -77,8 +78,8 @@ class Bus:
         return await self.bucket(subjects.KV_POLICY, history=POLICY_HISTORY)
 
 
-def _headers(event: Any) -> dict[str, str]:
-    headers = tracing.inject({subjects.HEADER_MSG_ID: event.dedup_key()})
+def _headers(event: Any, msg_id: bool = True) -> dict[str, str]:
+    headers = tracing.inject({subjects.HEADER_MSG_ID: event.dedup_key()} if msg_id else {})
     if task_id := getattr(event, "task_id", None):
         headers[subjects.HEADER_TASK_ID] = task_id
     return headers

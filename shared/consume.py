@@ -4,9 +4,18 @@
   KV writes wait for the server's acknowledgement);
 - nak with a delay when the handler raises TransientError (NotYet: the same, quietly);
 - term a poison message (undecodable, or PoisonMessage, or failing on its last
-  delivery) and record it with the reason in the dead-letter stream.
+  delivery, transiently or not) and record it with the reason in the dead-letter stream.
 
-Handlers see only the decoded contract; no NATS and no span plumbing.
+"Undecodable" is whatever the decoder raises: malformed JSON, a schema refusal, but
+also a RecursionError (msgspec's answer to JSON nested deeper than the interpreter's
+recursion limit) or a bug in a hand-written decoder. A dead letter keeps a bounded
+prefix of the message with its size and hash, so it fits in one message however large
+the original was: a message is never accepted and then lost for want of room.
+
+Handlers see only the decoded contract; no NATS and no span plumbing. One that must know
+more than the body (the guard: which tenant's subject it came on, and when it arrived)
+asks for a Delivery with it: what the stream says of the message, which its publisher
+cannot set.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -26,15 +36,17 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import DeadLetter, subjects
+from contracts.events import DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON_CHARS, clip
 from shared import tracing
 from shared.bus import Bus
-from shared.errors import NotYet, PoisonMessage, TransientError
+from shared.errors import NotYet, PoisonMessage, TransientError, Undecodable
 from shared.streams import declare_consumer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
+DeliveredHandler = Callable[[T, "Delivery"], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
 _delivery: ContextVar[int] = ContextVar("corral_delivery", default=1)
 
@@ -43,6 +55,18 @@ def delivery() -> int:
     """Which delivery of its message the running handler is on (1: the first), for a handler that
     waits a bounded number of times (raising NotYet) before it goes ahead anyway."""
     return _delivery.get()
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """What the stream says of one delivered message: facts its publisher cannot choose."""
+
+    subject: str
+    stream_seq: int
+    """Its sequence in the stream: the same on every redelivery, another for another message."""
+    stored_at: datetime
+    """When the stream stored it (UTC): Corral's clock, not the publisher's."""
+    number: int
+    """Which delivery of it this is (1: the first)."""
 
 
 class ConsumerStats(msgspec.Struct):
@@ -64,9 +88,10 @@ class Consumer(Generic[T]):
         stream: str,
         config: ConsumerConfig,
         decode: Decode[T],
-        handler: Handler[T],
+        handler: Handler[T] | DeliveredHandler[T],
         *,
         long_running: bool = False,
+        with_delivery: bool = False,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -74,6 +99,7 @@ class Consumer(Generic[T]):
         self.decode = decode
         self.handler = handler
         self.long_running = long_running  # send in-progress acks while the handler runs
+        self.with_delivery = with_delivery  # call handler(event, Delivery) instead of handler(event)
         self._started: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
         self.acks = config.ack_policy != AckPolicy.NONE
         self.stats = ConsumerStats()
@@ -123,8 +149,8 @@ class Consumer(Generic[T]):
             self.stats.redelivered += 1
         try:
             event = self.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage) as exc:
-            await self._dead_letter(msg, f"undecodable: {exc}", deliveries)
+        except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the message cannot be handled
+            await self._dead_letter(msg, f"undecodable: {undecodable_reason(exc)}", deliveries)
             return
         await self._run_handler(msg, event, deliveries)
 
@@ -137,25 +163,30 @@ class Consumer(Generic[T]):
         }
         _delivery.set(deliveries)  # each message is handled in its own task, so in its own context
         try:
+            args = (event, _delivery_of(msg, deliveries)) if self.with_delivery else (event,)
             with tracing.consuming(f"{self.bus.service} {self.name}", msg.headers, attributes):
                 if self.long_running:
-                    await self._with_progress(msg, event)
+                    await self._with_progress(msg, args)
                 else:
-                    await self.handler(event)
+                    await self.handler(*args)
         except TransientError as exc:
+            if self._last(deliveries):  # the server would drop it after this: keep it, with why
+                await self._dead_letter(msg, f"still failing after {deliveries} deliveries, last: {exc!r}",
+                                        deliveries)
+                return
             self.stats.retried += 1
             log.log(logging.DEBUG if isinstance(exc, NotYet) else logging.WARNING, "%s: retrying %s later: %s",
                     self.name, getattr(event, "task_id", "?"), exc)
-            if self.acks:
-                await msg.nak(delay=exc.retry_after_s)
+            await msg.nak(delay=exc.retry_after_s)
             return
         except PoisonMessage as exc:
-            await self._dead_letter(msg, f"poison: {exc}", deliveries)
+            kind = "undecodable" if isinstance(exc, Undecodable) else "poison"
+            await self._dead_letter(msg, f"{kind}: {exc}", deliveries)
             return
         except Exception as exc:  # a bug or an unexpected failure: counted, logged, retried, then dead-lettered
             self.stats.errors += 1
             log.exception("%s: handler failed for task %s", self.name, getattr(event, "task_id", "?"))
-            if deliveries >= self.bus.settings.max_deliver or not self.acks:
+            if self._last(deliveries):
                 await self._dead_letter(msg, f"failed {deliveries} times, last: {exc!r}", deliveries)
             else:
                 await msg.nak(delay=min(30.0, 0.5 * 2**deliveries * random.random()))
@@ -164,11 +195,16 @@ class Consumer(Generic[T]):
             await msg.ack()
         self.stats.handled += 1
 
-    async def _with_progress(self, msg: Msg, event: Any) -> None:
+    def _last(self, deliveries: int) -> bool:
+        """This is the message's last delivery: the server gives up on it after (or never redelivers it)."""
+        limit = self.config.max_deliver or self.bus.settings.max_deliver  # -1: the server never gives up
+        return not self.acks or 0 < limit <= deliveries
+
+    async def _with_progress(self, msg: Msg, args: tuple[Any, ...]) -> None:
         """Run the handler where `_heartbeat` sees it, while it runs."""
         self._started[id(msg)] = (msg, time.monotonic())
         try:
-            await self.handler(event)
+            await self.handler(*args)
         finally:
             del self._started[id(msg)]
 
@@ -188,15 +224,24 @@ class Consumer(Generic[T]):
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         self.stats.dead_lettered += 1
-        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject, reason)
-        letter = DeadLetter(
-            service=self.bus.service, subject=msg.subject, reason=reason, payload=msg.data, deliveries=deliveries
-        )
+        log.error("%s: dead-lettering message on %s: %s", self.name, msg.subject,
+                  clip(reason, DEAD_LETTER_REASON_CHARS))
+        letter = DeadLetter.of(self.bus.service, msg.subject, reason, msg.data, deliveries,
+                               keep_bytes=min(DEAD_LETTER_PAYLOAD_BYTES, self.bus.nc.max_payload // 8))
         subject = subjects.dead_letter(self.bus.service)
         msg_id = f"dlq:{self.name}:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         await self.bus.js.publish(subject, msgspec.json.encode(letter), headers={subjects.HEADER_MSG_ID: msg_id})
         if self.acks:
             await msg.term()
+
+
+def undecodable_reason(exc: Exception) -> str:
+    """Why a decoder refused a message, in words an operator can act on."""
+    if isinstance(exc, RecursionError):
+        return f"JSON nested too deeply ({exc})"
+    if isinstance(exc, (msgspec.DecodeError, msgspec.ValidationError, PoisonMessage)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"  # a decoder's own bug: name it
 
 
 class HandlerTasks:
@@ -248,6 +293,17 @@ def _deliveries(msg: Msg) -> int:
     every message needs. The longer form with a domain and account goes to nats-py."""
     tokens = msg.reply.split(".")
     return int(tokens[4]) if len(tokens) == 9 else msg.metadata.num_delivered
+
+
+def _delivery_of(msg: Msg, deliveries: int) -> Delivery:
+    """From the ack subject, as `_deliveries` reads it (<stream seq> is token 5, <time> in ns token 7)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        stream_seq, stored_at = int(tokens[5]), datetime.fromtimestamp(int(tokens[7]) / 1e9, UTC)
+    else:
+        metadata = msg.metadata
+        stream_seq, stored_at = metadata.sequence.stream, metadata.timestamp.astimezone(UTC)
+    return Delivery(subject=msg.subject, stream_seq=stream_seq, stored_at=stored_at, number=deliveries)
 
 
 def decoder_for(contract: type[T] | Any) -> Decode[T]:

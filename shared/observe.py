@@ -58,8 +58,8 @@ class Observer(Generic[T]):
     async def _on_msg(self, msg: Msg) -> None:
         try:
             event = self.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            # The message's own consumers dead-letter it; here it is only not counted.
+        except Exception as exc:  # noqa: BLE001 - a RecursionError too: the message's own consumers dead-letter it;
+            # here it is only not counted.
             self.stats.undecodable += 1
             log.warning("%s: not counting an undecodable message on %s: %s", self.name, msg.subject, exc)
             return

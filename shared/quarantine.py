@@ -73,8 +73,7 @@ class Quarantine:
     async def _letter(self, bucket: str, key: str, revision: int, value: bytes, reason: str) -> None:
         if self.js is None:
             return
-        letter = DeadLetter(service=self.service, subject=f"$KV.{bucket}.{key}", reason=reason, payload=value,
-                            deliveries=0)
+        letter = DeadLetter.of(self.service, f"$KV.{bucket}.{key}", reason, value, deliveries=0)
         msg_id = f"quarantine:{bucket}:{key}:{revision}"
         try:
             await self.js.publish(subjects.dead_letter(self.service), _encode(letter),

@@ -23,19 +23,28 @@ from shared.config import Settings
 
 DAY = 24 * 3600.0
 EVENTS_MAX_AGE_S = 7 * DAY
-"""How long the task and step streams keep an event, so the longest after its publication a consumer
-can get it (again). Records that make a redelivery harmless must outlive it."""
+"""How long the ingress, task and step streams keep an event, so the longest after its publication a
+consumer can get it (again). Records that make a redelivery harmless must outlive it."""
+INGRESS_DEDUP_WINDOW_S = 0.1
+"""The ingress stream's duplicate window: the least nats-server accepts (it refuses below 100 ms, and has no
+way to turn de-duplication off). A publisher chooses its `Nats-Msg-Id`, so a window would let one tenant's
+id drop another's message: submissions are de-duplicated by the guard instead, per (tenant, task id)."""
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """In declaration order: CORRAL_TASKS gives up the ingress subjects (it held `corral.task.>` before)
+    before CORRAL_INGRESS takes them, since two streams' subjects may not overlap."""
     common = dict(
         storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS,
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.dedup_window_s,
     )
+    ingress = {**common, "duplicate_window": INGRESS_DEDUP_WINDOW_S}
     return [
-        StreamConfig(name=s.STREAM_TASKS, subjects=[s.ALL_TASK_EVENTS], max_age=EVENTS_MAX_AGE_S, **common),
+        StreamConfig(name=s.STREAM_TASKS, subjects=list(s.INTERNAL_TASK_EVENTS), max_age=EVENTS_MAX_AGE_S,
+                     **common),
+        StreamConfig(name=s.STREAM_INGRESS, subjects=[s.ALL_SUBMITTED], max_age=EVENTS_MAX_AGE_S, **ingress),
         StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=EVENTS_MAX_AGE_S, **common),
         StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER, s.ALL_COST], max_age=7 * DAY, **common),
         StreamConfig(name=s.STREAM_DLQ, subjects=[s.ALL_DEAD_LETTERS], max_age=30 * DAY, **common),

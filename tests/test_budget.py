@@ -103,9 +103,9 @@ async def publish_copies(client: Client, subject: str, event, copies: int) -> No
                                     headers={subjects.HEADER_MSG_ID: f"copy-{n}-{event.dedup_key()}"})
 
 
-async def settled(client: Client, task_id: str, tokens: int):
+async def settled(client: Client, task_id: str, tokens: int, tenant: str = "default"):
     """The task's cost once the budget has posted `tokens` and closed it; None until then."""
-    reply = await client.cost(task_id)
+    reply = await client.cost(task_id, tenant=tenant)
     return reply if reply.status in ("finished", "expired") and reply.tokens == tokens else None
 
 
@@ -225,8 +225,8 @@ async def test_a_tenant_with_too_many_tasks_running_takes_no_new_one_until_some_
         for n, task in enumerate(running):
             usage = step.usage if n == 0 else nothing
             await client.bus.emit(subjects.task_completed(tenant), finished(task.task_id, tenant, people[n], usage))
-        first = await wait_until(lambda: settled(client, running[0].task_id, 50))
-        await wait_until(lambda: settled(client, running[-1].task_id, 0))
+        first = await wait_until(lambda: settled(client, running[0].task_id, 50, tenant))
+        await wait_until(lambda: settled(client, running[-1].task_id, 0, tenant))
         after = await decide(client, validated("crowd-after", tenant, people[-1], 100))
     refused = decisions[-1]
     assert all(isinstance(task, TaskAdmitted) for task in running) and 5 <= len(running) < len(people) - 1

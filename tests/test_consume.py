@@ -3,14 +3,17 @@ observer sees what is published, in order."""
 
 from __future__ import annotations
 
+import hashlib
+
 import anyio
 import msgspec
 import pytest
 from nats.js.api import StreamConfig
 
+from contracts import DeadLetter, subjects
 from shared.bus import Bus
 from shared.consume import Consumer, delivery
-from shared.errors import NotYet
+from shared.errors import NotYet, TransientError
 from shared.observe import Observer
 from shared.streams import consumer_config
 
@@ -105,3 +108,57 @@ async def test_a_handler_that_is_not_ready_yet_gets_its_message_again_and_knows_
     assert seen == [1, 2, 3]
     assert (consumer.stats.retried, consumer.stats.handled, consumer.stats.dead_lettered) == (2, 1, 0)
     assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def _publish_and_get_its_dead_letter(bus: Bus, consumer: Consumer, subject: str, data: bytes) -> DeadLetter:
+    """Publish `data`, run `consumer` until it writes a dead letter, and return that letter."""
+    letters = await bus.nc.subscribe(subjects.dead_letter(bus.service), max_msgs=1)  # before anything is written
+    done = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_run_until, consumer, done, 20)
+        await bus.js.publish(subject, data)
+        msg = await letters.next_msg(timeout=15)
+        done.set()
+    return msgspec.json.decode(msg.data, type=DeadLetter)
+
+
+@pytest.mark.parametrize("failure", [ValueError("a bug"), TransientError("still down", retry_after_s=0.05)],
+                         ids=["unexpected", "transient"])
+async def test_a_handler_that_keeps_failing_is_dead_lettered_on_its_last_delivery_not_dropped(settings, failure):
+    twice = settings.with_changes(max_deliver=2)
+    async with Bus.connect(twice, "test-consume") as bus:
+        await _stream(bus)
+        seen: list[int] = []
+
+        async def fails(item: Item) -> None:
+            seen.append(delivery())
+            raise failure
+
+        consumer = Consumer(bus, STREAM, consumer_config(twice, "fails", "consume.test.fails"),
+                            msgspec.json.Decoder(Item).decode, fails)
+        letter = await _publish_and_get_its_dead_letter(bus, consumer, "consume.test.fails",
+                                                        msgspec.json.encode(Item(n=7)))
+        info = await bus.js.consumer_info(STREAM, "fails")
+    assert seen == [1, 2]
+    assert letter.deliveries == 2 and repr(failure) in letter.reason
+    assert letter.payload == msgspec.json.encode(Item(n=7)) and letter.subject == "consume.test.fails"
+    assert consumer.stats.dead_lettered == 1
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_whatever_a_decoder_raises_the_message_is_dead_lettered_with_its_reason(settings):
+    async with Bus.connect(settings, "test-consume") as bus:
+        await _stream(bus)
+        handled: list[Item] = []
+
+        async def record(item: Item) -> None:
+            handled.append(item)
+
+        consumer = Consumer(bus, STREAM, consumer_config(settings, "deep", "consume.test.deep"),
+                            msgspec.json.Decoder(Item).decode, record)
+        deep = b'{"n": 1, "extra": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+        letter = await _publish_and_get_its_dead_letter(bus, consumer, "consume.test.deep", deep)
+    assert handled == []
+    assert letter.reason.startswith("undecodable: JSON nested too deeply")
+    assert (letter.payload_size, len(letter.payload)) == (len(deep), 4096) and deep.startswith(letter.payload)
+    assert letter.payload_sha256 == hashlib.sha256(deep).hexdigest()

@@ -55,7 +55,7 @@ async def test_a_worker_killed_mid_step_still_completes_the_task_exactly_once_an
         workers.stop()
     assert killed is not None, "the step never started"
     assert len(completions) == 1
-    assert [s.step_id for s in cost.steps] == [step_id(task_id, strategy=0, attempt=1)]
+    assert [s.step_id for s in cost.steps] == [step_id(tenant, task_id, strategy=0, attempt=1)]
     assert next(w for w in shown.windows if w.scope == "user" and w.window == "day").used == cost.tokens
     assert shown.open_tasks == 0  # released at the end
 
@@ -156,7 +156,7 @@ async def test_a_crash_after_any_ledger_write_is_repaired_by_redelivery_without_
         for crash_after in range(1, clean.writes + 1):
             task_id, user = f"t-{crash_after}", f"u-{crash_after}-{uuid.uuid4().hex[:6]}"
             budget, _ = await run_task(task_id, user, crash_after)
-            cost, shown = await budget.cost(task_id), await budget.show(tenant, user)
+            cost, shown = await budget.cost(tenant, task_id), await budget.show(tenant, user)
             account = await budget.accounts.get(user_key(tenant, user))
             assert (cost.status, cost.tokens, len(cost.steps)) == ("finished", 200, 1), crash_after
             assert [(w.used, w.reserved) for w in shown.windows if w.scope == "user"] == [(200, 0), (200, 0)]
@@ -180,7 +180,7 @@ async def test_a_step_another_replica_posts_while_a_release_reads_a_stale_accoun
         ended = TaskFailed(task_id="r1", tenant=tenant, user=user, reason="permanent_error", error="a later step",
                            attempts=[])
         await first.on_task_finished(ended)
-        cost, shown = await first.cost("r1"), await first.show(tenant, user)
+        cost, shown = await first.cost(tenant, "r1"), await first.show(tenant, user)
         account = await first.accounts.get(user_key(tenant, user))
     assert (cost.status, cost.tokens, [s.step_id for s in cost.steps]) == ("finished", 200, ["r1-a1"])
     assert [(w.used, w.reserved) for w in shown.windows] == [(200, 0)] * 4  # user and tenant, day and hour

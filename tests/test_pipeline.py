@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec, subjects
+from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Defaults, Limits, Policy
+from services.budget.handlers import task_key
 from shared.tokens import count_tokens
 from tests.conftest import stack, wait_until
 
@@ -120,8 +122,8 @@ async def test_a_finished_tasks_records_and_its_idle_account_expire_so_the_bucke
             stored = await client.bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
             return (stored.headers or {}).get("Nats-TTL")
 
-        journal_ttl = await wait_until(lambda: ttl_of(subjects.KV_BUDGET, f"task.{end.task_id}"))
-        record_ttl = await ttl_of(subjects.KV_TASKS, end.task_id)
+        journal_ttl = await wait_until(lambda: ttl_of(subjects.KV_BUDGET, task_key(tenant, end.task_id)))
+        record_ttl = await ttl_of(subjects.KV_TASKS, task_ref(tenant, end.task_id))
         account_ttl = await wait_until(lambda: ttl_of(subjects.KV_BUDGET, f"acct.user.{tenant}.{user}"))
     assert isinstance(end, TaskCompleted), end
     assert int(journal_ttl) == 35 * 24 * 3600  # a month of `corral cost`

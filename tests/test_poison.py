@@ -11,6 +11,7 @@ import pytest
 
 from contracts import DeadLetter, StepRequested, TaskAdmitted, TaskCompleted, TaskFailed, TaskProgress, TaskSpec
 from contracts import subjects as s
+from contracts.events import task_ref
 from contracts.policy import AgentPolicy, Strategy
 from services.budget.handlers import user_key
 from services.client import Client
@@ -35,11 +36,11 @@ def cached_first_policy():
 def poisoned_keys(tenant: str, user: str, spec: TaskSpec) -> dict[str, tuple[str, str]]:
     """bucket -> (the key a normal task of `user` touches, the service that owns the bucket)."""
     return {
-        s.KV_TASKS: ("t-poisoned", "executor"),  # a task no one runs: only the executor's sweep sees it
+        s.KV_TASKS: (task_ref(tenant, "t-poisoned"), "executor"),  # a task no one runs: only the executor's sweep sees it
         s.KV_BUDGET: (user_key(tenant, user), "budget"),
         s.KV_BREAKERS: ("simulated/sim-small", "breaker"),
         s.KV_RATES: (f"user.{tenant}.{user}", "guard"),
-        s.KV_CACHE: (cache_key(SimpleNamespace(spec=spec)), "executor"),
+        s.KV_CACHE: (cache_key(SimpleNamespace(tenant=tenant, spec=spec)), "executor"),
     }
 
 
@@ -113,16 +114,16 @@ async def test_a_running_tasks_record_that_does_not_decode_fails_the_task_once_a
                 if isinstance(event, TaskAdmitted):
                     admitted = event
                 if isinstance(event, TaskProgress) and event.stage == "step_started":
-                    await tasks.put(task_id, GARBAGE)  # while the worker is on its step
+                    await tasks.put(task_ref(tenant, task_id), GARBAGE)  # while the worker is on its step
                 if isinstance(event, (TaskCompleted, TaskFailed)):
                     ends.append(event)
                     break
-        first = await tasks.put(task_id, GARBAGE)  # and once more, then the admission comes again
+        first = await tasks.put(task_ref(tenant, task_id), GARBAGE)  # and once more, then the admission comes again
         await client.bus.js.publish(s.task_admitted(tenant), msgspec.json.encode(admitted),
                                     headers={s.HEADER_MSG_ID: f"again-{task_id}"})
 
         async def record_replaced():
-            entry = await tasks.get(task_id)
+            entry = await tasks.get(task_ref(tenant, task_id))
             return entry.revision > first
 
         await wait_until(record_replaced)

@@ -42,8 +42,8 @@ async def test_a_chain_completes_on_the_fast_tier_when_the_advanced_model_is_dow
     assert (end.tier, end.strategy, end.dependency, end.attempts) == ("fast", 1, "simulated/sim-small", 3)
     assert end.output.startswith("[simulated sim-small]")
     assert [(a.step_id, a.tier, a.dependency, a.error) for a in status.attempts] == [
-        (step_id(end.task_id, 0, 1), "advanced", "simulated/sim-large", "transient"),
-        (step_id(end.task_id, 0, 2), "advanced", "simulated/sim-large", "transient"),
+        (step_id(tenant, end.task_id, 0, 1), "advanced", "simulated/sim-large", "transient"),
+        (step_id(tenant, end.task_id, 0, 2), "advanced", "simulated/sim-large", "transient"),
     ]
     assert "corral sim fail" in status.attempts[0].message
 
@@ -52,9 +52,9 @@ async def test_a_rate_limited_attempt_is_retried_no_sooner_than_its_retry_after(
     prompt = "Summarise [sim:flaky=1] [sim:error=rate_limited] [sim:retry_after=0.8]"
     async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
         end = await client.run(TaskSpec(agent="research", prompt=prompt), tenant=tenant, user=user)
-        retried = await heard.first(StepRequested, step_id=step_id(end.task_id, 0, 2))
+        retried = await heard.first(StepRequested, step_id=step_id(tenant, end.task_id, 0, 2))
     assert isinstance(end, TaskCompleted) and (end.strategy, end.attempts) == (0, 2)
-    failed = heard.of(StepFailed, step_id=step_id(end.task_id, 0, 1))[0]
+    failed = heard.of(StepFailed, step_id=step_id(tenant, end.task_id, 0, 1))[0]
     assert (failed.error, failed.retry_after_s) == ("rate_limited", 0.8)
     waited = (retried.occurred_at - failed.occurred_at).total_seconds()
     assert 0.8 <= waited < 5.0  # the example's backoff alone would wait at most 0.05 s
@@ -122,10 +122,11 @@ async def test_the_task_deadline_bounds_the_whole_chain(settings, tenant, user):
     assert took < 2.9  # the first attempt was cut at the deadline, not at its own 10 s timeout
 
 
-def test_the_step_id_names_task_strategy_and_attempt_and_is_a_valid_kv_key_and_subject_token():
-    assert step_id("t-1", 2, 3) == "t-1-s2a3"
-    assert re.fullmatch(r"[-/_=.a-zA-Z0-9]+", step_id("0f3a-task_9", 11, 4))  # NATS KV key alphabet
-    assert "." not in step_id("0f3a-task_9", 11, 4)
+def test_the_step_id_names_tenant_task_strategy_and_attempt_and_is_a_valid_kv_key_and_subject_token():
+    assert step_id("acme", "t-1", 2, 3) == "acme/t-1-s2a3"
+    assert step_id("acme", "t-1", 2, 3) != step_id("globex", "t-1", 2, 3)  # two tenants' steps never meet
+    assert re.fullmatch(r"[-/_=.a-zA-Z0-9]+", step_id("a-b", "0f3a-task_9", 11, 4))  # NATS KV key alphabet
+    assert "." not in step_id("a-b", "0f3a-task_9", 11, 4)
 
 
 async def test_a_task_running_when_the_executor_is_upgraded_still_completes(settings, tenant, user):

@@ -43,6 +43,7 @@ import msgspec
 
 from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated
 from contracts import subjects
+from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Policy
 from contracts.queries import BudgetReply, CostReply, ModelCost, StepCost, WindowUse
 from services.budget import ledger
@@ -71,8 +72,13 @@ def tenant_key(tenant: str) -> str:
     return f"acct.tenant.{tenant}"
 
 
-def task_key(task_id: str) -> str:
-    return f"task.{task_id}"
+def task_key(tenant: str, task_id: str) -> str:
+    return f"task.{task_ref(tenant, task_id)}"
+
+
+def _tenant_of(account_key: str) -> str:
+    """The tenant of `acct.user.<tenant>.<user>` or `acct.tenant.<tenant>`."""
+    return account_key.split(".", 3)[2]
 
 
 ACCOUNT_KEYS = "acct.>"
@@ -111,7 +117,7 @@ class Budget:
         # Decide first, then create the journal: a redelivery decides again (reserving is idempotent
         # per task) and the first decision written wins; `_agree` undoes what the second one held.
         decision = await self._decide(task)
-        journal = await self.journals.create(task_key(task.task_id), decision)
+        journal = await self.journals.create(task_key(task.tenant, task.task_id), decision)
         await self._agree(task, journal)
 
     async def _decide(self, task: TaskValidated) -> TaskJournal:
@@ -134,7 +140,8 @@ class Budget:
         rejected = TaskRejected(task_id=task.task_id, tenant=task.tenant, user=task.user, reason="over_budget",
                                 stage="budget", message=refusal_message(refusal, amount),
                                 retry_after_s=(refusal.resets_at - now).total_seconds() if refusal.resets_at else None,
-                                remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now)
+                                remaining_tokens=refusal.remaining, resets_at=refusal.resets_at, occurred_at=now,
+                                received_at=task.received_at)
         return TaskJournal(task_id=task.task_id, tenant=task.tenant, user=task.user, status="rejected",
                            decided_at=now, rejection=rejected)
 
@@ -151,7 +158,7 @@ class Budget:
                     message=(f"{whose} too many tasks running at once for the budget to hold another: their "
                              f"reservations take {size:,} bytes, at most {self.account_max_bytes:,}; retry "
                              f"when some have finished"),
-                    retry_after_s=CROWDED_RETRY_S, occurred_at=now)
+                    retry_after_s=CROWDED_RETRY_S, occurred_at=now, received_at=task.received_at)
         return None
 
     @staticmethod
@@ -173,7 +180,7 @@ class Budget:
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
                                 estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
-                                window=ledger.window_start("day", journal.decided_at))
+                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
     # --- post ----------------------------------------------------------------------
@@ -192,7 +199,8 @@ class Budget:
         if not user.running:  # the release has begun (or is over): it may not see this step
             self.late_steps += 1
             charge = msgspec.structs.replace(charge, over_reservation=over)
-            journal = await self.journals.update(task_key(step.task_id), partial(_journal_steps, charges=[charge]),
+            journal = await self.journals.update(task_key(step.tenant, step.task_id),
+                                                 partial(_journal_steps, charges=[charge]),
                                                  default=partial(_untracked, step, now))
             await self._settle(step.tenant, step.user, journal)
         if user.after is not None and user.after.due:
@@ -204,15 +212,15 @@ class Budget:
         account holds after."""
         hold = account.holds.get(step.task_id)
         posted = None
-        if hold is not None or step.step_id not in await self._journaled(step.task_id):
+        if hold is not None or step.step_id not in await self._journaled(step.tenant, step.task_id):
             posted = ledger.post(account, step.task_id, step.step_id, tokens, cost, limits, now,
                                  thresholds=charge is not None, charge=charge)
         # else: posted, journaled and settled already (the account was read before the journal)
         return _Post(posted=posted, running=hold is not None and not hold.closed,
                      after=_After.of(account, limits, now) if charge is not None else None)
 
-    async def _journaled(self, task_id: str) -> set[str]:
-        journal = await self.journals.get(task_key(task_id))
+    async def _journaled(self, tenant: str, task_id: str) -> set[str]:
+        journal = await self.journals.get(task_key(tenant, task_id))
         return journal.step_ids() if journal else set()
 
     async def _over_of(self, key: str, step: StepCompleted) -> int:
@@ -224,7 +232,7 @@ class Budget:
     # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        key, spent = task_key(task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
+        key, spent = task_key(task.tenant, task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
         (ukey, user_limits, _), _ = self._accounts(task.tenant, task.user)
         account, hold = await self._hold(ukey, task.task_id, cached=True)  # as this process last wrote it
         if _lacks_steps(hold, spent):  # another replica may have posted them: ask the server
@@ -270,7 +278,7 @@ class Budget:
                         expired.append(task_id)
                         log.warning("task %s: reservation in %s expired after %.0f s", task_id, key,
                                     self.hold_timeout_s)
-                    journal = await self.journals.update(task_key(task_id), partial(
+                    journal = await self.journals.update(task_key(_tenant_of(key), task_id), partial(
                         _finish, status="expired", steps=closed_now.get(task_id, [])))
                     await self.accounts.update(key, partial(ledger.settle, task_id=task_id,
                                                             journaled=journal.step_ids() if journal else set()))
@@ -290,7 +298,7 @@ class Budget:
                                                      journaled=journal.step_ids())
         if journal.notice_due():
             await self._publish_task_notice(journal, user_after)
-            await self.journals.update(task_key(journal.task_id), _mark_notified)
+            await self.journals.update(task_key(journal.tenant, journal.task_id), _mark_notified)
 
     async def _close_and_settle(self, tenant: str, user: str, task_id: str, *, close: bool,
                                 journaled: set[str] | None) -> tuple[_After, list[StepCost]]:
@@ -341,8 +349,8 @@ class Budget:
         return BudgetReply(tenant=tenant, user=user, windows=windows, open_tasks=mine.open_holds,
                            per_task_tokens=user_limits.per_task_tokens)
 
-    async def cost(self, task_id: str) -> CostReply:
-        journal = await self.journals.get(task_key(task_id))
+    async def cost(self, tenant: str, task_id: str) -> CostReply:
+        journal = await self.journals.get(task_key(tenant, task_id))
         if journal is None:
             return CostReply(task_id=task_id, found=False)
         if journal.status == "admitted":  # running: the steps so far wait in the user's hold

@@ -55,7 +55,8 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
             return msgspec.json.encode(await budget.show(query.tenant, query.user))
 
         async def cost(data: bytes) -> bytes:
-            return msgspec.json.encode(await budget.cost(_cost_query.decode(data).task_id))
+            query = _cost_query.decode(data)
+            return msgspec.json.encode(await budget.cost(query.tenant, query.task_id))
 
         def stats() -> dict[str, object]:
             return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps,

@@ -85,7 +85,8 @@ def print_cost(reply: CostReply, out: Console) -> None:
     for name in ("step", "model", "input", "cached", "output", "cost", "over reservation"):
         steps.add_column(name, justify="left" if name in ("step", "model") else "right")
     for s in reply.steps:
-        steps.add_row(s.step_id, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
+        step = s.step_id.removeprefix(f"{reply.tenant}/")  # the first line names the tenant
+        steps.add_row(step, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
                       f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
     out.print(steps)
     models = Table(title="per model")

@@ -55,7 +55,7 @@ from contracts import (
     Usage,
     subjects,
 )
-from contracts.events import FailReason
+from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
 from services.executor.state import CachedAnswer, TaskRecord, admitted_from, cache_key, step_id
@@ -124,7 +124,7 @@ class Executor:
 
     async def _admit(self, task: TaskAdmitted, fresh: bool) -> None:
         # A task is almost always new here: first try to create its record without reading.
-        record, revision = await self.tasks.read(task.task_id) if fresh else (None, 0)
+        record, revision = await self.tasks.read(task.task_ref) if fresh else (None, 0)
         if record is not None:
             await self._republish(record, task.task_id)
             return
@@ -148,7 +148,8 @@ class Executor:
         strategy = record.chain[record.strategy]
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=step.usage, attempts=record.steps, model=step.model,
-                                  strategy=record.strategy, tier=strategy.tier, dependency=step.dependency)
+                                  strategy=record.strategy, tier=strategy.tier, dependency=step.dependency,
+                                  received_at=record.task.received_at)
         record.status, record.usage, record.outcome = "completed", step.usage, completed
         await self._record(record, revision, step.step_id)
         await self.emit(subjects.task_completed(step.tenant), completed)
@@ -173,28 +174,30 @@ class Executor:
         await self._advance(record, revision, step.step_id, strategy=record.strategy, attempt=record.attempt + 1,
                             wait=wait)
 
-    async def on_overdue(self, task_id: str, overdue_step: str, grace_s: float) -> None:
+    async def on_overdue(self, ref: str, overdue_step: str, grace_s: float) -> None:
         """The timeout sweep: no outcome came for the step by its deadline plus a grace (no worker took it,
-        or every one that did died). Handled as that step's timeout."""
-        record, _ = await self.tasks.read(task_id)
+        or every one that did died). Handled as that step's timeout. `ref`: the task's (its record's key)."""
+        record, _ = await self.tasks.read(ref)
         if record is None or record.status != "running" or record.step_id != overdue_step:
             return
         strategy = record.chain[record.strategy]
         await self.on_step_failed(StepFailed(
-            task_id=task_id, tenant=record.task.tenant, user=record.task.user, step_id=overdue_step,
+            task_id=record.task.task_id, tenant=record.task.tenant, user=record.task.user, step_id=overdue_step,
             attempt=record.attempt, agent=record.task.spec.agent, dependency=dependency_of(strategy),
             error="timeout", message=f"no outcome {grace_s:g} s after the step's deadline: no worker answered"))
 
-    async def task_status(self, task_id: str) -> TaskRecord | None:
-        return await self.tasks.get(task_id)
+    async def task_status(self, tenant: str, task_id: str) -> TaskRecord | None:
+        return await self.tasks.get(task_ref(tenant, task_id))
 
     # --- deciding -----------------------------------------------------------------
 
     async def _current(self, event: StepCompleted | StepFailed, fresh: bool) -> tuple[TaskRecord | None, int]:
-        """The record if the event's step is the one the task waits for; else republish if this event decided
-        it. Only a fresh read may conclude that the event is not current: a remembered record may be old."""
-        record, revision = await self.tasks.read(event.task_id, cached=not fresh)
+        """The task's record if the event's step is the one the task waits for; else republish if this event
+        decided it. Only a fresh read may conclude that the event is not current: a remembered record may be old."""
         step = event.step_id
+        record, revision = await self.tasks.read(event.task_ref, cached=not fresh)
+        if record is None and not revision and fresh:
+            record, revision = await self._moved_from_legacy_key(event)
         current = record is not None and record.status == "running" and record.step_id in (step, "")
         if not fresh and not current:
             raise _Stale
@@ -212,6 +215,16 @@ class Executor:
             await self._republish(record, step)  # a redelivery of the event we acted on, or a late duplicate
             return None, 0
         return record, revision
+
+    async def _moved_from_legacy_key(self, event: StepCompleted | StepFailed) -> tuple[TaskRecord | None, int]:
+        """A record an executor wrote before tenants were part of its keys (under the task id alone), moved to
+        the task's ref: a task running across the upgrade still ends."""
+        record, _ = await self.tasks.read(event.task_id)
+        if record is None or record.task.tenant != event.tenant:
+            return None, 0
+        await self.tasks.write_if(event.task_ref, record, 0)  # unless another replica moved it first
+        await self.tasks.kv.delete(event.task_id)
+        return await self.tasks.read(event.task_ref)
 
     async def _advance(self, record: TaskRecord, revision: int, cause: str, *, strategy: int, attempt: int,
                        wait: float = 0.0) -> None:
@@ -233,7 +246,7 @@ class Executor:
                     return
                 strategy, attempt, wait = strategy + 1, 1, 0.0
                 continue
-            step = step_id(task.task_id, strategy, attempt)
+            step = step_id(task.tenant, task.task_id, strategy, attempt)
             blocked = await self._blocked(current, task, step)
             if blocked:
                 record.attempts.append(Attempt(
@@ -276,7 +289,7 @@ class Executor:
         completed = TaskCompleted(task_id=task.task_id, tenant=task.tenant, user=task.user, output=answer.output,
                                   usage=Usage(input_tokens=0, output_tokens=0), attempts=record.steps,
                                   model=answer.model, strategy=strategy, tier=current.tier,
-                                  dependency=CACHE_DEPENDENCY)
+                                  dependency=CACHE_DEPENDENCY, received_at=task.received_at)
         record.status, record.strategy, record.outcome = "completed", strategy, completed
         record.usage = completed.usage
         await self._record(record, revision, cause)
@@ -294,8 +307,8 @@ class Executor:
     async def _end_failed(self, record: TaskRecord, revision: int, cause: str, reason: FailReason,
                           error: str) -> None:
         task = record.task
-        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason, error=error,
-                            attempts=record.attempts)
+        failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason, error=clip(error),
+                            attempts=record.attempts, received_at=task.received_at)
         record.status, record.outcome = "failed", failed
         await self._record(record, revision, cause)
         await self.emit(subjects.task_failed(task.tenant), failed)
@@ -303,10 +316,10 @@ class Executor:
     async def _record(self, record: TaskRecord, revision: int, cause: str) -> None:
         """Store the decision (compare-and-set); _Stale if the task's record changed since it was read."""
         record.decided_by, record.decided_at = cause, self.clock()
-        if not await self.tasks.write_if(record.task.task_id, record, revision):
+        if not await self.tasks.write_if(record.task.task_ref, record, revision):
             raise _Stale
         if record.status != "running":
-            self.tasks.forget(record.task.task_id)  # ended: this process will not write it again
+            self.tasks.forget(record.task.task_ref)  # ended: this process will not write it again
 
     # --- publishing -----------------------------------------------------------------
 
@@ -329,8 +342,8 @@ class Executor:
             await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
                 task_id=task.task_id, tenant=task.tenant, user=task.user, stage=stage, attempt=record.steps,
                 step_id=record.step_id,
-                message=f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
-                        f"{dependency_of(strategy)}), attempt {record.attempt}"))
+                message=clip(f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
+                             f"{dependency_of(strategy)}), attempt {record.attempt}")))
         await self.sleep(max(0.0, record.not_before - self.clock()))
         request = StepRequested(
             task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=record.step_id, attempt=record.attempt,

@@ -59,7 +59,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         async def task_status(data: bytes) -> bytes:
             query = _query.decode(data)
-            record = await executor.task_status(query.task_id)
+            record = await executor.task_status(query.tenant, query.task_id)
             if record is None:
                 return msgspec.json.encode(TaskStatusReply(task_id=query.task_id, found=False))
             return msgspec.json.encode(TaskStatusReply(

@@ -29,7 +29,7 @@ import anyio
 import msgspec
 
 OnOverdue = Callable[[str, str, float], Awaitable[None]]
-"""(task id, step id, grace seconds)."""
+"""(the task's record key, step id, grace seconds)."""
 SWEEP_EVERY_S = 0.5
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TimeoutSweep:
         self.grace_s = grace_s
         self.clock = clock
         self.due: dict[str, tuple[str, float]] = {}
-        """task id -> (step id, unix seconds from which it is overdue)."""
+        """record key (the task's ref) -> (step id, unix seconds from which it is overdue)."""
         self.fired = 0
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
@@ -64,14 +64,14 @@ class TimeoutSweep:
     async def run(self, stop: anyio.Event) -> None:
         while not stop.is_set():
             now = self.clock()
-            for task_id, (step, overdue_at) in list(self.due.items()):
-                if overdue_at <= now and self.due.get(task_id) == (step, overdue_at):
-                    del self.due[task_id]  # the record's next change puts it back if it still runs
+            for key, (step, overdue_at) in list(self.due.items()):
+                if overdue_at <= now and self.due.get(key) == (step, overdue_at):
+                    del self.due[key]  # the record's next change puts it back if it still runs
                     self.fired += 1
                     try:
-                        await self.on_overdue(task_id, step, self.grace_s)
+                        await self.on_overdue(key, step, self.grace_s)
                     except Exception:  # counted and logged; the task is looked at again next round
-                        log.exception("timeout sweep failed for task %s; retrying", task_id)
-                        self.due.setdefault(task_id, (step, now + SWEEP_EVERY_S))
+                        log.exception("timeout sweep failed for task %s; retrying", key)
+                        self.due.setdefault(key, (step, now + SWEEP_EVERY_S))
             with anyio.move_on_after(SWEEP_EVERY_S):
                 await stop.wait()

@@ -9,15 +9,17 @@ but the task passes: a new policy can be tried on real traffic before it bites.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
 
 from contracts import TaskRejected, TaskSubmitted, TaskValidated, TokenEstimate, subjects
-from contracts.events import TaskId, Token
+from contracts.events import TaskId, Token, clip
 from contracts.policy import Policy
 from services.guard.errors import (
     GuardError,
@@ -29,7 +31,11 @@ from services.guard.errors import (
     UnknownAgent,
     UnknownTenant,
 )
+from services.guard.claims import Claim, record_rejection, take_over
 from services.guard.limiter import RateLimiter
+from shared.consume import Delivery
+from shared.errors import PoisonMessage, Undecodable
+from shared.kv import TypedBucket
 from shared.tokens import count_chat
 
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -37,43 +43,78 @@ CurrentPolicy = Callable[[], Policy]
 
 
 class Identity(msgspec.Struct, frozen=True):
-    """The part of a submission needed to answer it, read even when the rest is bad."""
+    """Who to answer about a submission, read even when the rest of it is bad. The tenant is the subject's."""
 
     task_id: TaskId
-    tenant: Token
     user: Token
 
 
 class Refused(msgspec.Struct, frozen=True):
-    """A submission that did not decode or is too large, with what to tell its publisher."""
+    """A submission that is not a valid task, with what to tell its publisher."""
 
-    identity: Identity
+    identity: Identity | None
+    """None: not even the task id and user could be read, so there is nobody to answer."""
     error: GuardError
+    unreadable: bool = False
+    """The decoder could not read it at all (not JSON, or nested too deeply), or could not answer it:
+    it is kept in the dead-letter stream for operators as well as answered when it can be."""
 
 
 _submission = msgspec.json.Decoder(TaskSubmitted)
 _identity = msgspec.json.Decoder(Identity)
+_IDENTITY_FIELD = re.compile(rb'"(task_id|user)"\s*:\s*"([A-Za-z0-9_-]{1,128})"')
+"""A task id or user as it appears in raw JSON. Read from the bytes when the decoder cannot read them (JSON
+nested deeper than it goes, malformed, or too large to decode): linear in the payload, which the server
+bounds. It may find a key nested somewhere inside rather than the top-level one; the answer goes to the
+subject's tenant whatever it finds, so a publisher can only mislead itself."""
 
 
 def decode_submission(data: bytes, max_payload_bytes: int) -> TaskSubmitted | Refused:
-    """Decode, or return a Refused naming the problem. Raises only when not even the
-    identity can be read; that message goes to the dead-letter stream."""
+    """Decode, or return a Refused naming the problem and, when it can be read, whom to answer. Never raises."""
     if len(data) > max_payload_bytes:
         error: GuardError = PayloadTooLarge(
             f"message is {len(data)} bytes; the limit is {max_payload_bytes}: shorten the prompt or metadata"
         )
-        return Refused(identity=_identity.decode(data), error=error)
+        identity = _scan_identity(data)  # not decoded: it may be anything, of any depth
+        return Refused(identity=identity, error=error, unreadable=identity is None)
     try:
         return _submission.decode(data)
     except msgspec.ValidationError as exc:
-        return Refused(identity=_identity.decode(data), error=InvalidRequest(f"invalid task: {exc}"))
+        return _refused(data, InvalidRequest(f"invalid task: {exc}"), unreadable=False)
+    except RecursionError:
+        return _refused(data, InvalidRequest(
+            "the task is nested too deeply for the decoder: metadata values are strings, and no field may hold "
+            "JSON nested hundreds of levels deep"), unreadable=True)
+    except msgspec.DecodeError as exc:
+        return _refused(data, InvalidRequest(f"not a JSON task ({exc}): send one UTF-8 JSON object as "
+                                             "contracts/schemas/task.submitted.v1.json describes"), unreadable=True)
+
+
+def _refused(data: bytes, error: GuardError, *, unreadable: bool) -> Refused:
+    try:
+        identity: Identity | None = _identity.decode(data)
+    except RecursionError:  # skipping the fields Identity lacks recurses too: nested too deeply somewhere
+        identity, unreadable = _scan_identity(data), True
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        identity = _scan_identity(data)
+    return Refused(identity=identity, error=error, unreadable=unreadable or identity is None)
+
+
+def _scan_identity(data: bytes) -> Identity | None:
+    found: dict[bytes, bytes] = {}
+    for match in _IDENTITY_FIELD.finditer(data):
+        found.setdefault(match.group(1), match.group(2))
+        if len(found) == 2:
+            return Identity(task_id=found[b"task_id"].decode(), user=found[b"user"].decode())
+    return None
 
 
 def check_request(task: TaskSubmitted, policy: Policy) -> None:
     """Raise the GuardError for a request that is malformed, too large, or names what it may not."""
     spec, limits = task.spec, policy.limits
     if task.tenant not in policy.tenants:
-        raise UnknownTenant(f"tenant {task.tenant!r} is not known; known tenants: {', '.join(policy.tenants)}")
+        # Not the list of known tenants: a publisher learns nothing of the others.
+        raise UnknownTenant(f"tenant {task.tenant!r} is not known: the operator adds tenants to the policy")
     if spec.agent not in policy.agents:
         raise UnknownAgent(f"agent kind {spec.agent!r} is not known; use one of: {', '.join(sorted(policy.agents))}")
     if not spec.prompt.strip() and not any(m.content.strip() for m in spec.messages):
@@ -126,23 +167,49 @@ def check_estimate(task: TaskSubmitted, tokens: int, policy: Policy) -> None:
 
 
 class Guard:
-    def __init__(self, policy: CurrentPolicy, limiter: RateLimiter, emit: Emit) -> None:
+    def __init__(self, policy: CurrentPolicy, limiter: RateLimiter, emit: Emit, claims: TypedBucket[Claim]) -> None:
         self.policy = policy
         self.limiter = limiter
         self.emit = emit
-        self.decisions: Counter[str] = Counter()  # validated, rejected.<reason>, shadow.<reason>
+        self.claims = claims
+        self.decisions: Counter[str] = Counter()  # validated, rejected.<reason>, shadow.<reason>, repeated
         self.decision_ms: list[float] = []  # recent decision times, for $SRV.STATS and the bench
 
-    async def on_submission(self, item: TaskSubmitted | Refused) -> None:
+    async def on_submission(self, item: TaskSubmitted | Refused, delivery: Delivery) -> None:
+        """Judge one submission, answering on the tenant of the subject it came on: that, not its body, says
+        who sent it. Raises PoisonMessage (it goes to the dead-letter stream) for what cannot be handled."""
         started = time.perf_counter()
+        tenant = subjects.submission_tenant(delivery.subject)
+        if tenant is None:  # the ingress stream's subjects have one token there, but it may be no tenant id
+            raise PoisonMessage(f"{delivery.subject!r} does not end in a valid tenant id: nobody to answer")
         if isinstance(item, Refused):
-            await self._reject(item.identity, item.error)
+            if item.identity is not None:
+                await self._reject(tenant, item.identity, item.error, delivery)
+            if item.unreadable:
+                who = f"answered {tenant}/{item.identity.user}" if item.identity else "no task id and user to answer"
+                raise Undecodable(f"{item.error.reason}: {item.error} ({who})")
+        elif item.tenant != tenant:
+            await self._reject(tenant, item, InvalidRequest(
+                f"published on {delivery.subject} (tenant {tenant!r}) but the task names tenant {item.tenant!r}: "
+                f"a tenant submits on its own subject; publish on {subjects.task_submitted(item.tenant)} or set "
+                f'"tenant": "{tenant}"'), delivery)
         else:
-            await self._decide(item, self.policy())
+            await self._claimed(item, delivery)
         self.decision_ms.append((time.perf_counter() - started) * 1000)
         del self.decision_ms[:-10_000]
 
-    async def _decide(self, task: TaskSubmitted, policy: Policy) -> None:
+    async def _claimed(self, task: TaskSubmitted, delivery: Delivery) -> None:
+        """Decide the task if this submission holds its (tenant, task id); a repeat gets nothing new."""
+        mine = Claim(seq=delivery.stream_seq, received_at=delivery.stored_at)
+        held = await self.claims.create(task.task_ref, mine)
+        if held.seq == mine.seq and held.rejection is not None:  # a redelivery of one refused already
+            await self.emit(subjects.task_rejected(task.tenant), held.rejection)
+        elif held.seq == mine.seq or await self.claims.update(task.task_ref, partial(take_over, mine=mine)):
+            await self._decide(task, self.policy(), delivery)
+        else:
+            self.decisions["repeated"] += 1
+
+    async def _decide(self, task: TaskSubmitted, policy: Policy, delivery: Delivery) -> None:
         refusal: GuardError | None = None
         tokens = TokenEstimate(prompt_tokens=0, max_output_tokens=0)
         try:
@@ -153,11 +220,11 @@ class Guard:
         except GuardError as error:
             refusal = error
         if refusal is not None and not policy.shadow:
-            await self._reject(task, refusal)
+            await self._reject(task.tenant, task, refusal, delivery, claimed=True)
             return
         if refusal is not None:
             self.decisions[f"shadow.{refusal.reason}"] += 1
-        await self._pass(task, tokens, policy, refusal)
+        await self._pass(task, tokens, policy, refusal, delivery)
 
     async def _rate_limit(self, task: TaskSubmitted, tokens: int, policy: Policy) -> None:
         verdict = await self.limiter.admit(task.tenant, task.user, tokens, policy.rate_for(task.tenant, task.user),
@@ -167,7 +234,7 @@ class Guard:
                               f"retry in {verdict.retry_after_s:.2f} s", retry_after_s=verdict.retry_after_s)
 
     async def _pass(self, task: TaskSubmitted, tokens: TokenEstimate, policy: Policy,
-                    shadow: GuardError | None) -> None:
+                    shadow: GuardError | None, delivery: Delivery) -> None:
         if shadow is not None and not tokens.total:  # refused before the estimate: still give one
             tokens = estimate(task, policy) if task.spec.agent in policy.agents else tokens
         high_stakes = policy.tools_for(task.tenant, task.user).high_stakes
@@ -175,14 +242,20 @@ class Guard:
             task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec, estimate=tokens,
             high_stakes_tools=[tool for tool in task.spec.tools if tool in high_stakes],
             policy_version=getattr(self.policy, "version", 0),
-            shadow_rejection=shadow.reason if shadow else None, shadow_message=str(shadow) if shadow else "",
+            shadow_rejection=shadow.reason if shadow else None, shadow_message=clip(str(shadow)) if shadow else "",
+            received_at=delivery.stored_at,
         )
         await self.emit(subjects.task_validated(task.tenant), validated)
         self.decisions["validated"] += 1
 
-    async def _reject(self, who: Identity | TaskSubmitted, error: GuardError) -> None:
-        rejected = TaskRejected(task_id=who.task_id, tenant=who.tenant, user=who.user, reason=error.reason,
-                                message=str(error), stage="guard", retry_after_s=error.retry_after_s,
-                                policy_version=getattr(self.policy, "version", 0))
-        await self.emit(subjects.task_rejected(who.tenant), rejected)
+    async def _reject(self, tenant: str, who: Identity | TaskSubmitted, error: GuardError, delivery: Delivery, *,
+                      claimed: bool = False) -> None:
+        """Answer `who` on `tenant`'s subject; with `claimed`, keep the answer in the task's claim first."""
+        rejected = TaskRejected(task_id=who.task_id, tenant=tenant, user=who.user, reason=error.reason,
+                                message=clip(str(error)), stage="guard", retry_after_s=error.retry_after_s,
+                                policy_version=getattr(self.policy, "version", 0), received_at=delivery.stored_at)
+        if claimed:
+            await self.claims.update(rejected.task_ref, partial(record_rejection, seq=delivery.stream_seq,
+                                                                rejection=rejected))
+        await self.emit(subjects.task_rejected(tenant), rejected)
         self.decisions[f"rejected.{error.reason}"] += 1

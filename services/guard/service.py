@@ -8,6 +8,7 @@ from functools import partial
 import anyio
 
 from contracts import subjects as s
+from services.guard.claims import CLAIM_TTL_S, Claim
 from services.guard.handlers import Guard, decode_submission
 from services.guard.limiter import Cell, RateLimiter
 from services.monitor.handlers import percentiles
@@ -29,13 +30,16 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
         cells = TypedBucket(rates_kv, Cell, Cell, quarantine=quarantine)
-        guard = Guard(policy, RateLimiter(cells, clock=time.time), bus.emit)
+        claims = TypedBucket(await bus.bucket(s.KV_SUBMISSIONS), Claim, lambda: None, expires=lambda _: CLAIM_TTL_S,
+                             quarantine=quarantine)
+        guard = Guard(policy, RateLimiter(cells, clock=time.time), bus.emit, claims)
         submissions = Consumer(
             bus,
-            s.STREAM_TASKS,
+            s.STREAM_INGRESS,
             consumer_config(settings, s.CONSUMER_GUARD, s.ALL_SUBMITTED),
             partial(decode_submission, max_payload_bytes=settings.max_payload_bytes),
             guard.on_submission,
+            with_delivery=True,  # the subject's tenant and the stream's receipt time
         )
 
         def stats() -> dict:

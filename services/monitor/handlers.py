@@ -1,4 +1,9 @@
-"""monitor: fold every event into live metrics; answer `corral status` from them."""
+"""monitor: fold every event into live metrics; answer `corral status` from them.
+
+Every figure comes from a time Corral stamped: a task's latency runs from `received_at` (the ingress
+stream's timestamp, which the guard carries onward) to its end as the executor stamped it, and the token
+window from when this monitor heard each step. A publisher's `occurred_at` counts for nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,12 @@ from contracts import (
     StepFailed,
     TaskCompleted,
     TaskFailed,
-    TaskRejected,
-    TaskSubmitted,
     TaskValidated,
 )
 from contracts.policy import Policy
 from contracts.queries import Percentiles, StatusReport
 
 LATENCY_WINDOW = 10_000  # most recent tasks the percentiles cover
-OPEN_TASKS_CAP = 200_000  # submissions remembered while waiting for their end
 
 
 def percentiles(samples_ms: list[float]) -> Percentiles:
@@ -41,7 +43,6 @@ class Metrics:
         self.clock = clock
         self.started = clock()
         self.counts: Counter[str] = Counter()
-        self.submitted_at: dict[str, float] = {}
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.tokens: deque[tuple[float, int]] = deque()  # (when, tokens) within the last hour
         self.cost = 0.0
@@ -53,15 +54,10 @@ class Metrics:
         match event:
             case TaskValidated() if event.shadow_rejection:
                 self.counts[f"shadow.{event.shadow_rejection}"] += 1
-            case TaskSubmitted():
-                if len(self.submitted_at) < OPEN_TASKS_CAP:
-                    self.submitted_at[event.task_id] = event.occurred_at.timestamp()
-            case TaskCompleted() | TaskFailed() | TaskRejected():
-                started = self.submitted_at.pop(event.task_id, None)
-                if started is not None and not isinstance(event, TaskRejected):
-                    self.latencies_ms.append((event.occurred_at.timestamp() - started) * 1000)
+            case TaskCompleted() | TaskFailed() if event.received_at is not None:  # None: from older services
+                self.latencies_ms.append((event.occurred_at - event.received_at).total_seconds() * 1000)
             case StepCompleted():
-                self.tokens.append((event.occurred_at.timestamp(), event.usage.total))
+                self.tokens.append((self.clock(), event.usage.total))
                 self.cost += self.policy().price_of(event.model).cost(event.usage)
             case BreakerChanged():
                 self.breakers[event.dependency] = event.state

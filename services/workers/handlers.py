@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 
 from contracts import Call, ChatMessage, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
-from contracts.events import ErrorClass
+from contracts.events import ErrorClass, clip
 from contracts.state import dependency_key, tool_key
 from services.workers.errors import CircuitOpen, ProviderError, UnknownProvider
 from services.workers.simulated import Completion
@@ -145,7 +145,7 @@ class StepRun:
     def failed(self, dependency: str, error: ErrorClass, message: str, retry_after_s: float | None = None, *,
                breaker_open: bool = False) -> StepFailed:
         step = self.step
-        return StepFailed(
+        return StepFailed(  # a provider's error text may be a whole page: the contract keeps its start
             task_id=step.task_id, tenant=step.tenant, user=step.user, step_id=step.step_id, attempt=step.attempt,
-            agent=step.agent, dependency=dependency, error=error, message=message, retry_after_s=retry_after_s,
+            agent=step.agent, dependency=dependency, error=error, message=clip(message), retry_after_s=retry_after_s,
             calls=self.calls, latency_ms=self.elapsed_ms(), breaker_open=breaker_open)
