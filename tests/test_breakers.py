@@ -21,8 +21,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 LARGE = "simulated/sim-large"
 TOOL = "tool/code_interpreter"
 THREE_EXECUTORS = ("guard", "budget", "executor", "executor", "executor", "breaker", "worker:research")
-CHAIN = [Strategy(model="sim-large", tier="advanced", max_attempts=1, timeout_s=10),
+CHAIN = [Strategy(model="sim-large", tier="advanced", max_attempts=1, timeout_s=30),
          Strategy(model="sim-small", tier="fast", timeout_s=10)]
+HELD_S = 20.0
+"""A held call's latency: the test lets it go (a new simulation command) long before, and before the step's timeout."""
 
 
 def large_breaker(**rules) -> object:
@@ -43,14 +45,14 @@ async def submit(client: Client, n: int, user: str, tenant: str, prompt: str = "
                                 tenant=tenant, user=user) for i in range(n)]
 
 
-async def ends(events, ids: list[str], timeout: float = 30.0) -> dict[str, object]:
-    """The terminal event of each task id, as they arrive."""
+async def ends(events, ids: list[str], timeout: float = 30.0, count: int | None = None) -> dict[str, object]:
+    """The terminal event of each task id (of the first `count` to end), as they arrive."""
     wanted, done = set(ids), {}
     with anyio.fail_after(timeout):
         async for event in events:
             if event.task_id in wanted and isinstance(event, (TaskCompleted, TaskFailed)):
                 done[event.task_id] = event
-                if len(done) == len(wanted):
+                if len(done) == (len(wanted) if count is None else count):
                     return done
     raise AssertionError("event stream ended")
 
@@ -92,11 +94,15 @@ async def test_half_open_admits_exactly_the_permitted_probes_across_three_execut
         await client.simulate(SimulateDependency(dependency=LARGE, mode="fail"), expect=1)
         await ends(events, await submit(client, 3, user, tenant))
         await heard.first(BreakerChanged, dependency=LARGE, state="open")
-        # Probes are slow (1.5 s), so the twelve tasks below all arrive while the circuit is half-open.
+        # The probes' calls are held until every other task has ended, so all twelve tasks are decided while
+        # the circuit is half-open, however long they take to get there.
         mode = "slow" if probes_succeed else "fail"
-        await client.simulate(SimulateDependency(dependency=LARGE, mode=mode, latency_s=1.5), expect=1)
+        await client.simulate(SimulateDependency(dependency=LARGE, mode=mode, latency_s=HELD_S), expect=1)
         half_open = await heard.first(BreakerChanged, dependency=LARGE, state="half_open")
-        done = await ends(events, await submit(client, 12, user, tenant, prompt="While half-open"))
+        ids = await submit(client, 12, user, tenant, prompt="While half-open")
+        done = await ends(events, ids, count=10)  # the ten that were refused a probe
+        await client.simulate(SimulateDependency(dependency=LARGE, mode="recover"), expect=1)  # the probes' calls end
+        done |= await ends(events, [i for i in ids if i not in done])
         settled = await heard.first(BreakerChanged, dependency=LARGE, generation=half_open.generation + 1)
     window = (half_open.occurred_at, settled.occurred_at)
     probes = [e for e in heard.of(StepRequested, model="sim-large") if window[0] <= e.occurred_at < window[1]]
