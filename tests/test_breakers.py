@@ -69,13 +69,15 @@ async def test_a_failing_dependency_trips_the_breaker_and_three_executor_replica
         tripping = heard.of(StepFailed, dependency=LARGE)[3]  # the breaker counts in stream order: the 4th trips it
 
         async def every_replica_sees_it_open():
-            views = await replica_views(client, "corral-executor", LARGE)
+            views = await replica_views(client, "corral-executor", LARGE, expect=3)
             return views if len(views) == 3 and all(v.get("state") == "open" for v in views) else None
 
         views = await wait_until(every_replica_sees_it_open)
         last_seen = max(view["seen_at"] for view in views)
         later = await ends(events, await submit(client, 6, user, tenant, prompt="After the trip"))
-        calls_after = [e for e in heard.of(StepRequested, model="sim-large") if e.occurred_at.timestamp() > last_seen]
+        # the tasks sent once every replica saw it open; a step stamped after last_seen proves nothing: it is
+        # stamped after its record's write, so it may have been decided just before its replica saw the change
+        calls_after = [e for e in heard.of(StepRequested, model="sim-large") if e.task_id in later]
     assert all(isinstance(e, TaskCompleted) for e in [*first.values(), *later.values()])
     assert (opened.previous, opened.failure_rate, opened.calls) == ("closed", 100.0, 4)
     assert last_seen - tripping.occurred_at.timestamp() < 1.0  # failure -> breaker -> KV -> the last replica's view
@@ -177,5 +179,9 @@ async def test_an_operator_forces_a_breaker_open_it_holds_until_released_and_cor
 
 
 async def _every_replica_sees(client: Client, expected: dict) -> bool:
-    views = await replica_views(client, "corral-executor", LARGE)
-    return bool(views) and all({k: v.get(k) for k in expected} == expected for v in views)
+    """Every executor and research worker (each gates its calls on its own view) sees `expected`."""
+    for service in ("corral-executor", "corral-worker-research"):
+        views = await replica_views(client, service, LARGE, expect=1)
+        if not views or any({k: v.get(k) for k in expected} != expected for v in views):
+            return False
+    return True
