@@ -8,6 +8,7 @@ policy …`) rather than by a service. Each apply is a new revision of the key
 from __future__ import annotations
 
 import logging
+import time
 import tomllib
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class PolicyView:
     def __init__(self, policy: Policy = DEFAULT_POLICY, version: int = 0) -> None:
         self.policy = policy
         self.version = version
+        self.switched_at = 0.0
+        """Unix time this process switched to `version` (0: the version it started with)."""
         self.changed = anyio.Event()  # set on each switch; tests and CLIs wait on it
 
     @classmethod
@@ -92,7 +95,7 @@ class PolicyView:
         return self.policy
 
     def switch(self, version: int, policy: Policy) -> None:
-        self.policy, self.version = policy, version
+        self.policy, self.version, self.switched_at = policy, version, time.time()
         self.changed.set()
         self.changed = anyio.Event()
         log.info("policy version %d in effect", version)

@@ -80,20 +80,19 @@ async def test_a_policy_change_is_in_effect_in_every_guard_replica_within_a_seco
         async with Client.connect(settings, "test") as client:
             await wait_until(lambda: _guards(client, 3), timeout=30)
             only_acme = Policy(tenants={"acme": TenantPolicy()}, description="acme only")
-            started = time.monotonic()
+            started = time.time()
             version = await apply(settings, only_acme)
 
-            async def every_replica_switched() -> bool:
-                stats = await client.replica_stats("corral-guard", gather_s=0.05)
-                versions = [s["endpoints"][0]["data"]["policy_version"] for s in stats]
-                return len(versions) == 3 and all(v == version for v in versions)
+            async def every_replica_switched() -> list[float] | None:
+                stats = [s["endpoints"][0]["data"] for s in await client.replica_stats("corral-guard", expect=3)]
+                switched = [s["policy_switched_at"] for s in stats if s["policy_version"] == version]
+                return switched if len(switched) == 3 else None
 
-            await wait_until(every_replica_switched, timeout=5, every=0.01)
-            switched_in = time.monotonic() - started
+            switched_at = await wait_until(every_replica_switched)  # each replica says when it switched
             refused = await client.run(TaskSpec(agent="research", prompt="hi"), tenant=tenant, user=user)
     finally:
         guards.stop()
-    assert switched_in < 1.0
+    assert max(switched_at) - started < 1.0
     assert isinstance(refused, TaskRejected) and refused.reason == "unknown_tenant"
     assert refused.policy_version == version
 
@@ -109,7 +108,7 @@ async def test_shadow_mode_passes_what_it_would_refuse_and_counts_it(settings, t
             return report.counts.get("shadow.tool_forbidden")
 
         monitor_count = await wait_until(counted)
-        guard_stats = await client.replica_stats("corral-guard")
+        guard_stats = await client.replica_stats("corral-guard", expect=1)
     assert isinstance(passed, TaskValidated)
     assert passed.shadow_rejection == "tool_forbidden" and "'browser'" in passed.shadow_message
     assert monitor_count == 1

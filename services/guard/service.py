@@ -37,7 +37,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             timing = percentiles(guard.decision_ms)
-            return {"policy_version": policy.version, "shadow": policy().shadow, "decisions": dict(guard.decisions),
+            return {"policy_version": policy.version, "policy_switched_at": policy.switched_at,
+                    "shadow": policy().shadow, "decisions": dict(guard.decisions),
                     "decision_p50_ms": timing.p50_ms, "decision_p99_ms": timing.p99_ms,
                     "consumer": submissions.stats_dict()}
 
