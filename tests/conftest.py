@@ -8,8 +8,9 @@ tracing, exactly as `corral up` runs them).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -60,17 +61,30 @@ async def apply(settings: Settings, policy: Policy) -> int:
         return await apply_policy(await bus.policy_bucket(), policy)
 
 
+class Clock:
+    """A service's clock, moved by the test."""
+
+    def __init__(self, now) -> None:
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 @asynccontextmanager
-async def running(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[None]:
-    """Run the named services (e.g. "guard", "worker:research") in this event loop."""
+async def running(settings: Settings, *names: str, policy: Policy | None = None,
+                  clocks: dict[str, Callable] | None = None) -> AsyncIterator[None]:
+    """Run the named services (e.g. "guard", "worker:research") in this event loop. `clocks`: by service name,
+    the clock given to one that takes it (the guard's gives unix seconds, the budget's an aware datetime)."""
     if policy is not None:
         await apply(settings, policy)
+    clocks = clocks or {}
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         for name in names:
             service, _, agent = name.partition(":")
             _, main = registry.resolve(service, agent or None)
-            tg.start_soon(main, settings, stop)
+            tg.start_soon(partial(main, clock=clocks[service]) if service in clocks else main, settings, stop)
         try:
             yield
         finally:
@@ -82,10 +96,11 @@ ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "worker:res
 
 
 @asynccontextmanager
-async def stack(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[Client]:
+async def stack(settings: Settings, *names: str, policy: Policy | None = None,
+                clocks: dict[str, Callable] | None = None) -> AsyncIterator[Client]:
     """Every service (or the named ones) in-process, plus a client that waits until they answer pings."""
     names = names or ALL_SERVICES
-    async with running(settings, *names, policy=policy), Client.connect(settings, "test") as client:
+    async with running(settings, *names, policy=policy, clocks=clocks), Client.connect(settings, "test") as client:
         labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None)[0]}" for n in names}
         await client.wait_ready(labels, timeout=20)
         yield client

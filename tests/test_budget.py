@@ -36,7 +36,7 @@ from services.budget.ledger import Account
 from services.client import Client
 from services.stack import Services
 from shared.config import Settings
-from tests.conftest import apply, stack, wait_until
+from tests.conftest import Clock, apply, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
@@ -57,16 +57,6 @@ def completed_step(task_id: str, tenant: str, user: str, n: int, input_tokens: i
 def finished(task_id: str, tenant: str, user: str, usage: Usage) -> TaskCompleted:
     return TaskCompleted(task_id=task_id, tenant=tenant, user=user, output="ok", usage=usage, attempts=1,
                          model="sim-large")
-
-
-class Clock:
-    """The budget's clock, moved by the test."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ from services.client import Client
 from services.guard.handlers import estimate
 from services.stack import Services
 from shared.policy import load_policy_file
-from tests.conftest import ROOT, apply, stack, wait_until
+from tests.conftest import ROOT, Clock, apply, stack, wait_until
 
 pytestmark = [pytest.mark.anyio]
 GENEROUS = RateLimit(requests_per_minute=60_000, tokens_per_minute=10_000_000, burst_requests=1000,
@@ -159,12 +159,14 @@ async def test_every_refusal_is_reachable_and_says_what_to_fix(settings, user, s
 @pytest.mark.integration
 async def test_a_second_request_over_the_burst_is_rate_limited_with_a_retry_after(settings, tenant, user):
     one_at_a_time = Policy(defaults=Defaults(rate=RateLimit(requests_per_minute=6, burst_requests=1)))
-    async with stack(settings, "guard", policy=one_at_a_time) as client:
+    clock = Clock(1_800_000_000.0)
+    async with stack(settings, "guard", policy=one_at_a_time, clocks={"guard": clock}) as client:
         first = await _decision(client, TaskSpec(agent="research", prompt="a"), tenant, user)
+        clock.now += 2.5
         second = await _decision(client, TaskSpec(agent="research", prompt="b"), tenant, user)
     assert isinstance(first, TaskValidated)
     assert isinstance(second, TaskRejected) and second.reason == "rate_limited"
-    assert 9.0 < second.retry_after_s <= 10.0  # 6 a minute: the next slot is 10 s after the first
+    assert second.retry_after_s == 7.5  # 6 a minute: the next slot is 10 s after the first, 2.5 s ago
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 
 import anyio
@@ -22,11 +23,12 @@ from shared.streams import consumer_config
 NAME = "guard"
 
 
-async def run(settings: Settings, stop: anyio.Event) -> None:
+async def run(settings: Settings, stop: anyio.Event, *, clock: Callable[[], float] = time.time) -> None:
+    """`clock`: what the rate limiter takes for now (unix seconds)."""
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, rates_kv = await bus.policy_bucket(), await bus.bucket(s.KV_RATES)
         policy = await PolicyView.load(policy_kv)
-        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=time.time), bus.emit)
+        guard = Guard(policy, RateLimiter(TypedBucket(rates_kv, Cell, Cell), clock=clock), bus.emit)
         submissions = Consumer(
             bus,
             s.STREAM_TASKS,
