@@ -7,9 +7,11 @@ tracing, exactly as `corral up` runs them).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -71,14 +73,22 @@ class Clock:
         return self.now
 
 
+def mid_window_clock(start: datetime = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)) -> Callable[[], datetime]:
+    """Real time's passing, from half past noon of a fixed day: a budget's hour and day do not end while a
+    test runs, as the real ones may (a test begun at 13:59:59 would see its hourly window reset)."""
+    began = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - began)
+
+
 @asynccontextmanager
 async def running(settings: Settings, *names: str, policy: Policy | None = None,
                   clocks: dict[str, Callable] | None = None) -> AsyncIterator[None]:
     """Run the named services (e.g. "guard", "worker:research") in this event loop. `clocks`: by service name,
-    the clock given to one that takes it (the guard's gives unix seconds, the budget's an aware datetime)."""
+    the clock given to one that takes it (the guard's gives unix seconds, the budget's an aware datetime);
+    the budget's is a `mid_window_clock()` unless another is given."""
     if policy is not None:
         await apply(settings, policy)
-    clocks = clocks or {}
+    clocks = {"budget": mid_window_clock(), **(clocks or {})}
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         for name in names:
