@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import anyio
 import msgspec
@@ -13,6 +14,7 @@ from contracts import ChatMessage, TaskRejected, TaskSpec, TaskSubmitted, TaskVa
 from contracts.policy import BudgetLimits, Defaults, Policy, RateLimit, TenantPolicy, ToolRules
 from services.client import Client
 from services.guard.handlers import estimate
+from services.guard.limiter import Cell, charge
 from services.stack import Services
 from shared.policy import load_policy_file
 from tests.conftest import ROOT, Clock, apply, stack, wait_until
@@ -34,39 +36,38 @@ async def _guards(client: Client, count: int) -> bool:
 
 @pytest.mark.integration
 async def test_three_guard_replicas_admit_no_more_than_rate_times_time_plus_burst_and_not_much_less(
-        settings, tenant, user, tmp_path):
+        settings, tenant, user):
     rate, burst = 600.0, 5  # 10 requests a second for this user, 5 at once
     limited = RateLimit(requests_per_minute=rate, tokens_per_minute=10_000_000, burst_requests=burst,
                         burst_tokens=1_000_000)
-    await apply(settings, Policy(defaults=Defaults(rate=limited, tenant_rate=GENEROUS)))
-    guards = Services(settings.nats_url, tmp_path / "logs")
+    clock = Clock(1_800_000_000.0)  # the three replicas' time: it moves only when every decision came
+    moments = [clock.now + n * 0.25 for n in range(12)]  # 3 s, 10 requests each 1/4 s: four times the rate
+    policy = Policy(defaults=Defaults(rate=limited, tenant_rate=GENEROUS))
     decided: list[TaskValidated | TaskRejected] = []
-    try:
-        for _ in range(3):
-            guards.start_one("guard")
-        async with Client.connect(settings, "test") as client, client.events() as events:
-            await wait_until(lambda: _guards(client, 3), timeout=30)
-            sent = 0
-            with anyio.move_on_after(3.0):  # offer 50 a second for 3 s: five times the rate
-                while sent < 150:
-                    await client.submit(TaskSpec(agent="research", prompt=f"q{sent}"), tenant=tenant, user=user)
-                    sent += 1
-                    await anyio.sleep(0.02)
+    async with stack(settings, "guard", "guard", "guard", policy=policy, clocks={"guard": clock}) as client, \
+            client.events() as events:
+        await wait_until(lambda: _guards(client, 3), timeout=30)
+        for moment in moments:
+            clock.now = moment
+            async with anyio.create_task_group() as tg:  # at once, for whichever replicas fetch them
+                for n in range(10):
+                    tg.start_soon(partial(client.submit, TaskSpec(agent="research", prompt=f"q{len(decided) + n}"),
+                                          tenant=tenant, user=user))
             with anyio.fail_after(20):
                 async for event in events:
                     if decisions_for(user)(event):
                         decided.append(event)
-                        if len(decided) == sent:
+                        if len(decided) % 10 == 0:
                             break
-    finally:
-        guards.stop()
     admitted = [e for e in decided if isinstance(e, TaskValidated)]
     limited_out = [e for e in decided if isinstance(e, TaskRejected)]
+    one_limiter, exact = Cell(), 0  # what one exact limiter admits of the same requests at the same moments
+    for now in moments:
+        exact += sum(charge(one_limiter, limited, 0, now).allowed for _ in range(10))
+    allowed = rate / 60 * (moments[-1] - moments[0]) + burst
     assert {e.reason for e in limited_out} == {"rate_limited"}
-    times = sorted(e.occurred_at.timestamp() for e in decided)
-    allowed = rate / 60 * (times[-1] - times[0]) + burst
-    assert len(admitted) <= allowed + 1  # +1: the event is stamped a moment after the decision
-    assert len(admitted) >= allowed - 3, f"starved: {len(admitted)} admitted, {allowed:.1f} allowed"
+    assert len(admitted) == exact
+    assert allowed - 1 < exact <= allowed  # 32 of 32.5
     assert all(e.retry_after_s and 0 < e.retry_after_s <= 60 / rate for e in limited_out)
 
 
