@@ -47,7 +47,8 @@ SimulationMode = Literal["fail", "slow", "recover"]
 class SimulateDependency(Command, frozen=True, kw_only=True, tag="sim.control"):
     """Tell every SIMULATED worker replica how a dependency behaves from now on.
 
-    fail: every call fails with `error`; slow: every call takes `latency_s` more; recover: back to normal."""
+    fail: every call fails with `error`; slow: every call takes `latency_s` more; recover: back to normal.
+    A call still waiting out the `latency_s` of a fault returns when the next command for its dependency comes."""
 
     dependency: DependencyKey
     """`simulated/MODEL` or `tool/NAME`."""

@@ -50,6 +50,9 @@ from shared.kv import TypedBucket
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 Terminal = TaskCompleted | TaskFailed | TaskRejected
 _event = msgspec.json.Decoder(Union[(*TASK_EVENTS, BreakerChanged)])
+EXPECTED_REPLIES_WAIT_S = 10.0
+"""How long a gather waits for the replies it expects: they usually come within milliseconds, but a replica
+on a busy machine may take longer than a gather without expectations waits."""
 
 
 def new_task_id() -> str:
@@ -139,9 +142,12 @@ class Client:
         """Replicas per service name that answer `$SRV.PING` (NATS micro services)."""
         return Counter(reply.get("name", "?") for reply in await self._gather("$SRV.PING", gather_s))
 
-    async def replica_stats(self, service: str, gather_s: float = 0.25) -> list[dict]:
-        """The `$SRV.STATS` reply of every replica of `service` (e.g. "corral-guard")."""
-        return await self._gather(f"$SRV.STATS.{service}", gather_s)
+    async def replica_stats(self, service: str, gather_s: float | None = None, expect: int | None = None,
+                            ) -> list[dict]:
+        """The `$SRV.STATS` reply of every replica of `service` (e.g. "corral-guard"): all that answer within
+        `gather_s` (default 0.25 s); with `expect`, the first `expect`, waiting up to `gather_s` (default 10 s)
+        for them."""
+        return await self._gather(f"$SRV.STATS.{service}", _gather_s(gather_s, expect, 0.25), expect=expect)
 
     async def wait_ready(self, names: Iterable[str], timeout: float = 30.0) -> None:
         """Wait until every named micro service answers a ping."""
@@ -155,10 +161,12 @@ class Client:
         return msgspec.json.decode(reply.data, type=StatusReport)
 
     async def simulate(self, command: SimulateDependency, expect: int | None = None,
-                       gather_s: float = 1.0) -> list[SimulationAck]:
-        """Tell every SIMULATED worker replica how a dependency behaves; their acknowledgements (all that
-        answer within `gather_s`, or the first `expect`)."""
-        replies = await self._gather(subjects.SIM_CONTROL, gather_s, msgspec.json.encode(command), expect)
+                       gather_s: float | None = None) -> list[SimulationAck]:
+        """Tell every SIMULATED worker replica how a dependency behaves; their acknowledgements: all that
+        answer within `gather_s` (default 1 s); with `expect`, the first `expect`, waiting up to `gather_s`
+        (default 10 s) for them, so that a caller can rely on the change being in effect."""
+        replies = await self._gather(subjects.SIM_CONTROL, _gather_s(gather_s, expect, 1.0),
+                                     msgspec.json.encode(command), expect)
         return [msgspec.convert(reply, SimulationAck) for reply in replies]
 
     async def control_breaker(self, command: ControlBreaker, timeout: float = 5.0) -> BreakerReply:
@@ -191,6 +199,13 @@ class Client:
         query = msgspec.json.encode(CostQuery(task_id=task_id, tenant=tenant))
         reply = await self.bus.nc.request(subjects.BUDGET_COST, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
+
+
+def _gather_s(gather_s: float | None, expect: int | None, default: float) -> float:
+    if gather_s is not None:
+        return gather_s
+    return default if expect is None else EXPECTED_REPLIES_WAIT_S
+
 
 async def _keys(kv) -> list[str]:
     try:

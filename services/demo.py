@@ -12,12 +12,15 @@ server where no policy was ever applied (the demo's own embedded one), the demo
 applies the demo policy (`demo_policy`): an hour as large as the day, and rate limits with room for
 a demo's bursts but for one chatty user.
 
-And one outage: once a fifth of the tasks have ended, the simulated advanced model
-(`simulated/sim-large`) fails every call (`corral sim fail`) until its breaker opens
-(`corral sim recover`). Research and coding tasks fall back to the fast tier, at once
-while the circuit is open; after the wait (scaled to the demo's length by the demo's
-policy) a probe finds the model recovered and closes the circuit. The summary counts
-the trips and recoveries.
+And one outage: once a fifth of the tasks have been submitted, the simulated advanced model
+(`simulated/sim-large`) fails every call (`corral sim fail`, acknowledged by every worker
+before the next task goes out) until its breaker opens (`corral sim recover`). Research and
+coding tasks fall back to the fast tier, at once while the circuit is open; after the wait
+(scaled to the demo's length by the demo's policy) a probe finds the model recovered and
+closes the circuit. The summary counts the trips and recoveries. Both ends of the outage
+follow events, not the clock or a count of ended tasks, which a busy machine shifts: the
+tasks submitted after it began call a failing model, and once the workload is done the
+demo sends research tasks of its own until the circuit has opened and closed again.
 """
 
 from __future__ import annotations
@@ -68,9 +71,11 @@ DEMO_POLICY = Policy(
                                                                                burst_requests=5))})},
 )
 OUTAGE = "simulated/sim-large"
-SETTLE_S = 6.0
+SETTLE_S = 20.0
+"""After the workload, how long the demo keeps sending research tasks for the outage's circuit to open and close
+again (it stops as soon as it has closed: this bounds only a circuit that never does)."""
 PROBE_EVERY_S = 0.5
-OUTAGE_FROM, OUTAGE_UNTIL = 0.2, 0.6  # shares of the tasks ended: fail from the first; recover by the second
+OUTAGE_FROM = 0.2  # the share of the tasks submitted from which the advanced model fails
 
 
 class Summary(msgspec.Struct):
@@ -145,9 +150,9 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
         started = time.perf_counter()
         with _progress() as progress:
             bar = progress.add_task("tasks", total=len(plan))  # one step per task that reached its end
+            outage = Outage(client, workers)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_publish, client, plan, rate, pending, summary)
-                outage = Outage(client, workers, len(plan))
+                tg.start_soon(_publish, client, plan, rate, pending, summary, outage)
                 with anyio.move_on_after(len(plan) / rate + TERMINAL_WAIT_S):
                     async for event in events:
                         if isinstance(event, TaskProgress) and event.stage == "retrying":
@@ -166,49 +171,66 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
 
 
 class Outage:
-    """Fail the advanced model once a fifth of the tasks ended; recover it when its breaker opens; count every
-    breaker change."""
+    """Fail the advanced model when the publisher says; recover it when its breaker opens (however many tasks
+    that takes); count every breaker change."""
 
-    def __init__(self, client: Client, workers: int, tasks: int) -> None:
+    def __init__(self, client: Client, workers: int) -> None:
         self.client = client
         self.workers = workers
-        self.tasks = tasks
         self.state = "pending"
         self.circuit = "closed"
+        self.began = 0
+
+    async def begin(self, summary: Summary) -> None:
+        """Make the model fail; returns once every worker has acknowledged it."""
+        self.state, self.began = "failing", summary.submitted
+        await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="fail"), expect=self.workers)
 
     async def follow(self, event, summary: Summary) -> None:
-        """Count breaker changes; start and end the outage as the tasks end and the circuit moves."""
+        """Count breaker changes; end the outage when its circuit opens."""
         if isinstance(event, BreakerChanged):
             change = f"{event.previous}->{event.state}"
             summary.breaker_changes[change] = summary.breaker_changes.get(change, 0) + 1
-        if self.state == "pending" and summary.ended >= self.tasks * OUTAGE_FROM:
-            self.state, self.began = "failing", summary.ended
-            await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="fail"), expect=self.workers)
-        elif self.state == "failing" and (summary.ended >= self.tasks * OUTAGE_UNTIL or (
-                isinstance(event, BreakerChanged) and event.dependency == OUTAGE and event.state == "open")):
-            self.state = "recovered"
-            await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="recover"), expect=self.workers)
-            summary.outage = f"{OUTAGE} failing from task end {self.began} to {summary.ended}"
+        if self.state == "failing" and isinstance(event, BreakerChanged) and event.dependency == OUTAGE \
+                and event.state == "open":
+            await self.recover(summary)
         if isinstance(event, BreakerChanged) and event.dependency == OUTAGE:
             self.circuit = event.state
 
+    async def recover(self, summary: Summary) -> None:
+        self.state = "recovered"
+        await self.client.simulate(SimulateDependency(dependency=OUTAGE, mode="recover"), expect=self.workers)
+        summary.outage = f"{OUTAGE}: from submission {self.began + 1} to end {summary.ended}"
+
+    def over(self) -> bool:
+        """The outage has run its course: the circuit opened, and closed again once the model was back."""
+        return self.state == "recovered" and self.circuit == "closed"
+
     async def settle(self, events, summary: Summary) -> None:
-        """After the last task, hear the outage's circuit close. A probe needs a task to make it: while the
-        circuit is not closed, send one research task each PROBE_EVERY_S (counted apart from the workload)."""
+        """After the last task, hear the outage's circuit open (if the workload's own calls did not trip it) and
+        close again. Both need calls to the model, so while the outage is not over, send one research task each
+        PROBE_EVERY_S (counted apart from the workload)."""
+        if self.state == "pending":
+            return
         with anyio.move_on_after(SETTLE_S):
-            while self.circuit != "closed":
+            while not self.over():
                 with anyio.move_on_after(PROBE_EVERY_S):
-                    while self.circuit != "closed":
+                    while not self.over():
                         await self.follow(await events.receive(), summary)
-                if self.circuit != "closed":
+                if not self.over():
                     summary.probe_tasks += 1
                     await self.client.submit(TaskSpec(agent="research", prompt="Is the advanced model back?"),
                                              tenant=TENANTS[0], user="demo-prober")
+        if self.state == "failing":  # the circuit never opened: leave the model working all the same
+            await self.recover(summary)
 
 
-async def _publish(client: Client, plan, rate: float, pending: dict[str, float], summary: Summary) -> None:
+async def _publish(client: Client, plan, rate: float, pending: dict[str, float], summary: Summary,
+                   outage: Outage) -> None:
     start = time.perf_counter()
     for n, (tenant, user, spec) in enumerate(plan):
+        if n == int(len(plan) * OUTAGE_FROM):
+            await outage.begin(summary)
         delay = start + n / rate - time.perf_counter()
         if delay > 0:
             await anyio.sleep(delay)

@@ -7,9 +7,12 @@ tracing, exactly as `corral up` runs them).
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -60,17 +63,38 @@ async def apply(settings: Settings, policy: Policy) -> int:
         return await apply_policy(await bus.policy_bucket(), policy)
 
 
+class Clock:
+    """A service's clock, moved by the test."""
+
+    def __init__(self, now) -> None:
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def mid_window_clock(start: datetime = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)) -> Callable[[], datetime]:
+    """Real time's passing, from half past noon of a fixed day: a budget's hour and day do not end while a
+    test runs, as the real ones may (a test begun at 13:59:59 would see its hourly window reset)."""
+    began = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - began)
+
+
 @asynccontextmanager
-async def running(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[None]:
-    """Run the named services (e.g. "guard", "worker:research") in this event loop."""
+async def running(settings: Settings, *names: str, policy: Policy | None = None,
+                  clocks: dict[str, Callable] | None = None) -> AsyncIterator[None]:
+    """Run the named services (e.g. "guard", "worker:research") in this event loop. `clocks`: by service name,
+    the clock given to one that takes it (the guard's gives unix seconds, the budget's an aware datetime);
+    the budget's is a `mid_window_clock()` unless another is given."""
     if policy is not None:
         await apply(settings, policy)
+    clocks = {"budget": mid_window_clock(), **(clocks or {})}
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         for name in names:
             service, _, agent = name.partition(":")
             _, main = registry.resolve(service, agent or None)
-            tg.start_soon(main, settings, stop)
+            tg.start_soon(partial(main, clock=clocks[service]) if service in clocks else main, settings, stop)
         try:
             yield
         finally:
@@ -82,10 +106,11 @@ ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "worker:res
 
 
 @asynccontextmanager
-async def stack(settings: Settings, *names: str, policy: Policy | None = None) -> AsyncIterator[Client]:
+async def stack(settings: Settings, *names: str, policy: Policy | None = None,
+                clocks: dict[str, Callable] | None = None) -> AsyncIterator[Client]:
     """Every service (or the named ones) in-process, plus a client that waits until they answer pings."""
     names = names or ALL_SERVICES
-    async with running(settings, *names, policy=policy), Client.connect(settings, "test") as client:
+    async with running(settings, *names, policy=policy, clocks=clocks), Client.connect(settings, "test") as client:
         labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None)[0]}" for n in names}
         await client.wait_ready(labels, timeout=20)
         yield client

@@ -73,11 +73,12 @@ async def signals(client: Client) -> AsyncIterator[Signals]:
             await sub.unsubscribe()
 
 
-async def replica_views(client: Client, service: str, dependency: str) -> list[dict]:
+async def replica_views(client: Client, service: str, dependency: str, expect: int | None = None) -> list[dict]:
     """What each replica of `service` believes about `dependency`'s circuit (from its $SRV.STATS):
-    one dict per replica, with `state`, `forced` and `seen_at` (empty for a replica that never saw it)."""
+    one dict per replica, with `state`, `forced` and `seen_at` (empty for a replica that never saw it);
+    with `expect`, once that many replicas answered."""
     views = []
-    for reply in await client.replica_stats(service):
+    for reply in await client.replica_stats(service, expect=expect):
         data = reply["endpoints"][0].get("data") or {}
         views.append(data.get("breakers", {}).get(dependency, {}))
     return views

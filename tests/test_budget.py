@@ -11,7 +11,6 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from functools import partial
 
 import anyio
 import msgspec
@@ -30,13 +29,12 @@ from contracts import (
     subjects,
 )
 from contracts.policy import BudgetLimits, Defaults, Policy, TenantPolicy
-from services.budget import service as budget_service
 from services.budget.handlers import tenant_key, user_key
 from services.budget.ledger import Account
 from services.client import Client
 from services.stack import Services
 from shared.config import Settings
-from tests.conftest import apply, stack, wait_until
+from tests.conftest import Clock, apply, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
@@ -59,30 +57,12 @@ def finished(task_id: str, tenant: str, user: str, usage: Usage) -> TaskComplete
                          model="sim-large")
 
 
-class Clock:
-    """The budget's clock, moved by the test."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @asynccontextmanager
 async def budget(settings: Settings, policy: Policy | None = None, clock=None) -> AsyncIterator[Client]:
-    """One budget replica in this event loop (with `clock` if given), and a client once it answers."""
-    if policy is not None:
-        await apply(settings, policy)
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(budget_service.run, settings, stop, **({"clock": clock} if clock else {})))
-        try:
-            async with Client.connect(settings, "test") as client:
-                await client.wait_ready({"corral-budget"})
-                yield client
-        finally:
-            stop.set()
+    """One budget replica in this event loop (with `clock` if given; else a `mid_window_clock()`), and a
+    client once it answers."""
+    async with stack(settings, "budget", policy=policy, clocks={"budget": clock} if clock else None) as client:
+        yield client
 
 
 async def decide(client: Client, task: TaskValidated) -> TaskAdmitted | TaskRejected:

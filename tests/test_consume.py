@@ -16,6 +16,7 @@ from shared.consume import Consumer, delivery
 from shared.errors import NotYet, TransientError
 from shared.observe import Observer
 from shared.streams import consumer_config
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -54,11 +55,16 @@ async def test_a_handler_running_longer_than_the_ack_wait_keeps_its_message_and_
         consumer = Consumer(bus, STREAM, config, msgspec.json.Decoder(Item).decode, slow, long_running=True)
         await bus.js.publish("consume.test.slow", msgspec.json.encode(Item(n=1)))
         await _run_until(consumer, done, timeout_s=10)
-        await anyio.sleep(1.5)  # past another ack wait: an unacked message would be back by now
-        info = await bus.js.consumer_info(STREAM, "slow")
+        info = await wait_until(lambda: _acked(bus, "slow"))  # acked: it cannot come back
     assert calls == [1]
     assert consumer.stats.redelivered == 0
-    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    assert info.delivered.consumer_seq == 1  # the server delivered it once: never again during the handler
+
+
+async def _acked(bus: Bus, durable: str):
+    """The consumer's info once the server has every message it delivered acknowledged; None until then."""
+    info = await bus.js.consumer_info(STREAM, durable)
+    return info if (info.num_ack_pending, info.num_pending) == (0, 0) else None
 
 
 async def test_an_observer_sees_events_as_they_are_published_and_skips_one_it_cannot_decode(settings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import anyio
 import msgspec
@@ -13,9 +14,10 @@ from contracts import ChatMessage, TaskRejected, TaskSpec, TaskSubmitted, TaskVa
 from contracts.policy import BudgetLimits, Defaults, Policy, RateLimit, TenantPolicy, ToolRules
 from services.client import Client
 from services.guard.handlers import estimate
+from services.guard.limiter import Cell, charge
 from services.stack import Services
 from shared.policy import load_policy_file
-from tests.conftest import ROOT, apply, stack, wait_until
+from tests.conftest import ROOT, Clock, apply, stack, wait_until
 
 pytestmark = [pytest.mark.anyio]
 GENEROUS = RateLimit(requests_per_minute=60_000, tokens_per_minute=10_000_000, burst_requests=1000,
@@ -34,39 +36,38 @@ async def _guards(client: Client, count: int) -> bool:
 
 @pytest.mark.integration
 async def test_three_guard_replicas_admit_no_more_than_rate_times_time_plus_burst_and_not_much_less(
-        settings, tenant, user, tmp_path):
+        settings, tenant, user):
     rate, burst = 600.0, 5  # 10 requests a second for this user, 5 at once
     limited = RateLimit(requests_per_minute=rate, tokens_per_minute=10_000_000, burst_requests=burst,
                         burst_tokens=1_000_000)
-    await apply(settings, Policy(defaults=Defaults(rate=limited, tenant_rate=GENEROUS)))
-    guards = Services(settings.nats_url, tmp_path / "logs")
+    clock = Clock(1_800_000_000.0)  # the three replicas' time: it moves only when every decision came
+    moments = [clock.now + n * 0.25 for n in range(12)]  # 3 s, 10 requests each 1/4 s: four times the rate
+    policy = Policy(defaults=Defaults(rate=limited, tenant_rate=GENEROUS))
     decided: list[TaskValidated | TaskRejected] = []
-    try:
-        for _ in range(3):
-            guards.start_one("guard")
-        async with Client.connect(settings, "test") as client, client.events() as events:
-            await wait_until(lambda: _guards(client, 3), timeout=30)
-            sent = 0
-            with anyio.move_on_after(3.0):  # offer 50 a second for 3 s: five times the rate
-                while sent < 150:
-                    await client.submit(TaskSpec(agent="research", prompt=f"q{sent}"), tenant=tenant, user=user)
-                    sent += 1
-                    await anyio.sleep(0.02)
+    async with stack(settings, "guard", "guard", "guard", policy=policy, clocks={"guard": clock}) as client, \
+            client.events() as events:
+        await wait_until(lambda: _guards(client, 3), timeout=30)
+        for moment in moments:
+            clock.now = moment
+            async with anyio.create_task_group() as tg:  # at once, for whichever replicas fetch them
+                for n in range(10):
+                    tg.start_soon(partial(client.submit, TaskSpec(agent="research", prompt=f"q{len(decided) + n}"),
+                                          tenant=tenant, user=user))
             with anyio.fail_after(20):
                 async for event in events:
                     if decisions_for(user)(event):
                         decided.append(event)
-                        if len(decided) == sent:
+                        if len(decided) % 10 == 0:
                             break
-    finally:
-        guards.stop()
     admitted = [e for e in decided if isinstance(e, TaskValidated)]
     limited_out = [e for e in decided if isinstance(e, TaskRejected)]
+    one_limiter, exact = Cell(), 0  # what one exact limiter admits of the same requests at the same moments
+    for now in moments:
+        exact += sum(charge(one_limiter, limited, 0, now).allowed for _ in range(10))
+    allowed = rate / 60 * (moments[-1] - moments[0]) + burst
     assert {e.reason for e in limited_out} == {"rate_limited"}
-    times = sorted(e.occurred_at.timestamp() for e in decided)
-    allowed = rate / 60 * (times[-1] - times[0]) + burst
-    assert len(admitted) <= allowed + 1  # +1: the event is stamped a moment after the decision
-    assert len(admitted) >= allowed - 3, f"starved: {len(admitted)} admitted, {allowed:.1f} allowed"
+    assert len(admitted) == exact
+    assert allowed - 1 < exact <= allowed  # 32 of 32.5
     assert all(e.retry_after_s and 0 < e.retry_after_s <= 60 / rate for e in limited_out)
 
 
@@ -80,20 +81,19 @@ async def test_a_policy_change_is_in_effect_in_every_guard_replica_within_a_seco
         async with Client.connect(settings, "test") as client:
             await wait_until(lambda: _guards(client, 3), timeout=30)
             only_acme = Policy(tenants={"acme": TenantPolicy()}, description="acme only")
-            started = time.monotonic()
+            started = time.time()
             version = await apply(settings, only_acme)
 
-            async def every_replica_switched() -> bool:
-                stats = await client.replica_stats("corral-guard", gather_s=0.05)
-                versions = [s["endpoints"][0]["data"]["policy_version"] for s in stats]
-                return len(versions) == 3 and all(v == version for v in versions)
+            async def every_replica_switched() -> list[float] | None:
+                stats = [s["endpoints"][0]["data"] for s in await client.replica_stats("corral-guard", expect=3)]
+                switched = [s["policy_switched_at"] for s in stats if s["policy_version"] == version]
+                return switched if len(switched) == 3 else None
 
-            await wait_until(every_replica_switched, timeout=5, every=0.01)
-            switched_in = time.monotonic() - started
+            switched_at = await wait_until(every_replica_switched)  # each replica says when it switched
             refused = await client.run(TaskSpec(agent="research", prompt="hi"), tenant=tenant, user=user)
     finally:
         guards.stop()
-    assert switched_in < 1.0
+    assert max(switched_at) - started < 1.0
     assert isinstance(refused, TaskRejected) and refused.reason == "unknown_tenant"
     assert refused.policy_version == version
 
@@ -109,7 +109,7 @@ async def test_shadow_mode_passes_what_it_would_refuse_and_counts_it(settings, t
             return report.counts.get("shadow.tool_forbidden")
 
         monitor_count = await wait_until(counted)
-        guard_stats = await client.replica_stats("corral-guard")
+        guard_stats = await client.replica_stats("corral-guard", expect=1)
     assert isinstance(passed, TaskValidated)
     assert passed.shadow_rejection == "tool_forbidden" and "'browser'" in passed.shadow_message
     assert monitor_count == 1
@@ -160,12 +160,14 @@ async def test_every_refusal_is_reachable_and_says_what_to_fix(settings, user, s
 @pytest.mark.integration
 async def test_a_second_request_over_the_burst_is_rate_limited_with_a_retry_after(settings, tenant, user):
     one_at_a_time = Policy(defaults=Defaults(rate=RateLimit(requests_per_minute=6, burst_requests=1)))
-    async with stack(settings, "guard", policy=one_at_a_time) as client:
+    clock = Clock(1_800_000_000.0)
+    async with stack(settings, "guard", policy=one_at_a_time, clocks={"guard": clock}) as client:
         first = await _decision(client, TaskSpec(agent="research", prompt="a"), tenant, user)
+        clock.now += 2.5
         second = await _decision(client, TaskSpec(agent="research", prompt="b"), tenant, user)
     assert isinstance(first, TaskValidated)
     assert isinstance(second, TaskRejected) and second.reason == "rate_limited"
-    assert 9.0 < second.retry_after_s <= 10.0  # 6 a minute: the next slot is 10 s after the first
+    assert second.retry_after_s == 7.5  # 6 a minute: the next slot is 10 s after the first, 2.5 s ago
 
 
 @pytest.mark.integration

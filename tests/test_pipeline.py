@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
-from contracts import TaskCompleted, TaskFailed, TaskRejected, TaskSpec, subjects
+from contracts import TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskSpec, subjects
 from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Defaults, Limits, Policy
 from services.budget.handlers import task_key
@@ -84,10 +85,14 @@ async def test_a_task_that_keeps_failing_transiently_fails_after_every_strategys
 
 async def test_a_task_that_fits_the_budget_but_not_what_remains_is_rejected_by_the_budget(settings, tenant, user):
     tight = Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=1000, hourly_tokens=1000)))
-    async with stack(settings, policy=tight) as client:
-        holder = TaskSpec(agent="research", prompt="hold the reservation [sim:latency=2]", max_tokens=600)
-        await client.submit(holder, tenant=tenant, user=user)  # reserves ~620 of 1,000 while it runs
+    async with stack(settings, "guard", "budget", policy=tight) as client, client.events() as events:
+        holder = TaskSpec(agent="research", prompt="hold the reservation", max_tokens=600)
+        held = await client.submit(holder, tenant=tenant, user=user)  # reserves ~620 of 1,000
+        with anyio.fail_after(10):  # and keeps them: no executor runs it
+            admitted = await anext(e async for e in events
+                                   if e.task_id == held and isinstance(e, (TaskAdmitted, TaskRejected)))
         end = await client.run(TaskSpec(agent="research", prompt="big", max_tokens=600), tenant=tenant, user=user)
+    assert isinstance(admitted, TaskAdmitted)
     assert isinstance(end, TaskRejected)
     assert (end.reason, end.stage) == ("over_budget", "budget")
     assert "resets at" in end.message and end.retry_after_s and end.retry_after_s > 0

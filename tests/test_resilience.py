@@ -9,7 +9,7 @@ import anyio
 import msgspec
 import pytest
 
-from contracts import StepFailed, StepRequested, TaskCompleted, TaskFailed, TaskSpec
+from contracts import StepFailed, StepRequested, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec
 from contracts.commands import SimulateDependency
 from contracts.policy import AgentPolicy, Strategy
 from services.executor.state import step_id
@@ -92,9 +92,7 @@ async def test_an_attempt_that_outlives_its_timeout_fails_as_a_timeout_and_the_n
     async with stack(settings, policy=policy) as client:
         await client.simulate(SimulateDependency(dependency="simulated/sim-large", mode="slow", latency_s=5),
                               WORKERS)
-        started = time.monotonic()
-        end = await client.run(TaskSpec(agent="research", prompt="slow one"), tenant=tenant, user=user)
-        took = time.monotonic() - started
+        end, took = await _run_from_admission(client, TaskSpec(agent="research", prompt="slow one"), tenant, user)
         status = await client.task_status(end.task_id)
     assert isinstance(end, TaskCompleted) and end.tier == "fast"
     assert [(a.error, a.dependency) for a in status.attempts] == [("timeout", "simulated/sim-large")]
@@ -114,12 +112,23 @@ async def test_the_task_deadline_bounds_the_whole_chain(settings, tenant, user):
     chain = [Strategy(model="sim-large", tier="advanced", timeout_s=10), Strategy(model="sim-small", tier="fast")]
     policy = example_policy(agents={"research": AgentPolicy(chain=chain, deadline_s=1.0)})
     async with stack(settings, policy=policy) as client:
-        started = time.monotonic()
-        end = await client.run(TaskSpec(agent="research", prompt="[sim:latency=3]"), tenant=tenant, user=user)
-        took = time.monotonic() - started
+        end, took = await _run_from_admission(client, TaskSpec(agent="research", prompt="[sim:latency=3]"), tenant,
+                                              user)
     assert isinstance(end, TaskFailed) and end.reason == "deadline_exceeded"
     assert end.attempts[0].error == "timeout"
     assert took < 2.9  # the first attempt was cut at the deadline, not at its own 10 s timeout
+
+
+async def _run_from_admission(client, spec: TaskSpec, tenant: str, user: str) -> tuple[object, float]:
+    """The task's end, and the seconds from its admission to its end (by the events' stamps): what the
+    timeouts and the deadline bound, without the time it took to reach the executor."""
+    async with client.events() as events:
+        end = await client.run(spec, tenant=tenant, user=user)
+        with anyio.fail_after(5):  # heard before the end
+            admitted = await anext(e async for e in events
+                                   if e.task_id == end.task_id and isinstance(e, TaskAdmitted))
+    return end, (end.occurred_at - admitted.occurred_at).total_seconds()
+
 
 
 def test_the_step_id_names_tenant_task_strategy_and_attempt_and_is_a_valid_kv_key_and_subject_token():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 
 import anyio
@@ -24,7 +25,8 @@ from shared.streams import consumer_config
 NAME = "guard"
 
 
-async def run(settings: Settings, stop: anyio.Event) -> None:
+async def run(settings: Settings, stop: anyio.Event, *, clock: Callable[[], float] = time.time) -> None:
+    """`clock`: what the rate limiter takes for now (unix seconds)."""
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, rates_kv = await bus.policy_bucket(), await bus.bucket(s.KV_RATES)
         quarantine = Quarantine(bus.js, NAME)
@@ -32,7 +34,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         cells = TypedBucket(rates_kv, Cell, Cell, quarantine=quarantine)
         claims = TypedBucket(await bus.bucket(s.KV_SUBMISSIONS), Claim, lambda: None, expires=lambda _: CLAIM_TTL_S,
                              quarantine=quarantine)
-        guard = Guard(policy, RateLimiter(cells, clock=time.time), bus.emit, claims)
+        guard = Guard(policy, RateLimiter(cells, clock=clock), bus.emit, claims)
         submissions = Consumer(
             bus,
             s.STREAM_INGRESS,
@@ -44,7 +46,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             timing = percentiles(guard.decision_ms)
-            return {"policy_version": policy.version, "shadow": policy().shadow, "decisions": dict(guard.decisions),
+            return {"policy_version": policy.version, "policy_switched_at": policy.since,
+                    "shadow": policy().shadow, "decisions": dict(guard.decisions),
                     "decision_p50_ms": timing.p50_ms, "decision_p99_ms": timing.p99_ms,
                     "consumer": submissions.stats_dict(), "policy": policy.stats(), "quarantined": quarantine.stats()}
 

@@ -54,13 +54,16 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             return {**{observer.name: observer.stats_dict() for observer in observers}, "policy": policy.stats(),
                     "quarantined": quarantine.stats()}
 
-        async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
-                                 stats=stats), \
-                anyio.create_task_group() as tg:
-            tg.start_soon(policy.follow, policy_kv, stop)
-            tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
+        async with anyio.create_task_group() as tg:
             for observer in observers:
                 tg.start_soon(observer.run, stop)
+            for observer in observers:  # answer pings (be "ready") only once every event published is seen
+                await observer.subscribed.wait()
+            tg.start_soon(policy.follow, policy_kv, stop)
+            tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
+            async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
+                                     stats=stats):
+                await stop.wait()
 
 
 async def _poll_queue_depth(bus: Bus, metrics: Metrics, policy: PolicyView, every_s: float,

@@ -14,7 +14,10 @@ Directives in a prompt steer it (tests and demos use them; real providers ignore
 At run time, every worker replica also obeys `corral sim fail|slow|recover DEPENDENCY`
 (SimulateDependency on `corral.sim.control`), kept in `SimulatedFaults`: a dependency
 (`simulated/MODEL` or `tool/NAME`) can be made to fail every call, or to take longer,
-until it is told to recover.
+until it is told to recover. A call waiting out the added latency returns as soon as
+its dependency is told anything new (recover, or another fault), and then ends as the
+fault it began under says: so a test or a demo can hold calls in flight for as long
+as it needs, and let them go when it is ready, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -59,20 +62,27 @@ class SimulatedFaults:
 
     def __init__(self) -> None:
         self.by_dependency: dict[str, SimulateDependency] = {}
+        self._replaced: dict[str, anyio.Event] = {}
+        """dependency -> set when its current fault is replaced (calls waiting out its latency return)."""
 
     def apply(self, command: SimulateDependency) -> None:
+        if (replaced := self._replaced.pop(command.dependency, None)) is not None:
+            replaced.set()
         if command.mode == "recover":
             self.by_dependency.pop(command.dependency, None)
         else:
             self.by_dependency[command.dependency] = command
+            self._replaced[command.dependency] = anyio.Event()
 
     async def call(self, dependency: str) -> None:
-        """Add the latency of a `slow` dependency; raise the error of a `fail` one."""
+        """Add the latency of a `slow` dependency (cut short when it is told anything new); raise the error
+        of a `fail` one."""
         fault = self.by_dependency.get(dependency)
         if fault is None:
             return
         if fault.latency_s > 0:
-            await anyio.sleep(fault.latency_s)
+            with anyio.move_on_after(fault.latency_s):
+                await self._replaced[dependency].wait()
         if fault.mode == "fail":
             error = _ERRORS[fault.error]
             retry_after = fault.retry_after_s if fault.retry_after_s is not None else 0.2
