@@ -2,6 +2,10 @@
 
 Terminal events are heard on a core subscription opened before publishing, so
 none is missed; the stream keeps them anyway for anyone who comes later.
+
+Connected with a tenant's credential (`connect(..., tenant=T)`), it may only submit
+T's tasks and follow them (`submit`, `run`, `events(tenant=T)`); the operator's
+credential may do the rest.
 """
 
 from __future__ import annotations
@@ -61,8 +65,11 @@ class Client:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: Settings, name: str = "client") -> AsyncIterator[Client]:
-        async with Bus.connect(settings, name) as bus:
+    async def connect(cls, settings: Settings, name: str = "client", *,
+                      tenant: str | None = None) -> AsyncIterator[Client]:
+        """Connect as an operator, or with `tenant` as that tenant's publisher (settings.nats_credentials is
+        then its credential)."""
+        async with Bus.connect(settings, name, tenant=tenant) as bus:
             yield cls(bus)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
@@ -73,10 +80,11 @@ class Client:
         return task.task_id
 
     @asynccontextmanager
-    async def events(self, breakers: bool = False,
-                     ends_only: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+    async def events(self, breakers: bool = False, ends_only: bool = False,
+                     tenant: str | None = None) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
         """A stream of every task event (only their ends with `ends_only`; with `breakers`, every
-        BreakerChanged too) published while the block runs."""
+        BreakerChanged too) published while the block runs. With `tenant`, only that tenant's ends and
+        progress: all a tenant's credential may hear."""
         send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
 
         async def on_msg(msg: Msg) -> None:
@@ -85,8 +93,13 @@ class Client:
             except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
                 pass  # not ours to judge: the guard dead-letters bad submissions
 
-        tasks = [subjects.ALL_COMPLETED, subjects.ALL_FAILED, subjects.ALL_REJECTED] if ends_only else [
-            subjects.ALL_TASK_EVENTS]
+        if tenant is not None:
+            tasks = [subjects.task_completed(tenant), subjects.task_failed(tenant), subjects.task_rejected(tenant),
+                     *([] if ends_only else [subjects.tenant_progress(tenant)])]
+        elif ends_only:
+            tasks = [subjects.ALL_COMPLETED, subjects.ALL_FAILED, subjects.ALL_REJECTED]
+        else:
+            tasks = [subjects.ALL_TASK_EVENTS]
         heard = [*tasks, *([subjects.ALL_BREAKER] if breakers else [])]
         subs = [await self.bus.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000) for subject in heard]
         try:
@@ -99,7 +112,7 @@ class Client:
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
                   on_progress=None) -> Terminal:
         """Submit and wait for the task's terminal event (calling `on_progress` for progress)."""
-        async with self.events() as events:
+        async with self.events(tenant=tenant) as events:
             task_id = await self.submit(spec, tenant=tenant, user=user)
             with anyio.fail_after(timeout):
                 async for event in events:
