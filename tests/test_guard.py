@@ -13,9 +13,8 @@ from contracts import ChatMessage, TaskRejected, TaskSpec, TaskSubmitted, TaskVa
 from contracts.policy import BudgetLimits, Defaults, Policy, RateLimit, TenantPolicy, ToolRules
 from services.client import Client
 from services.guard.handlers import estimate
-from services.stack import Services
 from shared.policy import load_policy_file
-from tests.conftest import ROOT, apply, stack, wait_until
+from tests.conftest import ROOT, apply, services, stack, wait_until
 
 pytestmark = [pytest.mark.anyio]
 GENEROUS = RateLimit(requests_per_minute=60_000, tokens_per_minute=10_000_000, burst_requests=1000,
@@ -39,7 +38,7 @@ async def test_three_guard_replicas_admit_no_more_than_rate_times_time_plus_burs
     limited = RateLimit(requests_per_minute=rate, tokens_per_minute=10_000_000, burst_requests=burst,
                         burst_tokens=1_000_000)
     await apply(settings, Policy(defaults=Defaults(rate=limited, tenant_rate=GENEROUS)))
-    guards = Services(settings.nats_url, tmp_path / "logs")
+    guards = services(settings, tmp_path / "logs")
     decided: list[TaskValidated | TaskRejected] = []
     try:
         for _ in range(3):
@@ -73,7 +72,7 @@ async def test_three_guard_replicas_admit_no_more_than_rate_times_time_plus_burs
 @pytest.mark.integration
 async def test_a_policy_change_is_in_effect_in_every_guard_replica_within_a_second(settings, tenant, user, tmp_path):
     await apply(settings, Policy())
-    guards = Services(settings.nats_url, tmp_path / "logs")
+    guards = services(settings, tmp_path / "logs")
     try:
         for _ in range(3):
             guards.start_one("guard")
