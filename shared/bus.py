@@ -30,7 +30,14 @@ from nats.js.kv import KeyValue
 from contracts import subjects
 from shared import tracing
 from shared.config import Settings
-from shared.errors import CredentialRefused, InsecureConnection, NatsServerTooOld, TransientError
+from shared.errors import (
+    CannotConnect,
+    CredentialRefused,
+    InsecureConnection,
+    NatsServerTooOld,
+    TransientError,
+    UntrustedServer,
+)
 from shared.nats_client import TunedClient
 from shared.streams import declare_bucket, declare_streams
 
@@ -125,8 +132,9 @@ async def _connect(settings: Settings, service: str, inbox_prefix: str | None = 
                 error_cb=refusal.on_error,
                 **options,
             )
-        except CredentialRefused:
-            await nc.close()
+        except CannotConnect:
+            with anyio.move_on_after(1):  # after a failed TLS handshake nats-py waits on a socket closed already
+                await nc.close()
             raise
         except (NoServersError, OSError, NatsTimeout) as exc:
             if attempt == CONNECT_ATTEMPTS:
@@ -146,9 +154,9 @@ AUTH_ERRORS = ("authorization violation", "authentication")
 
 
 class _Refusal:
-    """nats-py's error callback. While first connecting, a refused credential ends the attempt (nats-py would
-    retry it for ever) with what to do; afterwards every asynchronous error, such as a permissions violation
-    naming the subject, is logged."""
+    """nats-py's error callback. While first connecting, a refused credential or an untrusted certificate ends
+    the attempt (nats-py would retry it for ever) with what to do; afterwards every asynchronous error, such as
+    a permissions violation naming the subject, is logged."""
 
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
@@ -156,9 +164,13 @@ class _Refusal:
         self.connected = False
 
     async def on_error(self, exc: Exception) -> None:
-        refused = isinstance(exc, NatsError) and any(words in str(exc).lower() for words in AUTH_ERRORS)
-        if refused and not self.connected:
-            raise CredentialRefused(self._advice(exc))
+        if not self.connected:
+            if isinstance(exc, NatsError) and any(words in str(exc).lower() for words in AUTH_ERRORS):
+                raise CredentialRefused(self._advice(exc))
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise UntrustedServer(f"the NATS server at {self.settings.nats_url} presented a certificate "
+                                      f"{self.service} does not trust ({exc.verify_message}): set nats_tls_ca "
+                                      f"(CORRAL_NATS_TLS_CA) to the CA that signed it")
         log.error("%s: NATS: %s", self.service, exc)
 
     def _advice(self, exc: Exception) -> str:

@@ -47,5 +47,9 @@ class CredentialRefused(CannotConnect):
     """The NATS server refused the credential (unknown to it, or revoked), or wants one and got none."""
 
 
+class UntrustedServer(CannotConnect):
+    """The NATS server's TLS certificate does not chain to the CA this process trusts (nats_tls_ca)."""
+
+
 class InsecureConnection(CannotConnect):
     """TLS was asked for (a CA, a client certificate or a tls:// URL) and the server does not offer it."""
