@@ -44,14 +44,20 @@ HARNESS = "harness.nk"
 
 @pytest.fixture
 def auth_dir(tmp_path: Path) -> Path:
-    """What `corral auth init` makes for the test's tenants, and beside it the harness identity's seed."""
+    """What `corral auth init` makes for the test's tenants, with the harness identity's seed beside it."""
     directory = tmp_path / "nats" / auth.AUTH_DIR
-    users = [(identity, auth.permissions(identity.name)) for identity in auth.init(directory, TENANTS)]
-    harness = directory.parent / HARNESS
-    auth.write_seed(harness)
-    auth.write_server_config(directory, [*users, (auth.Identity(name="harness", public_key=auth.public_key(harness),
-                                                                credential=harness), None)])
+    auth.init(directory, TENANTS)
+    auth.write_seed(directory.parent / HARNESS)
+    write_test_config(directory)
     return directory
+
+
+def write_test_config(directory: Path) -> None:
+    """The server's configuration for the identities in `directory`, and the unrestricted harness."""
+    harness = directory.parent / HARNESS
+    users = [(identity, auth.permissions(identity.name)) for identity in auth.identities(directory)]
+    unrestricted = auth.Identity(name="harness", public_key=auth.public_key(harness), credential=harness)
+    auth.write_server_config(directory, [*users, (unrestricted, None)])
 
 
 VIOLATIONS = re.compile(r"^.* - (?:Publish|Subscription) Violation - .*$", re.M)
