@@ -26,9 +26,11 @@ from pathlib import Path
 import msgspec
 import nacl.signing
 import nkeys
+from rich.table import Table
 
 from contracts import subjects as s
 from services.monitor.service import STEP_SUBJECTS, TASK_SUBJECTS
+from shared.config import Settings
 from shared.errors import CorralError
 
 AUTH_DIR = "auth"
@@ -39,6 +41,8 @@ OPERATOR = "operator"
 WORKER = "worker"
 TENANT_PREFIX = "tenant-"
 SERVICE_IDENTITIES = ("guard", "budget", "executor", "breaker", "monitor", WORKER)
+DEFAULT_TENANTS = ("default",)
+"""Tenants `corral up` makes a credential for when it makes the auth directory."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -168,6 +172,28 @@ def init(directory: Path, tenants: Iterable[str] = ()) -> list[Identity]:
     return found
 
 
+def prepare(data_dir: Path, tenants: Iterable[str] = DEFAULT_TENANTS) -> Path:
+    """The auth directory an embedded stack runs with (`corral up`, `corral demo`): made on first use, brought
+    up to date (new service kinds, this version's permissions) on every start; its keys are kept."""
+    directory = auth_dir(data_dir)
+    init(directory, tenants)
+    return directory
+
+
+def signed_in(settings: Settings, directory: Path | None, identity: str = OPERATOR) -> Settings:
+    """`settings` signing in as `identity` from `directory`; unchanged without one (no auth)."""
+    if directory is None:
+        return settings
+    return settings.with_changes(nats_credentials=str(credential(directory, identity)))
+
+
+def default_credential(settings: Settings, data_dir: Path) -> Settings:
+    """`settings`, or when they name no credential and the data dir has an operator's, signing in with that
+    one: the operator's commands need no setting next to `corral up`."""
+    path = credential(auth_dir(data_dir), OPERATOR)
+    return settings if settings.nats_credentials or not path.exists() else signed_in(settings, auth_dir(data_dir))
+
+
 def revoke(directory: Path, identity: str) -> None:
     """Delete the identity's seed and rewrite the configuration without it: once the server reloads it (SIGHUP;
     `services.stack.reload_server`), that credential is refused."""
@@ -212,3 +238,23 @@ def render_server_config(users: Sequence[tuple[Identity, Permissions | None]]) -
 
 def _list(subjects: Iterable[str]) -> str:
     return "[" + ", ".join(f'"{subject}"' for subject in subjects) + "]"
+
+
+def sign_in_note(directory: Path) -> str:
+    """Where an embedded stack's users find their credentials."""
+    tenants = [i for i in identities(directory) if i.name.startswith(TENANT_PREFIX)]
+    example = tenants[0].credential if tenants else credential(directory, tenant_identity("NAME"))
+    return (f"  auth on: each service signs in with its own key from {directory}; `corral` commands as the operator "
+            f"({credential(directory, OPERATOR).name}).\n  tenants' publishers sign in with theirs, e.g. {example} "
+            f"(nkey seed, inbox prefix {s.tenant_inbox('<tenant>')}); add one: corral auth init --tenant NAME")
+
+
+def table(found: Sequence[Identity], title: str = "Corral identities") -> Table:
+    """Each identity, its credential file, and what it may publish and subscribe to."""
+    out = Table(title=title, show_lines=True)
+    for column in ("identity", "credential (nkey seed)", "may publish", "may subscribe"):
+        out.add_column(column)
+    for identity in found:
+        granted = permissions(identity.name)
+        out.add_row(identity.name, str(identity.credential), "\n".join(granted.publish), "\n".join(granted.subscribe))
+    return out

@@ -261,3 +261,4 @@ async def test_a_revoked_tenant_is_cut_off_and_refused_once_the_server_reloads(s
 
 async def _closed(bus: Bus) -> bool:
     return not bus.nc.is_connected
+
