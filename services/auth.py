@@ -187,11 +187,11 @@ def signed_in(settings: Settings, directory: Path | None, identity: str = OPERAT
     return settings.with_changes(nats_credentials=str(credential(directory, identity)))
 
 
-def default_credential(settings: Settings, data_dir: Path) -> Settings:
-    """`settings`, or when they name no credential and the data dir has an operator's, signing in with that
-    one: the operator's commands need no setting next to `corral up`."""
-    path = credential(auth_dir(data_dir), OPERATOR)
-    return settings if settings.nats_credentials or not path.exists() else signed_in(settings, auth_dir(data_dir))
+def default_credential(settings: Settings, data_dir: Path, identity: str = OPERATOR) -> Settings:
+    """`settings`, or when they name no credential and the data dir has one for `identity`, signing in with
+    that: the operator's commands (and `corral service`) need no setting next to `corral up`."""
+    path = credential(auth_dir(data_dir), identity)
+    return settings if settings.nats_credentials or not path.exists() else signed_in(settings, path.parent, identity)
 
 
 def revoke(directory: Path, identity: str) -> None:
@@ -244,9 +244,10 @@ def sign_in_note(directory: Path) -> str:
     """Where an embedded stack's users find their credentials."""
     tenants = [i for i in identities(directory) if i.name.startswith(TENANT_PREFIX)]
     example = tenants[0].credential if tenants else credential(directory, tenant_identity("NAME"))
-    return (f"  auth on: each service signs in with its own key from {directory}; `corral` commands as the operator "
-            f"({credential(directory, OPERATOR).name}).\n  tenants' publishers sign in with theirs, e.g. {example} "
-            f"(nkey seed, inbox prefix {s.tenant_inbox('<tenant>')}); add one: corral auth init --tenant NAME")
+    return (f"  auth on: each service signs in with its own key from {directory}; `corral` commands with "
+            f"{credential(directory, OPERATOR)}\n  (found there by default for the data dir ./.data; else set "
+            f"CORRAL_NATS_CREDENTIALS). Tenants' publishers sign in with theirs,\n  e.g. {example} (an nkey seed; "
+            f"inbox prefix {s.tenant_inbox('<tenant>')}); add one: corral auth init --tenant NAME")
 
 
 def table(found: Sequence[Identity], title: str = "Corral identities") -> Table:

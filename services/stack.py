@@ -161,6 +161,14 @@ def _lost_its_port(log_path: Path, offset: int) -> bool:
     return "address already in use" in _logged_since(log_path, offset)
 
 
+def reload_note(data_dir: Path) -> str:
+    """Reload the embedded server of `data_dir` if one runs (`reload_server`); say what happened."""
+    if reload_server(data_dir):
+        return f"the NATS server running on {data_dir} has reloaded who may connect"
+    config = auth.auth_dir(data_dir) / auth.SERVER_CONFIG
+    return f"no embedded server runs on {data_dir}; a server started with -c {config} reloads it on SIGHUP"
+
+
 class _Running:
     """A server this process did not start (e.g. `corral up` in another terminal), as `_wait_until_logged` sees it."""
 
