@@ -60,8 +60,10 @@ def new_task_id() -> str:
 
 
 class Client:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, tenant: str | None = None) -> None:
         self.bus = bus
+        self.tenant = tenant
+        """The tenant whose publisher this connection is; None: the operator's."""
 
     @classmethod
     @asynccontextmanager
@@ -70,10 +72,13 @@ class Client:
         """Connect as an operator, or with `tenant` as that tenant's publisher (settings.nats_credentials is
         then its credential)."""
         async with Bus.connect(settings, name, tenant=tenant) as bus:
-            yield cls(bus)
+            yield cls(bus, tenant)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
         """Publish a task; returns its id once the stream has stored it. Starts the task's trace."""
+        if self.tenant is not None and tenant != self.tenant:
+            raise CorralError(f"this connection is tenant {self.tenant!r}'s: it may submit only its tasks, "
+                              f"not {tenant!r}'s (the server would refuse it)")
         task = TaskSubmitted(task_id=task_id or new_task_id(), tenant=tenant, user=user, spec=spec)
         with tracing.producing("corral submit", {"corral.task_id": task.task_id, "corral.agent": spec.agent}):
             await self.bus.emit(subjects.task_submitted(tenant), task)

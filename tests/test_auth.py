@@ -34,7 +34,7 @@ from services import auth
 from services.client import Client
 from services.stack import reload_server
 from shared.bus import Bus
-from shared.errors import CredentialRefused
+from shared.errors import CorralError, CredentialRefused
 from tests.conftest import auth_dir_of, signed_in_as, stack, wait_until, write_test_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -111,6 +111,13 @@ async def test_a_tenants_credential_submits_its_own_task_and_hears_its_progress_
         end = await publisher.run(SPEC, tenant=ATTACKER, user=user, on_progress=progress.append)
     assert isinstance(end, TaskCompleted) and end.tenant == ATTACKER, end
     assert progress and all(p.task_id == end.task_id for p in progress)
+
+
+async def test_a_tenants_client_will_not_even_try_to_submit_another_tenants_task(settings, user):
+    as_tenant = signed_in_as(settings, auth.tenant_identity(ATTACKER))
+    async with Client.connect(as_tenant, "acme-app", tenant=ATTACKER) as publisher:
+        with pytest.raises(CorralError, match="tenant 'acme''s: it may submit only its tasks, not 'globex''s"):
+            await publisher.submit(SPEC, tenant=VICTIM, user=user)
 
 
 @pytest.mark.refused

@@ -35,7 +35,7 @@ from services.budget.handlers import tenant_key, user_key
 from services.budget.ledger import Account
 from services.client import Client
 from shared.config import Settings
-from tests.conftest import apply, operator_env, services, stack, wait_until
+from tests.conftest import apply, operator_env, services, signed_in_as, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
@@ -75,7 +75,8 @@ async def budget(settings: Settings, policy: Policy | None = None, clock=None) -
         await apply(settings, policy)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(budget_service.run, settings, stop, **({"clock": clock} if clock else {})))
+        tg.start_soon(partial(budget_service.run, signed_in_as(settings, "budget"), stop,
+                              **({"clock": clock} if clock else {})))
         try:
             async with Client.connect(settings, "test") as client:
                 await client.wait_ready({"corral-budget"})
