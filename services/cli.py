@@ -1,4 +1,4 @@
-"""`corral`: run the stack, one service, the demo; submit tasks; read status; write schemas."""
+"""`corral`: run the stack, one service, the demo; submit tasks; read status; write schemas; make identities."""
 
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ DATA_DIR = Path(".data")
 
 NatsOption = Annotated[Optional[str], typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+InsecureOption = Annotated[bool, typer.Option("--insecure", help="no auth: anyone may connect and publish anything")]
+AuthDataDir = Annotated[Path, typer.Option("--data-dir", help="the identities are in its auth/ directory")]
 
 
-def _settings(nats: str | None, config: Path | None) -> Settings:
-    settings = load_settings(config)
+def _settings(nats: str | None, config: Path | None, identity: str = "operator") -> Settings:
+    from services import auth
+
+    settings = auth.default_credential(load_settings(config), DATA_DIR, identity)
     return settings.with_changes(nats_url=nats) if nats else settings
 
 
@@ -40,34 +44,42 @@ def service(
     agent: Annotated[Optional[str], typer.Option(help="agent kind, for `worker` (research, coding, writing…)")] = None,
     nats: NatsOption = None,
     config: ConfigOption = None,
+    credentials: Annotated[Optional[Path], typer.Option(
+        help="credential to sign in with; default: $CORRAL_NATS_CREDENTIALS, else its kind's in .data/auth")] = None,
 ) -> None:
     """Run ONE service against a NATS server. Start more of the same to scale it out."""
-    from services import registry
+    from services import auth, registry
     from shared.runtime import run_service
 
-    settings = _settings(nats, config)
     try:
         label, main = registry.resolve(name, agent)
     except CorralError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    run_service(label, main, settings)
+    settings = _settings(nats, config, auth.identity_for(label))
+    run_service(label, main, settings.with_changes(nats_credentials=str(credentials)) if credentials else settings)
 
 
 @app.command()
 def up(
     nats: NatsOption = None,
     config: ConfigOption = None,
-    data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store and logs")] = DATA_DIR,
+    data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store, logs and keys")] = DATA_DIR,
+    insecure: InsecureOption = False,
 ) -> None:
-    """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service."""
-    from services.stack import Services, nats_server
+    """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service, each signing
+    in with its own identity (made under DATA_DIR/auth on first use)."""
+    from services import auth
+    from services.stack import Services
 
     _sigterm_as_ctrl_c()
-    with _maybe_embedded(nats, data_dir) as url:
-        services = Services(url, data_dir / "logs", env=_config_env(config))
+    keys = None if insecure else auth.prepare(data_dir)
+    with _maybe_embedded(nats, data_dir, keys) as url:
+        services = Services(url, data_dir / "logs", env=_config_env(config), auth_dir=keys)
         services.start()
         console.print(f"[green]Corral is up[/] on {url}; logs in {data_dir / 'logs'}. Ctrl-C stops it.")
         console.print(f"  try: corral submit 'Summarise the design' --agent research --user alice --nats {url}")
+        if keys:
+            console.print(auth.sign_in_note(keys), markup=False, highlight=False)
         try:
             while True:
                 for proc in services.crashed():
@@ -87,8 +99,10 @@ def demo(
     rate: Annotated[float, typer.Option(help="submissions per second")] = 150.0,
     nats: NatsOption = None,
     data_dir: Annotated[Path, typer.Option(help="fresh store for the demo (wiped first)")] = DATA_DIR / "demo",
+    insecure: InsecureOption = False,
 ) -> None:
     """Start the embedded stack, drive a mixed workload with the SIMULATED model, print a summary."""
+    from services import auth
     from services import demo as demo_mod
     from services.stack import Services
 
@@ -96,12 +110,14 @@ def demo(
     if not nats and data_dir.exists():
         shutil.rmtree(data_dir)
     env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05"}
-    with _maybe_embedded(nats, data_dir) as url:
-        services = Services(url, data_dir / "logs", env=env)
+    keys = None if insecure else auth.prepare(data_dir, (*auth.DEFAULT_TENANTS, *demo_mod.TENANTS))
+    with _maybe_embedded(nats, data_dir, keys) as url:
+        services = Services(url, data_dir / "logs", env=env, auth_dir=keys)
         services.start()
         try:
-            summary = anyio.run(demo_mod.run, load_settings().with_changes(nats_url=url), tasks, users, rate,
-                                services.names(), backend_options={"use_uvloop": True})
+            operator = auth.signed_in(load_settings().with_changes(nats_url=url), keys)
+            summary = anyio.run(demo_mod.run, operator, tasks, users, rate, services.names(),
+                                backend_options={"use_uvloop": True})
         finally:
             services.stop()
     demo_mod.print_summary(summary, console)
@@ -231,14 +247,64 @@ def _config_env(config: Path | None) -> dict[str, str]:
     return {"CORRAL_CONFIG": str(config.resolve())} if config else {}
 
 
-def _maybe_embedded(nats: str | None, data_dir: Path):
+def _maybe_embedded(nats: str | None, data_dir: Path, keys: Path | None):
     from contextlib import nullcontext
 
+    from services import auth
     from services.stack import nats_server
 
-    return nullcontext(nats) if nats else nats_server(data_dir)
+    return nullcontext(nats) if nats else nats_server(data_dir, config=keys / auth.SERVER_CONFIG if keys else None)
 
 
+auth_app = typer.Typer(help="Identities: who may connect to NATS, and what each may publish and subscribe.",
+                       no_args_is_help=True)
+
+
+@auth_app.command("init")
+def auth_init(
+    tenant: Annotated[Optional[list[str]], typer.Option(help="a tenant to make a credential for (repeat)")] = None,
+    data_dir: AuthDataDir = DATA_DIR,
+) -> None:
+    """Make the missing identities (every service kind, the operator, each --tenant), keep the existing keys, and
+    write the server's configuration; an embedded server running on DATA_DIR reloads it."""
+    from services import auth
+    from services.stack import reload_note
+
+    try:
+        found = auth.init(auth.auth_dir(data_dir), tenant or ())
+    except CorralError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(auth.table(found))
+    console.print(reload_note(data_dir))
+
+
+@auth_app.command("show")
+def auth_show(data_dir: AuthDataDir = DATA_DIR) -> None:
+    """List the identities, their credential files and what each may publish and subscribe."""
+    from services import auth
+
+    console.print(auth.table(auth.identities(auth.auth_dir(data_dir))))
+
+
+@auth_app.command("revoke")
+def auth_revoke(
+    identity: Annotated[str, typer.Argument(help="e.g. tenant-acme; a service kind or `operator` gets a new key "
+                                                 "at the next `corral auth init` or `corral up`")],
+    data_dir: AuthDataDir = DATA_DIR,
+) -> None:
+    """Delete an identity's key and drop it from the server's configuration; an embedded server running on
+    DATA_DIR reloads it and cuts off its connections."""
+    from services import auth
+    from services.stack import reload_note
+
+    try:
+        auth.revoke(auth.auth_dir(data_dir), identity)
+    except CorralError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(f"revoked {identity}; {reload_note(data_dir)}")
+
+
+app.add_typer(auth_app, name="auth")  # corral auth init | show | revoke
 app.add_typer(budget_cli.app, name="budget")  # corral budget show USER
 app.command()(budget_cli.cost)  # corral cost TASK_ID
 from services.breaker.cli import breakers_app  # noqa: E402 - sub-commands, registered last
