@@ -84,6 +84,27 @@ def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{service}"
 
 
+def tenant_progress(tenant: str) -> str:
+    """Every progress subject of one tenant's tasks."""
+    return f"{PREFIX}.task.progress.{tenant}.>"
+
+
+def tenant_cost_notices(tenant: str) -> str:
+    """Every cost notice of one tenant's users."""
+    return f"{PREFIX}.cost.notice.{tenant}.>"
+
+
+def tenant_inbox(tenant: str) -> str:
+    """The inbox prefix of a tenant's connections (nats-py `inbox_prefix`): replies to its requests, such as
+    the acknowledgement of a submission, come under it, where no other tenant may listen."""
+    return f"{INBOX}_{tenant}"
+
+
+def kv_writes(bucket: str) -> str:
+    """Every key of a bucket, as written: a put, delete or purge is a publish to `$KV.<bucket>.<key>`."""
+    return f"{KV_PREFIX}.{bucket}.>"
+
+
 def _token(value: str) -> str:
     """Make a value safe as one subject token ('.' separates tokens)."""
     return value.replace(".", "_").replace("*", "_").replace(">", "_").replace(" ", "_")
@@ -109,6 +130,19 @@ ALL_STEP_EVENTS = f"{PREFIX}.step.>"
 ALL_BREAKER = f"{PREFIX}.breaker.>"
 ALL_COST = f"{PREFIX}.cost.>"
 ALL_DEAD_LETTERS = f"{PREFIX}.dlq.>"
+ALL_PROGRESS = f"{PREFIX}.task.progress.>"
+ALL_STEP_REQUESTED = f"{PREFIX}.step.requested.>"
+ALL_STATS = f"{PREFIX}.stats.>"
+
+# NATS's own subjects, named in the permissions of identities (services/auth.py).
+INBOX = "_INBOX"  # replies to a connection's requests: `_INBOX.<token>...`
+ALL_INBOXES = f"{INBOX}.>"
+JS_API = "$JS.API.>"  # JetStream's API: streams, consumers, fetches, bucket reads (direct gets)
+JS_ACKS = "$JS.ACK.>"  # acknowledgements of messages a consumer delivered
+JS_FLOW_CONTROL = "$JS.FC.>"  # flow-control replies of ordered consumers (bucket watches)
+KV_PREFIX = "$KV"
+ALL_KV = f"{KV_PREFIX}.>"
+SERVICES_API = "$SRV.>"  # NATS micro services: PING, INFO, STATS
 
 # Request/reply endpoints of the NATS micro services.
 MONITOR_STATUS = f"{PREFIX}.monitor.status"

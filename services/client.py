@@ -2,6 +2,10 @@
 
 Terminal events are heard on a core subscription opened before publishing, so
 none is missed; the stream keeps them anyway for anyone who comes later.
+
+Connected with a tenant's credential (`connect(..., tenant=T)`), it may only submit
+T's tasks and follow them (`submit`, `run`, `events(tenant=T)`); the operator's
+credential may do the rest.
 """
 
 from __future__ import annotations
@@ -60,14 +64,19 @@ def new_task_id() -> str:
 
 
 class Client:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, tenant: str | None = None) -> None:
         self.bus = bus
+        self.tenant = tenant
+        """The tenant whose publisher this connection is; None: the operator's."""
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: Settings, name: str = "client") -> AsyncIterator[Client]:
-        async with Bus.connect(settings, name) as bus:
-            yield cls(bus)
+    async def connect(cls, settings: Settings, name: str = "client", *,
+                      tenant: str | None = None) -> AsyncIterator[Client]:
+        """Connect as an operator, or with `tenant` as that tenant's publisher (settings.nats_credentials is
+        then its credential)."""
+        async with Bus.connect(settings, name, tenant=tenant) as bus:
+            yield cls(bus, tenant)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
         """Publish a task; returns its id once the stream has stored it. Starts the task's trace.
@@ -75,16 +84,20 @@ class Client:
         Submitting the same task id again (a retry after a lost acknowledgement) is safe: the guard
         de-duplicates per (tenant, task id). So no `Nats-Msg-Id` is sent: on the ingress stream, ids are
         chosen by every publisher, and one tenant's could make the stream drop another's message."""
+        if self.tenant is not None and tenant != self.tenant:
+            raise CorralError(f"this connection is tenant {self.tenant!r}'s: it may submit only its tasks, "
+                              f"not {tenant!r}'s (the server would refuse it)")
         task = TaskSubmitted(task_id=task_id or new_task_id(), tenant=tenant, user=user, spec=spec)
         with tracing.producing("corral submit", {"corral.task_id": task.task_id, "corral.agent": spec.agent}):
             await self.bus.emit(subjects.task_submitted(tenant), task, msg_id=False)
         return task.task_id
 
     @asynccontextmanager
-    async def events(self, breakers: bool = False,
-                     ends_only: bool = False) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
+    async def events(self, breakers: bool = False, ends_only: bool = False,
+                     tenant: str | None = None) -> AsyncIterator[anyio.abc.ObjectReceiveStream]:
         """A stream of every task event (only their ends with `ends_only`; with `breakers`, every
-        BreakerChanged too) published while the block runs."""
+        BreakerChanged too) published while the block runs. With `tenant`, only that tenant's ends and
+        progress: all a tenant's credential may hear."""
         send, receive = anyio.create_memory_object_stream[object](max_buffer_size=100_000)
 
         async def on_msg(msg: Msg) -> None:
@@ -93,8 +106,13 @@ class Client:
             except (msgspec.DecodeError, msgspec.ValidationError, anyio.WouldBlock):
                 pass  # not ours to judge: the guard dead-letters bad submissions
 
-        tasks = [subjects.ALL_COMPLETED, subjects.ALL_FAILED, subjects.ALL_REJECTED] if ends_only else [
-            subjects.ALL_TASK_EVENTS]
+        if tenant is not None:
+            tasks = [subjects.task_completed(tenant), subjects.task_failed(tenant), subjects.task_rejected(tenant),
+                     *([] if ends_only else [subjects.tenant_progress(tenant)])]
+        elif ends_only:
+            tasks = [subjects.ALL_COMPLETED, subjects.ALL_FAILED, subjects.ALL_REJECTED]
+        else:
+            tasks = [subjects.ALL_TASK_EVENTS]
         heard = [*tasks, *([subjects.ALL_BREAKER] if breakers else [])]
         subs = [await self.bus.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000) for subject in heard]
         try:
@@ -107,7 +125,7 @@ class Client:
     async def run(self, spec: TaskSpec, *, tenant: str, user: str, timeout: float = 60.0,
                   on_progress=None, task_id: str | None = None) -> Terminal:
         """Submit and wait for the task's terminal event (calling `on_progress` for progress)."""
-        async with self.events() as events:
+        async with self.events(tenant=tenant) as events:
             task_id = await self.submit(spec, tenant=tenant, user=user, task_id=task_id)
             with anyio.fail_after(timeout):
                 async for event in events:

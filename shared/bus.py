@@ -2,11 +2,17 @@
 
 `Bus.emit` is what handlers receive to publish: it sets `Nats-Msg-Id` from the
 event's dedup key (so a retried publish is stored once) and carries the trace.
+
+A process signs in with its own credential (`Settings.nats_credentials`, from
+`corral auth init`) and may use TLS (`nats_tls_*`). The server allows each identity
+only its own subjects (services/auth.py); a publish or subscription outside them
+is refused by the server and logged here with the subject.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +20,7 @@ from typing import Any
 import anyio
 import msgspec
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -23,7 +30,14 @@ from nats.js.kv import KeyValue
 from contracts import subjects
 from shared import tracing
 from shared.config import Settings
-from shared.errors import NatsServerTooOld, TransientError
+from shared.errors import (
+    CannotConnect,
+    CredentialRefused,
+    InsecureConnection,
+    NatsServerTooOld,
+    TransientError,
+    UntrustedServer,
+)
 from shared.nats_client import TunedClient
 from shared.streams import declare_bucket, declare_streams
 
@@ -47,13 +61,17 @@ class Bus:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: Settings, service: str) -> AsyncIterator[Bus]:
+    async def connect(cls, settings: Settings, service: str, *, tenant: str | None = None) -> AsyncIterator[Bus]:
         """Connect (waiting for the server if it is still starting), declare streams; on exit
-        flush what is written (acks) and close. Publishes were confirmed already."""
-        nc = await _connect(settings, service)
+        flush what is written (acks) and close. Publishes were confirmed already.
+
+        With `tenant`: a tenant's publisher, which may not touch streams (nothing is declared) and
+        hears replies under its own inbox prefix (`subjects.tenant_inbox`)."""
+        nc = await _connect(settings, service, inbox_prefix=subjects.tenant_inbox(tenant) if tenant else None)
         try:
             js = nc.jetstream(timeout=10)
-            await declare_streams(js, settings)
+            if tenant is None:
+                await declare_streams(js, settings)
             yield cls(nc, js, settings, service)
         finally:
             await _close(nc)
@@ -96,11 +114,15 @@ async def _close(nc: Client) -> None:
     await nc.close()
 
 
-async def _connect(settings: Settings, service: str) -> Client:
+async def _connect(settings: Settings, service: str, inbox_prefix: str | None = None) -> Client:
     servers = [url.strip() for url in settings.nats_url.split(",")]
+    options = {**_credential_options(settings), **_tls_options(settings)}
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        nc = TunedClient()
+        refusal = _Refusal(settings, service)
         try:
-            nc = TunedClient()
             await nc.connect(
                 servers=servers,
                 name=service,
@@ -108,16 +130,91 @@ async def _connect(settings: Settings, service: str) -> Client:
                 max_reconnect_attempts=-1,  # once connected, keep trying for ever
                 reconnect_time_wait=0.5,
                 pending_size=64 * 1024 * 1024,
+                error_cb=refusal.on_error,
+                **options,
             )
+        except CannotConnect:
+            with anyio.move_on_after(1):  # after a failed TLS handshake nats-py waits on a socket closed already
+                await nc.close()
+            raise
         except (NoServersError, OSError, NatsTimeout) as exc:
             if attempt == CONNECT_ATTEMPTS:
                 raise NoServersError(f"no NATS server at {settings.nats_url}: {exc!r}") from exc
             log.warning("%s: waiting for NATS at %s (%s)", service, settings.nats_url, exc)
             await anyio.sleep(0.5)
         else:
+            refusal.connected = True
             await _require_server_version(nc)
+            await _require_tls(nc, settings, servers)
             return nc
     raise AssertionError("unreachable")
+
+
+AUTH_ERRORS = ("authorization violation", "authentication")
+"""What nats-server says when it turns a credential away (unknown key, revoked, expired, missing)."""
+
+
+class _Refusal:
+    """nats-py's error callback. While first connecting, a refused credential or an untrusted certificate ends
+    the attempt (nats-py would retry it for ever) with what to do; afterwards every asynchronous error, such as
+    a permissions violation naming the subject, is logged."""
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.connected = False
+
+    async def on_error(self, exc: Exception) -> None:
+        if not self.connected:
+            if isinstance(exc, NatsError) and any(words in str(exc).lower() for words in AUTH_ERRORS):
+                raise CredentialRefused(self._advice(exc))
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise UntrustedServer(f"the NATS server at {self.settings.nats_url} presented a certificate "
+                                      f"{self.service} does not trust ({exc.verify_message}): set nats_tls_ca "
+                                      f"(CORRAL_NATS_TLS_CA) to the CA that signed it")
+        log.error("%s: NATS: %s", self.service, exc)
+
+    def _advice(self, exc: Exception) -> str:
+        where, path = self.settings.nats_url, self.settings.nats_credentials
+        if not path:
+            return (f"the NATS server at {where} wants a credential and {self.service} has none ({exc}): set "
+                    f"CORRAL_NATS_CREDENTIALS (or --credentials) to a file that `corral auth init` wrote")
+        return (f"the NATS server at {where} refused {self.service}'s credential {path} ({exc}): it knows no such "
+                f"identity (never added, or revoked). Make one with `corral auth init` in the data dir the server's "
+                f"configuration comes from, then reload the server (`corral up` does both), or ask its operator")
+
+
+def _credential_options(settings: Settings) -> dict[str, Any]:
+    path = settings.nats_credentials
+    if not path:
+        return {}
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CredentialRefused(f"cannot read the NATS credential {path} ({exc.strerror}): point "
+                                f"CORRAL_NATS_CREDENTIALS at a file that `corral auth init` wrote") from exc
+    return {"user_credentials": path} if path.endswith(".creds") else {"nkeys_seed": path}
+
+
+def _tls_options(settings: Settings) -> dict[str, Any]:
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return {}
+    context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+    if settings.nats_tls_cert:
+        context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+    return {"tls": context}
+
+
+async def _require_tls(nc: Client, settings: Settings, servers: list[str]) -> None:
+    """A connection that asked for TLS and was not given it is closed: nats-py would go on in plain text."""
+    wanted = settings.nats_tls_ca or settings.nats_tls_cert or any(url.startswith("tls://") for url in servers)
+    if not wanted or nc.uses_tls:
+        return
+    where = nc.connected_url.netloc if nc.connected_url else "?"
+    await nc.close()
+    raise InsecureConnection(f"TLS was asked for, and the NATS server at {where} does not offer it: configure TLS "
+                             f"on the server, or connect without the nats_tls_* settings and a tls:// URL")
 
 
 async def _require_server_version(nc: Client) -> None:

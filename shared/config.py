@@ -25,6 +25,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     nats_url: str = "nats://127.0.0.1:4222"
     """NATS server or cluster to connect to (comma-separate several URLs)."""
+    nats_credentials: str = ""
+    """File this process signs in to NATS with: an nkey seed (`corral auth init` writes one per identity under
+    <data dir>/auth/) or a JWT `.creds` file. Empty: none, for a server without auth."""
+    nats_tls_ca: str = ""
+    """CA certificate file (PEM) the NATS server's certificate must chain to. Set: every connection uses TLS,
+    and a server that does not offer it is refused."""
+    nats_tls_cert: str = ""
+    """Client certificate file (PEM), for a server that verifies its clients (with nats_tls_key)."""
+    nats_tls_key: str = ""
+    """Private key file (PEM) of nats_tls_cert."""
     otlp_endpoint: str = ""
     """OTLP/HTTP collector base URL (e.g. http://localhost:4318); empty: no export.
     OTEL_EXPORTER_OTLP_ENDPOINT is honoured too."""
@@ -65,6 +75,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"budget_account_max_bytes must be 0 or more, got {self.budget_account_max_bytes}")
         if not 0.0 <= self.sim_failure_rate <= 1.0:
             raise ConfigError(f"sim_failure_rate must be within 0..1, got {self.sim_failure_rate}")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ConfigError("nats_tls_cert and nats_tls_key go together: set both, or neither")
         if self.ack_wait_s < 1.0:
             raise ConfigError(f"ack_wait_s must be at least 1 second, got {self.ack_wait_s}")
 

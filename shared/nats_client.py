@@ -79,6 +79,11 @@ class TunedClient(Client):
     def jetstream(self, **opts: Any) -> TunedJetStream:
         return TunedJetStream(self, **opts)
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the server this connection reached required TLS, so nats-py upgraded to it."""
+        return bool(self._server_info.get("tls_required"))
+
     async def _flusher(self) -> None:
         while self.is_connected and not self.is_connecting:
             waiting = [await self._flush_queue.get()]

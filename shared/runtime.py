@@ -23,7 +23,7 @@ from contracts import subjects
 from shared import tracing
 from shared.bus import Bus
 from shared.config import Settings
-from shared.errors import NatsServerTooOld
+from shared.errors import CannotConnect
 
 SERVICE_VERSION = "0.1.0"
 GC_THRESHOLDS = (50_000, 20, 20)
@@ -50,7 +50,7 @@ def run_service(name: str, main: Main, settings: Settings) -> None:
 
     try:
         anyio.run(supervised, backend_options={"use_uvloop": True})
-    except* NatsServerTooOld as refused:  # no use retrying: say why and exit
+    except* CannotConnect as refused:  # no use retrying: say why and exit
         raise SystemExit(f"{name}: {refused.exceptions[0]}") from None
     finally:
         tracing.shutdown_tracing()

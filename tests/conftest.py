@@ -3,10 +3,16 @@
 Services run either in-process (their `run()` in this test's event loop: fast,
 still a real server and real consumers) or as OS processes (for kill tests and
 tracing, exactly as `corral up` runs them).
+
+The server lets in only the identities `corral auth init` makes, each with its permissions, and
+every service signs in as its own: every test that runs a service proves its permission table.
+The tests' own client (`settings`) signs in as an unrestricted harness identity, so a test may
+stand in for any service; `corral auth init` never makes one.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,9 +24,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from services import registry
+from services import auth, registry
 from services.client import Client
-from services.stack import nats_server
+from services.stack import Services, nats_server
 from contracts.policy import Policy
 from shared.bus import Bus
 from shared.config import Settings
@@ -35,15 +41,66 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+TENANTS = ("default", "acme", "globex")
+HARNESS = "harness.nk"
+
+
 @pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    with nats_server(tmp_path / "nats") as url:
+def auth_dir(tmp_path: Path) -> Path:
+    """What `corral auth init` makes for the test's tenants, with the harness identity's seed beside it."""
+    directory = tmp_path / "nats" / auth.AUTH_DIR
+    auth.init(directory, TENANTS)
+    auth.write_seed(directory.parent / HARNESS)
+    write_test_config(directory)
+    return directory
+
+
+def write_test_config(directory: Path) -> None:
+    """The server's configuration for the identities in `directory`, and the unrestricted harness."""
+    harness = directory.parent / HARNESS
+    users = [(identity, auth.permissions(identity.name)) for identity in auth.identities(directory)]
+    unrestricted = auth.Identity(name="harness", public_key=auth.public_key(harness), credential=harness)
+    auth.write_server_config(directory, [*users, (unrestricted, None)])
+
+
+VIOLATIONS = re.compile(r"^.* - (?:Publish|Subscription) Violation - .*$", re.M)
+
+
+@pytest.fixture
+def nats_url(request: pytest.FixtureRequest, tmp_path: Path, auth_dir: Path) -> Iterator[str]:
+    """The test's server. Afterwards, the server must have refused no publish or subscription, unless the test
+    is marked `refused` (it tries them on purpose): a service that did had a hole in its permissions."""
+    with nats_server(tmp_path / "nats", config=auth_dir / auth.SERVER_CONFIG) as url:
         yield url
+    if request.node.get_closest_marker("refused") is None:
+        refused = VIOLATIONS.findall((tmp_path / "nats" / "logs" / "nats-server.log").read_text())
+        assert not refused, f"the server refused {len(refused)} publish or subscription: {refused[:5]}"
 
 
 @pytest.fixture
-def settings(nats_url: str) -> Settings:
-    return Settings(nats_url=nats_url, sim_latency_s=0.0, ack_wait_s=2.0)
+def settings(nats_url: str, auth_dir: Path) -> Settings:
+    return Settings(nats_url=nats_url, nats_credentials=str(auth_dir.parent / HARNESS), sim_latency_s=0.0,
+                    ack_wait_s=2.0)
+
+
+def auth_dir_of(settings: Settings) -> Path:
+    """The identities beside the harness credential `settings` signs in with."""
+    return Path(settings.nats_credentials).parent / auth.AUTH_DIR
+
+
+def signed_in_as(settings: Settings, identity: str) -> Settings:
+    """`settings`, signing in as `identity` (a service kind, `operator`, `tenant-<name>`)."""
+    return settings.with_changes(nats_credentials=str(auth.credential(auth_dir_of(settings), identity)))
+
+
+def services(settings: Settings, log_dir: Path, **options) -> Services:
+    """Service processes on the test's server, each signing in as its own identity."""
+    return Services(settings.nats_url, log_dir, auth_dir=auth_dir_of(settings), **options)
+
+
+def operator_env(settings: Settings) -> dict[str, str]:
+    """The environment a `corral` command needs to sign in as the operator."""
+    return {"CORRAL_NATS_CREDENTIALS": str(auth.credential(auth_dir_of(settings), auth.OPERATOR))}
 
 
 @pytest.fixture
@@ -93,8 +150,9 @@ async def running(settings: Settings, *names: str, policy: Policy | None = None,
     async with anyio.create_task_group() as tg:
         for name in names:
             service, _, agent = name.partition(":")
-            _, main = registry.resolve(service, agent or None)
-            tg.start_soon(partial(main, clock=clocks[service]) if service in clocks else main, settings, stop)
+            label, main = registry.resolve(service, agent or None)
+            main = partial(main, clock=clocks[service]) if service in clocks else main
+            tg.start_soon(main, signed_in_as(settings, auth.identity_for(label)), stop)
         try:
             yield
         finally:

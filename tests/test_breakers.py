@@ -15,7 +15,7 @@ from contracts.commands import SimulateDependency
 from contracts.policy import AgentPolicy, BreakerSettings, Strategy
 from services.client import Client
 from services.stack import nats_server
-from tests.conftest import stack, wait_until
+from tests.conftest import operator_env, stack, wait_until
 from tests.signals import example_policy, replica_views, signals
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -164,9 +164,9 @@ async def test_a_broken_tool_fails_only_the_tasks_that_need_it_and_other_agents_
     assert during >= 0.6 * working, (working, during)  # healthy agents' throughput held up
 
 
-async def _corral(*args: str) -> str:
-    done = await anyio.run_process([sys.executable, "-m", "services.cli", *args], check=False,
-                                   env={**os.environ, "COLUMNS": "200"})
+async def _corral(settings, *args: str) -> str:
+    done = await anyio.run_process([sys.executable, "-m", "services.cli", *args, "--nats", settings.nats_url],
+                                   check=False, env={**os.environ, **operator_env(settings), "COLUMNS": "200"})
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
     return out
@@ -174,14 +174,13 @@ async def _corral(*args: str) -> str:
 
 async def test_an_operator_forces_a_breaker_open_it_holds_until_released_and_corral_breakers_shows_it(
         settings, tenant, user):
-    url = settings.nats_url
     async with stack(settings, policy=example_policy()) as client:
-        said = await _corral("breakers", "force-open", LARGE, "--nats", url)
+        said = await _corral(settings, "breakers", "force-open", LARGE)
         await wait_until(lambda: _every_replica_sees(client, {"state": "open", "forced": True}))
         while_forced = await client.run(TaskSpec(agent="research", prompt="Not on the big one"), tenant=tenant,
                                         user=user)
-        listing = await _corral("breakers", "--nats", url)
-        await _corral("breakers", "release", LARGE, "--nats", url)
+        listing = await _corral(settings, "breakers")
+        await _corral(settings, "breakers", "release", LARGE)
         await wait_until(lambda: _every_replica_sees(client, {"state": "closed", "forced": False}))
         after = await client.run(TaskSpec(agent="research", prompt="Back on the big one"), tenant=tenant, user=user)
         status = await client.task_status(while_forced.task_id)

@@ -32,9 +32,8 @@ from contracts.policy import BudgetLimits, Defaults, Policy, TenantPolicy
 from services.budget.handlers import tenant_key, user_key
 from services.budget.ledger import Account
 from services.client import Client
-from services.stack import Services
 from shared.config import Settings
-from tests.conftest import Clock, apply, stack, wait_until
+from tests.conftest import Clock, apply, operator_env, services, signed_in_as, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
@@ -102,7 +101,7 @@ async def test_fifty_concurrent_admissions_across_three_budget_replicas_never_ex
     limit = 10_000
     await apply(settings, Policy(defaults=Defaults(budget=BudgetLimits(daily_tokens=limit, hourly_tokens=limit))))
     estimates = {f"c{n}": random.Random(n).randint(300, 900) for n in range(50)}  # ~30,000 asked for 10,000
-    replicas = Services(settings.nats_url, tmp_path / "logs")
+    replicas = services(settings, tmp_path / "logs")
     try:
         for _ in range(3):
             replicas.start_one("budget")
@@ -349,7 +348,7 @@ async def test_budget_show_and_cost_print_what_the_budget_service_booked(setting
 
 async def _corral(settings: Settings, *args: str, check: bool = True):
     argv = [sys.executable, "-m", "services.cli", *args, "--nats", settings.nats_url]
-    done = await anyio.run_process(argv, check=False, env={**os.environ, "COLUMNS": "160"})
+    done = await anyio.run_process(argv, check=False, env={**os.environ, **operator_env(settings), "COLUMNS": "160"})
     result = subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(), done.stderr.decode())
     if check:
         assert result.returncode == 0, result.stdout + result.stderr

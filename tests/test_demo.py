@@ -1,4 +1,5 @@
-"""`corral demo`, end to end in a short form, exactly as `make run` runs it (processes and all)."""
+"""`corral demo`, end to end in a short form, exactly as `make run` runs it (processes and all): with auth on,
+every service signing in as its own identity and the demo's driver as the operator."""
 
 from __future__ import annotations
 
@@ -25,4 +26,7 @@ def test_the_demo_runs_every_path_end_to_end_shows_a_breaker_trip_and_recovery_a
     assert int(re.search(r"breaker trips \(closed -> open\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"breaker recoveries \(half_open -> closed\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"of which on a fallback strategy\s+│\s+(\d+)", out).group(1)) >= 1, out
+    assert (tmp_path / "demo" / "auth" / "nats-server.conf").exists()  # auth was on, with no step of its own
+    server_log = (tmp_path / "demo" / "logs" / "nats-server.log").read_text()
+    assert "Violation" not in server_log, "the server refused a publish or subscription of the demo's"
 

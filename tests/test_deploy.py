@@ -1,4 +1,6 @@
-"""compose.yaml, checked statically (no Docker engine here): every service is there and runs a real command."""
+"""compose.yaml, checked statically (no Docker engine here): every service is there and runs a real command,
+and auth is on: NATS loads the configuration `corral auth init` writes, and every service signs in as its own
+identity."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from services import registry
+from services import auth, registry
 from services.stack import CORE_SERVICES, DEFAULT_AGENTS
 from shared.bus import MIN_SERVER_VERSION
 
@@ -28,6 +30,39 @@ def test_compose_runs_every_service_with_a_command_the_cli_accepts():
         agent = command[command.index("--agent") + 1] if "--agent" in command else None
         label, _ = registry.resolve(command[1], agent)
         assert label == name
+
+
+def _mount(service: dict, volume: str) -> str:
+    """Where `service` mounts the named `volume`."""
+    return next(spec.split(":")[1] for spec in service["volumes"] if spec.split(":")[0] == volume)
+
+
+def test_compose_makes_the_identities_before_nats_and_nats_lets_in_only_those_it_names():
+    services = _compose()["services"]
+    init = services["auth"]["command"]
+    assert init[:2] == ["auth", "init"]
+    keys = f"{init[init.index('--data-dir') + 1]}/{auth.AUTH_DIR}"
+    assert _mount(services["auth"], "corral-auth") == keys
+    nats = services["nats"]
+    assert services["nats"]["depends_on"]["auth"]["condition"] == "service_completed_successfully"
+    config = nats["command"][nats["command"].index("-c") + 1]
+    assert config == f"{_mount(nats, 'corral-auth')}/{auth.SERVER_CONFIG}"
+
+
+def test_every_service_and_the_cli_sign_in_with_their_own_identitys_credential():
+    services = _compose()["services"]
+    expected = {**{name: auth.identity_for(name) for name in CORE_SERVICES},
+                **{f"worker-{agent}": auth.WORKER for agent in DEFAULT_AGENTS}, "cli": auth.OPERATOR}
+    for name, identity in expected.items():
+        keys = _mount(services[name], "corral-auth")
+        assert services[name]["volumes"] == [f"corral-auth:{keys}:ro"], name
+        assert services[name]["environment"]["CORRAL_NATS_CREDENTIALS"] == f"{keys}/{identity}{auth.SEED_SUFFIX}"
+
+
+def test_the_image_has_a_directory_for_the_keys_only_its_user_may_read():
+    dockerfile = (ROOT / "services" / "Dockerfile").read_text()
+    keys = _mount(_compose()["services"]["guard"], "corral-auth")
+    assert re.search(rf"install -d -m 700 -o corral -g corral .*{keys}\b", dockerfile)
 
 
 def test_compose_points_services_at_nats_with_jetstream_and_traces_at_jaeger():

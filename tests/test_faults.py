@@ -13,10 +13,9 @@ from services.budget.handlers import Budget, user_key
 from services.budget.ledger import Account, TaskJournal
 from services.client import Client
 from services.executor.state import step_id
-from services.stack import Services
 from shared.bus import Bus
 from shared.kv import TypedBucket
-from tests.conftest import apply, running, wait_until
+from tests.conftest import apply, running, services, wait_until
 from tests.test_budget import ROOMY, completed_step, finished, settled, validated
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.fault]
@@ -25,7 +24,7 @@ QUIET_S = 3.0  # after the end, how long we watch for a duplicate (longer than t
 
 async def test_a_worker_killed_mid_step_still_completes_the_task_exactly_once_and_bills_once(
         settings, tenant, user, tmp_path):
-    workers = Services(settings.nats_url, tmp_path / "logs", env={"CORRAL_ACK_WAIT_S": "2"})
+    workers = services(settings, tmp_path / "logs", env={"CORRAL_ACK_WAIT_S": "2"})
     try:
         by_pid = {proc.pid: proc for proc in (workers.start_one("worker", agent="research") for _ in range(2))}
         async with running(settings, "guard", "budget", "executor"), \
@@ -64,7 +63,7 @@ async def test_a_budget_killed_between_reserve_and_reconcile_bills_nothing_twice
         settings, tenant, user, tmp_path):
     await apply(settings, Policy(defaults=Defaults(budget=ROOMY)))
     env = {"CORRAL_ACK_WAIT_S": "2", "CORRAL_BUDGET_HOLD_TIMEOUT_S": "4", "CORRAL_BUDGET_SWEEP_S": "0.5"}
-    budgets = Services(settings.nats_url, tmp_path / "logs", env=env)
+    budgets = services(settings, tmp_path / "logs", env=env)
     steps = {f"k{n}": completed_step(f"k{n}", tenant, user, 1, 20 + n, 100 + 7 * n) for n in range(20)}
     try:
         first = budgets.start_one("budget")

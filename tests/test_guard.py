@@ -17,7 +17,7 @@ from services.guard.handlers import estimate
 from services.guard.limiter import Cell, charge
 from services.stack import Services
 from shared.policy import load_policy_file
-from tests.conftest import ROOT, Clock, apply, stack, wait_until
+from tests.conftest import ROOT, Clock, apply, services, stack, wait_until
 
 pytestmark = [pytest.mark.anyio]
 GENEROUS = RateLimit(requests_per_minute=60_000, tokens_per_minute=10_000_000, burst_requests=1000,
@@ -74,7 +74,7 @@ async def test_three_guard_replicas_admit_no_more_than_rate_times_time_plus_burs
 @pytest.mark.integration
 async def test_a_policy_change_is_in_effect_in_every_guard_replica_within_a_second(settings, tenant, user, tmp_path):
     await apply(settings, Policy())
-    guards = Services(settings.nats_url, tmp_path / "logs")
+    guards = services(settings, tmp_path / "logs")
     try:
         for _ in range(3):
             guards.start_one("guard")

@@ -221,6 +221,9 @@ class Tour:
         printed = [proc.stdout.readline() for _ in range(len(_trimmed(list(command.shown))))]
         assert_shows(command, "".join(printed), self.ids)
         self.url = re.search(r"nats://127\.0\.0\.1:\d+", printed[0]).group(0)
+        # As the README's reader: the operator's commands find its key under .data/auth of where `corral up`
+        # ran; here they run from the repository (the tour's paths), so they are told where it is.
+        self.operator = str(self.tmp / ".data" / "auth" / "operator.nk")
         self.replicas_become(dict.fromkeys(CORE, 1))
 
     def scale_out(self, command: Command) -> None:
@@ -228,15 +231,15 @@ class Tour:
         argv = command.argv
         label = f"worker-{argv[argv.index('--agent') + 1]}" if argv[2] == "worker" else argv[2]
         before = self.replicas()
-        proc = subprocess.Popen([*_corral(), *argv[1:]], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*_corral(), *argv[1:]], cwd=self.tmp, env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=(self.tmp / f"{label}.log").open("w"))
         self.background.append(proc)
         self.replicas_become({label: before.get(label, 0) + 1})
 
     def corral(self, command: Command) -> None:
         argv = [self.ids.get(arg, arg) for arg in command.argv[1:]]
-        done = subprocess.run([*_corral(), *argv], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run([*_corral(), *argv], cwd=ROOT, env={**self.env, "CORRAL_NATS_CREDENTIALS": self.operator},
+                              capture_output=True, text=True, timeout=60)
         rejected = bool(command.shown) and command.shown[0].startswith("rejected")
         assert done.returncode == (2 if rejected else 0), f"`{command.line}`: {done.stdout}{done.stderr}"
         assert_shows(command, done.stdout, self.ids)
@@ -249,7 +252,7 @@ class Tour:
 
     def _ask(self, question):
         async def go():
-            async with Client.connect(Settings(nats_url=self.url), "readme-test") as client:
+            async with Client.connect(Settings(nats_url=self.url, nats_credentials=self.operator), "readme-test") as client:
                 return await question(client)
 
         return anyio.run(go)

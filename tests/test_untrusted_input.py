@@ -106,7 +106,8 @@ async def _settled(client: Client, task_id: str, tenant: str):
 
 
 async def test_streams_declared_over_the_old_layout_move_submissions_into_their_own_stream(settings):
-    old = await nats.connect(settings.nats_url)  # an older Corral's task stream, which stored submissions too
+    # An older Corral's task stream, which stored submissions too.
+    old = await nats.connect(settings.nats_url, nkeys_seed=settings.nats_credentials)
     try:
         js = old.jetstream()
         await js.add_stream(StreamConfig(name=subjects.STREAM_TASKS, subjects=["corral.task.>"],

@@ -14,12 +14,13 @@ import pytest
 from contracts import TaskCompleted, TaskSpec
 from contracts.commands import ControlBreaker
 from services.client import Client
+from services import auth
 from services.stack import free_port, nats_server
 from shared.bus import Bus
 from shared.config import Settings
 from shared.policy import apply_policy
 from shared.watch import SILENT_S, Watch
-from tests.conftest import stack, wait_until
+from tests.conftest import HARNESS, stack, wait_until
 from tests.signals import example_policy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -32,13 +33,13 @@ RECOVERY_S = 1.0
 class RestartableServer:
     """A nats-server that can be stopped and started again on the same port with the same store."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, free_port()
+    def __init__(self, data_dir: Path, config: Path) -> None:
+        self.data_dir, self.config, self.port = data_dir, config, free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self._running = None
 
     async def start(self) -> None:
-        running = nats_server(self.data_dir, self.port)
+        running = nats_server(self.data_dir, self.port, config=self.config)
         await anyio.to_thread.run_sync(running.__enter__)  # it waits for "Server is ready": off the event loop
         self._running = running
 
@@ -71,10 +72,11 @@ async def _when_every_service_saw(client: Client, version: int) -> float | None:
 
 @pytest.mark.fault
 async def test_after_a_nats_server_restart_every_service_sees_a_new_policy_and_a_forced_breaker_within_a_second(
-        tmp_path, tenant, user):
-    server = RestartableServer(tmp_path / "nats")
+        tmp_path, auth_dir, tenant, user):
+    server = RestartableServer(tmp_path / "nats", auth_dir / auth.SERVER_CONFIG)
     await server.start()
-    settings = Settings(nats_url=server.url, sim_latency_s=0.0, ack_wait_s=2.0)
+    settings = Settings(nats_url=server.url, nats_credentials=str(auth_dir.parent / HARNESS), sim_latency_s=0.0,
+                        ack_wait_s=2.0)
     try:
         async with stack(settings, policy=example_policy()) as client:
             names = {f"corral-{name}" for name in (*POLICY_READERS, *BREAKER_READERS)}

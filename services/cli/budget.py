@@ -18,7 +18,7 @@ from rich.table import Table
 
 from contracts.queries import BudgetReply, CostReply
 from services.budget.errors import BudgetUnavailable, UnknownTask
-from services.cli.common import ConfigOption, NatsOption, call, console
+from services.cli.common import ConfigOption, NatsOption, TaskTenantOption, call, console
 
 if TYPE_CHECKING:
     from services.client import Client
@@ -47,6 +47,7 @@ def show(
 @cost_app.command()
 def cost(
     task_id: Annotated[str, typer.Argument(help="the task")],
+    tenant: TaskTenantOption = "default",
     as_json: JsonOption = False,
     nats: NatsOption = None,
     config: ConfigOption = None,
@@ -54,7 +55,7 @@ def cost(
     """A task's tokens and cost, per step and per model (prices from the policy)."""
 
     async def ask(client: Client) -> CostReply:
-        reply = await client.cost(task_id)
+        reply = await client.cost(task_id, tenant=tenant)
         if not reply.found:
             raise UnknownTask(f"the budget has no record of task {task_id!r}")
         return reply

@@ -27,11 +27,17 @@ console = Console()
 NatsOption = Annotated[Optional[str],
                        typer.Option("--nats", help="NATS URL(s); default: CORRAL_NATS_URL or the config")]
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default: $CORRAL_CONFIG)")]
+TaskTenantOption = Annotated[str, typer.Option("--tenant", help="the task's tenant: a task id names one task per tenant")]
+DATA_DIR = Path(".data")
+"""Where `corral up` keeps the embedded server's store, logs and identities (auth/)."""
 
 
-def resolve_settings(nats: str | None, config: Path | None) -> Settings:
-    """The settings from CONFIG (or $CORRAL_CONFIG) and the environment, with --nats over them."""
-    settings = load_settings(config)
+def resolve_settings(nats: str | None, config: Path | None, identity: str = "operator") -> Settings:
+    """The settings from CONFIG (or $CORRAL_CONFIG) and the environment, with --nats over them; with no
+    credential set, IDENTITY's under DATA_DIR/auth when there is one."""
+    from services import auth
+
+    settings = auth.default_credential(load_settings(config), DATA_DIR, identity)
     return settings.with_changes(nats_url=nats) if nats else settings
 
 

@@ -12,12 +12,12 @@ from typing import Annotated, Optional
 import anyio
 import typer
 
-from services.cli.common import ConfigOption, NatsOption, console, resolve_settings
+from services.cli.common import DATA_DIR, ConfigOption, NatsOption, console, resolve_settings
 from shared.config import load_settings
 from shared.errors import CorralError
 
 app = typer.Typer()
-DATA_DIR = Path(".data")
+InsecureOption = Annotated[bool, typer.Option("--insecure", help="no auth: anyone may connect and publish anything")]
 
 
 @app.command()
@@ -26,34 +26,42 @@ def service(
     agent: Annotated[Optional[str], typer.Option(help="agent kind, for `worker` (research, coding, writing…)")] = None,
     nats: NatsOption = None,
     config: ConfigOption = None,
+    credentials: Annotated[Optional[Path], typer.Option(
+        help="credential to sign in with; default: $CORRAL_NATS_CREDENTIALS, else its kind's in .data/auth")] = None,
 ) -> None:
     """Run ONE service against a NATS server. Start more of the same to scale it out."""
-    from services import registry
+    from services import auth, registry
     from shared.runtime import run_service
 
-    settings = resolve_settings(nats, config)
     try:
         label, main = registry.resolve(name, agent)
     except CorralError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    run_service(label, main, settings)
+    settings = resolve_settings(nats, config, auth.identity_for(label))
+    run_service(label, main, settings.with_changes(nats_credentials=str(credentials)) if credentials else settings)
 
 
 @app.command()
 def up(
     nats: NatsOption = None,
     config: ConfigOption = None,
-    data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store and logs")] = DATA_DIR,
+    data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store, logs and keys")] = DATA_DIR,
+    insecure: InsecureOption = False,
 ) -> None:
-    """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service."""
+    """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service, each signing
+    in with its own identity (made under DATA_DIR/auth on first use)."""
+    from services import auth
     from services.stack import Services
 
     _sigterm_as_ctrl_c()
-    with _maybe_embedded(nats, data_dir) as url:
-        services = Services(url, data_dir / "logs", env=_config_env(config))
+    keys = None if insecure else auth.prepare(data_dir)
+    with _maybe_embedded(nats, data_dir, keys) as url:
+        services = Services(url, data_dir / "logs", env=_config_env(config), auth_dir=keys)
         services.start()
         console.print(f"[green]Corral is up[/] on {url}; logs in {data_dir / 'logs'}. Ctrl-C stops it.")
         console.print(f"  try: corral submit 'Summarise the design' --agent research --user alice --nats {url}")
+        if keys:
+            console.print(auth.sign_in_note(keys), markup=False, highlight=False)
         try:
             while True:
                 for proc in services.crashed():
@@ -73,8 +81,10 @@ def demo(
     rate: Annotated[float, typer.Option(help="submissions per second")] = 150.0,
     nats: NatsOption = None,
     data_dir: Annotated[Path, typer.Option(help="fresh store for the demo (wiped first)")] = DATA_DIR / "demo",
+    insecure: InsecureOption = False,
 ) -> None:
     """Start the embedded stack, drive a mixed workload with the SIMULATED model, print a summary."""
+    from services import auth
     from services import demo as demo_mod
     from services.stack import Services
 
@@ -82,12 +92,14 @@ def demo(
     if not nats and data_dir.exists():
         shutil.rmtree(data_dir)
     env = {"CORRAL_SIM_FAILURE_RATE": "0.08", "CORRAL_SIM_LATENCY_S": "0.05"}
-    with _maybe_embedded(nats, data_dir) as url:
-        services = Services(url, data_dir / "logs", env=env)
+    keys = None if insecure else auth.prepare(data_dir, (*auth.DEFAULT_TENANTS, *demo_mod.TENANTS))
+    with _maybe_embedded(nats, data_dir, keys) as url:
+        services = Services(url, data_dir / "logs", env=env, auth_dir=keys)
         services.start()
         try:
-            summary = anyio.run(demo_mod.run, load_settings().with_changes(nats_url=url), tasks, users, rate,
-                                services.names(), backend_options={"use_uvloop": True})
+            operator = auth.signed_in(load_settings().with_changes(nats_url=url), keys)
+            summary = anyio.run(demo_mod.run, operator, tasks, users, rate, services.names(),
+                                backend_options={"use_uvloop": True})
         finally:
             services.stop()
     demo_mod.print_summary(summary, console)
@@ -105,7 +117,8 @@ def _config_env(config: Path | None) -> dict[str, str]:
     return {"CORRAL_CONFIG": str(config.resolve())} if config else {}
 
 
-def _maybe_embedded(nats: str | None, data_dir: Path):
+def _maybe_embedded(nats: str | None, data_dir: Path, keys: Path | None):
+    from services import auth
     from services.stack import nats_server
 
-    return nullcontext(nats) if nats else nats_server(data_dir)
+    return nullcontext(nats) if nats else nats_server(data_dir, config=keys / auth.SERVER_CONFIG if keys else None)

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import TaskSpec
-from services.cli.common import ConfigOption, NatsOption, call, console, resolve_settings, run
+from services.cli.common import (ConfigOption, NatsOption, TaskTenantOption, call, console, resolve_settings,
+                                 run)
 
 if TYPE_CHECKING:
     from services.client import Client
@@ -56,6 +57,7 @@ def submit(
 @app.command()
 def status(
     task_id: Annotated[Optional[str], typer.Argument(help="a task id; omit for the whole system")] = None,
+    tenant: TaskTenantOption = "default",
     nats: NatsOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -63,7 +65,7 @@ def status(
 
     async def go(client: Client) -> None:
         if task_id:
-            console.print_json(data=msgspec.to_builtins(await client.task_status(task_id)))
+            console.print_json(data=msgspec.to_builtins(await client.task_status(task_id, tenant=tenant)))
         else:
             print_status(await client.status(), console)
 
