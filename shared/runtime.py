@@ -28,9 +28,8 @@ from shared.errors import CannotConnect
 SERVICE_VERSION = "0.1.0"
 GC_THRESHOLDS = (50_000, 20, 20)
 """Allocations between young-generation collections (Python's default is 700), and how many of those
-before each older one. Measured (`python -m tests.bench --tasks 4000 --skip-floor`, with
-docs/notes/experiments/gc-time.patch): with the defaults the budget spent 0.17 of its 1.79 s of CPU in
-481 collections, each older one walking every account it keeps; with these, none ran during the run."""
+before each older one: an older collection walks every account the budget keeps. Why and what it saves:
+docs/design/0005-gc-tuning.md."""
 Main = Callable[[Settings, anyio.Event], Awaitable[None]]
 Endpoint = Callable[[bytes], Awaitable[bytes]]
 

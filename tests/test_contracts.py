@@ -84,7 +84,7 @@ def test_the_readme_example_task_is_a_valid_submission():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = re.search(r"nats pub corral\.task\.submitted\.(\w+) \\\n\s+'(.+)'", readme)
+    example = re.search(r"nats --nkey \S+ pub corral\.task\.submitted\.(\w+) \\\n\s+'(.+)'", readme)
     task = msgspec.json.decode(example.group(2), type=TaskSubmitted)
     assert task.tenant == example.group(1) and task.spec.agent == "research"
 
