@@ -85,6 +85,11 @@ async def test_corral_up_insecure_lets_anyone_connect_as_before(tmp_path):
     assert not (tmp_path / ".data" / "auth").exists()
 
 
+def _as_a_background_job() -> None:
+    """As a shell starts `corral up &`: SIGINT ignored, so only SIGTERM can stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _up:
     """`corral up` in `directory` (data dir ./.data), until the block ends; yields its URL once it is up."""
 
@@ -93,7 +98,7 @@ class _up:
 
     def __enter__(self) -> str:
         self.proc = subprocess.Popen([*CORRAL, "up", *self.args], cwd=self.directory, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
+                                     stderr=subprocess.STDOUT, text=True, preexec_fn=_as_a_background_job,
                                      env={**os.environ, "COLUMNS": "200", "CORRAL_NATS_CREDENTIALS": ""})
         said = []
         for line in self.proc.stdout:  # the line comes once every process is started

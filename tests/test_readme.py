@@ -174,12 +174,6 @@ def _env(**changes: str) -> dict[str, str]:
     return {**env, "COLUMNS": COLUMNS, "PYTHONUNBUFFERED": "1", **changes}
 
 
-def _sigint_as_usual() -> None:
-    """A shell that starts a job in the background ignores SIGINT in it; `corral up` stops on SIGTERM by
-    raising SIGINT, so give it SIGINT's usual handling."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_the_readme_demo_output_is_what_corral_demo_prints(tmp_path):
     (demo,) = [c for c in tour_commands(README.read_text()) if c.argv == ["make", "run"]]
     # `make run` is `corral demo` with 300 tasks; fewer tell the same story, sooner. Figures vary by run.
@@ -216,7 +210,7 @@ class Tour:
 
     def up(self, command: Command) -> None:
         proc = subprocess.Popen([*_corral(), "up"], cwd=self.tmp, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_as_usual)
+                                stderr=subprocess.STDOUT, text=True)
         self.background.append(proc)
         printed = [proc.stdout.readline() for _ in range(len(_trimmed(list(command.shown))))]
         assert_shows(command, "".join(printed), self.ids)

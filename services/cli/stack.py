@@ -109,8 +109,13 @@ def demo(
 
 def _sigterm_as_ctrl_c() -> None:
     """SIGTERM (e.g. from `timeout` or a supervisor) unwinds like Ctrl-C, so the services we
-    started, which run in their own sessions, are stopped rather than orphaned."""
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    started, which run in their own sessions, are stopped rather than orphaned. It raises
+    KeyboardInterrupt itself: a process started in the background by a shell ignores SIGINT."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _config_env(config: Path | None) -> dict[str, str]:
