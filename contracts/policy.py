@@ -131,12 +131,79 @@ class AgentPolicy(Strict):
     deadline_s: float = 120.0
     """Seconds from admission within which the whole chain must finish; then the task fails with
     deadline_exceeded."""
+    tools: list[str] | None = None
+    """Tools this agent may offer its model (built-in, plug-in or MCP names); a task's tools are intersected
+    with them. None: every tool the guard let the task name."""
+    max_turns: int = 8
+    """Model calls one step may make (each answering the tool results of the one before); a step that
+    reaches it without an answer fails as `permanent`."""
+    system_prompt: str = ""
+    """Put before the task's messages, as a system message, when not empty."""
 
     def __post_init__(self) -> None:
         if not self.chain:
             raise ValueError("an agent's chain needs at least one strategy")
         if self.deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
+        if not 1 <= self.max_turns <= 100:
+            raise ValueError("max_turns must be within 1..100")
+
+
+class ProviderConfig(Strict):
+    """A model API the workers call, named by strategies' `provider`. Keys are never in the policy: it names
+    the environment variable that holds one, which each worker reads when it calls."""
+
+    kind: Literal["simulated", "openai", "anthropic"] = "openai"
+    """The wire protocol: OpenAI's chat completions (OpenAI, vLLM, llama.cpp, Ollama, LiteLLM, most gateways)
+    or Anthropic's Messages API."""
+    base_url: str = ""
+    """E.g. `https://api.openai.com/v1`, `https://api.anthropic.com/v1`. Empty: the local model server the stack
+    runs (the worker's CORRAL_LOCAL_MODEL_URL)."""
+    api_key_env: str = ""
+    """Name of the environment variable holding the key; empty: send none (a local server)."""
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    """Longest silence while a response streams; the step's timeout bounds the whole call."""
+    anthropic_version: str = "2023-06-01"
+    """The `anthropic-version` header (kind `anthropic`)."""
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("a provider's timeouts must be positive")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"a provider's base_url is an http(s) URL, not {self.base_url!r}")
+
+
+class McpServer(Strict):
+    """An MCP server whose tools the workers offer their models (streamable HTTP)."""
+
+    url: str
+    """E.g. `http://127.0.0.1:9000/mcp`."""
+    timeout_s: float = 30.0
+    """Longest a tool call may take before it counts as a `timeout`."""
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"an MCP server's url is an http(s) URL, not {self.url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("an MCP server's timeout_s must be positive")
+
+
+class WorkerSettings(Strict):
+    """What every agent worker's tools may do."""
+
+    max_tool_output_chars: int = 8_000
+    """A tool's output is cut to this many characters before it goes back to the model."""
+    http_allowed_hosts: list[str] = []
+    """Hosts (`name` or `name:port`) the built-in `http_get` tool may fetch from; empty: none."""
+    mcp_servers: dict[str, McpServer] = {}
+    """By name: a tool `T` of server `S` is the dependency `mcp/S/T`, offered to models as `T`."""
+    tool_plugins: list[str] = []
+    """Modules each worker imports at start; each registers its tools (services.workers.tools.register)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tool_output_chars < 1:
+            raise ValueError("max_tool_output_chars must be at least 1")
 
 
 class BreakerSettings(Strict):
@@ -201,9 +268,13 @@ class Policy(Strict):
         "coding": AgentPolicy(chain=[ADVANCED, FAST], default_output_tokens=512),
         "writing": AgentPolicy(chain=[FAST], default_output_tokens=256),
     })
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=lambda: {
+        "simulated": ProviderConfig(kind="simulated"), "local": ProviderConfig(kind="openai")})
+    """Model APIs by the name strategies give as `provider`; `local` is the stack's own llama.cpp server."""
+    workers: WorkerSettings = WorkerSettings()
     breakers: BreakerSettings = BreakerSettings()
     breaker_overrides: dict[str, BreakerSettings] = {}
-    """Per dependency key (`provider/model` or `tool/NAME`)."""
+    """Per dependency key (`provider/model`, `tool/NAME` or `mcp/SERVER/TOOL`)."""
     retry: Retry = Retry()
 
     # --- what applies to one user: user section over tenant section over defaults ---

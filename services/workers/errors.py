@@ -30,6 +30,11 @@ class ProviderRateLimited(ProviderError):
     error_class = "rate_limited"
 
 
+class ToolError(CorralError):
+    """A tool answered with an error (bad arguments, a refused host, an MCP tool's isError): the model is
+    told, and the tool's dependency counts the call as a success, since it answered."""
+
+
 class UnknownProvider(CorralError):
     """The step names a provider this worker does not have."""
 
