@@ -35,12 +35,13 @@ integration: $(STAMP)  ## tests on a real nats-server
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers and the kit's per-message cost (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost and agents on the local model (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
 	$(PY) -m tests.bench.breakers
 	$(PY) -m tests.bench.consume
+	$(PY) -m tests.bench.agents
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts

@@ -258,9 +258,11 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     worker: Label = ""
     step_id: MaybeStepId = ""
     """The step it is about, when it is about one."""
+    seq: Count = 0
+    """Stage `streaming`: the piece's number in its step (1, 2, …), `message` being the answer's next text."""
 
     def dedup_key(self) -> str:
-        return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}"
+        return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}:{self.seq}"
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
@@ -324,8 +326,15 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     usage: Usage
     latency_ms: Millis
     calls: Annotated[list[Call], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
-    """Every dependency the step called (tools, then the model), for the breakers; None from older
-    workers, whose one call was `dependency`."""
+    """Every dependency the step called (each model call and tool call, in order), for the breakers; None from
+    older workers, whose one call was `dependency`."""
+    turns: Count = 1
+    """Model calls the step made (its agent loop's turns)."""
+    refused_tool_calls: Count = 0
+    """Tool calls the worker refused (a tool not offered, arguments not valid for its schema) and told the
+    model so."""
+    first_token_ms: Millis | None = None
+    """Milliseconds from the worker taking the step to the first streamed token (None: nothing streamed)."""
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):

@@ -246,6 +246,7 @@ class Retry(Strict):
     """A dependency's retry-after is honoured up to this; a longer one moves to the next strategy at once."""
 
 
+BUILTIN_PROVIDERS = {"simulated": ProviderConfig(kind="simulated"), "local": ProviderConfig(kind="openai")}
 ADVANCED = Strategy(model="sim-large", tier="advanced")
 FAST = Strategy(model="sim-small", tier="fast")
 
@@ -268,9 +269,9 @@ class Policy(Strict):
         "coding": AgentPolicy(chain=[ADVANCED, FAST], default_output_tokens=512),
         "writing": AgentPolicy(chain=[FAST], default_output_tokens=256),
     })
-    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=lambda: {
-        "simulated": ProviderConfig(kind="simulated"), "local": ProviderConfig(kind="openai")})
-    """Model APIs by the name strategies give as `provider`; `local` is the stack's own llama.cpp server."""
+    providers: dict[str, ProviderConfig] = {}
+    """Model APIs by the name strategies give as `provider`, besides the built-in `simulated` and `local` (the
+    stack's own llama.cpp server), which an entry of the same name replaces."""
     workers: WorkerSettings = WorkerSettings()
     breakers: BreakerSettings = BreakerSettings()
     breaker_overrides: dict[str, BreakerSettings] = {}
@@ -303,6 +304,9 @@ class Policy(Strict):
         if t and role and role in t.roles:
             return t.roles[role]
         return (t and t.tools) or self.defaults.tools
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return self.providers.get(name) or BUILTIN_PROVIDERS.get(name)
 
     def breaker_for(self, dependency: str) -> BreakerSettings:
         return self.breaker_overrides.get(dependency, self.breakers)

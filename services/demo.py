@@ -12,6 +12,10 @@ server where no policy was ever applied (the demo's own embedded one), the demo
 applies the demo policy (`demo_policy`): an hour as large as the day, and rate limits with room for
 a demo's bursts but for one chatty user.
 
+Beside the simulated workload, a few tasks go to a real model: the `assistant` agent runs on
+the `local` provider, the llama.cpp server the demo starts (SmolLM2-135M on this machine's
+CPU). The summary shows them apart, named as the real model they are.
+
 And one outage: once a fifth of the tasks have been submitted, the simulated advanced model
 (`simulated/sim-large`) fails every call (`corral sim fail`, acknowledged by every worker
 before the next task goes out) until its breaker opens (`corral sim recover`). Research and
@@ -39,6 +43,7 @@ from contracts import BreakerChanged, TaskCompleted, TaskFailed, TaskProgress, T
 from contracts.commands import SimulateDependency
 from contracts.policy import (
     DEFAULT_POLICY,
+    AgentPolicy,
     BreakerSettings,
     BudgetLimits,
     Defaults,
@@ -50,6 +55,7 @@ from contracts.policy import (
 from contracts.queries import StatusReport
 from services.client import Client
 from services.monitor.handlers import percentiles
+from services.stack import LOCAL_MODEL, LOCAL_STRATEGY
 from shared.config import Settings
 from shared.policy import apply_policy, read_policy
 
@@ -58,6 +64,12 @@ AGENTS = ("research", "coding", "writing")
 TOPICS = ("the quarterly churn numbers", "a retry policy for payments", "onboarding emails", "the incident on Tuesday",
           "GPU cost per request", "a migration to NATS", "the tenant billing model", "flaky integration tests")
 TERMINAL_WAIT_S = 60.0
+LOCAL_AGENT = "assistant"
+"""The agent kind on the real local model."""
+LOCAL_PROMPTS = ("In one sentence: what does a circuit breaker do in software?",
+                 "Name two reasons to put a rate limit in front of an API.",
+                 "In one sentence: why do AI agents need a token budget?")
+LOCAL_WAIT_S = 120.0
 DEMO_POLICY = Policy(
     description="corral demo: an hourly budget as large as the daily one, room for bursts, one chatty user",
     defaults=Defaults(rate=RateLimit(requests_per_minute=600, burst_requests=20, tokens_per_minute=200_000,
@@ -69,6 +81,7 @@ DEMO_POLICY = Policy(
              # user01 (globex) sends a task in eleven: its tight rate limit shows rate_limited
              "globex": TenantPolicy(users={"user01": UserPolicy(rate=RateLimit(requests_per_minute=120,
                                                                                burst_requests=5))})},
+    agents={**DEFAULT_POLICY.agents, LOCAL_AGENT: AgentPolicy(chain=[LOCAL_STRATEGY], default_output_tokens=48)},
 )
 OUTAGE = "simulated/sim-large"
 SETTLE_S = 20.0
@@ -76,6 +89,16 @@ SETTLE_S = 20.0
 again (it stops as soon as it has closed: this bounds only a circuit that never does)."""
 PROBE_EVERY_S = 0.5
 OUTAGE_FROM = 0.2  # the share of the tasks submitted from which the advanced model fails
+
+
+class LocalAnswer(msgspec.Struct):
+    prompt: str
+    outcome: str
+    """`completed`, or why not (the rejection's or failure's reason)."""
+    output: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_ms: float = 0.0
 
 
 class Summary(msgspec.Struct):
@@ -98,6 +121,9 @@ class Summary(msgspec.Struct):
     outage: str = ""
     probe_tasks: int = 0
     """Research tasks sent after the workload so that a probe could close the circuit."""
+    local: list[LocalAnswer] = []
+    """The tasks answered (or not) by the real local model."""
+
 
     @property
     def ended(self) -> int:
@@ -136,7 +162,8 @@ def demo_policy(tasks: int, rate: float) -> Policy:
     return msgspec.structs.replace(DEMO_POLICY, breaker_overrides={OUTAGE: BreakerSettings(wait_in_open_s=wait)})
 
 
-async def run(settings: Settings, tasks: int, users: int, rate: float, services: list[str]) -> Summary:
+async def run(settings: Settings, tasks: int, users: int, rate: float, services: list[str],
+              local_model: bool = True) -> Summary:
     summary = Summary()
     plan = workload(tasks, users)
     pending: dict[str, float] = {}
@@ -163,9 +190,11 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
                             if summary.ended == len(plan):
                                 break
             await outage.settle(events, summary)
+        if local_model:
+            summary.local = await _ask_the_local_model(client)
         summary.monitor = await _monitor_status(client)
     summary.retried_tasks = len(retried)
-    summary.lost = len(plan) - summary.ended
+    summary.lost = len(plan) - summary.ended + sum(answer.outcome == "no answer" for answer in summary.local)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
@@ -258,6 +287,29 @@ def _record(event, pending: dict[str, float], summary: Summary, settings: Settin
     return True
 
 
+async def _ask_the_local_model(client: Client) -> list[LocalAnswer]:
+    """Send LOCAL_PROMPTS to the agent on the real local model, at once; each one's outcome."""
+    answers: list[LocalAnswer] = [LocalAnswer(prompt=prompt, outcome="no answer") for prompt in LOCAL_PROMPTS]
+
+    async def ask(n: int) -> None:
+        started = time.perf_counter()
+        end = await client.run(TaskSpec(agent=LOCAL_AGENT, prompt=LOCAL_PROMPTS[n], max_tokens=48),
+                               tenant=TENANTS[0], user="demo-local", timeout=LOCAL_WAIT_S)
+        answer = answers[n]
+        answer.latency_ms = (time.perf_counter() - started) * 1000
+        if isinstance(end, TaskCompleted):
+            answer.outcome, answer.output = "completed", end.output
+            answer.input_tokens, answer.output_tokens = end.usage.input_tokens, end.usage.output_tokens
+        else:
+            answer.outcome = end.reason
+
+    with anyio.move_on_after(LOCAL_WAIT_S):
+        async with anyio.create_task_group() as tg:
+            for n in range(len(LOCAL_PROMPTS)):
+                tg.start_soon(ask, n)
+    return answers
+
+
 async def _monitor_status(client: Client) -> StatusReport | None:
     try:
         return await client.status(timeout=3.0)
@@ -299,4 +351,17 @@ def print_summary(summary: Summary, console: Console) -> None:
         table.add_row("monitor: tasks seen completed / failed",
                       f"{summary.monitor.counts.get('task.completed', 0)} / {summary.monitor.counts.get('task.failed', 0)}")
         table.add_row("monitor: step error rate", f"{summary.monitor.step_error_rate:.1%}")
+    console.print(table)
+    if summary.local:
+        _print_local(summary.local, console)
+
+
+def _print_local(answers: list[LocalAnswer], console: Console) -> None:
+    table = Table(title=f"Beside it: a REAL model, {LOCAL_MODEL} (SmolLM2-135M-Instruct) on llama.cpp, this CPU")
+    for column in ("prompt", "outcome", "tokens in / out", "latency (ms)", "answer"):
+        table.add_column(column, overflow="fold")
+    for answer in answers:
+        text = " ".join(answer.output.split())
+        table.add_row(answer.prompt, answer.outcome, f"{answer.input_tokens} / {answer.output_tokens}",
+                      f"{answer.latency_ms:.0f}", text if len(text) <= 160 else f"{text[:159]}…")
     console.print(table)

@@ -22,12 +22,24 @@ from pathlib import Path
 import msgspec
 import psutil
 
+from contracts.policy import Policy, Strategy
 from services import auth
 from shared.errors import CorralError, NatsServerNotFound
 
 log = logging.getLogger(__name__)
 CORE_SERVICES = ("guard", "budget", "executor", "breaker", "monitor")
 DEFAULT_AGENTS = ("research", "coding", "writing")
+
+
+LOCAL_MODEL = "smollm2-135m"
+"""What the policy calls the model the `local` provider serves (services.local_model)."""
+LOCAL_STRATEGY = Strategy(provider="local", model=LOCAL_MODEL, tier="local", timeout_s=60.0, max_attempts=2)
+
+
+def every_agent_on_local(policy: Policy) -> Policy:
+    """`policy` with each agent's chain the local model alone (`corral up --model local`)."""
+    agents = {name: msgspec.structs.replace(agent, chain=[LOCAL_STRATEGY]) for name, agent in policy.agents.items()}
+    return msgspec.structs.replace(policy, agents=agents)
 
 
 class StackError(CorralError):

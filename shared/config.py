@@ -38,6 +38,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     otlp_endpoint: str = ""
     """OTLP/HTTP collector base URL (e.g. http://localhost:4318); empty: no export.
     OTEL_EXPORTER_OTLP_ENDPOINT is honoured too."""
+    trace_content: bool = False
+    """Put prompts, answers and tool arguments in model and tool spans (gen_ai.input.messages, …). Off: spans
+    carry models, tokens and errors only, never what users wrote."""
+    local_model_url: str = ""
+    """The local model server (llama.cpp, OpenAI's protocol) of providers whose base_url is empty, e.g.
+    http://127.0.0.1:8089/v1; `corral up --model local` starts one and sets it."""
     stream_replicas: int = 1
     """Replicas of each stream and bucket: 1 on one server, 3 on a cluster."""
 

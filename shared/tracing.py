@@ -18,7 +18,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None  # set only while spans are exported
@@ -84,6 +84,22 @@ def producing(name: str, attributes: dict[str, str]) -> Iterator[Span | None]:
         return
     with _tracer.start_as_current_span(name, kind=SpanKind.PRODUCER, attributes=attributes) as span:
         yield span
+
+
+@contextmanager
+def span(name: str, attributes: dict[str, object] | None = None,
+         kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span | None]:
+    """A span inside the current trace (a model or tool call in a handler); None when nothing is exported."""
+    if _tracer is None:
+        yield None
+        return
+    with _tracer.start_as_current_span(name, kind=kind, attributes=attributes or {},
+                                       record_exception=False, set_status_on_exception=False) as current:
+        yield current
+
+
+def error_status(description: str) -> Status:
+    return Status(StatusCode.ERROR, description)
 
 
 class _Carrying:

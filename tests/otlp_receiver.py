@@ -18,12 +18,18 @@ class ReceivedSpan(tuple):
 class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[tuple[str, str, str]] = []
+        self.detailed: list[tuple[str, str, str, dict]] = []
+        """Each span with its attributes (strings, ints, floats, bools, lists of them)."""
+        self.raw: list[bytes] = []
+        """Every request's body as the exporter sent it."""
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver._lock:
+                    receiver.raw.append(body)
                 receiver._collect(ExportTraceServiceRequest.FromString(body))
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
@@ -46,6 +52,13 @@ class OtlpReceiver:
             for scope in resource_spans.scope_spans:
                 with self._lock:
                     self.spans.extend((span.trace_id.hex(), service, span.name) for span in scope.spans)
+                    self.detailed.extend((span.trace_id.hex(), service, span.name, _attributes(span.attributes))
+                                         for span in scope.spans)
+
+    def named(self, prefix: str) -> list[tuple[str, str, str, dict]]:
+        """Spans whose name starts with `prefix`, with their attributes."""
+        with self._lock:
+            return [span for span in self.detailed if span[2].startswith(prefix)]
 
     def services_in_trace(self, trace_id: str) -> set[str]:
         with self._lock:
@@ -58,3 +71,14 @@ class OtlpReceiver:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+def _attributes(attributes) -> dict:
+    return {a.key: _value(a.value) for a in attributes}

@@ -26,6 +26,8 @@ def test_the_demo_runs_every_path_end_to_end_shows_a_breaker_trip_and_recovery_a
     assert int(re.search(r"breaker trips \(closed -> open\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"breaker recoveries \(half_open -> closed\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"of which on a fallback strategy\s+│\s+(\d+)", out).group(1)) >= 1, out
+    real = out[out.index("a REAL model"):]
+    assert real.count("completed") == 3, out  # the local model answered each of its three tasks
     assert (tmp_path / "demo" / "auth" / "nats-server.conf").exists()  # auth was on, with no step of its own
     server_log = (tmp_path / "demo" / "logs" / "nats-server.log").read_text()
     assert "Violation" not in server_log, "the server refused a publish or subscription of the demo's"

@@ -8,11 +8,10 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from contracts import ChatMessage
-
 from services import stack
 from services.monitor.handlers import percentiles
 from services.workers.errors import PermanentProviderError, TransientProviderError
+from services.workers.conversation import ModelRequest, ToolSpec, Turn
 from services.workers.simulated import SimulatedProvider
 from shared.config import load_settings
 from shared.consume import _deliveries
@@ -20,8 +19,10 @@ from shared.errors import ConfigError
 from shared.tokens import count_tokens, encoding_for
 
 
-def ask(text: str) -> list[ChatMessage]:
-    return [ChatMessage(role="user", content=text)]
+def ask(text: str, *, model: str = "m", max_tokens: int = 5, call_id: str = "c", attempt: int = 1,
+        tools: list[ToolSpec] = ()) -> ModelRequest:
+    return ModelRequest(model=model, messages=[Turn(role="user", content=text)], max_tokens=max_tokens,
+                        call_id=call_id, attempt=attempt, tools=list(tools))
 
 
 def test_settings_come_from_defaults_then_file_then_environment(tmp_path):
@@ -63,8 +64,8 @@ def test_tokens_are_counted_offline_even_with_the_network_unreachable(monkeypatc
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_simulated_model_is_deterministic_and_honours_max_tokens(anyio_backend):
     model = SimulatedProvider(latency_s=0)
-    first = await model.complete(model="sim-large", messages=ask("same"), max_tokens=12, call_id="c1", attempt=1)
-    again = await model.complete(model="sim-large", messages=ask("same"), max_tokens=12, call_id="c2", attempt=1)
+    first = await model.complete(ask("same", model="sim-large", max_tokens=12, call_id="c1", attempt=1))
+    again = await model.complete(ask("same", model="sim-large", max_tokens=12, call_id="c2", attempt=1))
     assert first == again
     assert first.text.startswith("[simulated")
     assert first.usage.output_tokens == count_tokens(first.text) <= 12
@@ -75,13 +76,29 @@ async def test_the_simulated_model_is_deterministic_and_honours_max_tokens(anyio
 async def test_the_simulated_model_fails_as_its_prompt_directs(anyio_backend):
     model = SimulatedProvider(latency_s=0)
     with pytest.raises(PermanentProviderError):
-        await model.complete(model="m", messages=ask("x [sim:fail=permanent]"), max_tokens=5, call_id="c", attempt=1)
+        await model.complete(ask("x [sim:fail=permanent]", model="m", max_tokens=5, call_id="c", attempt=1))
     with pytest.raises(TransientProviderError):
-        await model.complete(model="m", messages=ask("x [sim:flaky=1]"), max_tokens=5, call_id="c", attempt=1)
-    ok = await model.complete(model="m", messages=ask("x [sim:flaky=1]"), max_tokens=5, call_id="c", attempt=2)
+        await model.complete(ask("x [sim:flaky=1]", model="m", max_tokens=5, call_id="c", attempt=1))
+    ok = await model.complete(ask("x [sim:flaky=1]", model="m", max_tokens=5, call_id="c", attempt=2))
     assert ok.usage.output_tokens > 0
     with anyio.fail_after(1):
-        await model.complete(model="m", messages=ask("x [sim:latency=0.01]"), max_tokens=5, call_id="c", attempt=1)
+        await model.complete(ask("x [sim:latency=0.01]", model="m", max_tokens=5, call_id="c", attempt=1))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_simulated_model_calls_each_offered_tool_once_then_answers_from_their_results(anyio_backend):
+    model = SimulatedProvider(latency_s=0)
+    search = ToolSpec(name="search", description="d", parameters={
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]})
+    first = await model.complete(ask("find it", tools=[search, ToolSpec(name="clock", description="d")]))
+    assert [(c.name, c.arguments) for c in first.tool_calls] == [("search", '{"query":"find it"}'), ("clock", "{}")]
+    assert first.text == ""
+    fed_back = ModelRequest(model="m", max_tokens=20, tools=[search], messages=[
+        Turn(role="user", content="find it"), Turn(role="assistant", tool_calls=first.tool_calls),
+        Turn(role="tool", tool_call_id="sim-call-0", content="found")])
+    answer = await model.complete(fed_back)
+    assert answer.tool_calls == [] and answer.text.startswith("[simulated m]")
 
 
 def test_percentiles_pick_the_nearest_rank():

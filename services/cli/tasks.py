@@ -44,9 +44,10 @@ def submit(
             if not follow:
                 console.print(await client.submit(spec, tenant=tenant, user=user))
                 return
-            end = await client.run(spec, tenant=tenant, user=user, timeout=timeout,
-                                   on_progress=lambda p: console.print(f"  {p.stage}: {p.message}", markup=False))
-            _print_terminal(end)
+            printer = _ProgressPrinter()
+            end = await client.run(spec, tenant=tenant, user=user, timeout=timeout, on_progress=printer)
+            printer.end()
+            _print_terminal(end, streamed=printer.streamed)
 
     try:
         run(go)
@@ -91,12 +92,46 @@ def print_status(report, out: Console) -> None:
     out.print(table)
 
 
-def _print_terminal(event) -> None:
+class _ProgressPrinter:
+    """Progress as lines; an answer streaming in as it is generated, its pieces in order (a retried step
+    streams anew, on a line of its own)."""
+
+    def __init__(self) -> None:
+        self.step = ""
+        self.streamed = ""
+        """The text streamed by the last step that streamed."""
+        self.pending: dict[int, str] = {}
+        self.next_seq = 1
+
+    def __call__(self, progress) -> None:
+        if progress.stage != "streaming":
+            self.end()
+            console.print(f"  {progress.stage}: {progress.message}", markup=False, highlight=False)
+            return
+        if progress.step_id != self.step:
+            self.end()
+            self.step, self.streamed, self.pending, self.next_seq = progress.step_id, "", {}, 1
+        self.pending[progress.seq] = progress.message
+        while self.next_seq in self.pending:
+            piece = self.pending.pop(self.next_seq)
+            console.out(piece, end="", highlight=False)
+            self.streamed += piece
+            self.next_seq += 1
+
+    def end(self) -> None:
+        if self.step:
+            console.out("")
+            self.step = ""
+
+
+def _print_terminal(event, *, streamed: str = "") -> None:
     kind = type(event).__struct_config__.tag
     if kind == "task.completed":
         console.print(f"[green]completed[/] {event.task_id} in {event.attempts} attempt(s), "
-                      f"{event.usage.input_tokens}+{event.usage.output_tokens} tokens")
-        console.print(event.output, markup=False, highlight=False)
+                      f"{event.usage.input_tokens}+{event.usage.output_tokens} tokens"
+                      f"{' (estimated)' if event.usage.estimated else ''}")
+        if event.output != streamed:  # already printed as it streamed in
+            console.print(event.output, markup=False, highlight=False)
     elif kind == "task.rejected":
         console.print(f"[yellow]rejected[/] ({event.reason}) ", end="")
         console.print(event.message, markup=False)

@@ -1,12 +1,11 @@
-"""agent worker: run the step an executor asks for (its tools, then the model call) and report its outcome.
+"""agent worker: run the step an executor asks for, an agent loop of model and tool calls, and report its outcome.
 
-Each call goes to a dependency with a breaker: a model (`provider/model`) or a tool
-(`tool/NAME`). Before each call the worker asks its breaker view (and, in half-open,
-the breaker for a probe lease); a dependency it may not call fails the step at once
-with `breaker_open`, without calling it. The step's `timeout_s` bounds the whole step
-here: when it passes, the call in flight is abandoned and the step fails as `timeout`.
-The outcome lists every call with its error class and latency, which is what the
-breaker counts.
+Each call goes to a dependency with a breaker: a model (`provider/model`), a tool (`tool/NAME`) or an MCP
+server's tool (`mcp/SERVER/TOOL`). Before each call the worker asks its breaker view (and, in half-open,
+the breaker for a probe lease); a dependency it may not call fails the step at once with `breaker_open`,
+without calling it. The step's `timeout_s` bounds the whole step here: when it passes, the call in flight
+is abandoned and the step fails as `timeout`. The outcome lists every call with its error class and
+latency, which is what the breaker counts, and the usage of every model call, summed.
 """
 
 from __future__ import annotations
@@ -18,11 +17,15 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from contracts import Call, ChatMessage, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
+from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
 from contracts.events import ErrorClass, clip
+from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
+from services.workers import telemetry
+from services.workers.agent import AgentLoop, MaxTurnsReached
+from services.workers.conversation import Provider, Tool
 from services.workers.errors import CircuitOpen, ProviderError, UnknownProvider
-from services.workers.simulated import Completion
+from services.workers.streaming import DeltaPublisher
 from shared.breakers import BreakerGate
 from shared.errors import PoisonMessage
 
@@ -31,20 +34,19 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 
-class Provider(Protocol):
-    name: str
-
-    async def complete(self, *, model: str, messages: list[ChatMessage], max_tokens: int, call_id: str,
-                       attempt: int) -> Completion: ...
+class Providers(Protocol):
+    def get(self, name: str) -> Provider | None: ...
 
 
 class Tools(Protocol):
-    async def call(self, tool: str, query: str) -> str: ...
+    def get(self, name: str) -> Tool | None: ...
 
 
 class Worker:
-    def __init__(self, worker_id: str, providers: dict[str, Provider], emit: Emit, *, tools: Tools | None = None,
-                 gate: BreakerGate | None = None, clock: Clock = time.time, notify: Emit | None = None) -> None:
+    def __init__(self, worker_id: str, providers: Providers | dict[str, Provider], emit: Emit, *,
+                 tools: Tools | None = None, gate: BreakerGate | None = None, clock: Clock = time.time,
+                 notify: Emit | None = None, policy: Callable[[], Policy] = lambda: DEFAULT_POLICY,
+                 trace_content: bool = False) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
@@ -53,6 +55,8 @@ class Worker:
         self.tools = tools
         self.gate = gate
         self.clock = clock
+        self.policy = policy
+        self.trace_content = trace_content
 
     async def on_step(self, step: StepRequested) -> None:
         provider = self.providers.get(step.provider)
@@ -63,15 +67,23 @@ class Worker:
             worker=self.worker_id, step_id=step.step_id,
             message=f"{step.agent} worker {self.worker_id} calling {step.provider}/{step.model}"))
         run = StepRun(step, self.gate)
+        deltas = DeltaPublisher(step, self.worker_id, self.notify)
         left = self._time_left(step)
         outcome: StepCompleted | StepFailed | None = None
-        if left <= 0:
-            outcome = run.failed(run.model, "timeout", "the step's deadline passed before it started")
-        else:
-            with anyio.move_on_after(left):
-                outcome = await self._attempt(step, provider, run)
-        if outcome is None:  # the timeout passed with a call in flight
-            outcome = run.timed_out(left)
+        with telemetry.agent_span(step, provider.system) as span:
+            if left <= 0:
+                outcome = run.failed(run.model, "timeout", "the step's deadline passed before it started")
+            else:
+                with anyio.move_on_after(left):
+                    async with anyio.create_task_group() as streaming:
+                        streaming.start_soon(deltas.pump)
+                        outcome = await self._attempt(step, provider, run, deltas)
+                        streaming.cancel_scope.cancel()
+            if outcome is None:  # the timeout passed with a call in flight
+                outcome = run.timed_out(left)
+            if isinstance(outcome, StepFailed):
+                telemetry.failed(span, outcome.error)
+            await deltas.flush()  # the answer's last pieces before its end
         subject = subjects.step_completed if isinstance(outcome, StepCompleted) else subjects.step_failed
         await self.emit(subject(step.tenant), outcome)
 
@@ -81,25 +93,44 @@ class Worker:
             left = min(left, step.deadline_at - self.clock())
         return left
 
-    async def _attempt(self, step: StepRequested, provider: Provider, run: StepRun) -> StepCompleted | StepFailed:
-        messages = step.messages or [ChatMessage(role="user", content=step.prompt)]
+    def _offered(self, step: StepRequested, agent: AgentPolicy | None) -> tuple[dict[str, Tool], str]:
+        """The tools this step may call (the task's, within the agent's list), or the one it lacks."""
+        offered: dict[str, Tool] = {}
+        for name in step.tools:
+            if agent is not None and agent.tools is not None and name not in agent.tools:
+                continue
+            tool = self.tools.get(name) if self.tools is not None else None
+            if tool is None:
+                return offered, name
+            offered[name] = tool
+        return offered, ""
+
+    async def _attempt(self, step: StepRequested, provider: Provider, run: StepRun,
+                       deltas: DeltaPublisher) -> StepCompleted | StepFailed:
+        policy = self.policy()
+        agent = policy.agents.get(step.agent)
+        tools, missing = self._offered(step, agent)
+        if missing:
+            return run.failed(tool_key(missing), "permanent",
+                              f"this worker has no tool {missing!r} (built-in, plug-in or MCP); the task names it")
+        loop = AgentLoop(step, provider, tools, run.call, model_dependency=run.model,
+                         max_turns=agent.max_turns if agent else AgentPolicy.max_turns,
+                         max_tool_output_chars=policy.workers.max_tool_output_chars,
+                         system_prompt=agent.system_prompt if agent else "", on_text=deltas.feed,
+                         trace_content=self.trace_content)
         try:
-            for tool in step.tools:  # the simulated agent loop: gather each tool's result, then ask the model
-                if self.tools is None:
-                    raise PoisonMessage(f"step names tool {tool!r} but this worker has no tools")
-                result = await run.call(tool_key(tool), lambda tool=tool: self.tools.call(tool, step.prompt))
-                messages = [*messages, ChatMessage(role="tool", name=tool, content=result)]
-            completion = await run.call(run.model, lambda: provider.complete(
-                model=step.model, messages=messages, max_tokens=step.max_tokens, call_id=step.step_id,
-                attempt=step.attempt))
+            answer = await loop.run()
         except CircuitOpen as closed:
             return run.failed(closed.dependency, "transient", str(closed), breaker_open=True)
+        except MaxTurnsReached as error:
+            return run.failed(run.model, error.error_class, str(error))
         except ProviderError as error:
             return run.failed(run.calls[-1].dependency, error.error_class, str(error), error.retry_after_s)
         return StepCompleted(
             task_id=step.task_id, tenant=step.tenant, user=step.user, step_id=step.step_id, attempt=step.attempt,
-            agent=step.agent, dependency=run.model, model=step.model, output=completion.text,
-            usage=completion.usage, latency_ms=run.elapsed_ms(), calls=run.calls)
+            agent=step.agent, dependency=run.model, model=step.model, output=answer.text,
+            usage=answer.usage, latency_ms=run.elapsed_ms(), calls=run.calls, turns=answer.turns,
+            refused_tool_calls=answer.refused_tool_calls, first_token_ms=deltas.first_token_ms())
 
 
 class StepRun:

@@ -1,7 +1,7 @@
 """agent worker service: one process per agent kind; start more to scale that kind.
 
-Every replica also follows the breaker bucket (tools and models it may not call), and
-listens on `corral.sim.control` (core NATS, no queue group: every replica hears each
+Every replica follows the policy (its model providers, MCP servers and tool settings) and
+the breaker bucket (tools and models it may not call), and listens on `corral.sim.control` (core NATS, no queue group: every replica hears each
 command and answers it) for what the simulated dependencies should do.
 """
 
@@ -19,12 +19,16 @@ from contracts import StepRequested
 from contracts import subjects as s
 from contracts.commands import SimulateDependency
 from contracts.queries import SimulationAck
-from services.workers.handlers import Worker
-from services.workers.simulated import SimulatedFaults, SimulatedProvider, SimulatedTools
+from services.workers.conversation import Tool
+from services.workers.handlers import Tools, Worker
+from services.workers.models import ProviderSet
+from services.workers.simulated import SIMULATED_TOOLS, SimulatedFaults, SimulatedProvider, SimulatedTool
+from services.workers.tools import Toolbox
 from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
+from shared.policy import PolicyView
 from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
@@ -37,16 +41,33 @@ def name(agent: str) -> str:
     return f"worker-{agent}"
 
 
+class _RealThenSimulated:
+    """Tools by name: the real ones (built-in, plug-in, MCP) first, then the simulated stand-ins."""
+
+    def __init__(self, toolbox: Toolbox, faults: SimulatedFaults) -> None:
+        self.toolbox = toolbox
+        self.simulated = {tool: SimulatedTool(tool, faults=faults) for tool in SIMULATED_TOOLS}
+
+    def get(self, tool: str) -> Tool | None:
+        return self.toolbox.get(tool) or self.simulated.get(tool)
+
+
 async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
     faults = SimulatedFaults()
-    provider = SimulatedProvider(latency_s=settings.sim_latency_s, failure_rate=settings.sim_failure_rate,
-                                 faults=faults)
+    simulated = SimulatedProvider(latency_s=settings.sim_latency_s, failure_rate=settings.sim_failure_rate,
+                                  faults=faults)
     async with Bus.connect(settings, name(agent)) as bus:
         worker_id = f"{socket.gethostname()}-{os.getpid()}"
         quarantine = Quarantine(bus.js, name(agent))
+        policy_kv = await bus.policy_bucket()
+        policy = await PolicyView.load(policy_kv, quarantine)
         view = BreakerView(quarantine)
-        worker = Worker(worker_id, {provider.name: provider}, bus.emit, tools=SimulatedTools(faults=faults),
-                        gate=BreakerGate(view, lease_requester(bus.nc, worker_id)), notify=bus.notify)
+        toolbox = Toolbox(lambda: policy().workers)
+        providers = ProviderSet(policy, simulated, settings.local_model_url)
+        tools: Tools = _RealThenSimulated(toolbox, faults)
+        worker = Worker(worker_id, providers, bus.emit, tools=tools, policy=policy, notify=bus.notify,
+                        gate=BreakerGate(view, lease_requester(bus.nc, worker_id)),
+                        trace_content=settings.trace_content)
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
@@ -66,13 +87,16 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         def stats() -> dict:
             return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
                     "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()},
-                    "quarantined": quarantine.stats()}
+                    "tools": toolbox.stats(), "policy": policy.stats(), "quarantined": quarantine.stats()}
 
         control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
         try:
             async with micro_service(bus, f"{agent} agent worker", stats=stats), anyio.create_task_group() as tg:
+                tg.start_soon(policy.follow, policy_kv, stop)
                 tg.start_soon(view.follow, await bus.bucket(s.KV_BREAKERS), stop)
+                tg.start_soon(toolbox.maintain, stop)
                 await steps.run(stop)
                 tg.cancel_scope.cancel()
         finally:
             await control.unsubscribe()
+            await providers.aclose()

@@ -4,6 +4,10 @@ It calls no model and no tool. It exists for the default demo, the tests and the
 benchmarks, and it is named `simulated` wherever it appears (dependency keys, model
 names, outputs). Its output is a function of the prompt alone, so runs are repeatable.
 
+In the agent loop it behaves like a model that uses every tool it is offered: its first
+answer calls each tool once (arguments from the prompt), and once the conversation holds
+the tools' results it answers in text.
+
 Directives in a prompt steer it (tests and demos use them; real providers ignore them):
     [sim:fail=transient|permanent|timeout|rate_limited]   every attempt fails with that class
     [sim:flaky=N]                                          the first N attempts fail (transient, or [sim:error=…])
@@ -28,9 +32,10 @@ import re
 import anyio
 import msgspec
 
-from contracts import ChatMessage, Usage
+from contracts import Usage
 from contracts.commands import SimulateDependency
 from contracts.state import dependency_key, tool_key
+from services.workers.conversation import Completion, ModelRequest, OnText, ToolCall, ToolSpec, Turn
 from services.workers.errors import (
     PermanentProviderError,
     ProviderError,
@@ -50,11 +55,6 @@ _ERRORS: dict[str, type[ProviderError]] = {
 }
 _WORDS = ("agent", "plan", "result", "source", "evidence", "draft", "code", "test", "summary", "risk", "budget",
           "latency", "trace", "step", "answer", "review", "data", "model", "tool", "context", "finding")
-
-
-class Completion(msgspec.Struct, frozen=True):
-    text: str
-    usage: Usage
 
 
 class SimulatedFaults:
@@ -94,6 +94,7 @@ class SimulatedProvider:
     """A stand-in for a model API. Configure its base latency and failure rate."""
 
     name = NAME
+    system = NAME
 
     def __init__(self, latency_s: float = 0.05, failure_rate: float = 0.0,
                  faults: SimulatedFaults | None = None) -> None:
@@ -101,19 +102,23 @@ class SimulatedProvider:
         self.failure_rate = failure_rate
         self.faults = faults or SimulatedFaults()
 
-    async def complete(self, *, model: str, messages: list[ChatMessage], max_tokens: int, call_id: str,
-                       attempt: int) -> Completion:
-        prompt = "\n".join(message.content for message in messages)
+    async def complete(self, request: ModelRequest, on_text: OnText | None = None) -> Completion:
+        prompt = "\n".join(turn.content for turn in request.messages)
         directives = dict(_DIRECTIVE.findall(prompt))
         latency = float(directives.get("latency", self.latency_s))
         if latency > 0:
             await anyio.sleep(latency)
-        await self.faults.call(dependency_key(NAME, model))
-        self._maybe_fail(directives, call_id, attempt)
-        text, output_tokens = _generate(model, prompt, max_tokens)
+        await self.faults.call(dependency_key(NAME, request.model))
+        self._maybe_fail(directives, request.call_id, request.attempt)
         # Billed like a chat API: the conversation with its per-message overhead, then the reply.
-        return Completion(text=text, usage=Usage(input_tokens=count_chat(messages, model),
-                                                 output_tokens=output_tokens))
+        input_tokens = count_chat(request.messages, request.model)
+        if request.tools and not any(turn.role == "tool" for turn in request.messages):
+            calls = [_call_for(tool, n, _last_user_text(request.messages)) for n, tool in enumerate(request.tools)]
+            return Completion(text="", tool_calls=calls, finish_reason="tool_calls", response_model=request.model,
+                              usage=Usage(input_tokens=input_tokens, output_tokens=8 * len(calls)))
+        text, output_tokens = _generate(request.model, prompt, request.max_tokens)
+        return Completion(text=text, finish_reason="stop", response_model=request.model,
+                          usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
     def _maybe_fail(self, directives: dict[str, str], call_id: str, attempt: int) -> None:
         retry_after = float(directives.get("retry_after", "0.2"))
@@ -129,19 +134,39 @@ class SimulatedProvider:
             raise TransientProviderError("simulated transient failure (sim_failure_rate)")
 
 
-class SimulatedTools:
-    """Stand-ins for the tools a step names (search, calculator, …): each is a dependency `tool/NAME`
-    with its own breaker. A call returns a short deterministic text; faults apply as to models."""
+SIMULATED_TOOLS = ("search", "code_interpreter", "browser")
+"""Tools with no real implementation here: the simulated ones answer for them."""
 
-    def __init__(self, latency_s: float = 0.0, faults: SimulatedFaults | None = None) -> None:
+
+class SimulatedTool:
+    """A stand-in for a tool (search, browser, …): a dependency `tool/NAME` with its own breaker. A call
+    returns a short deterministic text; faults apply as to models."""
+
+    def __init__(self, name: str, latency_s: float = 0.0, faults: SimulatedFaults | None = None) -> None:
+        self.spec = ToolSpec(name=name, description=f"SIMULATED {name}: returns a placeholder result",
+                             parameters={"type": "object", "properties": {"query": {"type": "string"}},
+                                         "required": ["query"]})
+        self.dependency = tool_key(name)
         self.latency_s = latency_s
         self.faults = faults or SimulatedFaults()
 
-    async def call(self, tool: str, query: str) -> str:
+    async def run(self, arguments: dict) -> str:
         await anyio.sleep(self.latency_s)
-        await self.faults.call(tool_key(tool))
-        digest = hashlib.sha256(f"{tool}\0{query}".encode()).hexdigest()[:12]
-        return f"[simulated {tool} result {digest}]"
+        await self.faults.call(self.dependency)
+        digest = hashlib.sha256(f"{self.spec.name}\0{arguments.get('query', '')}".encode()).hexdigest()[:12]
+        return f"[simulated {self.spec.name} result {digest}]"
+
+
+def _call_for(tool: ToolSpec, n: int, text: str) -> ToolCall:
+    """A call of `tool` whose required string arguments all get `text`."""
+    properties = tool.parameters.get("properties", {})
+    arguments = {name: text for name in tool.parameters.get("required", [])
+                 if properties.get(name, {}).get("type") == "string"}
+    return ToolCall(id=f"sim-call-{n}", name=tool.name, arguments=msgspec.json.encode(arguments).decode())
+
+
+def _last_user_text(messages: list[Turn]) -> str:
+    return next((turn.content for turn in reversed(messages) if turn.role == "user"), "")
 
 
 def _fraction(key: str) -> float:
