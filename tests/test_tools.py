@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
+import httpx
 import pytest
 
-from contracts.policy import WorkerSettings
+from contracts.policy import McpServer, WorkerSettings
 from services.stack import free_port
 from services.workers import tools
 from services.workers.errors import ProviderTimeout, ToolError, TransientProviderError
@@ -33,7 +34,8 @@ async def calculate(expression: str) -> str:
 
 @pytest.mark.parametrize(("expression", "answer"), [
     ("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("2 ** 10", "1024"), ("2 ** 3 ** 2", "512"), ("-2 ** 2", "-4"),
-    ("7 / 2", "3.5"), ("7 // 2", "3"), ("-7 // 2", "-4"), ("-7 % 3", "2"), ("+-+1", "-1"), ("0.1 + 0.2", "0.30000000000000004"),
+    ("7 / 2", "3.5"), ("7 // 2", "3"), ("-7 // 2", "-4"), ("-7 % 3", "2"), ("+-+1", "-1"),
+    ("0.1 + 0.2", "0.30000000000000004"), ("1+" * 400 + "1", "401"),
     ("sqrt(16) + log(e) + cos(0)", "6.0"), ("round(sin(pi / 2), 6)", "1.0"), ("log(8, 2)", "3.0"),
     ("max(3, 9, 4) - min(3, 9, 4)", "6"), ("factorial(20)", "2432902008176640000"), ("abs(-2.5)", "2.5"),
     ("2 ** -1", "0.5"), ("10 ** 30", "1" + "0" * 30), ("1e3", "1000.0"), (" 4 ", "4"),
@@ -179,7 +181,8 @@ def fetcher(*hosts: str, timeout_s: float = 5.0) -> HttpGet:
 async def test_http_get_returns_status_content_type_and_body_from_an_allowed_host(sites: tuple[Site, Site]) -> None:
     site, _ = sites
     http_get = Toolbox(lambda: WorkerSettings(http_allowed_hosts=[site.host])).get("http_get")
-    assert await http_get.run({"url": site.url("/hello")}) == "HTTP 200 OK\ncontent-type: text/plain; charset=utf-8\n\nhéllo"
+    assert await http_get.run({"url": site.url("/hello")}) == \
+        "HTTP 200 OK\ncontent-type: text/plain; charset=utf-8\n\nhéllo"
     assert (await http_get.run({"url": site.url("/json")})).endswith('\n\n{"a": 1}')
     assert (await http_get.run({"url": site.url("/image")})).endswith("[40 bytes of image/png, not shown]")
     assert http_get.dependency == "tool/http_get"
@@ -192,9 +195,19 @@ async def test_http_get_refuses_a_host_not_allowed_without_connecting_and_says_w
         await fetcher(site.host).run({"url": other.url("/")})
     with pytest.raises(ToolError, match="allowed hosts: none"):
         await fetcher().run({"url": other.url("/")})
-    with pytest.raises(ToolError, match=rf"host {other.host} is not allowed; allowed hosts: 127.0.0.1$"):  # port 80 only
-        await fetcher("127.0.0.1").run({"url": other.url("/")})
+    with pytest.raises(ToolError, match=rf"host {other.host} is not allowed; allowed hosts: 127.0.0.1$"):
+        await fetcher("127.0.0.1").run({"url": other.url("/")})  # a bare name allows the default port only
     assert other.hits == 0
+
+
+def test_an_allowed_host_is_its_name_on_the_default_port_or_name_and_port() -> None:
+    fetcher("example.com").check(httpx.URL("https://EXAMPLE.com./a"))
+    fetcher("example.com:443").check(httpx.URL("https://example.com/a"))
+    fetcher("[::1]:8080").check(httpx.URL("http://[::1]:8080/"))
+    for url in ("https://example.com:8443/", "http://example.com:8080/", "https://sub.example.com/",
+                "https://example.com.evil.net/", "http://[::1]/"):
+        with pytest.raises(ToolError, match="is not allowed"):
+            fetcher("example.com", "example.com:443", "[::1]:8080").check(httpx.URL(url))
 
 
 @pytest.mark.parametrize(("url", "says"), [
@@ -295,10 +308,11 @@ def test_a_name_registered_by_two_factories_is_refused_naming_both(monkeypatch: 
     with pytest.raises(DuplicateTool, match=r"'twice' is registered twice: by tests\.test_tools\..*first and by "
                                             r"tests\.test_tools\..*second"):
         register("twice", second)
-    with pytest.raises(DuplicateTool, match=r"by services\.workers\.tools\.calculator\..* and by tests\.test_tools\..*first"):
+    with pytest.raises(DuplicateTool, match=r"by services\.workers\.tools\.calculator\..* and by tests\..*first"):
         register("calculator", first)
-    with pytest.raises(ValueError, match="a tool's name is"):
-        register("no spaces", first)
+    for name in ("no spaces", "trailing\n", "", "x" * 65):
+        with pytest.raises(ValueError, match="a tool's name is"):
+            register(name, first)
 
 
 async def test_a_plug_in_the_policy_names_is_imported_and_its_tool_offered_and_a_missing_one_only_logged(
@@ -327,3 +341,11 @@ async def test_tools_follow_the_live_policy(sites: tuple[Site, Site]) -> None:
         settings = WorkerSettings(http_allowed_hosts=[site.host])
         await eventually(lambda: toolbox.get("http_get").allowed == {site.host})
         assert (await toolbox.get("http_get").run({"url": site.url("/hello")})).endswith("héllo")
+
+
+async def test_an_mcp_server_whose_name_cannot_be_a_dependency_key_is_not_connected() -> None:
+    settings = WorkerSettings(mcp_servers={"a/b": McpServer(url="http://127.0.0.1:9/mcp")})
+    async with maintained(lambda: settings) as toolbox:
+        await eventually(lambda: toolbox.stats()["mcp_servers"].get("a/b"))
+        assert toolbox.stats()["mcp_servers"]["a/b"]["state"] == "invalid"
+        assert "is not [A-Za-z0-9_.=-]{1,64}" in toolbox.stats()["mcp_servers"]["a/b"]["last_error"]

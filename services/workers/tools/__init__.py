@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ from contracts.policy import McpServer, WorkerSettings
 from services.workers.conversation import Tool
 from services.workers.tools.calculator import NAME as CALCULATOR, Calculator
 from services.workers.tools.http_get import NAME as HTTP_GET, HttpGet
-from services.workers.tools.mcp import BACKOFF_MAX_S, RELIST_EVERY_S, McpConnection
+from services.workers.tools.mcp import BACKOFF_MAX_S, RELIST_EVERY_S, TOOL_NAME, McpConnection
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 ToolFactory = Callable[[WorkerSettings], Tool]
 """Builds a tool from the workers' settings of the current policy (called again whenever they change)."""
 
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLL_S = 1.0
 """How often a Toolbox looks at the policy for servers and plug-ins that came or went."""
 
@@ -67,7 +65,7 @@ def register(name: str, factory: ToolFactory) -> None:
     """Offer the tool `factory` builds as `name`, in every Toolbox of this process. Registering the same factory
     again (a module imported twice) does nothing; a different one under a taken name is a DuplicateTool."""
     global _generation
-    if not isinstance(name, str) or not TOOL_NAME.match(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise ValueError(f"a tool's name is [A-Za-z0-9_-]{{1,64}}, not {name!r}")
     existing = _factories.get(name)
     if existing is not None and existing != factory and _describe(existing) != _describe(factory):
@@ -114,8 +112,6 @@ class Toolbox:
                 with anyio.move_on_after(self.poll_s):
                     await stop.wait()
             tg.cancel_scope.cancel()
-        for connection, _ in self._servers.values():
-            connection.state = "stopped"
 
     def get(self, name: str) -> Tool | None:
         return self._index.get(name)

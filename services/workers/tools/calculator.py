@@ -23,7 +23,8 @@ from services.workers.errors import ToolError
 NAME = "calculator"
 MAX_EXPRESSION_CHARS = 1_000
 MAX_DEPTH = 100
-"""Nodes on the way from the root to the deepest leaf (each pair of parentheses adds none, each operator one)."""
+"""Nesting of operands, calls and unary operators (a chain like `1 + 2 + 3` counts once; parentheses add
+nothing of their own, the operators inside them do)."""
 MAX_INT_BITS = 4_096
 """Largest integer an operation may produce (about 1,233 decimal digits)."""
 MAX_FACTORIAL = 1_000
@@ -135,8 +136,16 @@ def _eval(node: ast.AST, depth: int) -> Number:
             raise ToolError(f"unknown name {name!r:.40}; constants: {', '.join(CONSTANTS)}")
         case ast.UnaryOp(op=op, operand=operand) if type(op) in UNARY:
             return UNARY[type(op)](_eval(operand, depth + 1))
-        case ast.BinOp(left=left, op=op, right=right) if type(op) in BINARY:
-            return _checked_int(BINARY[type(op)](_eval(left, depth + 1), _eval(right, depth + 1)))
+        case ast.BinOp(op=op) if type(op) in BINARY:
+            # `1 + 2 + ... + 9` is a left spine as deep as it is long: walk it in a loop, not by recursion
+            spine: list[ast.BinOp] = []
+            while isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+                spine.append(node)
+                node = node.left
+            value = _eval(node, depth + 1)
+            for step in reversed(spine):
+                value = _checked_int(BINARY[type(step.op)](value, _eval(step.right, depth + 1)))
+            return value
         case ast.Call(func=ast.Name(id=name), args=args, keywords=[]) if name in FUNCTIONS and not any(
                 isinstance(arg, ast.Starred) for arg in args):
             return _checked_int(FUNCTIONS[name](*(_eval(arg, depth + 1) for arg in args)))

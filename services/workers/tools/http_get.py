@@ -1,7 +1,7 @@
 """The built-in `http_get` tool: fetch a URL from a host the policy allows.
 
 Only http and https, only to hosts in `workers.http_allowed_hosts` (`name` allows the scheme's
-default port, `name:port` that port; an IPv6 address is written in brackets, `[::1]:8080`).
+default port only, `name:port` that port; an IPv6 address is written in brackets, `[::1]:8080`).
 Redirects are followed by hand, a few at most, and only to allowed hosts; a refused host is never
 connected to. No proxy from the environment is used, so the host checked is the host reached.
 The body is read up to MAX_BODY_BYTES, then cut.
@@ -32,6 +32,7 @@ CONNECT_TIMEOUT_S = 5.0
 ERROR_BODY_CHARS = 500
 """Of a 4xx answer's body, quoted in its ToolError."""
 REDIRECTS = {301, 302, 303, 307, 308}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript",
               "application/rss", "application/atom")
 TEXT_SUFFIXES = ("+json", "+xml")
@@ -71,7 +72,7 @@ class HttpGet:
             raise ToolError("the URL names no host")
         if url.userinfo:
             raise ToolError("URLs with a user name or password are not fetched")
-        if host_key(url) not in self.allowed:
+        if host_key(url) not in self.allowed and f"{host_key(url)}:{DEFAULT_PORTS[url.scheme]}" not in self.allowed:
             allowed = ", ".join(sorted(self.allowed)) or "none (the policy's workers.http_allowed_hosts is empty)"
             raise ToolError(f"host {host_key(url)} is not allowed; allowed hosts: {allowed}")
 

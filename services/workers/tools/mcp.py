@@ -4,16 +4,19 @@ Each server in `workers.mcp_servers` gets one McpConnection, run for the worker'
 Toolbox's task group. It connects (the SDK negotiates the protocol: the stateless 2026-07-28 era
 when the server speaks it, else the initialize handshake), lists the server's tools, and keeps
 the list current: on a 2026-07-28 server through a `subscriptions/listen` stream for
-tools_list_changed, on an older one through the `notifications/tools/list_changed` the session
-hands its message handler, and on both by listing again every RELIST_EVERY_S, which is also how an
-idle connection to a server that went silent is found out.
+tools_list_changed (the SDK also hands the notification to the message handler), on an older one
+through the `notifications/tools/list_changed` the session hands its message handler, and on both
+by listing again every RELIST_EVERY_S, which is also how an idle connection to a server that went
+silent is found out. The listen stream is held open, so a server that dies ends it at once.
 
 When the server goes away the SDK's transport fails: the connection's task sees it (its session
 ends with the transport's error), calls in flight end with the SDK's "connection closed" error,
 and calls made meanwhile find no session; both raise TransientProviderError, which the tool's
 breaker counts. The connection then reconnects with capped exponential backoff and lists the
 tools again; until then it keeps offering the tools it last listed, so a call reaches the breaker
-as a failure instead of the model being told the tool vanished.
+as a failure instead of the model being told the tool vanished. A call that fails with any other
+error of the session (not a tool's own isError) makes the connection list the tools at once: a
+session that is broken fails that listing and is opened anew.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS, METHOD_NOT_FOUND
 from pydantic import ValidationError
 
+from contracts.events import ToolName
 from contracts.policy import McpServer
 from services.workers.conversation import ToolSpec
 from services.workers.errors import PermanentProviderError, ProviderTimeout, ToolError, TransientProviderError
@@ -43,8 +47,8 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_.=-]{1,64}$")
 """A server's name is part of its tools' dependency keys (`mcp/SERVER/TOOL`), so of a KV key's alphabet."""
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""contracts.events.ToolName: a tool by any other name cannot be named by a task."""
+TOOL_NAME = re.compile(ToolName.__metadata__[0].pattern)
+"""contracts.events.ToolName: a tool by any other name could not be named by a task."""
 LIST_TIMEOUT_S = 10.0
 """Longest the handshake, a tools/list page or a listen acknowledgement may take."""
 RELIST_EVERY_S = 60.0
@@ -55,7 +59,8 @@ CLIENT_INFO = types.Implementation(name="corral-worker", version="0.1.0")
 
 State = str
 """`connecting` (first attempt, or again after a failure), `ready` (session open, tools listed), `down`
-(waiting to reconnect), `invalid` (its name cannot be a dependency key: never connected)."""
+(waiting to reconnect), `stopped` (it left the policy, or the worker is stopping), `invalid` (its name
+cannot be a dependency key: never connected)."""
 
 
 class SessionEnded(Exception):
@@ -88,7 +93,7 @@ class McpConnection:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.relist_every_s = relist_every_s
-        self.state: State = "connecting" if SERVER_NAME.match(name) else "invalid"
+        self.state: State = "connecting" if SERVER_NAME.fullmatch(name) else "invalid"
         self.tools: dict[str, McpTool] = {}
         self.last_error = "" if self.state != "invalid" else f"the server name {name!r} is not [A-Za-z0-9_.=-]{{1,64}}"
         self.connects = 0
@@ -103,6 +108,12 @@ class McpConnection:
         if self.state == "invalid":
             log.error("MCP server %s: %s; not connected", self.name, self.last_error)
             return
+        try:
+            await self._reconnecting()
+        finally:
+            self.state, self.ready_since = "stopped", None
+
+    async def _reconnecting(self) -> None:
         failures = 0
         while True:
             self.state = "connecting"
@@ -172,7 +183,7 @@ class McpConnection:
                 break
         tools: dict[str, McpTool] = {}
         for tool in listed:
-            if not TOOL_NAME.match(tool.name):
+            if not TOOL_NAME.fullmatch(tool.name):
                 if tool.name not in self._skipped:
                     self._skipped.add(tool.name)
                     log.warning("MCP server %s: tool %r not offered: a tool name is [A-Za-z0-9_-]{1,64}", self.name,
@@ -184,13 +195,14 @@ class McpConnection:
             self.on_tools()
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
-        """Call `tool` with `arguments` and return its text; see the module's docstring for the errors."""
+        """Call `tool` with `arguments` and return its text; the module's docstring says what it raises."""
         if not isinstance(arguments, dict):
             raise ToolError(f"the arguments of {tool} are a JSON object, not {type(arguments).__name__}")
         client = self._client
         where = f"mcp/{self.name}/{tool}"
         if client is None:
-            raise TransientProviderError(f"MCP server {self.name} is {self.state}: {self.last_error or 'not connected'}")
+            why = self.last_error or "not connected yet"
+            raise TransientProviderError(f"MCP server {self.name} is {self.state}: {why}")
         timeout = self.config.timeout_s
         try:
             with anyio.fail_after(timeout):
