@@ -83,8 +83,9 @@ register(HTTP_GET, HttpGet.from_settings)
 
 
 class Toolbox:
-    """One worker's tools, kept current by `maintain`. Built-ins and plug-ins already imported are offered from
-    construction on; MCP tools once their server has been listed."""
+    """One worker's tools, kept current by `maintain`. Built-ins and the plug-ins the settings name are offered
+    from construction on; MCP tools once `maintain` has listed their server. `settings` is the live policy's
+    WorkerSettings, read about every `poll_s`."""
 
     def __init__(self, settings: Callable[[], WorkerSettings], *, poll_s: float = POLL_S,
                  reconnect_max_s: float = BACKOFF_MAX_S, relist_every_s: float = RELIST_EVERY_S) -> None:
@@ -108,7 +109,12 @@ class Toolbox:
         server (started, restarted when its entry changes, cancelled when it leaves)."""
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
-                self._refresh(self._settings(), tg)
+                try:
+                    settings = self._settings()
+                except Exception as exc:  # no policy to follow this time: keep what there is
+                    self._once(("settings", str(exc)), logging.ERROR, "tools: cannot read the settings: %s", exc)
+                else:
+                    self._refresh(settings, tg)
                 with anyio.move_on_after(self.poll_s):
                     await stop.wait()
             tg.cancel_scope.cancel()
@@ -139,7 +145,7 @@ class Toolbox:
                 continue
             try:
                 importlib.import_module(module)
-            except Exception as exc:  # whatever a plug-in does wrong, the worker goes on without it
+            except (Exception, SystemExit) as exc:  # whatever a plug-in does wrong, the worker goes on without it
                 self._plugins[module] = f"{type(exc).__name__}: {exc}"
                 log.error("tool plug-in %s not loaded: %s: %s", module, type(exc).__name__, exc)
             else:
