@@ -10,6 +10,7 @@ overrides its tenant's.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
@@ -204,6 +205,10 @@ class WorkerSettings(Strict):
     def __post_init__(self) -> None:
         if self.max_tool_output_chars < 1:
             raise ValueError("max_tool_output_chars must be at least 1")
+        for server in self.mcp_servers:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", server):
+                raise ValueError(f"MCP server name {server!r}: 1 to 64 letters, digits, - or _ (it is part of "
+                                 f"the dependency key mcp/SERVER/TOOL)")
 
 
 class BreakerSettings(Strict):
