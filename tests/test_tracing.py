@@ -43,3 +43,49 @@ async def test_a_task_leaves_one_trace_with_a_span_from_every_service(settings, 
     assert "corral submit" in spans
     assert any(name.startswith("worker-research") for name in spans)
 
+
+
+async def test_an_agent_step_is_an_invoke_agent_span_with_genai_chat_and_execute_tool_spans_and_no_content(
+        settings, tenant, user, tmp_path):
+    from contracts import TaskSpec
+    from contracts.policy import AgentPolicy, Strategy
+    from tests.conftest import apply
+    from tests.test_agents import agents_policy
+
+    simulated = Strategy(provider="simulated", model="sim-small", tier="fast", max_attempts=1)
+    await apply(settings, agents_policy({"toolsmith": AgentPolicy(chain=[simulated])}, tools=["calculator"]))
+    with OtlpReceiver() as collector:
+        stack = services(settings, tmp_path / "logs", env={"CORRAL_OTLP_ENDPOINT": collector.endpoint},
+                         agents=("toolsmith",))
+        stack.start()
+        try:
+            async with Client.connect(settings, "test") as client:
+                await client.wait_ready(stack.names(), timeout=30)
+                done = await client.run(TaskSpec(agent="toolsmith", prompt="6 * 7", tools=["calculator"]),
+                                        tenant=tenant, user=user)
+                failed = await client.run(TaskSpec(agent="toolsmith", prompt="no [sim:fail=rate_limited]"),
+                                          tenant=tenant, user=user)
+
+            async def exported():
+                return len(collector.named("invoke_agent")) >= 2 and len(collector.named("chat ")) >= 3
+
+            await wait_until(exported, timeout=15)
+        finally:
+            stack.stop()
+    assert type(done).__name__ == "TaskCompleted" and type(failed).__name__ == "TaskFailed"
+    agent_spans = collector.named("invoke_agent toolsmith")
+    chats = collector.named("chat sim-small")
+    (tool,) = collector.named("execute_tool calculator")
+    assert {span[3]["gen_ai.operation.name"] for span in agent_spans} == {"invoke_agent"}
+    assert all(span[3]["gen_ai.agent.name"] == "toolsmith" for span in agent_spans)
+    answered = [span[3] for span in chats if "gen_ai.usage.output_tokens" in span[3]]
+    assert len(answered) == 2 and all(a["gen_ai.operation.name"] == "chat" for a in answered)
+    assert all(a["gen_ai.provider.name"] == "simulated" and a["gen_ai.request.model"] == "sim-small" and
+               a["gen_ai.response.model"] == "sim-small" and a["gen_ai.usage.input_tokens"] > 0 for a in answered)
+    assert sorted(a["gen_ai.response.finish_reasons"][0] for a in answered) == ["stop", "tool_calls"]
+    assert [span[3].get("error.type") for span in chats if "gen_ai.usage.output_tokens" not in span[3]] == [
+        "rate_limited"]
+    assert tool[3]["gen_ai.operation.name"] == "execute_tool" and tool[3]["gen_ai.tool.name"] == "calculator"
+    assert len({span[0] for span in [*agent_spans, *chats, tool]}) == 2  # inside the two tasks' traces
+    everything = [key for span in collector.detailed for key in span[3]]
+    assert not {"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments"} & set(everything)
