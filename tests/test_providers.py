@@ -501,6 +501,21 @@ async def test_openai_tool_call_fragments_are_joined_by_their_index():
     assert completion.finish_reason == "tool_calls"
 
 
+async def test_an_openai_answer_that_comes_whole_is_understood_with_its_tool_calls_in_order():
+    whole = {"model": "fake", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Two lookups.", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "search", "arguments": '{"query": "a"}'}},
+            {"type": "function", "function": {"name": "search", "arguments": '{"query": "b"}'}}]}}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 9}}
+    deltas: list[str] = []
+    async with loopback(answer("200 OK", json.dumps(whole))) as server:
+        completion = await complete("openai", server.base_url, ask(tools=[SEARCH]), on_text=deltas.append)
+    assert completion.tool_calls == [ToolCall(id="call_a", name="search", arguments='{"query": "a"}'),
+                                     ToolCall(id="call_1", name="search", arguments='{"query": "b"}')]
+    assert deltas == ["Two lookups."] and completion.finish_reason == "tool_calls"
+    assert (completion.usage.input_tokens, completion.usage.output_tokens, completion.usage.estimated) == (20, 9, False)
+
+
 async def test_anthropic_tool_use_input_fragments_are_joined_per_block():
     stream = [{"type": "message_start", "message": {"model": "claude-fake", "usage": {"input_tokens": 30}}},
               {"type": "ping"},
@@ -648,6 +663,25 @@ async def test_a_key_variable_that_is_not_set_is_permanent_and_named(kind, monke
         with pytest.raises(PermanentProviderError, match="environment variable CORRAL_TEST_UNSET_KEY"):
             await complete(kind, server.base_url, ask(), key_env="CORRAL_TEST_UNSET_KEY")
     assert server.received == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad_key", [f"{FAKE_KEY}\r\nx-injected: 1", f"{FAKE_KEY}é", f"{FAKE_KEY}\x7f"])
+async def test_a_key_no_http_header_may_carry_is_permanent_and_not_quoted(kind, bad_key, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, bad_key)
+    async with loopback(events(*text_stream(kind, "Ok"))) as server:
+        with pytest.raises(PermanentProviderError, match=f"the API key in {KEY_ENV} has characters") as refused:
+            await complete(kind, server.base_url, ask(), key_env=KEY_ENV)
+    assert FAKE_KEY not in str(refused.value) and server.received == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_key_is_sent_without_the_whitespace_around_it(kind, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, f"  {FAKE_KEY}\n")
+    async with loopback(events(*text_stream(kind, "Ok"))) as server:
+        await complete(kind, server.base_url, ask(), key_env=KEY_ENV)
+    sent = server.received[0].headers
+    assert (sent["authorization"] == f"Bearer {FAKE_KEY}") if kind == "openai" else (sent["x-api-key"] == FAKE_KEY)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -200,13 +200,18 @@ class Api:
         await self.client.aclose()
 
     def key(self) -> str:
-        """The key, read now (so a rotated key is used without a restart); empty when none is configured."""
+        """The key, read now (so a rotated key is used without a restart), without surrounding whitespace;
+        empty when none is configured."""
         if not self.key_env:
             return ""
-        key = os.environ.get(self.key_env)
+        key = os.environ.get(self.key_env, "").strip()
         if not key:
             raise PermanentProviderError(f"{self.name}: the environment variable {self.key_env} that should hold "
                                          "its API key is not set")
+        if not (key.isascii() and key.isprintable()):
+            # an HTTP library's complaint about such a header would quote it, escaped past any scrubbing
+            raise PermanentProviderError(f"{self.name}: the API key in {self.key_env} has characters no HTTP "
+                                         "header may carry")
         return key
 
     def url(self, path: str) -> str:
@@ -227,7 +232,7 @@ class Api:
             raise type(error)(self.words(str(error), key), retry_after_s=error.retry_after_s) from None
         except httpx.TimeoutException as error:
             raise ProviderTimeout(self.words(self._timeout_words(error), key)) from None
-        except httpx.UnsupportedProtocol as error:
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as error:
             raise PermanentProviderError(self.words(f"cannot call {self.base_url}: {error}", key)) from None
         except httpx.ConnectError as error:
             raise TransientProviderError(self.words(f"cannot connect to {self.base_url}: {error}", key)) from None

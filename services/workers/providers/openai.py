@@ -34,6 +34,7 @@ class _FunctionDelta(msgspec.Struct):
 
 class _ToolCallDelta(msgspec.Struct):
     index: int = 0
+    """Which call a fragment belongs to, in a stream."""
     id: str | None = None
     function: _FunctionDelta | None = None
 
@@ -79,8 +80,9 @@ class _PartialCall:
         self.name = ""
         self.arguments: list[str] = []
 
-    def tool_call(self) -> ToolCall:
-        return ToolCall(id=self.id, name=self.name, arguments="".join(self.arguments) or "{}")
+    def tool_call(self, index: int) -> ToolCall:
+        """The call; one a server gave no id (some local ones) gets `call_INDEX`, for its result to answer."""
+        return ToolCall(id=self.id or f"call_{index}", name=self.name, arguments="".join(self.arguments) or "{}")
 
 
 class _Answer:
@@ -124,9 +126,10 @@ class _Answer:
                 self.text.append(delta.content)
                 if self.on_text is not None:
                     self.on_text(delta.content)
-            for part in delta.tool_calls or []:
+            for position, part in enumerate(delta.tool_calls or []):
                 self._token()
-                call = self.calls.setdefault(part.index, _PartialCall())
+                # a whole answer's tool calls have no index: they come in order, each whole
+                call = self.calls.setdefault(part.index if choice.delta is not None else position, _PartialCall())
                 call.id = part.id or call.id
                 if part.function is not None:
                     call.name = part.function.name or call.name
@@ -139,7 +142,7 @@ class _Answer:
 
     def completion(self) -> Completion:
         text = "".join(self.text)
-        calls = [self.calls[index].tool_call() for index in sorted(self.calls)]
+        calls = [self.calls[index].tool_call(index) for index in sorted(self.calls)]
         return Completion(text=text, usage=self._usage(text, calls), tool_calls=calls,
                           finish_reason=self.finish_reason, response_model=self.model,
                           first_token_s=self.first_token_s)
