@@ -556,6 +556,16 @@ async def test_a_server_that_reports_no_usage_is_counted_with_tiktoken_and_says_
     assert completion.usage.input_tokens == 3 + 3 + 1 + 6  # priming, the message, its role, its text
 
 
+async def test_a_stream_without_its_message_start_keeps_the_text_and_output_count_and_estimates_the_input():
+    # llama.cpp's /v1/messages drops message_start at times (seen when sampling an answer that starts with an emoji)
+    stream = [item for item in anthropic_text("Hello", " world", usage={"input_tokens": 40, "output_tokens": 5})
+              if item["type"] != "message_start"]
+    async with loopback(events(*stream)) as server:
+        completion = await complete("anthropic", server.base_url, ask("Say hello to the world."))
+    assert completion.text == "Hello world"
+    assert (completion.usage.input_tokens, completion.usage.output_tokens, completion.usage.estimated) == (13, 5, True)
+
+
 async def test_anthropic_usage_counts_cache_reads_and_writes_inside_input_tokens():
     usage = {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
              "output_tokens": 1}
