@@ -4,8 +4,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 MODEL_LOCK := requirements-model.lock
+# LiteLLM's proxy, a third-party model gateway the provider tests call, in an environment of its own (its pins
+# conflict with ours): tests/model_servers.py runs .venv-litellm/bin/litellm.
+LITELLM_VENV  := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+LITELLM_LOCK  := requirements-litellm.lock
 
-.PHONY: run test unit integration fault bench contracts lock lint clean help
+.PHONY: run test unit integration fault bench contracts lock lint clean help litellm
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,16 +25,24 @@ $(STAMP): $(LOCK) $(MODEL_LOCK) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(LITELLM_STAMP): $(LITELLM_LOCK)
+	rm -rf $(LITELLM_VENV)
+	python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --require-hashes -r $(LITELLM_LOCK)
+	touch $(LITELLM_STAMP)
+
+litellm: $(LITELLM_STAMP)  ## the LiteLLM proxy's own environment (.venv-litellm), for the provider tests
+
 run: $(STAMP)  ## embedded nats-server + every service + the demo workload (simulated model)
 	$(VENV)/bin/corral demo
 
-test: $(STAMP)  ## the whole suite: unit, integration (real nats-server) and fault tests
+test: $(STAMP) $(LITELLM_STAMP)  ## the whole suite: unit, integration (real nats-server) and fault tests
 	$(PY) -m pytest -q
 
 unit: $(STAMP)  ## fast tests, no server
 	$(PY) -m pytest -q -m "not integration"
 
-integration: $(STAMP)  ## tests on a real nats-server
+integration: $(STAMP) $(LITELLM_STAMP)  ## tests on a real nats-server
 	$(PY) -m pytest -q -m "integration and not fault"
 
 fault: $(STAMP)  ## kills and restarts processes
@@ -46,9 +59,11 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts
 
-lock: $(STAMP)  ## refresh requirements.lock from pyproject.toml (reaches PyPI); then `make test`
+lock: $(STAMP)  ## refresh requirements.lock from pyproject.toml and requirements-litellm.lock (reaches PyPI); then `make test`
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra tools --generate-hashes --universal \
 		--python-version 3.11 --quiet -o $(LOCK)
+	$(VENV)/bin/uv pip compile tests/litellm/requirements.in --generate-hashes --universal \
+		--python-version 3.11 --quiet -o $(LITELLM_LOCK)
 
 clean:  ## remove the environment and local data
 	rm -rf $(VENV) .data
