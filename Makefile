@@ -66,4 +66,4 @@ lock: $(STAMP)  ## refresh requirements.lock from pyproject.toml and requirement
 		--python-version 3.11 --quiet -o $(LITELLM_LOCK)
 
 clean:  ## remove the environment and local data
-	rm -rf $(VENV) .data
+	rm -rf $(VENV) $(LITELLM_VENV) .data
