@@ -10,10 +10,13 @@ server starts once per test session, however many modules import its fixture, an
                       Anthropic endpoint is only at /v1/messages) and `.key` (its master key: a provider's
                       api_key_env must name a variable holding it, as `litellm_key_env` sets).
 
-LiteLLM's models (LITELLM_MODELS; tests/litellm/corral_hooks.py scripts the first three):
+LiteLLM's models (LITELLM_MODELS; tests/litellm/corral_hooks.py scripts the first six):
 
     tool-then-text        calls the first tool offered, then, once the conversation holds a tool result,
                           answers "The tool said: <result>"
+    tools-then-text       calls every tool offered at once, then answers "The tools said: <r1> | <r2> …"
+    once/TOOL             calls TOOL (offered or not) once, then answers "The tool said: <result>"
+    bad-arguments/TOOL    as once/TOOL, with arguments that are not JSON
     always/TOOL           calls TOOL every time (offered or not), e.g. `always/send_email`
     rate-limited/SECONDS  HTTP 429 with `Retry-After: SECONDS`
     mock-text             "Hello from the mock." (streamed on /chat/completions; on /v1/messages LiteLLM
@@ -62,6 +65,9 @@ def _entry(name: str, **params: Any) -> dict[str, Any]:
 
 LITELLM_MODELS = [
     _entry("tool-then-text"),
+    _entry("tools-then-text"),
+    _entry("once/*"),
+    _entry("bad-arguments/*"),
     _entry("always/*"),
     _entry("rate-limited/*"),
     _entry("mock-text", mock_response="Hello from the mock."),
@@ -113,6 +119,7 @@ def litellm_proxy(config: dict[str, Any], tmp_path: Path, *, master_key: str | N
         "LITELLM_TELEMETRY_DISABLED": "true",
         "LITELLM_LOG": "WARNING",
         "PYTHONPATH": str(HOOKS_DIR),  # `corral_hooks`, named by the config's callbacks
+        "CORRAL_TEST_URL": f"http://127.0.0.1:{port}/health/liveliness",  # the hooks' `url` argument: itself
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
     }
     proc = Process("litellm", [str(LITELLM_BIN), "--config", str(config_path), "--host", "127.0.0.1",

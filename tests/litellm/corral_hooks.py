@@ -8,11 +8,17 @@ error LiteLLM then returns:
 
     tool-then-text        a call to the first tool offered until the conversation holds a tool result,
                           then the text "The tool said: <that result>"
+    tools-then-text       calls of every tool offered, at once, until the conversation holds tool results,
+                          then the text "The tools said: <each result, joined by ' | '>"
+    once/TOOL             a call to TOOL (offered or not) until the conversation holds a tool result, then
+                          "The tool said: <that result>"
+    bad-arguments/TOOL    as once/TOOL, with arguments that are not JSON
     always/TOOL           a call to TOOL, every time (whether offered or not)
     rate-limited/SECONDS  HTTP 429 with `Retry-After: SECONDS`
 
 Tool arguments fill the tool's required properties with placeholder values of their types, so they
-pass the tool's schema. The proxy needs `use_chat_completions_url_for_anthropic_messages: true` for
+pass the tool's schema; an `expression` is "6 * 7" and a `url` the proxy's own liveliness endpoint
+($CORRAL_TEST_URL), so that Corral's calculator and http_get have something real to do. The proxy needs `use_chat_completions_url_for_anthropic_messages: true` for
 `/v1/messages` to serve these mocks (otherwise it sends OpenAI models to the Responses API, where a
 request's mock_response is not honoured).
 """
@@ -20,6 +26,7 @@ request's mock_response is not honoured).
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
@@ -28,6 +35,9 @@ from litellm.proxy._types import ProxyException
 from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function, Message, ModelResponse, Usage
 
 TOOL_THEN_TEXT = "tool-then-text"
+TOOLS_THEN_TEXT = "tools-then-text"
+ONCE = "once/"
+BAD_ARGUMENTS = "bad-arguments/"
 ALWAYS = "always/"
 RATE_LIMITED = "rate-limited/"
 PLACEHOLDERS: dict[str, Any] = {"string": "corral", "integer": 1, "number": 1, "boolean": True, "array": [],
@@ -45,6 +55,20 @@ class CorralHooks(CustomLogger):
         if model.startswith(ALWAYS):
             name = model.removeprefix(ALWAYS)
             data["mock_response"] = _tool_call(model, name, tools.get(name, {}))
+        elif model == TOOLS_THEN_TEXT:
+            results = _tool_results(data.get("messages") or [])
+            if results or not tools:
+                data["mock_response"] = _text(model, "The tools said: " + " | ".join(results))
+            else:
+                data["mock_response"] = _tool_calls(model, list(tools.items()))
+        elif model.startswith((ONCE, BAD_ARGUMENTS)):
+            result = _last_tool_result(data.get("messages") or [])
+            name = model.partition("/")[2]
+            if result is not None:
+                data["mock_response"] = _text(model, f"The tool said: {result}")
+            else:
+                arguments = "{not json" if model.startswith(BAD_ARGUMENTS) else None
+                data["mock_response"] = _tool_call(model, name, tools.get(name, {}), arguments)
         elif model == TOOL_THEN_TEXT:
             result = _last_tool_result(data.get("messages") or [])
             if result is not None or not tools:
@@ -66,16 +90,22 @@ def _offered_tools(tools: list[dict]) -> dict[str, dict]:
 
 
 def _last_tool_result(messages: list[dict]) -> str | None:
-    """The content of the conversation's last tool result (OpenAI's `tool` message or Anthropic's
-    `tool_result` block), or None when it holds none."""
-    found = None
+    """The content of the conversation's last tool result, or None when it holds none."""
+    results = _tool_results(messages)
+    return results[-1] if results else None
+
+
+def _tool_results(messages: list[dict]) -> list[str]:
+    """The contents of the conversation's tool results (OpenAI's `tool` messages or Anthropic's
+    `tool_result` blocks), in order."""
+    found = []
     for message in messages:
         if message.get("role") == "tool":
-            found = _text_of(message.get("content"))
+            found.append(_text_of(message.get("content")))
         elif isinstance(message.get("content"), list):
             for block in message["content"]:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
-                    found = _text_of(block.get("content"))
+                    found.append(_text_of(block.get("content")))
     return found
 
 
@@ -87,14 +117,20 @@ def _text_of(content: Any) -> str:
 
 def _arguments(schema: dict) -> str:
     properties = schema.get("properties") or {}
-    return json.dumps({name: PLACEHOLDERS.get((properties.get(name) or {}).get("type"), "corral")
+    by_name = {"expression": "6 * 7", "url": os.environ.get("CORRAL_TEST_URL", "http://127.0.0.1:9/")}
+    return json.dumps({name: by_name.get(name, PLACEHOLDERS.get((properties.get(name) or {}).get("type"), "corral"))
                        for name in schema.get("required") or []})
 
 
-def _tool_call(model: str, name: str, schema: dict) -> ModelResponse:
-    call = ChatCompletionMessageToolCall(id=f"call_{uuid.uuid4().hex[:12]}", type="function",
-                                         function=Function(name=name, arguments=_arguments(schema)))
-    return _response(model, Message(role="assistant", content=None, tool_calls=[call]), "tool_calls")
+def _tool_call(model: str, name: str, schema: dict, arguments: str | None = None) -> ModelResponse:
+    return _tool_calls(model, [(name, schema)], arguments)
+
+
+def _tool_calls(model: str, tools: list[tuple[str, dict]], arguments: str | None = None) -> ModelResponse:
+    calls = [ChatCompletionMessageToolCall(id=f"call_{uuid.uuid4().hex[:12]}", type="function",
+                                           function=Function(name=name, arguments=arguments or _arguments(schema)))
+             for name, schema in tools]
+    return _response(model, Message(role="assistant", content=None, tool_calls=calls), "tool_calls")
 
 
 def _text(model: str, text: str) -> ModelResponse:
