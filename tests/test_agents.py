@@ -7,6 +7,8 @@ with scripted tool calls and errors.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -267,3 +269,21 @@ async def test_a_plain_agent_answers_from_the_real_local_model_streaming_its_ans
     assert [p.seq for p in pieces] == list(range(1, len(pieces) + 1))
     assert "".join(p.message for p in pieces) == end.output  # streamed as it was generated, all of it
     assert step.first_token_ms is not None and 0 < step.first_token_ms < step.latency_ms
+
+
+@pytest.mark.integration
+def test_corral_up_with_the_local_model_puts_every_agent_on_it_and_submit_follow_prints_the_answer_as_it_streams(
+        tmp_path):
+    from tests.test_auth_cli import CORRAL, _up
+
+    with _up(tmp_path, "--model", "local") as url:
+        done = subprocess.run([*CORRAL, "submit", "Say hello in five words.", "--agent", "research", "--user",
+                               "alice", "--max-tokens", "24", "--nats", url], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200",
+                                                           "CORRAL_NATS_CREDENTIALS": ""})
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "calling local/smollm2-135m" in lines[0]
+    answer, summary = lines[1], lines[2]
+    assert answer.strip() and summary.startswith("completed ")  # the streamed answer, then how it ended
+    assert lines[3:] == []  # the answer was not printed again
