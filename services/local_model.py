@@ -64,8 +64,8 @@ def url_of(port: int) -> str:
 
 
 def serve(port: int, model: Path, *, threads: int, parallel: int, ctx: int, temp: float = DEFAULT_TEMP,
-          api_key: str = "") -> None:
-    """Load `model` and serve it on loopback until SIGTERM or SIGINT."""
+          api_key: str = "", host: str = HOST) -> None:
+    """Load `model` and serve it on `host` (loopback by default) until SIGTERM or SIGINT."""
     if not model.is_file():
         raise ModelNotFound(f"no model file at {model}")
     import xllamacpp  # here, so `--help` and the context manager's process start without loading llama.cpp
@@ -73,7 +73,7 @@ def serve(port: int, model: Path, *, threads: int, parallel: int, ctx: int, temp
     params = xllamacpp.CommonParams()
     params.model.path = str(model)
     params.model_alias = {MODEL_NAME}
-    params.hostnames = [HOST]
+    params.hostnames = [host]
     params.port = port
     params.n_parallel = parallel
     params.n_ctx = ctx
@@ -94,12 +94,15 @@ def serve(port: int, model: Path, *, threads: int, parallel: int, ctx: int, temp
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.local_model",
-        description="Serve a small local model (llama.cpp) on 127.0.0.1 over OpenAI's /v1/chat/completions "
+        description="Serve a small local model (llama.cpp), on 127.0.0.1 unless --host says otherwise, over OpenAI's /v1/chat/completions "
                     "and Anthropic's /v1/messages, for Corral's `local` provider. Prints "
                     f"'{READY} http://127.0.0.1:PORT/v1' when it answers; stops on SIGTERM or Ctrl-C.",
         epilog="Example: python -m services.local_model --port 8089, then set CORRAL_LOCAL_MODEL_URL="
                "http://127.0.0.1:8089/v1 in the workers' environment.")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: 0, a free one)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: 0, a free one)")
+    parser.add_argument("--host", default=HOST,
+                        help="address to listen on (default: %(default)s; 0.0.0.0 in a container, for the workers "
+                             "of other containers)")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"a GGUF model file (default: {MODEL_FILE} of the {MODEL_PACKAGE} package)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="CPU threads for inference (default: %(default)s)")
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"the environment variable {args.api_key_env} (--api-key-env) is not set")
     try:
         serve(args.port or free_port(), args.model or model_path(), threads=args.threads,
-              parallel=args.parallel, ctx=args.ctx, temp=args.temp, api_key=api_key)
+              parallel=args.parallel, ctx=args.ctx, temp=args.temp, api_key=api_key, host=args.host)
     except ModelNotFound as error:
         print(f"local model: {error}", file=sys.stderr)
         return 2

@@ -287,3 +287,17 @@ def test_corral_up_with_the_local_model_puts_every_agent_on_it_and_submit_follow
     answer, summary = lines[1], lines[2]
     assert answer.strip() and summary.startswith("completed ")  # the streamed answer, then how it ended
     assert lines[3:] == []  # the answer was not printed again
+
+
+@pytest.mark.integration
+async def test_a_tools_output_is_cut_to_the_policys_size_before_the_model_sees_it(
+        settings, tenant, user, litellm, litellm_key_env):
+    policy = agents_policy({"toolsmith": on_litellm("tool-then-text")}, tools=["http_get"],
+                           providers=litellm_provider(litellm, litellm_key_env),
+                           workers=WorkerSettings(http_allowed_hosts=[litellm.url.removeprefix("http://")],
+                                                  max_tool_output_chars=12))
+    async with stack(settings, *CORE, "worker:toolsmith", policy=policy) as client:
+        end = await client.run(TaskSpec(agent="toolsmith", prompt="Fetch.", tools=["http_get"]), tenant=tenant,
+                               user=user)
+    assert isinstance(end, TaskCompleted), end
+    assert end.output == "The tool said: HTTP 200 OK…"  # 12 characters of the tool's answer, the last an ellipsis

