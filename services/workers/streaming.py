@@ -1,13 +1,14 @@
 """An answer's text as it streams in, published as `streaming` progress: throttled, never waited on.
 
-Providers hand over each piece of text as it arrives (`feed`, synchronous, cheap); `pump` publishes what
-has gathered at most every `interval_s`, or at once when `max_chars` have gathered, with a sequence number
-so a follower can put the pieces in order. Progress goes out without waiting for the stream's ack: a lost
+Providers hand over each piece of text as it arrives (`feed`, synchronous, cheap); `pump` publishes the
+first piece at once (a follower's time to first token), then what has gathered at most every `interval_s`,
+or as soon as `max_chars` have gathered, each with a sequence number so a follower can put them in order. Progress goes out without waiting for the stream's ack: a lost
 piece costs a follower some text, never the task its answer (StepCompleted carries it whole).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,6 +36,7 @@ class DeltaPublisher:
         self.pieces: list[str] = []
         self.size = 0
         self.seq = 0
+        self.flushed_at = -math.inf
         self._arrived = anyio.Event()
 
     def feed(self, text: str) -> None:
@@ -53,7 +55,7 @@ class DeltaPublisher:
         """Publish pieces until cancelled (the step's end cancels it, then calls `flush`)."""
         while True:
             await self._arrived.wait()
-            with anyio.move_on_after(self.interval_s):
+            with anyio.move_on_after(self.flushed_at + self.interval_s - self.clock()):
                 while self.size < self.max_chars:
                     self._arrived = anyio.Event()
                     await self._arrived.wait()
@@ -61,6 +63,7 @@ class DeltaPublisher:
 
     async def flush(self) -> None:
         self._arrived = anyio.Event()
+        self.flushed_at = self.clock()
         if not self.pieces:
             return
         text, self.pieces, self.size = "".join(self.pieces), [], 0
