@@ -133,15 +133,53 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     name: Token | None = None
 
 
+Orchestration = Literal["single", "centralized", "distributed", "hybrid"]
+"""How a task's subtasks are coordinated: `single`, one agent (no plan); `centralized`, the executor starts each
+subtask when its inputs are ready; `distributed`, agent pools claim subtasks from the task's board; `hybrid`,
+pools claim, the executor supervises and hands over what no pool claims."""
+OnFailure = Literal["fail_fast", "best_effort"]
+SubtaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+OutputCap = Annotated[int, msgspec.Meta(ge=1, le=10_000_000)]
+
+
+class Subtask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One node of a plan: an agent kind's instruction, run once the subtasks it `needs` have answered (their
+    outputs come with it)."""
+
+    id: SubtaskId
+    agent: Token
+    instruction: Text
+    needs: Annotated[list[SubtaskId], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    max_tokens: OutputCap | None = None
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A DAG of subtasks, then a synthesis over their outputs. It comes from the publisher, or from the task's
+    manager agent as structured output validated against this contract."""
+
+    subtasks: Annotated[list[Subtask], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    synthesis: Token | None = None
+    """The agent kind that puts the results together; None: the task's own agent (`TaskSpec.agent`)."""
+    on_failure: OnFailure = "fail_fast"
+    """`fail_fast`: the first subtask that fails fails the task (the others are cancelled); `best_effort`: the
+    synthesis runs over what succeeded, told what is missing."""
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What the publisher asks for: a prompt, or chat messages (or both: the prompt comes last, as the user)."""
 
     agent: Token
+    """The agent that answers; in an orchestrated task, the manager that plans (without a `plan`) and, unless
+    the plan names another, synthesises."""
     prompt: Text = ""
     messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_ITEMS)] = []
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
     tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
     metadata: Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_ITEMS)] = {}
+    orchestration: Orchestration = "single"
+    plan: Plan | None = None
+    """The publisher's plan; None in an orchestrated task: the manager agent (`agent`) makes one."""
 
     def chat(self) -> list[ChatMessage]:
         """The conversation a model sees."""

@@ -60,6 +60,25 @@ class Limits(Strict):
     """Largest estimate (prompt + output) of one request; larger is over_budget at once."""
 
 
+class OrchestrationLimits(Strict):
+    """What an orchestrated task (a plan of subtasks) may ask for."""
+
+    max_subtasks: int = 16
+    max_depth: int = 4
+    """Subtasks in the longest chain of `needs` (1: all independent)."""
+    max_parallel: int = 4
+    """Subtasks of one task running at once."""
+    max_parallel_per_tenant: int = 64
+    """Subtasks of one tenant's tasks running at once, over every task."""
+    synthesis_output_tokens: int = 512
+    """Output tokens the synthesis may use (and the estimate counts)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_subtasks, self.max_depth, self.max_parallel, self.max_parallel_per_tenant,
+               self.synthesis_output_tokens) < 1:
+            raise ValueError("orchestration limits must be at least 1")
+
+
 class UserPolicy(Strict):
     role: str | None = None
     rate: RateLimit | None = None
@@ -265,6 +284,7 @@ class Policy(Strict):
     """Known tenants; a task from any other is rejected with unknown_tenant."""
     defaults: Defaults = Defaults()
     limits: Limits = Limits()
+    orchestration: OrchestrationLimits = OrchestrationLimits()
     prices: dict[str, Price] = msgspec.field(default_factory=lambda: {
         "sim-large": Price(input=0.003, output=0.015, cached=0.0015),
         "sim-small": Price(input=0.00025, output=0.00125, cached=0.0001)})
