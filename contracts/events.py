@@ -355,6 +355,8 @@ class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
     """The worker gives up on the step after this many seconds (0: no limit)."""
     deadline_at: UnixSeconds = 0.0
     """Unix seconds after which the step must not start (the task's deadline or the attempt's); 0: none."""
+    subtask: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,32}$")] = ""
+    """The subtask of an orchestrated task this step runs (empty: the task's own step, or its synthesis)."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):

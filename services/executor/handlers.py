@@ -58,7 +58,8 @@ from contracts import (
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
-from services.executor.state import CachedAnswer, TaskRecord, admitted_from, cache_key, step_id
+from services.executor import plans
+from services.executor.state import CachedAnswer, SubtaskState, TaskRecord, admitted_from, cache_key, step_id
 from shared.breakers import BreakerGate
 from shared.kv import TypedBucket
 
@@ -68,6 +69,19 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 UNREADABLE = ("the executor's record of this task does not decode (it is kept as a dead letter): the task is "
               "stopped rather than run again")
+
+
+_ANSWERED = object()
+"""_schedule's word for: a cached answer ended the task."""
+
+
+def _agent_of(record: TaskRecord, cursor: TaskRecord | SubtaskState) -> str:
+    """The agent kind that runs `cursor`'s step: a subtask's, the synthesis's, or the task's own."""
+    if isinstance(cursor, SubtaskState):
+        return cursor.spec.agent
+    plan = record.task.spec.plan
+    return (plan.synthesis or record.task.spec.agent) if plan is not None and record.phase == "synthesis" \
+        else record.task.spec.agent
 
 
 class _Stale(Exception):
@@ -139,51 +153,70 @@ class Executor:
             await self._fail(record, revision, task.task_id, "permanent_error",
                              f"agent kind {task.spec.agent!r} is not in the policy")
             return
-        await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
+        if task.spec.plan is None:
+            await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
+            return
+        agents = self.policy().agents
+        unknown = sorted({sub.agent for sub in task.spec.plan.subtasks} - set(agents))
+        if unknown:
+            await self._fail(record, revision, task.task_id, "permanent_error",
+                             f"the plan's agent kinds {unknown} are not in the policy")
+            return
+        record.phase, record.chain = "subtasks", []
+        record.subtasks = [SubtaskState(spec=sub, chain=list(agents[sub.agent].chain)) for sub in task.spec.plan.subtasks]
+        await self._plan_advanced(record, revision, task.task_id)
 
     async def _complete(self, step: StepCompleted, fresh: bool) -> None:
-        record, revision = await self._current(step, fresh)
+        record, revision, cursor = await self._current(step, fresh)
         if record is None:
             return
+        if isinstance(cursor, SubtaskState):
+            cursor.status, cursor.output, cursor.usage = "completed", step.output, step.usage
+            await self._plan_advanced(record, revision, step.step_id)
+            return
         strategy = record.chain[record.strategy]
+        usage = plans.total_usage(record, step.usage) if record.subtasks else step.usage
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
-                                  usage=step.usage, attempts=record.steps, model=step.model,
+                                  usage=usage, attempts=record.steps + sum(sub.steps for sub in record.subtasks),
+                                  model=step.model,
                                   strategy=record.strategy, tier=strategy.tier, dependency=step.dependency,
                                   received_at=record.task.received_at)
-        record.status, record.usage, record.outcome = "completed", step.usage, completed
+        record.status, record.usage, record.outcome = "completed", usage, completed
         await self._record(record, revision, step.step_id)
         await self.emit(subjects.task_completed(step.tenant), completed)
         await self._remember(record, completed)
 
     async def _retry_or_fall_back(self, step: StepFailed, fresh: bool) -> None:
-        record, revision = await self._current(step, fresh)
+        record, revision, cursor = await self._current(step, fresh)
         if record is None:
             return
-        strategy = record.chain[record.strategy]
-        record.attempts.append(Attempt(
+        strategy = cursor.chain[cursor.strategy]
+        cursor.attempts.append(Attempt(
             step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message,
-            strategy=record.strategy, tier=strategy.tier, called=not step.breaker_open))
+            strategy=cursor.strategy, tier=strategy.tier, called=not step.breaker_open))
         retry = self.policy().retry
         retry_after = step.retry_after_s or 0.0
-        if (step.breaker_open or step.error not in RETRYABLE or record.attempt >= strategy.max_attempts
+        if (step.breaker_open or step.error not in RETRYABLE or cursor.attempt >= strategy.max_attempts
                 or retry_after > retry.max_retry_after_s):
-            await self._advance(record, revision, step.step_id, strategy=record.strategy + 1, attempt=1)
+            await self._advance(record, revision, step.step_id, strategy=cursor.strategy + 1, attempt=1,
+                                cursor=cursor)
             return
-        ceiling = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (record.attempt - 1))
+        ceiling = min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (cursor.attempt - 1))
         wait = max(retry_after, random.uniform(0, ceiling))  # full jitter, never sooner than retry-after
-        await self._advance(record, revision, step.step_id, strategy=record.strategy, attempt=record.attempt + 1,
-                            wait=wait)
+        await self._advance(record, revision, step.step_id, strategy=cursor.strategy, attempt=cursor.attempt + 1,
+                            wait=wait, cursor=cursor)
 
     async def on_overdue(self, ref: str, overdue_step: str, grace_s: float) -> None:
         """The timeout sweep: no outcome came for the step by its deadline plus a grace (no worker took it,
         or every one that did died). Handled as that step's timeout. `ref`: the task's (its record's key)."""
         record, _ = await self.tasks.read(ref)
-        if record is None or record.status != "running" or record.step_id != overdue_step:
+        cursor = record.cursor_of(overdue_step) if record is not None and record.status == "running" else None
+        if cursor is None or not overdue_step:
             return
-        strategy = record.chain[record.strategy]
+        strategy = cursor.chain[cursor.strategy]
         await self.on_step_failed(StepFailed(
             task_id=record.task.task_id, tenant=record.task.tenant, user=record.task.user, step_id=overdue_step,
-            attempt=record.attempt, agent=record.task.spec.agent, dependency=dependency_of(strategy),
+            attempt=cursor.attempt, agent=_agent_of(record, cursor), dependency=dependency_of(strategy),
             error="timeout", message=f"no outcome {grace_s:g} s after the step's deadline: no worker answered"))
 
     async def task_status(self, tenant: str, task_id: str) -> TaskRecord | None:
@@ -191,30 +224,35 @@ class Executor:
 
     # --- deciding -----------------------------------------------------------------
 
-    async def _current(self, event: StepCompleted | StepFailed, fresh: bool) -> tuple[TaskRecord | None, int]:
-        """The task's record if the event's step is the one the task waits for; else republish if this event
-        decided it. Only a fresh read may conclude that the event is not current: a remembered record may be old."""
+    async def _current(self, event: StepCompleted | StepFailed,
+                       fresh: bool) -> tuple[TaskRecord | None, int, TaskRecord | SubtaskState]:
+        """The task's record, and what in it waits for the event's step (the record's own step or a subtask), if
+        anything does; else republish if this event decided it. Only a fresh read may conclude that the event is
+        not current: a remembered record may be old."""
         step = event.step_id
         record, revision = await self.tasks.read(event.task_ref, cached=not fresh)
         if record is None and not revision and fresh:
             record, revision = await self._moved_from_legacy_key(event)
-        current = record is not None and record.status == "running" and record.step_id in (step, "")
-        if not fresh and not current:
+        cursor = record.cursor_of(step) if record is not None and record.status == "running" else None
+        if not fresh and cursor is None:
             raise _Stale
         if record is None:
             if revision:  # there, and it does not decode
                 await self._fail_unreadable(admitted_from(event), revision, step)
-            return None, 0
-        if record.status == "running" and not record.step_id:  # written before fallback chains: adopt it
+            return None, 0, None
+        if cursor is not None and cursor is not record:
+            return record, revision, cursor
+        if record.status == "running" and not record.step_id and record.phase == "single":
+            # written before fallback chains: adopt it
             agent = self.policy().agents.get(record.task.spec.agent)
             if agent is None:
-                return None, 0
+                return None, 0, None
             record.step_id, record.chain, record.steps = step, record.chain or agent.chain[:1], record.attempt
             record.deadline_at = record.deadline_at or record.admitted_at + agent.deadline_s
-        if record.status != "running" or record.step_id != step:
+        if record.status != "running" or record.step_id != step or record.phase == "subtasks":
             await self._republish(record, step)  # a redelivery of the event we acted on, or a late duplicate
-            return None, 0
-        return record, revision
+            return None, 0, None
+        return record, revision, record
 
     async def _moved_from_legacy_key(self, event: StepCompleted | StepFailed) -> tuple[TaskRecord | None, int]:
         """A record an executor wrote before tenants were part of its keys (under the task id alone), moved to
@@ -227,51 +265,118 @@ class Executor:
         return await self.tasks.read(event.task_ref)
 
     async def _advance(self, record: TaskRecord, revision: int, cause: str, *, strategy: int, attempt: int,
-                       wait: float = 0.0) -> None:
-        """Decide the next step from (strategy, attempt) on, skipping strategies whose circuit is open;
-        or end the task when none is left or the deadline has passed."""
+                       wait: float = 0.0, cursor: TaskRecord | SubtaskState | None = None) -> None:
+        """Decide the next step of `cursor` (the record's own step, or one of its subtasks) from (strategy,
+        attempt) on, skipping strategies whose circuit is open; or end it when none is left or the deadline has
+        passed: the task, or the subtask (and then the plan decides)."""
+        cursor = cursor or record
+        ended = await self._schedule(record, revision, cause, cursor, strategy=strategy, attempt=attempt, wait=wait)
+        if ended is _ANSWERED:
+            return
+        if ended is None:
+            await self._record(record, revision, cause)
+            await self._publish_step(record, cursor)
+        elif isinstance(cursor, SubtaskState):
+            await self._subtask_failed(record, revision, cause, cursor, *ended)
+        else:
+            await self._fail(record, revision, cause, *ended)
+
+    async def _schedule(self, record: TaskRecord, revision: int, cause: str, cursor: TaskRecord | SubtaskState, *,
+                        strategy: int, attempt: int, wait: float = 0.0) -> tuple[FailReason, str] | object | None:
+        """Set `cursor` on its next step (None), or say why it has none left: (reason, error). A cache strategy
+        of the task's own chain may answer the task at once (_ANSWERED)."""
         task = record.task
-        while strategy < len(record.chain):
+        subtask = cursor.spec.id if isinstance(cursor, SubtaskState) else ""
+        while strategy < len(cursor.chain):
             now = self.clock()
             if now >= record.deadline_at:
-                await self._fail(record, revision, cause, "deadline_exceeded",
-                                 f"deadline of {record.deadline_at - record.admitted_at:g} s passed")
-                return
+                return "deadline_exceeded", f"deadline of {record.deadline_at - record.admitted_at:g} s passed"
             if now + wait >= record.deadline_at:  # waiting would outlast the task: try the next strategy now
                 strategy, attempt, wait = strategy + 1, 1, 0.0
                 continue
-            current = record.chain[strategy]
+            current = cursor.chain[strategy]
             if current.kind == "cache":
-                if await self._answer_from_cache(record, revision, cause, strategy):
-                    return
+                if cursor is record and record.phase == "single" and \
+                        await self._answer_from_cache(record, revision, cause, strategy):
+                    return _ANSWERED
                 strategy, attempt, wait = strategy + 1, 1, 0.0
                 continue
-            step = step_id(task.tenant, task.task_id, strategy, attempt)
-            blocked = await self._blocked(current, task, step)
+            step = step_id(task.tenant, task.task_id, strategy, attempt, subtask)
+            blocked = await self._blocked(current, cursor.spec.tools if subtask else task.spec.tools, step)
             if blocked:
-                record.attempts.append(Attempt(
+                cursor.attempts.append(Attempt(
                     step_id="", dependency=blocked, error="transient", strategy=strategy, tier=current.tier,
                     called=False, message=f"circuit for {blocked} is open: not called"))
                 strategy, attempt, wait = strategy + 1, 1, 0.0
                 continue
-            record.strategy, record.attempt, record.step_id = strategy, attempt, step
-            record.steps += 1
-            record.not_before = now + wait
-            record.step_deadline = record.not_before + min(current.timeout_s, record.deadline_at - record.not_before)
-            await self._record(record, revision, cause)
-            await self._publish_step(record)
-            return
+            cursor.strategy, cursor.attempt, cursor.step_id = strategy, attempt, step
+            cursor.steps += 1
+            cursor.not_before = now + wait
+            cursor.step_deadline = cursor.not_before + min(current.timeout_s, record.deadline_at - cursor.not_before)
+            return None
         # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
-        last = next((a for a in reversed(record.attempts) if a.dependency != CACHE_DEPENDENCY),
-                    record.attempts[-1] if record.attempts else None)
+        last = next((a for a in reversed(cursor.attempts) if a.dependency != CACHE_DEPENDENCY),
+                    cursor.attempts[-1] if cursor.attempts else None)
         reason: FailReason = ("breaker_open" if last and not last.called else
                               "attempts_exhausted" if last and last.error in RETRYABLE else "permanent_error")
-        await self._fail(record, revision, cause, reason, f"{last.error}: {last.message}" if last else "no strategy")
+        return reason, f"{last.error}: {last.message}" if last else "no strategy"
 
-    async def _blocked(self, strategy: Strategy, task: TaskAdmitted, step: str) -> str | None:
+    # --- orchestrated tasks (centralized: this executor coordinates) -----------------------------------------
+
+    async def _plan_advanced(self, record: TaskRecord, revision: int, cause: str) -> None:
+        """Start every subtask that is ready (within the parallel limit); once all have settled, the synthesis;
+        record that, then publish the steps it started."""
+        started: list[TaskRecord | SubtaskState] = []
+        for sub in plans.ready(record, self.policy().orchestration.max_parallel):
+            ended = await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
+            if ended is None:
+                sub.status = "running"
+                started.append(sub)
+            elif plans.plan_of(record).on_failure == "fail_fast":
+                await self._subtask_failed(record, revision, cause, sub, *ended)
+                return
+            else:
+                sub.status, sub.error = "failed", ended[1]
+        if not started and record.phase == "subtasks" and plans.settled(record):
+            if not any(sub.status == "completed" for sub in record.subtasks):
+                await self._end_failed(record, revision, cause, "permanent_error", "no subtask of the plan succeeded: "
+                                       + "; ".join(f"{sub.spec.id}: {sub.error}" for sub in record.subtasks))
+                return
+            plan = plans.plan_of(record)
+            agent = self.policy().agents.get(plan.synthesis or record.task.spec.agent)
+            record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
+            ended = await self._schedule(record, revision, cause, record, strategy=0, attempt=1)
+            if ended is not None:
+                await self._fail(record, revision, cause, *ended)
+                return
+            started.append(record)
+        await self._record(record, revision, cause)
+        await self._publish_plan(record, started)
+
+    async def _subtask_failed(self, record: TaskRecord, revision: int, cause: str, sub: SubtaskState,
+                              reason: FailReason, error: str) -> None:
+        sub.status, sub.error = "failed", error
+        if plans.plan_of(record).on_failure == "best_effort":
+            await self._plan_advanced(record, revision, cause)
+            return
+        for other in record.subtasks:  # fail_fast: what still runs is cancelled (its outcome no longer counts)
+            if other.status in ("waiting", "running"):
+                other.status = "cancelled"
+        record.attempts = [*record.attempts, *sub.attempts]
+        await self._end_failed(record, revision, cause, reason, f"subtask {sub.spec.id} failed: {error}")
+
+    async def _publish_plan(self, record: TaskRecord, started: list[TaskRecord | SubtaskState]) -> None:
+        task = record.task
+        await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
+            task_id=task.task_id, tenant=task.tenant, user=task.user, stage="plan", attempt=record.steps,
+            step_id=record.decided_by if record.decided_by != task.task_id else "", message=plans.board(record)))
+        for cursor in started:
+            await self._publish_step(record, cursor)
+
+    async def _blocked(self, strategy: Strategy, tools: list[str], step: str) -> str | None:
         """The dependency whose open circuit forbids this step, if any. Tools in half-open are the
         worker's to probe (it calls them); the model is probed here, with a lease, before asking for the step."""
-        for tool in task.spec.tools:
+        for tool in tools:
             if self.gate.admission(tool_key(tool)) == "skip":
                 return tool_key(tool)
         model = dependency_of(strategy)
@@ -330,28 +435,42 @@ class Executor:
             await self.emit(subjects.task_completed(record.task.tenant), record.outcome)
         elif isinstance(record.outcome, TaskFailed):
             await self.emit(subjects.task_failed(record.task.tenant), record.outcome)
-        elif record.status == "running" and record.step_id:
-            await self._publish_step(record)
+        elif record.status == "running":
+            for step, _ in record.running_steps():
+                await self._publish_step(record, record.cursor_of(step))
 
-    async def _publish_step(self, record: TaskRecord) -> None:
-        task, strategy = record.task, record.chain[record.strategy]
-        if record.steps > 1:
-            last = record.attempts[-1] if record.attempts else None
-            stage = "retrying" if record.attempt > 1 else "fallback"
+    async def _publish_step(self, record: TaskRecord, cursor: TaskRecord | SubtaskState | None = None) -> None:
+        task, cursor = record.task, cursor or record
+        strategy = cursor.chain[cursor.strategy]
+        if cursor.steps > 1:
+            last = cursor.attempts[-1] if cursor.attempts else None
+            stage = "retrying" if cursor.attempt > 1 else "fallback"
             why = f"{last.dependency} {last.error}: {last.message}" if last else "previous step failed"
+            of = f" of subtask {cursor.spec.id}" if isinstance(cursor, SubtaskState) else ""
             await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
-                task_id=task.task_id, tenant=task.tenant, user=task.user, stage=stage, attempt=record.steps,
-                step_id=record.step_id,
-                message=clip(f"{why}; {stage} on strategy {record.strategy} ({strategy.tier} "
-                             f"{dependency_of(strategy)}), attempt {record.attempt}")))
-        await self.sleep(max(0.0, record.not_before - self.clock()))
-        request = StepRequested(
-            task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=record.step_id, attempt=record.attempt,
-            agent=task.spec.agent, provider=strategy.provider, model=strategy.model, prompt=task.spec.prompt,
-            messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens, strategy=record.strategy,
-            tier=strategy.tier, tools=task.spec.tools, timeout_s=record.step_deadline - record.not_before,
-            deadline_at=record.step_deadline)
-        await self.emit(subjects.step_requested(task.spec.agent), request)
+                task_id=task.task_id, tenant=task.tenant, user=task.user, stage=stage, attempt=cursor.steps,
+                step_id=cursor.step_id,
+                message=clip(f"{why}; {stage}{of} on strategy {cursor.strategy} ({strategy.tier} "
+                             f"{dependency_of(strategy)}), attempt {cursor.attempt}")))
+        await self.sleep(max(0.0, cursor.not_before - self.clock()))
+        common = dict(task_id=task.task_id, tenant=task.tenant, user=task.user, step_id=cursor.step_id,
+                      attempt=cursor.attempt, provider=strategy.provider, model=strategy.model,
+                      strategy=cursor.strategy, tier=strategy.tier, deadline_at=cursor.step_deadline,
+                      timeout_s=cursor.step_deadline - cursor.not_before)
+        if isinstance(cursor, SubtaskState):
+            prompt = plans.subtask_prompt(record, cursor)
+            agent = self.policy().agents.get(cursor.spec.agent)
+            request = StepRequested(**common, agent=cursor.spec.agent, prompt=prompt, subtask=cursor.spec.id,
+                                    max_tokens=cursor.spec.max_tokens or (agent.default_output_tokens if agent else 256),
+                                    tools=cursor.spec.tools)
+        elif record.phase == "synthesis":
+            request = StepRequested(**common, agent=_agent_of(record, record), prompt=plans.synthesis_prompt(record),
+                                    max_tokens=self.policy().orchestration.synthesis_output_tokens)
+        else:
+            request = StepRequested(**common, agent=task.spec.agent, prompt=task.spec.prompt,
+                                    messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
+                                    tools=task.spec.tools)
+        await self.emit(subjects.step_requested(request.agent), request)
 
     async def _remember(self, record: TaskRecord, completed: TaskCompleted) -> None:
         """Keep the answer for a chain that can fall back to the cache."""

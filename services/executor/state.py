@@ -8,10 +8,32 @@ from typing import Literal
 import msgspec
 
 from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec, TokenEstimate, Usage
-from contracts.events import StepEvent
+from contracts.events import StepEvent, Subtask
 from contracts.policy import Strategy
 
 TaskStatus = Literal["running", "completed", "failed"]
+SubtaskStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
+Phase = Literal["single", "subtasks", "synthesis"]
+
+
+class SubtaskState(msgspec.Struct, kw_only=True):
+    """One subtask of an orchestrated task: where it is in its agent's fallback chain (the same fields as a
+    TaskRecord's own step: the executor walks both chains alike) and what it answered."""
+
+    spec: Subtask
+    status: SubtaskStatus = "waiting"
+    chain: list[Strategy] = []
+    strategy: int = 0
+    attempt: int = 1
+    step_id: str = ""
+    steps: int = 0
+    not_before: float = 0.0
+    step_deadline: float = 0.0
+    attempts: list[Attempt] = []
+    output: str = ""
+    usage: Usage | None = None
+    error: str = ""
+    """Why it failed (its last attempt's error)."""
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -42,6 +64,23 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     outcome: TaskCompleted | TaskFailed | None = None
     """The terminal event once decided, kept so a redelivery publishes the very same one."""
     admitted_at: float = 0.0
+    phase: Phase = "single"
+    """An orchestrated task runs its `subtasks`, then its synthesis as the record's own step."""
+    subtasks: list[SubtaskState] = []
+
+    def cursor_of(self, step: str) -> TaskRecord | SubtaskState | None:
+        """What waits for `step`: the record's own step (the task's, or its synthesis) or a running subtask."""
+        if self.phase != "subtasks" and self.step_id in (step, ""):
+            return self
+        return next((sub for sub in self.subtasks if sub.status == "running" and sub.step_id == step), None)
+
+    def running_steps(self) -> list[tuple[str, float]]:
+        """(step id, deadline) of every step it waits for."""
+        if self.status != "running":
+            return []
+        if self.phase != "subtasks":
+            return [(self.step_id, self.step_deadline)] if self.step_id else []
+        return [(sub.step_id, sub.step_deadline) for sub in self.subtasks if sub.status == "running"]
 
 
 class CachedAnswer(msgspec.Struct, kw_only=True):
@@ -61,10 +100,11 @@ def admitted_from(step: StepEvent) -> TaskAdmitted:
 
 
 
-def step_id(tenant: str, task_id: str, strategy: int, attempt: int) -> str:
-    """`<tenant>/<task>-s<strategy index>a<attempt>`: one id per step, safe in KV keys and subjects. With the
-    tenant, since steps of two tenants' tasks meet where no task does: in a breaker's probe leases."""
-    return f"{tenant}/{task_id}-s{strategy}a{attempt}"
+def step_id(tenant: str, task_id: str, strategy: int, attempt: int, subtask: str = "") -> str:
+    """`<tenant>/<task>-s<strategy index>a<attempt>` (`<tenant>/<task>-<subtask>-s…` for a subtask's): one id per
+    step, safe in KV keys and subjects. With the tenant, since steps of two tenants' tasks meet where no task
+    does: in a breaker's probe leases."""
+    return f"{tenant}/{task_id}-{subtask + '-' if subtask else ''}s{strategy}a{attempt}"
 
 
 def cache_key(task: TaskAdmitted) -> str:

@@ -34,12 +34,28 @@ SWEEP_EVERY_S = 0.5
 log = logging.getLogger(__name__)
 
 
+class _DueSubtask(msgspec.Struct):
+    status: str = "waiting"
+    step_id: str = ""
+    step_deadline: float = 0.0
+
+
 class _Due(msgspec.Struct):
-    """The three fields of a TaskRecord the sweep reads (the rest is skipped while decoding)."""
+    """The fields of a TaskRecord the sweep reads (the rest is skipped while decoding)."""
 
     status: str = "running"
     step_id: str = ""
     step_deadline: float = 0.0
+    phase: str = "single"
+    subtasks: list[_DueSubtask] = []
+
+    def steps(self) -> list[tuple[str, float]]:
+        """(step id, deadline) of every step the task waits for: its own, or its running subtasks'."""
+        if self.status != "running":
+            return []
+        if self.phase == "subtasks":
+            return [(s.step_id, s.step_deadline) for s in self.subtasks if s.status == "running" and s.step_deadline]
+        return [(self.step_id, self.step_deadline)] if self.step_id and self.step_deadline else []
 
 
 _decode = msgspec.json.Decoder(_Due).decode
@@ -50,28 +66,30 @@ class TimeoutSweep:
         self.on_overdue = on_overdue
         self.grace_s = grace_s
         self.clock = clock
-        self.due: dict[str, tuple[str, float]] = {}
-        """record key (the task's ref) -> (step id, unix seconds from which it is overdue)."""
+        self.due: dict[str, dict[str, float]] = {}
+        """record key (the task's ref) -> step id -> unix seconds from which it is overdue."""
         self.fired = 0
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
-        record = _decode(value) if value is not None else None
-        if record is None or record.status != "running" or not record.step_id or not record.step_deadline:
-            self.due.pop(key, None)
+        steps = _decode(value).steps() if value is not None else []
+        if steps:
+            self.due[key] = {step: deadline + self.grace_s for step, deadline in steps}
         else:
-            self.due[key] = (record.step_id, record.step_deadline + self.grace_s)
+            self.due.pop(key, None)
 
     async def run(self, stop: anyio.Event) -> None:
         while not stop.is_set():
             now = self.clock()
-            for key, (step, overdue_at) in list(self.due.items()):
-                if overdue_at <= now and self.due.get(key) == (step, overdue_at):
-                    del self.due[key]  # the record's next change puts it back if it still runs
+            for key, steps in list(self.due.items()):
+                for step, overdue_at in list(steps.items()):
+                    if overdue_at > now or self.due.get(key, {}).get(step) != overdue_at:
+                        continue
+                    del self.due[key][step]  # the record's next change puts it back if it still runs
                     self.fired += 1
                     try:
                         await self.on_overdue(key, step, self.grace_s)
                     except Exception:  # counted and logged; the task is looked at again next round
                         log.exception("timeout sweep failed for task %s; retrying", key)
-                        self.due.setdefault(key, (step, now + SWEEP_EVERY_S))
+                        self.due.setdefault(key, {}).setdefault(step, now + SWEEP_EVERY_S)
             with anyio.move_on_after(SWEEP_EVERY_S):
                 await stop.wait()

@@ -1,0 +1,72 @@
+"""Orchestrated tasks, coordinated by the executor (`centralized`): which subtasks may start, what each one's
+agent is told, and what the synthesis reads. Pure functions of a task's record; the executor decides, records
+and publishes as for any step."""
+
+from __future__ import annotations
+
+from contracts import Usage
+from contracts.events import Plan
+from services.executor.state import SubtaskState, TaskRecord
+
+ENDED = ("completed", "failed", "cancelled")
+
+
+def plan_of(record: TaskRecord) -> Plan:
+    assert record.task.spec.plan is not None
+    return record.task.spec.plan
+
+
+def ready(record: TaskRecord, max_parallel: int) -> list[SubtaskState]:
+    """Waiting subtasks whose needs have ended well (or ended at all, under best_effort), as many as may start
+    beside those running."""
+    by_id = {sub.spec.id: sub for sub in record.subtasks}
+    best_effort = plan_of(record).on_failure == "best_effort"
+    room = max_parallel - sum(sub.status == "running" for sub in record.subtasks)
+    found = []
+    for sub in record.subtasks:
+        needs = [by_id[n].status for n in sub.spec.needs]
+        if sub.status == "waiting" and all(s == "completed" or (best_effort and s in ENDED) for s in needs):
+            found.append(sub)
+    return found[:max(0, room)]
+
+
+def settled(record: TaskRecord) -> bool:
+    """Every subtask has ended, or can never start (a need of it failed)."""
+    return not any(sub.status == "running" for sub in record.subtasks) and not ready(record, len(record.subtasks))
+
+
+def subtask_prompt(record: TaskRecord, sub: SubtaskState) -> str:
+    """The subtask's instruction, with the task's request and the outputs of what it needs."""
+    by_id = {s.spec.id: s for s in record.subtasks}
+    parts = [f"Overall request: {record.task.spec.prompt}" if record.task.spec.prompt else "",
+             f"Your part ({sub.spec.id}): {sub.spec.instruction}"]
+    for need in sub.spec.needs:
+        parts.append(_result(by_id[need]))
+    return "\n\n".join(part for part in parts if part)
+
+
+def synthesis_prompt(record: TaskRecord) -> str:
+    """The request and every subtask's result (or why it has none), for the agent that puts them together."""
+    parts = [f"Request: {record.task.spec.prompt}", "Put these results together into one answer."]
+    parts += [_result(sub) for sub in record.subtasks]
+    return "\n\n".join(parts)
+
+
+def _result(sub: SubtaskState) -> str:
+    if sub.status == "completed":
+        return f"Result of {sub.spec.id} ({sub.spec.agent}):\n{sub.output}"
+    return f"Result of {sub.spec.id} ({sub.spec.agent}): missing, {sub.status}{': ' + sub.error if sub.error else ''}"
+
+
+def total_usage(record: TaskRecord, last: Usage) -> Usage:
+    """The synthesis's usage with every subtask's."""
+    usages = [sub.usage for sub in record.subtasks if sub.usage is not None] + [last]
+    return Usage(input_tokens=sum(u.input_tokens for u in usages), output_tokens=sum(u.output_tokens for u in usages),
+                 cached_tokens=sum(u.cached_tokens for u in usages), estimated=any(u.estimated for u in usages))
+
+
+def board(record: TaskRecord) -> str:
+    """One line of the plan's state: each subtask's id and status, then the synthesis's."""
+    states = ", ".join(f"{sub.spec.id} {sub.status}" for sub in record.subtasks)
+    synthesis = {"subtasks": "waiting", "synthesis": "running"}.get(record.phase, record.status)
+    return f"subtasks: {states}; synthesis {synthesis if record.status == 'running' else record.status}"

@@ -1,0 +1,135 @@
+"""Orchestrated tasks: a plan of subtasks, run by specialist agents in parallel as their inputs are ready, then
+put together by a synthesis step; coordinated by the executor (`centralized`), on a real nats-server."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts.events import Plan, Subtask
+from contracts.policy import OrchestrationLimits
+from services.guard.handlers import plan_depth
+from tests.conftest import stack
+from tests.signals import example_policy, signals
+
+pytestmark = [pytest.mark.anyio]
+PARTS = [Subtask(id="facts", agent="research", instruction="Gather the facts."),
+         Subtask(id="code", agent="coding", instruction="Write the migration script."),
+         Subtask(id="notes", agent="writing", instruction="Draft the release notes.")]
+
+
+def planned(subtasks: list[Subtask], **plan) -> TaskSpec:
+    return TaskSpec(agent="writing", prompt="Ship the migration.", orchestration="centralized",
+                    plan=Plan(subtasks=subtasks, **plan))
+
+
+def test_a_plans_depth_is_its_longest_chain_of_needs_and_a_circle_or_a_missing_need_is_no_dag():
+    chain = [Subtask(id="a", agent="r", instruction="i"), Subtask(id="b", agent="r", instruction="i", needs=["a"]),
+             Subtask(id="c", agent="r", instruction="i", needs=["b", "a"])]
+    assert plan_depth(Plan(subtasks=chain)) == 3
+    assert plan_depth(Plan(subtasks=PARTS)) == 1
+    circle = [Subtask(id="a", agent="r", instruction="i", needs=["b"]),
+              Subtask(id="b", agent="r", instruction="i", needs=["a"])]
+    for bad, words in ((circle, "needs itself"), ([Subtask(id="a", agent="r", instruction="i", needs=["z"])],
+                                                   "not in the plan"), ([PARTS[0], PARTS[0]], "used twice")):
+        with pytest.raises(ValueError, match=words):
+            plan_depth(Plan(subtasks=bad))
+
+
+def test_a_thousand_subtasks_deep_plan_is_measured_without_recursing():
+    deep = [Subtask(id=f"s{n}", agent="r", instruction="i", needs=[f"s{n - 1}"] if n else []) for n in range(1000)]
+    assert plan_depth(Plan(subtasks=deep)) == 1000
+
+
+@pytest.mark.integration
+async def test_three_specialists_work_in_parallel_and_a_synthesis_puts_their_results_together(
+        settings, tenant, user):
+    # Each model call takes 0.3 s: all three parts are asked for before any can have answered.
+    async with stack(settings.with_changes(sim_latency_s=0.3), policy=example_policy()) as client, \
+            signals(client) as heard:
+        boards: list[str] = []
+        end = await client.run(planned(PARTS), tenant=tenant, user=user,
+                               on_progress=lambda p: boards.append(p.message) if p.stage == "plan" else None)
+        requested = heard.of(StepRequested, task_id=end.task_id)
+        completed = heard.of(StepCompleted, task_id=end.task_id)
+    assert isinstance(end, TaskCompleted), end
+    parts = {r.subtask: r for r in requested if r.subtask}
+    assert {sub: r.agent for sub, r in parts.items()} == {"facts": "research", "code": "coding", "notes": "writing"}
+    (synthesis,) = [r for r in requested if not r.subtask]
+    assert synthesis.agent == "writing"
+    last_part = max(c.occurred_at for c in completed if c.step_id != synthesis.step_id)
+    assert synthesis.occurred_at >= last_part  # after every part answered
+    first_done = min(c.occurred_at for c in completed)
+    assert all(r.occurred_at <= first_done for r in parts.values())  # all three started before any answered
+    outputs = {c.step_id: c.output for c in completed}
+    for sub, request in parts.items():
+        assert f"Result of {sub}" in synthesis.prompt and outputs[request.step_id] in synthesis.prompt
+    assert end.output == outputs[synthesis.step_id]
+    assert end.usage.output_tokens == sum(c.usage.output_tokens for c in completed)  # every step's, once
+    assert boards[0].startswith("subtasks: facts running, code running, notes running")
+    assert "facts completed, code completed, notes completed; synthesis running" in boards[-1]
+
+
+@pytest.mark.integration
+async def test_a_subtask_runs_once_what_it_needs_has_answered_and_is_given_its_output(settings, tenant, user):
+    chain = [Subtask(id="facts", agent="research", instruction="Gather the facts."),
+             Subtask(id="code", agent="coding", instruction="Write the script from the facts.", needs=["facts"])]
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(planned(chain), tenant=tenant, user=user)
+        requested = {r.subtask: r for r in heard.of(StepRequested, task_id=end.task_id)}
+        facts = next(c for c in heard.of(StepCompleted, task_id=end.task_id) if c.step_id == requested["facts"].step_id)
+    assert isinstance(end, TaskCompleted), end
+    assert requested["code"].occurred_at >= facts.occurred_at
+    assert f"Result of facts (research):\n{facts.output}" in requested["code"].prompt
+
+
+@pytest.mark.integration
+async def test_one_subtask_at_a_time_when_the_policy_allows_one_in_parallel(settings, tenant, user):
+    policy = msgspec.structs.replace(example_policy(), orchestration=OrchestrationLimits(max_parallel=1))
+    async with stack(settings, policy=policy) as client, signals(client) as heard:
+        end = await client.run(planned(PARTS), tenant=tenant, user=user)
+        requested = [r for r in heard.of(StepRequested, task_id=end.task_id) if r.subtask]
+        completed = {c.step_id: c for c in heard.of(StepCompleted, task_id=end.task_id)}
+    assert isinstance(end, TaskCompleted), end
+    ordered = sorted(requested, key=lambda r: r.occurred_at)
+    for before, after in zip(ordered, ordered[1:]):
+        assert after.occurred_at >= completed[before.step_id].occurred_at
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("on_failure", ["fail_fast", "best_effort"])
+async def test_a_failed_subtask_fails_the_task_or_leaves_the_synthesis_to_say_what_is_missing(
+        settings, tenant, user, on_failure):
+    broken = Subtask(id="code", agent="coding", instruction="Write it. [sim:fail=permanent]")
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(planned([PARTS[0], broken], on_failure=on_failure), tenant=tenant, user=user)
+        synthesis = [r for r in heard.of(StepRequested, task_id=end.task_id) if not r.subtask]
+    if on_failure == "fail_fast":
+        assert isinstance(end, TaskFailed) and end.reason == "permanent_error"
+        assert end.error.startswith("subtask code failed:") and not synthesis
+    else:
+        assert isinstance(end, TaskCompleted), end
+        assert "Result of code (coding): missing, failed" in synthesis[0].prompt
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("spec", "reason", "words"), [
+    (TaskSpec(agent="writing", prompt="p", plan=Plan(subtasks=PARTS)), "invalid_request", "orchestration mode"),
+    (TaskSpec(agent="writing", prompt="p", orchestration="centralized"), "invalid_request", "needs a plan"),
+    (planned([Subtask(id="a", agent="painter", instruction="i")]), "unknown_agent", "'painter'"),
+    (planned([Subtask(id="a", agent="research", instruction="i", needs=["a"])]), "invalid_request", "not a DAG"),
+    (planned([Subtask(id=f"s{n}", agent="research", instruction="i") for n in range(17)]), "invalid_request",
+     "at most 16"),
+    (planned([Subtask(id=f"s{n}", agent="research", instruction="i", needs=[f"s{n - 1}"] if n else [])
+              for n in range(5)]), "invalid_request", "5 subtasks deep"),
+    (planned([Subtask(id="a", agent="research", instruction="i", tools=["deploy"])]), "tool_forbidden", "'deploy'"),
+])
+async def test_the_guard_refuses_a_plan_that_is_not_a_dag_within_the_limits_of_known_agents_and_allowed_tools(
+        settings, tenant, user, spec, reason, words):
+    async with stack(settings, "guard", policy=example_policy()) as client, client.events(ends_only=True) as ends:
+        task_id = await client.submit(spec, tenant=tenant, user=user)
+        async for end in ends:
+            if end.task_id == task_id:
+                break
+    assert isinstance(end, TaskRejected) and end.reason == reason and words in end.message, end
