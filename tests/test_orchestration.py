@@ -9,7 +9,7 @@ import pytest
 from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
 from contracts.events import Plan, Subtask
 from contracts.policy import OrchestrationLimits
-from services.guard.handlers import plan_depth
+from shared.plans import depth as plan_depth
 from tests.conftest import stack
 from tests.signals import example_policy, signals
 
@@ -116,7 +116,6 @@ async def test_a_failed_subtask_fails_the_task_or_leaves_the_synthesis_to_say_wh
 @pytest.mark.integration
 @pytest.mark.parametrize(("spec", "reason", "words"), [
     (TaskSpec(agent="writing", prompt="p", plan=Plan(subtasks=PARTS)), "invalid_request", "orchestration mode"),
-    (TaskSpec(agent="writing", prompt="p", orchestration="centralized"), "invalid_request", "needs a plan"),
     (planned([Subtask(id="a", agent="painter", instruction="i")]), "unknown_agent", "'painter'"),
     (planned([Subtask(id="a", agent="research", instruction="i", needs=["a"])]), "invalid_request", "not a DAG"),
     (planned([Subtask(id=f"s{n}", agent="research", instruction="i") for n in range(17)]), "invalid_request",
@@ -124,6 +123,8 @@ async def test_a_failed_subtask_fails_the_task_or_leaves_the_synthesis_to_say_wh
     (planned([Subtask(id=f"s{n}", agent="research", instruction="i", needs=[f"s{n - 1}"] if n else [])
               for n in range(5)]), "invalid_request", "5 subtasks deep"),
     (planned([Subtask(id="a", agent="research", instruction="i", tools=["deploy"])]), "tool_forbidden", "'deploy'"),
+    (TaskSpec(agent="writing", prompt="p", orchestration="distributed", plan=Plan(subtasks=PARTS)), "invalid_request",
+     "'distributed' is not available in this version"),
 ])
 async def test_the_guard_refuses_a_plan_that_is_not_a_dag_within_the_limits_of_known_agents_and_allowed_tools(
         settings, tenant, user, spec, reason, words):
@@ -133,3 +134,33 @@ async def test_the_guard_refuses_a_plan_that_is_not_a_dag_within_the_limits_of_k
             if end.task_id == task_id:
                 break
     assert isinstance(end, TaskRejected) and end.reason == reason and words in end.message, end
+
+
+@pytest.mark.integration
+async def test_without_a_plan_the_manager_agent_makes_one_which_is_checked_and_then_run(settings, tenant, user):
+    spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration="centralized")
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        requested = heard.of(StepRequested, task_id=end.task_id)
+    assert isinstance(end, TaskCompleted), end
+    planning, *parts, synthesis = sorted(requested, key=lambda r: r.occurred_at)
+    assert planning.agent == "writing" and "Reply with the plan only" in planning.prompt
+    assert {(r.subtask, r.agent) for r in parts} == {("part1", "coding"), ("part2", "research"), ("part3", "writing")}
+    assert synthesis.subtask == "" and "Result of part3 (writing)" in synthesis.prompt
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad_attempts", [1, 2])
+async def test_a_managers_plan_that_does_not_validate_is_asked_for_once_more_then_fails_the_task(
+        settings, tenant, user, bad_attempts):
+    spec = TaskSpec(agent="writing", prompt=f"Ship it. [sim:bad_plan={bad_attempts}]", orchestration="centralized")
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        planning = [r for r in heard.of(StepRequested, task_id=end.task_id) if "Reply with the plan only" in r.prompt]
+    assert len(planning) == 2
+    assert "Your last plan was refused: the answer holds no JSON object" in planning[1].prompt
+    if bad_attempts == 1:
+        assert isinstance(end, TaskCompleted), end
+    else:
+        assert isinstance(end, TaskFailed) and end.reason == "permanent_error"
+        assert "the manager's plan did not validate, twice: the answer holds no JSON object" in end.error

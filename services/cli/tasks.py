@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import msgspec
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import TaskSpec
+from contracts.events import Plan
 from services.cli.common import (ConfigOption, NatsOption, TaskTenantOption, call, console, resolve_settings,
                                  run)
 
@@ -26,6 +28,10 @@ def submit(
     user: Annotated[str, typer.Option(help="user the task runs for")] = "alice",
     tenant: Annotated[str, typer.Option(help="tenant of the user")] = "default",
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on output tokens")] = None,
+    orchestration: Annotated[str, typer.Option(
+        help="single (one agent), or centralized: subtasks of a plan, then a synthesis by AGENT")] = "single",
+    plan: Annotated[Optional[Path], typer.Option(
+        help="a JSON plan (the `plan` of contracts/schemas/task.submitted.v1.json) for --orchestration centralized; without one, AGENT plans")] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="wait and print progress until it ends")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --follow")] = 60.0,
     nats: NatsOption = None,
@@ -35,7 +41,8 @@ def submit(
     from services.client import Client
     from shared import tracing
 
-    spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens)
+    spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens, orchestration=_mode(orchestration),
+                    plan=_read_plan(plan) if plan else None)
     settings = resolve_settings(nats, config)
     tracing.init_tracing("corral-cli", settings.otlp_endpoint)
 
@@ -90,6 +97,21 @@ def print_status(report, out: Console) -> None:
     for dep, state in sorted(report.breakers.items()):
         table.add_row(f"breaker {dep}", state)
     out.print(table)
+
+
+def _mode(orchestration: str):
+    if orchestration not in ("single", "centralized", "distributed", "hybrid"):
+        raise typer.BadParameter(f"--orchestration is single, centralized, distributed or hybrid, not {orchestration!r}")
+    return orchestration
+
+
+def _read_plan(path: Path) -> Plan:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Plan)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read the plan {path}: {error}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        raise typer.BadParameter(f"{path} is not a plan: {error}") from None
 
 
 class _ProgressPrinter:

@@ -59,7 +59,17 @@ from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
 from services.executor import plans
-from services.executor.state import CachedAnswer, SubtaskState, TaskRecord, admitted_from, cache_key, step_id
+from services.executor.state import (
+    PLANNING,
+    SYNTHESIS,
+    CachedAnswer,
+    SubtaskState,
+    TaskRecord,
+    admitted_from,
+    cache_key,
+    step_id,
+)
+from shared import plans as shared_plans
 from shared.breakers import BreakerGate
 from shared.kv import TypedBucket
 
@@ -153,18 +163,43 @@ class Executor:
             await self._fail(record, revision, task.task_id, "permanent_error",
                              f"agent kind {task.spec.agent!r} is not in the policy")
             return
-        if task.spec.plan is None:
+        if task.spec.orchestration == "single":
             await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
             return
+        if task.spec.plan is None:  # the manager plans first: the record's own step
+            record.phase = "planning"
+            await self._advance(record, revision, task.task_id, strategy=0, attempt=1)
+            return
+        await self._start_plan(record, revision, task.task_id, task.spec.plan)
+
+    async def _start_plan(self, record: TaskRecord, revision: int, cause: str, plan) -> None:
         agents = self.policy().agents
-        unknown = sorted({sub.agent for sub in task.spec.plan.subtasks} - set(agents))
+        unknown = sorted({sub.agent for sub in plan.subtasks} - set(agents))
         if unknown:
-            await self._fail(record, revision, task.task_id, "permanent_error",
-                             f"the plan's agent kinds {unknown} are not in the policy")
+            await self._end_failed(record, revision, cause, "permanent_error",
+                                   f"the plan's agent kinds {unknown} are not in the policy")
             return
         record.phase, record.chain = "subtasks", []
-        record.subtasks = [SubtaskState(spec=sub, chain=list(agents[sub.agent].chain)) for sub in task.spec.plan.subtasks]
-        await self._plan_advanced(record, revision, task.task_id)
+        record.subtasks = [SubtaskState(spec=sub, chain=list(agents[sub.agent].chain)) for sub in plan.subtasks]
+        await self._plan_advanced(record, revision, cause)
+
+    async def _planned(self, record: TaskRecord, revision: int, step: StepCompleted) -> None:
+        """The manager answered: run its plan if it is valid; else ask once more, saying why, then give up."""
+        record.planning_usage = plans.total_usage(record, step.usage)
+        task = record.task
+        try:
+            plan = shared_plans.parse(step.output)
+            shared_plans.check(plan, self.policy(), task.tenant, task.user, synthesis=task.spec.agent)
+        except shared_plans.PlanInvalid as error:
+            if record.plan_mistake:
+                await self._end_failed(record, revision, step.step_id, "permanent_error",
+                                       f"the manager's plan did not validate, twice: {error}")
+                return
+            record.plan_mistake = str(error)
+            await self._advance(record, revision, step.step_id, strategy=record.strategy, attempt=record.attempt + 1)
+            return
+        record.plan = plan
+        await self._start_plan(record, revision, step.step_id, plan)
 
     async def _complete(self, step: StepCompleted, fresh: bool) -> None:
         record, revision, cursor = await self._current(step, fresh)
@@ -173,6 +208,9 @@ class Executor:
         if isinstance(cursor, SubtaskState):
             cursor.status, cursor.output, cursor.usage = "completed", step.output, step.usage
             await self._plan_advanced(record, revision, step.step_id)
+            return
+        if record.phase == "planning":
+            await self._planned(record, revision, step)
             return
         strategy = record.chain[record.strategy]
         usage = plans.total_usage(record, step.usage) if record.subtasks else step.usage
@@ -286,7 +324,8 @@ class Executor:
         """Set `cursor` on its next step (None), or say why it has none left: (reason, error). A cache strategy
         of the task's own chain may answer the task at once (_ANSWERED)."""
         task = record.task
-        subtask = cursor.spec.id if isinstance(cursor, SubtaskState) else ""
+        subtask = (cursor.spec.id if isinstance(cursor, SubtaskState) else
+                   {"planning": PLANNING, "synthesis": SYNTHESIS}.get(record.phase, ""))
         while strategy < len(cursor.chain):
             now = self.clock()
             if now >= record.deadline_at:
@@ -302,7 +341,9 @@ class Executor:
                 strategy, attempt, wait = strategy + 1, 1, 0.0
                 continue
             step = step_id(task.tenant, task.task_id, strategy, attempt, subtask)
-            blocked = await self._blocked(current, cursor.spec.tools if subtask else task.spec.tools, step)
+            tools = cursor.spec.tools if isinstance(cursor, SubtaskState) else \
+                task.spec.tools if record.phase == "single" else []
+            blocked = await self._blocked(current, tools, step)
             if blocked:
                 cursor.attempts.append(Attempt(
                     step_id="", dependency=blocked, error="transient", strategy=strategy, tier=current.tier,
@@ -466,6 +507,13 @@ class Executor:
         elif record.phase == "synthesis":
             request = StepRequested(**common, agent=_agent_of(record, record), prompt=plans.synthesis_prompt(record),
                                     max_tokens=self.policy().orchestration.synthesis_output_tokens)
+        elif record.phase == "planning":
+            policy = self.policy()
+            prompt = shared_plans.request(task.spec.prompt, sorted(policy.agents), policy.orchestration.max_subtasks,
+                                          record.plan_mistake)
+            manager = policy.agents.get(task.spec.agent)
+            request = StepRequested(**common, agent=task.spec.agent, prompt=prompt,
+                                    max_tokens=task.spec.max_tokens or (manager.default_output_tokens if manager else 256))
         else:
             request = StepRequested(**common, agent=task.spec.agent, prompt=task.spec.prompt,
                                     messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,

@@ -12,8 +12,10 @@ ENDED = ("completed", "failed", "cancelled")
 
 
 def plan_of(record: TaskRecord) -> Plan:
-    assert record.task.spec.plan is not None
-    return record.task.spec.plan
+    """The publisher's plan, or the manager's."""
+    plan = record.task.spec.plan or record.plan
+    assert plan is not None
+    return plan
 
 
 def ready(record: TaskRecord, max_parallel: int) -> list[SubtaskState]:
@@ -59,8 +61,9 @@ def _result(sub: SubtaskState) -> str:
 
 
 def total_usage(record: TaskRecord, last: Usage) -> Usage:
-    """The synthesis's usage with every subtask's."""
+    """The synthesis's usage with every subtask's and the planning's."""
     usages = [sub.usage for sub in record.subtasks if sub.usage is not None] + [last]
+    usages += [record.planning_usage] if record.planning_usage else []
     return Usage(input_tokens=sum(u.input_tokens for u in usages), output_tokens=sum(u.output_tokens for u in usages),
                  cached_tokens=sum(u.cached_tokens for u in usages), estimated=any(u.estimated for u in usages))
 
@@ -68,5 +71,5 @@ def total_usage(record: TaskRecord, last: Usage) -> Usage:
 def board(record: TaskRecord) -> str:
     """One line of the plan's state: each subtask's id and status, then the synthesis's."""
     states = ", ".join(f"{sub.spec.id} {sub.status}" for sub in record.subtasks)
-    synthesis = {"subtasks": "waiting", "synthesis": "running"}.get(record.phase, record.status)
+    synthesis = {"subtasks": "waiting", "synthesis": "running", "planning": "waiting"}.get(record.phase, record.status)
     return f"subtasks: {states}; synthesis {synthesis if record.status == 'running' else record.status}"

@@ -8,12 +8,14 @@ from typing import Literal
 import msgspec
 
 from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec, TokenEstimate, Usage
-from contracts.events import StepEvent, Subtask
+from contracts.events import Plan, StepEvent, Subtask
 from contracts.policy import Strategy
 
 TaskStatus = Literal["running", "completed", "failed"]
 SubtaskStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
-Phase = Literal["single", "subtasks", "synthesis"]
+Phase = Literal["single", "planning", "subtasks", "synthesis"]
+PLANNING, SYNTHESIS = "=plan", "=synthesis"
+"""The step ids' part for a task's planning and synthesis steps: `=` is in no subtask id."""
 
 
 class SubtaskState(msgspec.Struct, kw_only=True):
@@ -65,8 +67,14 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     """The terminal event once decided, kept so a redelivery publishes the very same one."""
     admitted_at: float = 0.0
     phase: Phase = "single"
-    """An orchestrated task runs its `subtasks`, then its synthesis as the record's own step."""
+    """An orchestrated task has its manager plan (unless the publisher sent a plan), runs its `subtasks`, then
+    its synthesis: the planning and the synthesis as the record's own steps."""
     subtasks: list[SubtaskState] = []
+    plan: Plan | None = None
+    """The manager's plan, once it made a valid one."""
+    plan_mistake: str = ""
+    """Why the manager's first plan was refused (it is asked once more, told why)."""
+    planning_usage: Usage | None = None
 
     def cursor_of(self, step: str) -> TaskRecord | SubtaskState | None:
         """What waits for `step`: the record's own step (the task's, or its synthesis) or a running subtask."""

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from contracts import TaskRejected, TaskSubmitted, TaskValidated, TokenEstimate, subjects
-from contracts.events import Plan, TaskId, TaskSpec, Token, clip
+from contracts.events import TaskId, Token, clip
 from contracts.policy import Policy
 from services.guard.errors import (
     GuardError,
@@ -36,9 +36,12 @@ from services.guard.limiter import RateLimiter
 from shared.consume import Delivery
 from shared.errors import PoisonMessage, Undecodable
 from shared.kv import TypedBucket
+from shared import plans
 from shared.tokens import count_chat, count_tokens
 
 TASK_OVERHEAD = 16
+PLANNED_SUBTASKS = 3
+"""Subtasks a manager's plan is expected to have, for the estimate of a task that comes without a plan."""
 """Tokens of a subtask's framing around its instruction (the message overhead, the inputs' headings)."""
 
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -136,69 +139,33 @@ def check_request(task: TaskSubmitted, policy: Policy) -> None:
     if spec.max_tokens is not None and not 1 <= spec.max_tokens <= limits.max_output_tokens:
         raise InvalidRequest(f"max_tokens must be within 1..{limits.max_output_tokens}, got {spec.max_tokens}")
     rules = policy.tools_for(task.tenant, task.user)
-    for tool in [*spec.tools, *(tool for sub in (spec.plan.subtasks if spec.plan else []) for tool in sub.tools)]:
+    for tool in spec.tools:
         if "*" not in rules.allowed and tool not in rules.allowed:
             raise ToolForbidden(f"tool {tool!r} is not allowed for {task.tenant}/{task.user}; allowed: "
                                 f"{', '.join(rules.allowed) or 'none'}")
-    check_plan(spec, policy)
+    check_plan(task, policy)
 
 
-def check_plan(spec: TaskSpec, policy: Policy) -> None:
-    """An orchestrated task's plan: a DAG within the policy's limits, of agents the policy knows."""
+def check_plan(task: TaskSubmitted, policy: Policy) -> None:
+    """An orchestrated task's plan: a DAG within the policy's limits, of agents the policy knows (shared.plans)."""
+    spec = task.spec
     if spec.orchestration == "single":
         if spec.plan is not None:
             raise InvalidRequest("a plan needs an orchestration mode: centralized, distributed or hybrid")
         return
-    if spec.plan is None:
-        raise InvalidRequest(f"an orchestrated task needs a plan; a plan made by the manager agent "
-                             f"{spec.agent!r} is not available in this version")
     if spec.orchestration != "centralized":
         raise InvalidRequest(f"orchestration {spec.orchestration!r} is not available in this version; "
                              "use centralized")
-    plan, limits = spec.plan, policy.orchestration
-    if len(plan.subtasks) > limits.max_subtasks:
-        raise InvalidRequest(f"the plan has {len(plan.subtasks)} subtasks; at most {limits.max_subtasks} are allowed")
-    for agent in {sub.agent for sub in plan.subtasks} | {plan.synthesis or spec.agent}:
-        if agent not in policy.agents:
-            raise UnknownAgent(f"the plan names agent kind {agent!r}, which is not known; use one of: "
-                               f"{', '.join(sorted(policy.agents))}")
-    for sub in plan.subtasks:
-        if sub.max_tokens is not None and sub.max_tokens > policy.limits.max_output_tokens:
-            raise InvalidRequest(f"subtask {sub.id!r}: max_tokens must be within 1..{policy.limits.max_output_tokens}")
+    if spec.plan is None:
+        return  # the manager agent (spec.agent) makes one; the executor checks it the same way
     try:
-        depth = plan_depth(plan)
-    except ValueError as error:
-        raise InvalidRequest(f"the plan is not a DAG: {error}") from None
-    if depth > limits.max_depth:
-        raise InvalidRequest(f"the plan is {depth} subtasks deep; at most {limits.max_depth} are allowed")
-
-
-def plan_depth(plan: Plan) -> int:
-    """Subtasks in the plan's longest chain of `needs`; ValueError when an id repeats, a need names no subtask,
-    or the needs go round in a circle."""
-    needs = {}
-    for sub in plan.subtasks:
-        if sub.id in needs:
-            raise ValueError(f"subtask id {sub.id!r} is used twice")
-        needs[sub.id] = sub.needs
-    depth: dict[str, int] = {}
-    for start in needs:  # iterative depth-first search: a plan of a thousand subtasks recurses nowhere
-        stack, on_path = [(start, iter(needs[start]))], {start}
-        while stack:
-            node, pending = stack[-1]
-            need = next(pending, None)
-            if need is None:
-                depth[node] = 1 + max((depth[n] for n in needs[node]), default=0)
-                on_path.discard(node)
-                stack.pop()
-            elif need not in needs:
-                raise ValueError(f"subtask {node!r} needs {need!r}, which is not in the plan")
-            elif need in on_path:
-                raise ValueError(f"subtask {need!r} needs itself, through {node!r}")
-            elif need not in depth:
-                stack.append((need, iter(needs[need])))
-                on_path.add(need)
-    return max(depth.values())
+        plans.check(spec.plan, policy, task.tenant, task.user, synthesis=spec.agent)
+    except plans.UnknownPlanAgent as error:
+        raise UnknownAgent(str(error)) from None
+    except plans.PlanToolForbidden as error:
+        raise ToolForbidden(str(error)) from None
+    except plans.PlanInvalid as error:
+        raise InvalidRequest(str(error)) from None
 
 
 def estimate(task: TaskSubmitted, policy: Policy) -> TokenEstimate:
@@ -209,8 +176,12 @@ def estimate(task: TaskSubmitted, policy: Policy) -> TokenEstimate:
     agent = policy.agents[spec.agent]
     model = agent.chain[0].model if agent.chain else ""
     prompt, output = count_chat(spec.chat(), model), spec.max_tokens or agent.default_output_tokens
-    if spec.plan is None:
+    if spec.orchestration == "single":
         return TokenEstimate(prompt_tokens=prompt, max_output_tokens=output)
+    if spec.plan is None:  # the manager plans: its plan, then (as a guess) three parts and the synthesis
+        parts = PLANNED_SUBTASKS * output
+        return TokenEstimate(prompt_tokens=3 * prompt + 2 * parts,
+                             max_output_tokens=output + parts + policy.orchestration.synthesis_output_tokens)
     outputs = {sub.id: sub.max_tokens or policy.agents[sub.agent].default_output_tokens for sub in spec.plan.subtasks}
     for sub in spec.plan.subtasks:
         prompt += count_tokens(sub.instruction, model) + TASK_OVERHEAD + sum(outputs[n] for n in sub.needs)

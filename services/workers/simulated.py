@@ -14,6 +14,10 @@ Directives in a prompt steer it (tests and demos use them; real providers ignore
     [sim:error=CLASS]                                      the class the flaky attempts fail with
     [sim:retry_after=S]                                    the retry-after a rate_limited failure carries (0.2)
     [sim:latency=S]                                        this call takes S seconds
+    [sim:bad_plan=N]                                       asked for a plan, the first N attempts answer nonsense
+
+Asked for a plan (shared.plans.PLAN_REQUEST), it answers a valid one: a part for each of the first
+three agents it is offered, independent of each other.
 
 At run time, every worker replica also obeys `corral sim fail|slow|recover DEPENDENCY`
 (SimulateDependency on `corral.sim.control`), kept in `SimulatedFaults`: a dependency
@@ -43,10 +47,11 @@ from services.workers.errors import (
     ProviderTimeout,
     TransientProviderError,
 )
+from shared import plans
 from shared.tokens import count_chat, encoding
 
 NAME = "simulated"
-_DIRECTIVE = re.compile(r"\[sim:(fail|flaky|error|retry_after|latency)=([A-Za-z0-9_.]+)\]")
+_DIRECTIVE = re.compile(r"\[sim:(fail|flaky|error|retry_after|latency|bad_plan)=([A-Za-z0-9_.]+)\]")
 _ERRORS: dict[str, type[ProviderError]] = {
     "transient": TransientProviderError,
     "permanent": PermanentProviderError,
@@ -116,7 +121,11 @@ class SimulatedProvider:
             calls = [_call_for(tool, n, _last_user_text(request.messages)) for n, tool in enumerate(request.tools)]
             return Completion(text="", tool_calls=calls, finish_reason="tool_calls", response_model=request.model,
                               usage=Usage(input_tokens=input_tokens, output_tokens=8 * len(calls)))
-        text, output_tokens = _generate(request.model, prompt, request.max_tokens)
+        if plans.PLAN_REQUEST in prompt:
+            text = _plan(prompt) if request.attempt > int(directives.get("bad_plan", "0")) else "no plan today"
+            output_tokens = len(encoding().encode_ordinary(text))
+        else:
+            text, output_tokens = _generate(request.model, prompt, request.max_tokens)
         return Completion(text=text, finish_reason="stop", response_model=request.model,
                           usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
@@ -167,6 +176,16 @@ def _call_for(tool: ToolSpec, n: int, text: str) -> ToolCall:
 
 def _last_user_text(messages: list[Turn]) -> str:
     return next((turn.content for turn in reversed(messages) if turn.role == "user"), "")
+
+
+def _plan(prompt: str) -> str:
+    """A SIMULATED manager's plan: one independent part for each of the first three agents the prompt lists."""
+    line = next((line for line in prompt.splitlines() if line.startswith(plans.AGENTS_LINE)), plans.AGENTS_LINE)
+    agents = [a.strip() for a in line.removeprefix(plans.AGENTS_LINE).split(",") if a.strip()][:3]
+    request = next((line for line in prompt.splitlines() if line.startswith("Request: ")), "Request: the task")
+    subtasks = [{"id": f"part{n + 1}", "agent": agent, "instruction": f"Your part, as {agent}, of: "
+                 f"{request.removeprefix('Request: ')}"} for n, agent in enumerate(agents)]
+    return "Here is the plan:\n" + msgspec.json.encode({"subtasks": subtasks}).decode()
 
 
 def _fraction(key: str) -> float:
