@@ -72,11 +72,23 @@ class OrchestrationLimits(Strict):
     """Subtasks of one tenant's tasks running at once, over every task."""
     synthesis_output_tokens: int = 512
     """Output tokens the synthesis may use (and the estimate counts)."""
+    claim_lease_s: float = 10.0
+    """Distributed and hybrid: a pool member's claim on a subtask lasts this long unless renewed (it renews it
+    every third of that while it works); a member that dies loses its claim to the next one after it."""
+    stall_s: float = 60.0
+    """Distributed: a board with nothing claimed, answered or renewed for this long has stalled; its task fails
+    with what was done."""
+    handoff_timeout_s: float = 2.0
+    """Hybrid: a ready subtask no pool claims within this long is handed to `fallback_agent`."""
+    fallback_agent: str | None = None
+    """Hybrid: the agent kind that takes over what no pool claimed (None: the task's own agent)."""
 
     def __post_init__(self) -> None:
         if min(self.max_subtasks, self.max_depth, self.max_parallel, self.max_parallel_per_tenant,
                self.synthesis_output_tokens) < 1:
             raise ValueError("orchestration limits must be at least 1")
+        if min(self.claim_lease_s, self.stall_s, self.handoff_timeout_s) <= 0:
+            raise ValueError("claim_lease_s, stall_s and handoff_timeout_s must be positive")
 
 
 class UserPolicy(Strict):
