@@ -29,8 +29,9 @@ from contracts.events import (
 )
 
 EntryStatus = Literal["waiting", "claimed", "completed", "failed"]
-SYNTHESIS_ID = "=synthesis"
-"""The synthesis's entry id: `=` is in no subtask id."""
+SYNTHESIS_ID = "synthesis"
+"""The synthesis entry's id (it is the board's `synthesis`, never one of its `entries`). Its steps' ids say
+`=synthesis` where a subtask's say its id: `=` is in no subtask id, so the two never meet."""
 
 
 class Entry(msgspec.Struct, kw_only=True):

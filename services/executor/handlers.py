@@ -58,7 +58,9 @@ from contracts import (
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
+from contracts.boards import Board
 from services.executor import plans
+from services.executor.boards import new_board
 from services.executor.state import (
     PLANNING,
     SYNTHESIS,
@@ -104,13 +106,15 @@ def dependency_of(strategy: Strategy) -> str:
 
 class Executor:
     def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
-                 cache: TypedBucket[CachedAnswer] | None = None, clock: Clock = time.time,
+                 cache: TypedBucket[CachedAnswer] | None = None, boards: TypedBucket[Board] | None = None,
+                 clock: Clock = time.time,
                  sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
         self.policy = policy
         self.tasks = tasks
         self.gate = gate
         self.emit = emit
         self.cache = cache
+        self.boards = boards
         self.clock = clock
         self.sleep = sleep
         self.republish_window_s = republish_window_s
@@ -179,9 +183,33 @@ class Executor:
             await self._end_failed(record, revision, cause, "permanent_error",
                                    f"the plan's agent kinds {unknown} are not in the policy")
             return
+        if record.task.spec.orchestration in ("distributed", "hybrid") and self.boards is not None:
+            task = record.task
+            await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at))
+            record.phase, record.chain, record.plan = "board", [], plan  # the pools take it from here
+            await self._record(record, revision, cause)
+            return
         record.phase, record.chain = "subtasks", []
         record.subtasks = [SubtaskState(spec=sub, chain=list(agents[sub.agent].chain)) for sub in plan.subtasks]
         await self._plan_advanced(record, revision, cause)
+
+    async def synthesise_board(self, board: Board) -> None:
+        """Hybrid: every subtask on the board has ended; run the synthesis over their results as this task's
+        own step (the supervisor has claimed it on the board for this replica)."""
+        record, revision = await self.tasks.read(board.task.task_ref)
+        if record is None or record.status != "running" or record.phase != "board":
+            return
+        record.subtasks = [SubtaskState(spec=entry.spec, status="completed" if entry.status == "completed" else "failed",
+                                        output=entry.output, usage=entry.usage, error=entry.error)
+                           for entry in board.entries]
+        agent = self.policy().agents.get(board.synthesis.spec.agent)
+        record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
+        ended = await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
+        if ended is not None:
+            await self._fail(record, revision, board.task.task_id, *ended)
+            return
+        await self._record(record, revision, board.task.task_id)
+        await self._publish_step(record)
 
     async def _planned(self, record: TaskRecord, revision: int, step: StepCompleted) -> None:
         """The manager answered: run its plan if it is valid; else ask once more, saying why, then give up."""
@@ -221,6 +249,8 @@ class Executor:
                                   received_at=record.task.received_at)
         record.status, record.usage, record.outcome = "completed", usage, completed
         await self._record(record, revision, step.step_id)
+        if record.task.spec.orchestration == "hybrid" and self.boards is not None:
+            await self._end_board(record.task.task_ref)
         await self.emit(subjects.task_completed(step.tenant), completed)
         await self._remember(record, completed)
 
@@ -393,6 +423,13 @@ class Executor:
             started.append(record)
         await self._record(record, revision, cause)
         await self._publish_plan(record, started)
+
+    async def _end_board(self, key: str) -> None:
+        """Mark a hybrid task's board ended: its synthesis answered and the task completed."""
+        board, revision = await self.boards.read(key)
+        if board is not None and not board.ended:
+            board.ended, board.synthesis.status, board.updated_at = "completed", "completed", self.clock()
+            await self.boards.write_if(key, board, revision)  # lost only to a later writer: it ended anyway
 
     async def _subtask_failed(self, record: TaskRecord, revision: int, cause: str, sub: SubtaskState,
                               reason: FailReason, error: str) -> None:

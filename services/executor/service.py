@@ -17,6 +17,8 @@ import msgspec
 from contracts import StepCompleted, StepFailed, TaskAdmitted
 from contracts import subjects as s
 from contracts.queries import TaskStatusQuery, TaskStatusReply
+from contracts.boards import Board
+from services.executor.boards import BoardSupervisor
 from services.executor.handlers import Executor
 from services.executor.state import CachedAnswer, TaskRecord
 from services.executor.sweep import TimeoutSweep
@@ -47,14 +49,17 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, breaker_kv = await bus.policy_bucket(), await bus.bucket(s.KV_BREAKERS)
         tasks_kv, cache_kv = await bus.bucket(s.KV_TASKS), await bus.bucket(s.KV_CACHE, ttl_s=CACHE_TTL_S)
+        boards_kv = await bus.bucket(s.KV_BOARDS)
         quarantine = Quarantine(bus.js, NAME)
         policy, view = await PolicyView.load(policy_kv, quarantine), BreakerView(quarantine)
         replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
         records = TypedBucket(tasks_kv, TaskRecord, lambda: None, expires=_ended_record_ttl, quarantine=quarantine)
+        boards = TypedBucket(boards_kv, Board, lambda: None, quarantine=quarantine)
         executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),
-                            republish_window_s=settings.dedup_window_s)
+                            boards=boards, republish_window_s=settings.dedup_window_s)
+        supervisor = BoardSupervisor(boards, policy, bus.emit, executor.synthesise_board)
         sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)
 
         async def task_status(data: bytes) -> bytes:
@@ -77,6 +82,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             return {"replica": replica, "breakers": view.snapshot(), "timeouts_swept": sweep.fired,
+                    "hybrid_boards": len(supervisor.watched), "handed_over": supervisor.handed_over,
                     "consumers": {c.name: c.stats_dict() for c in consumers}, "policy": policy.stats(),
                     "quarantined": quarantine.stats()}
 
@@ -87,5 +93,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             tg.start_soon(view.follow, breaker_kv, stop)
             tg.start_soon(follow_bucket, tasks_kv, sweep.apply, stop, ">", quarantine)
             tg.start_soon(sweep.run, stop)
+            tg.start_soon(follow_bucket, boards_kv, supervisor.apply, stop, ">", quarantine)
+            tg.start_soon(supervisor.run, stop)
             for consumer in consumers:
                 tg.start_soon(consumer.run, stop)

@@ -13,7 +13,7 @@ from contracts.policy import Strategy
 
 TaskStatus = Literal["running", "completed", "failed"]
 SubtaskStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
-Phase = Literal["single", "planning", "subtasks", "synthesis"]
+Phase = Literal["single", "planning", "subtasks", "board", "synthesis"]
 PLANNING, SYNTHESIS = "=plan", "=synthesis"
 """The step ids' part for a task's planning and synthesis steps: `=` is in no subtask id."""
 
@@ -78,6 +78,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
 
     def cursor_of(self, step: str) -> TaskRecord | SubtaskState | None:
         """What waits for `step`: the record's own step (the task's, or its synthesis) or a running subtask."""
+        if self.phase == "board":  # the pools run it (distributed, hybrid) until a hybrid task's synthesis
+            return None
         if self.phase != "subtasks" and self.step_id in (step, ""):
             return self
         return next((sub for sub in self.subtasks if sub.status == "running" and sub.step_id == step), None)
@@ -85,6 +87,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     def running_steps(self) -> list[tuple[str, float]]:
         """(step id, deadline) of every step it waits for."""
         if self.status != "running":
+            return []
+        if self.phase == "board":
             return []
         if self.phase != "subtasks":
             return [(self.step_id, self.step_deadline)] if self.step_id else []

@@ -53,6 +53,8 @@ class _Due(msgspec.Struct):
         """(step id, deadline) of every step the task waits for: its own, or its running subtasks'."""
         if self.status != "running":
             return []
+        if self.phase == "board":
+            return []
         if self.phase == "subtasks":
             return [(s.step_id, s.step_deadline) for s in self.subtasks if s.status == "running" and s.step_deadline]
         return [(self.step_id, self.step_deadline)] if self.step_id and self.step_deadline else []

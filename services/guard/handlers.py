@@ -153,9 +153,6 @@ def check_plan(task: TaskSubmitted, policy: Policy) -> None:
         if spec.plan is not None:
             raise InvalidRequest("a plan needs an orchestration mode: centralized, distributed or hybrid")
         return
-    if spec.orchestration != "centralized":
-        raise InvalidRequest(f"orchestration {spec.orchestration!r} is not available in this version; "
-                             "use centralized")
     if spec.plan is None:
         return  # the manager agent (spec.agent) makes one; the executor checks it the same way
     try:
