@@ -162,3 +162,26 @@ async def test_a_managers_plan_that_does_not_validate_is_asked_for_once_more_the
     else:
         assert isinstance(end, TaskFailed) and end.reason == "permanent_error"
         assert "the manager's plan did not validate, twice: the answer holds no JSON object" in end.error
+
+
+@pytest.mark.integration
+async def test_corral_cost_of_a_planned_task_rolls_every_part_up_to_the_task(settings, tenant, user):
+    import os
+    import sys
+
+    import anyio
+
+    from tests.conftest import operator_env
+
+    spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration="centralized")
+    async with stack(settings, policy=example_policy()) as client:
+        end = await client.run(spec, tenant=tenant, user=user)
+        done = await anyio.run_process(
+            [sys.executable, "-m", "services.cli", "cost", end.task_id, "--nats", settings.nats_url], check=False,
+            env={**os.environ, **operator_env(settings), "COLUMNS": "160"})
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    tree = out[out.index("per part of the plan"):]
+    for part in ("planning (manager)", "part1", "part2", "part3", "synthesis"):
+        assert f"│ {part} " in tree, out
+    assert "│ total " in tree and f"{end.usage.total:,}" in tree.splitlines()[-2], out

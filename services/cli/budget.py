@@ -97,6 +97,28 @@ def print_cost(reply: CostReply, out: Console) -> None:
         models.add_row(m.model, str(m.steps), f"{m.input_tokens:,}", f"{m.cached_tokens:,}", f"{m.output_tokens:,}",
                        f"${m.cost_usd:.6f}")
     out.print(models)
+    parts = _per_part(reply)
+    if len(parts) > 1 or "(the task)" not in parts:
+        tree = Table(title="per part of the plan")
+        for name in ("part", "steps", "tokens", "cost"):
+            tree.add_column(name, justify="left" if name == "part" else "right")
+        for part, (steps, tokens, cost_usd) in parts.items():
+            tree.add_row(part, str(steps), f"{tokens:,}", f"${cost_usd:.6f}")
+        tree.add_row("total", str(sum(p[0] for p in parts.values())), f"{reply.tokens:,}", f"${reply.cost_usd:.6f}")
+        out.print(tree)
+
+
+def _per_part(reply: CostReply) -> dict[str, tuple[int, int, float]]:
+    """Steps, tokens and cost of each part of an orchestrated task (its planning, each subtask, its synthesis),
+    from its step ids (`<tenant>/<task>-<part>-s0a1`); a single task's steps are all "(the task)"."""
+    parts: dict[str, tuple[int, int, float]] = {}
+    for step in reply.steps:
+        rest = step.step_id.removeprefix(f"{reply.tenant}/{reply.task_id}-")
+        part = rest.rsplit("-", 1)[0] if "-" in rest else "(the task)"
+        part = {"=plan": "planning (manager)", "=synthesis": "synthesis"}.get(part, part)
+        steps, tokens, cost_usd = parts.get(part, (0, 0, 0.0))
+        parts[part] = (steps + 1, tokens + step.usage.total, cost_usd + step.cost_usd)
+    return parts
 
 
 def _ask(nats: str | None, config: Path | None, ask):
