@@ -12,6 +12,10 @@ server where no policy was ever applied (the demo's own embedded one), the demo
 applies the demo policy (`demo_policy`): an hour as large as the day, and rate limits with room for
 a demo's bursts but for one chatty user.
 
+Then one multi-agent task in each coordination mode: a plan of three parts (research, coding,
+writing) and a synthesis, centralized (with the publisher's plan, and with the manager's),
+distributed and hybrid; the summary shows how each ended.
+
 Beside the simulated workload, a few tasks go to a real model: the `assistant` agent runs on
 the `local` provider, the llama.cpp server the demo starts (SmolLM2-135M on this machine's
 CPU). The summary shows them apart, named as the real model they are.
@@ -40,6 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from contracts import BreakerChanged, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts.events import Plan, Subtask
 from contracts.commands import SimulateDependency
 from contracts.policy import (
     DEFAULT_POLICY,
@@ -70,6 +75,7 @@ LOCAL_PROMPTS = ("In one sentence: what does a circuit breaker do in software?",
                  "Name two reasons to put a rate limit in front of an API.",
                  "In one sentence: why do AI agents need a token budget?")
 LOCAL_WAIT_S = 120.0
+ORCHESTRATED_WAIT_S = 60.0
 DEMO_POLICY = Policy(
     description="corral demo: an hourly budget as large as the daily one, room for bursts, one chatty user",
     defaults=Defaults(rate=RateLimit(requests_per_minute=600, burst_requests=20, tokens_per_minute=200_000,
@@ -89,6 +95,15 @@ SETTLE_S = 20.0
 again (it stops as soon as it has closed: this bounds only a circuit that never does)."""
 PROBE_EVERY_S = 0.5
 OUTAGE_FROM = 0.2  # the share of the tasks submitted from which the advanced model fails
+
+
+class Orchestrated(msgspec.Struct):
+    mode: str
+    planned_by: str
+    outcome: str = "no answer"
+    parts: int = 0
+    tokens: int = 0
+    latency_ms: float = 0.0
 
 
 class LocalAnswer(msgspec.Struct):
@@ -123,6 +138,8 @@ class Summary(msgspec.Struct):
     """Research tasks sent after the workload so that a probe could close the circuit."""
     local: list[LocalAnswer] = []
     """The tasks answered (or not) by the real local model."""
+    orchestrated: list[Orchestrated] = []
+    """One multi-agent task per coordination mode."""
 
 
     @property
@@ -190,11 +207,13 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
                             if summary.ended == len(plan):
                                 break
             await outage.settle(events, summary)
+        summary.orchestrated = await _orchestrate(client)
         if local_model:
             summary.local = await _ask_the_local_model(client)
         summary.monitor = await _monitor_status(client)
     summary.retried_tasks = len(retried)
-    summary.lost = len(plan) - summary.ended + sum(answer.outcome == "no answer" for answer in summary.local)
+    summary.lost = len(plan) - summary.ended + sum(answer.outcome == "no answer" for answer in summary.local) + \
+        sum(task.outcome == "no answer" for task in summary.orchestrated)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
@@ -287,6 +306,36 @@ def _record(event, pending: dict[str, float], summary: Summary, settings: Settin
     return True
 
 
+PLAN = Plan(subtasks=[Subtask(id="facts", agent="research", instruction="Gather the facts."),
+                      Subtask(id="script", agent="coding", instruction="Write the migration script.", needs=["facts"]),
+                      Subtask(id="notes", agent="writing", instruction="Draft the release notes.")],
+            synthesis="writing")
+ORCHESTRATED = (("centralized", "the publisher"), ("centralized", "the manager"), ("distributed", "the publisher"),
+                ("hybrid", "the publisher"))
+
+
+async def _orchestrate(client: Client) -> list[Orchestrated]:
+    """One multi-agent task per mode, all at once; how each ended."""
+    tasks = [Orchestrated(mode=mode, planned_by=by) for mode, by in ORCHESTRATED]
+
+    async def run_one(n: int, task: Orchestrated) -> None:
+        started = time.perf_counter()
+        spec = TaskSpec(agent="writing", prompt="Plan and ship the migration to NATS.", orchestration=task.mode,
+                        plan=PLAN if task.planned_by == "the publisher" else None)
+        end = await client.run(spec, tenant=TENANTS[1], user=f"demo-planner{n}", timeout=ORCHESTRATED_WAIT_S)
+        task.latency_ms = (time.perf_counter() - started) * 1000
+        task.outcome = "completed" if isinstance(end, TaskCompleted) else end.reason
+        if isinstance(end, TaskCompleted):
+            task.tokens = end.usage.total
+            task.parts = end.attempts
+
+    with anyio.move_on_after(ORCHESTRATED_WAIT_S):
+        async with anyio.create_task_group() as tg:
+            for n, task in enumerate(tasks):
+                tg.start_soon(run_one, n, task)
+    return tasks
+
+
 async def _ask_the_local_model(client: Client) -> list[LocalAnswer]:
     """Send LOCAL_PROMPTS to the agent on the real local model, at once; each one's outcome."""
     answers: list[LocalAnswer] = [LocalAnswer(prompt=prompt, outcome="no answer") for prompt in LOCAL_PROMPTS]
@@ -352,8 +401,20 @@ def print_summary(summary: Summary, console: Console) -> None:
                       f"{summary.monitor.counts.get('task.completed', 0)} / {summary.monitor.counts.get('task.failed', 0)}")
         table.add_row("monitor: step error rate", f"{summary.monitor.step_error_rate:.1%}")
     console.print(table)
+    if summary.orchestrated:
+        _print_orchestrated(summary.orchestrated, console)
     if summary.local:
         _print_local(summary.local, console)
+
+
+def _print_orchestrated(tasks: list[Orchestrated], console: Console) -> None:
+    table = Table(title="Multi-agent tasks: three parts and a synthesis (SIMULATED model)")
+    for column in ("mode", "plan by", "outcome", "steps", "tokens", "latency (ms)"):
+        table.add_column(column, justify="left" if column in ("mode", "plan by", "outcome") else "right")
+    for task in tasks:
+        table.add_row(task.mode, task.planned_by, task.outcome, str(task.parts or "-"), f"{task.tokens:,}",
+                      f"{task.latency_ms:.0f}")
+    console.print(table)
 
 
 def _print_local(answers: list[LocalAnswer], console: Console) -> None:
