@@ -89,3 +89,37 @@ async def test_an_agent_step_is_an_invoke_agent_span_with_genai_chat_and_execute
     assert len({span[0] for span in [*agent_spans, *chats, tool]}) == 2  # inside the two tasks' traces
     everything = [key for span in collector.detailed for key in span[3]]
     assert not {"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments"} & set(everything)
+
+
+async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synthesis_over_their_steps(
+        settings, tenant, user, tmp_path):
+    from contracts import TaskSpec
+    from contracts.events import Plan, Subtask
+    from tests.conftest import apply
+    from tests.signals import example_policy
+
+    await apply(settings, example_policy())
+    plan = Plan(subtasks=[Subtask(id="facts", agent="research", instruction="Gather."),
+                          Subtask(id="notes", agent="writing", instruction="Draft.", needs=["facts"])])
+    with OtlpReceiver() as collector:
+        stack = services(settings, tmp_path / "logs", env={"CORRAL_OTLP_ENDPOINT": collector.endpoint},
+                         agents=("research", "writing"))
+        stack.start()
+        try:
+            async with Client.connect(settings, "test") as client:
+                await client.wait_ready(stack.names(), timeout=30)
+                done = await client.run(TaskSpec(agent="writing", prompt="Ship it.", orchestration="centralized",
+                                                 plan=plan), tenant=tenant, user=user)
+
+            async def exported():
+                return len(collector.named("invoke_agent")) >= 3 and collector.named("synthesis writing")
+
+            await wait_until(exported, timeout=15)
+        finally:
+            stack.stop()
+    assert type(done).__name__ == "TaskCompleted"
+    parts = [*collector.named("subtask facts research"), *collector.named("subtask notes writing"),
+             *collector.named("synthesis writing")]
+    assert len(parts) == 3 and {span[1] for span in parts} == {"corral-executor"}
+    (trace_id,) = {span[0] for span in parts}  # one trace: the task's
+    assert len([span for span in collector.named("invoke_agent") if span[0] == trace_id]) == 3  # every step in it

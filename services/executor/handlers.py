@@ -72,6 +72,7 @@ from services.executor.state import (
     step_id,
 )
 from shared import plans as shared_plans
+from shared import tracing
 from shared.breakers import BreakerGate
 from shared.kv import TypedBucket
 
@@ -555,7 +556,14 @@ class Executor:
             request = StepRequested(**common, agent=task.spec.agent, prompt=task.spec.prompt,
                                     messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
                                     tools=task.spec.tools)
-        await self.emit(subjects.step_requested(request.agent), request)
+        part = request.subtask or {"planning": "plan", "synthesis": "synthesis"}.get(record.phase, "")
+        if not part:
+            await self.emit(subjects.step_requested(request.agent), request)
+            return
+        # An orchestrated task's part is a span of its own, the step's parent: the trace shows the fan-out.
+        with tracing.span(f"{'subtask ' + part if request.subtask else part} {request.agent}", {
+                "corral.task_id": task.task_id, "corral.part": part, "gen_ai.agent.name": request.agent}):
+            await self.emit(subjects.step_requested(request.agent), request)
 
     async def _remember(self, record: TaskRecord, completed: TaskCompleted) -> None:
         """Keep the answer for a chain that can fall back to the cache."""
