@@ -74,12 +74,15 @@ from services.executor.state import (
 from shared import plans as shared_plans
 from shared import tracing
 from shared.breakers import BreakerGate
-from shared.kv import TypedBucket
+from shared.kv import Contention, TypedBucket
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+DECIDE_ATTEMPTS = 16
+"""Fresh reads one event may decide on before it is retried later: each lost compare-and-set is another
+decision made for the task meanwhile (a plan's subtasks answer at once)."""
 UNREADABLE = ("the executor's record of this task does not decode (it is kept as a dead letter): the task is "
               "stopped rather than run again")
 
@@ -141,15 +144,25 @@ class Executor:
 
     async def _decide(self, handler: Callable[[Any, bool], Awaitable[None]], event: Any) -> None:
         """Run `handler` on the record as this process last wrote it (no read), and again on a fresh
-        read if that record proves stale. A decision counts only once its compare-and-set succeeds,
-        so a stale record never decides; a conflict on a fresh read means another handler decided."""
+        read while that record proves stale. A decision counts only once its compare-and-set succeeds,
+        so a stale record never decides. A conflict on a fresh read means another handler decided in
+        between, but not that this event's decision was made: in a plan, that handler may have been
+        another subtask's outcome, and this one still waits for its own. So it decides again on the
+        newer record, where an event whose decision is already made finds nothing left to do; a record
+        that stays that busy raises Contention, and the event comes again later."""
         try:
             await handler(event, False)
+            return
         except _Stale:
+            pass
+        for attempt in range(DECIDE_ATTEMPTS):
             try:
                 await handler(event, True)
+                return
             except _Stale:
-                pass
+                await anyio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 6)))
+        raise Contention(f"the record of task {event.task_ref} changed under {DECIDE_ATTEMPTS} decisions in a row",
+                         retry_after_s=0.5)
 
     async def _admit(self, task: TaskAdmitted, fresh: bool) -> None:
         # A task is almost always new here: first try to create its record without reading.
