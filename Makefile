@@ -55,6 +55,7 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.breakers
 	$(PY) -m tests.bench.consume
 	$(PY) -m tests.bench.agents
+	$(PY) -m tests.bench.orchestration
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts
