@@ -88,7 +88,9 @@ PERMISSIONS: dict[str, Permissions] = {
     "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
-    WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE),
+    # Pool members also claim and answer subtasks on boards, and the one that ends a distributed task says so.
+    WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
+                                   s.kv_writes(s.KV_BOARDS), s.ALL_COMPLETED, s.ALL_FAILED),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,

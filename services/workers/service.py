@@ -3,12 +3,17 @@
 Every replica follows the policy (its model providers, MCP servers and tool settings) and
 the breaker bucket (tools and models it may not call), and listens on `corral.sim.control` (core NATS, no queue group: every replica hears each
 command and answers it) for what the simulated dependencies should do.
+
+Every replica is also a member of its kind's pool for distributed and hybrid tasks (services/workers/board.py):
+it follows the boards bucket and claims, runs and answers its kind's subtasks there, each one a step run by the
+same `Worker.on_step` as the steps the executor asks for.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 
 import anyio
@@ -17,8 +22,10 @@ from nats.aio.msg import Msg
 
 from contracts import StepRequested
 from contracts import subjects as s
+from contracts.boards import Board
 from contracts.commands import SimulateDependency
 from contracts.queries import SimulationAck
+from services.workers.board import Pool, StepOutcomes, ended_board_ttl
 from services.workers.conversation import Tool
 from services.workers.handlers import Tools, Worker
 from services.workers.models import ProviderSet
@@ -28,10 +35,12 @@ from shared.breakers import BreakerGate, BreakerView, lease_requester
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import Consumer, decoder_for
+from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 from shared.streams import consumer_config
+from shared.watch import follow_bucket
 
 log = logging.getLogger(__name__)
 _simulate = msgspec.json.Decoder(SimulateDependency).decode
@@ -65,9 +74,15 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         toolbox = Toolbox(lambda: policy().workers)
         providers = ProviderSet(policy, simulated, settings.local_model_url)
         tools: Tools = _RealThenSimulated(toolbox, faults)
-        worker = Worker(worker_id, providers, bus.emit, tools=tools, policy=policy, notify=bus.notify,
+        outcomes = StepOutcomes(bus.emit)  # a pool member's steps are published as any, and handed back to it
+        worker = Worker(worker_id, providers, outcomes.emit, tools=tools, policy=policy, notify=bus.notify,
                         gate=BreakerGate(view, lease_requester(bus.nc, worker_id)),
                         trace_content=settings.trace_content)
+        boards_kv = await bus.bucket(s.KV_BOARDS)
+        boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
+        # the member's id tells two replicas in one process apart (tests and embedded stacks run several)
+        pool = Pool(agent, f"{worker_id}-{secrets.token_hex(2)}", boards, outcomes.runner(worker.on_step), bus.emit,
+                    policy=policy, notify=bus.notify)
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
@@ -87,7 +102,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         def stats() -> dict:
             return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
                     "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()},
-                    "tools": toolbox.stats(), "policy": policy.stats(), "quarantined": quarantine.stats()}
+                    "tools": toolbox.stats(), "policy": policy.stats(), "quarantined": quarantine.stats(),
+                    "pool": {"member": pool.member, **pool.snapshot()}}
 
         control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
         try:
@@ -95,6 +111,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                 tg.start_soon(policy.follow, policy_kv, stop)
                 tg.start_soon(view.follow, await bus.bucket(s.KV_BREAKERS), stop)
                 tg.start_soon(toolbox.maintain, stop)
+                tg.start_soon(follow_bucket, boards_kv, pool.apply, stop, ">", quarantine)
+                tg.start_soon(pool.run, stop)
                 await steps.run(stop)
                 tg.cancel_scope.cancel()
         finally:
