@@ -68,3 +68,12 @@ class Board(msgspec.Struct, kw_only=True):
     deadline_at: UnixSeconds
     ended: Literal["", "completed", "failed"] = ""
     """Set by the one writer that ends the task (the synthesis's holder, or whoever fails it)."""
+
+
+ENDED_BOARD_TTL_S = 24 * 3600.0
+"""An ended board is kept this long after its end (for whoever looks at it), then expires."""
+
+
+def ended_board_ttl(board: Board) -> float | None:
+    """The time to live of a board's write, whoever writes it: none while it runs."""
+    return ENDED_BOARD_TTL_S if board.ended else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from contracts.boards import SYNTHESIS_ID
 from contracts.events import Plan
 from contracts.policy import Policy
 
@@ -44,6 +45,8 @@ def check(plan: Plan, policy: Policy, tenant: str, user: str, synthesis: str) ->
                                    f"{', '.join(sorted(policy.agents))}")
     rules = policy.tools_for(tenant, user)
     for sub in plan.subtasks:
+        if sub.id == SYNTHESIS_ID:
+            raise PlanInvalid(f"subtask id {SYNTHESIS_ID!r} is the synthesis's own: name the subtask otherwise")
         if sub.max_tokens is not None and sub.max_tokens > policy.limits.max_output_tokens:
             raise PlanInvalid(f"subtask {sub.id!r}: max_tokens must be within 1..{policy.limits.max_output_tokens}")
         for tool in sub.tools:

@@ -32,7 +32,7 @@ from contracts import (
     Usage,
     subjects,
 )
-from contracts.boards import SYNTHESIS_ID, Board, Entry
+from contracts.boards import SYNTHESIS_ID, Board, Entry, ended_board_ttl
 from contracts.events import Subtask
 from contracts.policy import DEFAULT_POLICY, OrchestrationLimits
 from services import auth
@@ -43,7 +43,6 @@ from services.workers.board import (
     Pool,
     answered,
     claimed,
-    ended_board_ttl,
     holds,
     open_to,
     renewed,

@@ -123,6 +123,7 @@ async def test_a_failed_subtask_fails_the_task_or_leaves_the_synthesis_to_say_wh
     (planned([Subtask(id=f"s{n}", agent="research", instruction="i", needs=[f"s{n - 1}"] if n else [])
               for n in range(5)]), "invalid_request", "5 subtasks deep"),
     (planned([Subtask(id="a", agent="research", instruction="i", tools=["deploy"])]), "tool_forbidden", "'deploy'"),
+    (planned([Subtask(id="synthesis", agent="research", instruction="i")]), "invalid_request", "the synthesis's own"),
 ])
 async def test_the_guard_refuses_a_plan_that_is_not_a_dag_within_the_limits_of_known_agents_and_allowed_tools(
         settings, tenant, user, spec, reason, words):
@@ -185,3 +186,43 @@ async def test_corral_cost_of_a_planned_task_rolls_every_part_up_to_the_task(set
     for part in ("planning (manager)", "part1", "part2", "part3", "synthesis"):
         assert f"│ {part} " in tree, out
     assert "│ total " in tree and f"{end.usage.total:,}" in tree.splitlines()[-2], out
+
+
+@pytest.mark.integration
+async def test_a_hybrid_task_hands_what_no_pool_claims_to_the_fallback_agent_and_the_executor_synthesises(
+        settings, tenant, user):
+    from contracts.boards import Board
+    from contracts.policy import AgentPolicy, Strategy
+    from shared.bus import Bus
+
+    unstaffed = AgentPolicy(chain=[Strategy(provider="simulated", model="sim-small", tier="fast")])
+    base = example_policy()
+    policy = msgspec.structs.replace(
+        base, agents={**base.agents, "translation": unstaffed},  # known to the policy, run by no worker
+        orchestration=OrchestrationLimits(handoff_timeout_s=0.5, fallback_agent="writing"))
+    parts = [PARTS[0], Subtask(id="french", agent="translation", instruction="Translate the notes.")]
+    spec = TaskSpec(agent="writing", prompt="Ship it.", orchestration="hybrid", plan=Plan(subtasks=parts))
+    async with stack(settings, policy=policy) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        requested = heard.of(StepRequested, task_id=end.task_id)
+        async with Bus.connect(settings, "test-board") as bus:
+            entry = await (await bus.bucket("corral_boards")).get(end.task_ref)
+    assert isinstance(end, TaskCompleted), end
+    board = msgspec.json.decode(entry.value, type=Board)
+    french = next(e for e in board.entries if e.spec.id == "french")
+    assert french.handed_over and french.spec.agent == "writing" and french.status == "completed"
+    assert board.ended == "completed" and board.synthesis.claimed_by == "executor"
+    (synthesis,) = [r for r in requested if "Put these results together" in r.prompt]
+    assert synthesis.agent == "writing" and french.output in synthesis.prompt
+
+
+@pytest.mark.integration
+async def test_a_distributed_task_is_claimed_and_answered_by_the_pools_and_ended_by_the_synthesis_holder(
+        settings, tenant, user):
+    spec = TaskSpec(agent="writing", prompt="Ship it.", orchestration="distributed", plan=Plan(subtasks=PARTS))
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        completed = heard.of(StepCompleted, task_id=end.task_id)
+    assert isinstance(end, TaskCompleted), end
+    assert len(completed) == 4  # three parts and the synthesis, each once
+    assert end.usage.output_tokens == sum(c.usage.output_tokens for c in completed)

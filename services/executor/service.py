@@ -17,7 +17,7 @@ import msgspec
 from contracts import StepCompleted, StepFailed, TaskAdmitted
 from contracts import subjects as s
 from contracts.queries import TaskStatusQuery, TaskStatusReply
-from contracts.boards import Board
+from contracts.boards import Board, ended_board_ttl
 from services.executor.boards import BoardSupervisor
 from services.executor.handlers import Executor
 from services.executor.state import CachedAnswer, TaskRecord
@@ -54,7 +54,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         policy, view = await PolicyView.load(policy_kv, quarantine), BreakerView(quarantine)
         replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
         records = TypedBucket(tasks_kv, TaskRecord, lambda: None, expires=_ended_record_ttl, quarantine=quarantine)
-        boards = TypedBucket(boards_kv, Board, lambda: None, quarantine=quarantine)
+        boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
         executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),

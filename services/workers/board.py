@@ -77,8 +77,6 @@ Clock = Callable[[], float]
 RunStep = Callable[[StepRequested], Awaitable[StepCompleted | StepFailed]]
 R = TypeVar("R")
 
-ENDED_BOARD_TTL_S = 24 * 3600.0
-"""An ended board is kept this long after its end (for whoever looks at it), then expires."""
 IDLE_S = 5.0
 """The claim loop looks at its boards at least this often without news (a policy change shows within it)."""
 CAS_TRIES = 16
@@ -87,11 +85,6 @@ PUBLISH_TRIES = 12
 RELEASE_TIMEOUT_S = 2.0
 _NATS_ERRORS = (NatsError, TimeoutError, TransientError)
 _board = msgspec.json.Decoder(Board)
-
-
-def ended_board_ttl(board: Board) -> float | None:
-    """The time to live of a board's write: none while it runs."""
-    return ENDED_BOARD_TTL_S if board.ended else None
 
 
 # --- the rules: pure functions of a board -------------------------------------------------------------------

@@ -22,10 +22,10 @@ from nats.aio.msg import Msg
 
 from contracts import StepRequested
 from contracts import subjects as s
-from contracts.boards import Board
+from contracts.boards import Board, ended_board_ttl
 from contracts.commands import SimulateDependency
 from contracts.queries import SimulationAck
-from services.workers.board import Pool, StepOutcomes, ended_board_ttl
+from services.workers.board import Pool, StepOutcomes
 from services.workers.conversation import Tool
 from services.workers.handlers import Tools, Worker
 from services.workers.models import ProviderSet
