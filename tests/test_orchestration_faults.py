@@ -20,7 +20,7 @@ from contracts import StepCompleted, StepFailed, StepRequested, TaskCompleted, T
 from contracts.events import Plan, Subtask
 from contracts.policy import OrchestrationLimits, Policy
 from services.client import Client
-from services.executor.state import step_id
+from services.executor.state import SYNTHESIS, step_id
 from shared.config import Settings
 from tests.conftest import apply, running, services, stack, wait_until
 from tests.signals import example_policy
@@ -144,7 +144,7 @@ async def assert_ran_once(client: Client, heard: Heard, tenant: str, task_id: st
     completed once (besides the `copied` answers the test published again), nothing failed, the task ended once
     with every step's usage once, and the budget billed each step once. Call once the consumers have drained."""
     facts = await stored(client, task_id)
-    synthesis = step_id(tenant, task_id, 0, 1)
+    synthesis = step_id(tenant, task_id, 0, 1, SYNTHESIS)
     expected = sorted([step_id(tenant, task_id, 0, 1, sub.id) for sub in subtasks] + [synthesis])
     assert sorted(r.step_id for r in facts.requested) == expected
     assert sorted(c.step_id for c in facts.completed) == sorted([*expected, *copied])
