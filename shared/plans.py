@@ -8,10 +8,13 @@ with PLAN_REQUEST and answers with the plan as JSON (a model may wrap it in pros
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol
+
 import msgspec
 
 from contracts.boards import SYNTHESIS_ID
-from contracts.events import Plan
+from contracts.events import Plan, Subtask
 from contracts.policy import Policy
 
 PLAN_REQUEST = "Reply with the plan only, as JSON of this shape:"
@@ -106,3 +109,35 @@ def parse(answer: str) -> Plan:
         return _decode(answer[start:end + 1])
     except (msgspec.DecodeError, RecursionError) as error:
         raise PlanInvalid(f"the answer is not a plan: {error}") from None
+
+
+# --- what a subtask's agent and the synthesis's are told (the executor's and the pools' alike) ---------------
+
+
+class Part(Protocol):
+    """A subtask as the executor's record or a board keeps it."""
+
+    spec: Subtask
+    status: str
+    output: str
+    error: str
+
+
+def subtask_prompt(request: str, part: Part, parts: dict[str, Part]) -> str:
+    """The subtask's instruction, with the task's request and the outputs of what it needs."""
+    lines = [f"Overall request: {request}" if request else "", f"Your part ({part.spec.id}): {part.spec.instruction}"]
+    lines += [result_of(parts[need]) for need in part.spec.needs if need in parts]
+    return "\n\n".join(line for line in lines if line)
+
+
+def synthesis_prompt(request: str, parts: Iterable[Part]) -> str:
+    """The request and every subtask's result (or why it has none), for the agent that puts them together."""
+    return "\n\n".join([f"Request: {request}", "Put these results together into one answer.",
+                        *(result_of(part) for part in parts)])
+
+
+def result_of(part: Part) -> str:
+    if part.status == "completed":
+        return f"Result of {part.spec.id} ({part.spec.agent}):\n{part.output}"
+    why = f": {part.error}" if part.error else ""
+    return f"Result of {part.spec.id} ({part.spec.agent}): missing, {part.status}{why}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from contracts import Usage
 from contracts.events import Plan
 from services.executor.state import SubtaskState, TaskRecord
+from shared import plans as shared_plans
 
 ENDED = ("completed", "failed", "cancelled")
 
@@ -38,26 +39,11 @@ def settled(record: TaskRecord) -> bool:
 
 
 def subtask_prompt(record: TaskRecord, sub: SubtaskState) -> str:
-    """The subtask's instruction, with the task's request and the outputs of what it needs."""
-    by_id = {s.spec.id: s for s in record.subtasks}
-    parts = [f"Overall request: {record.task.spec.prompt}" if record.task.spec.prompt else "",
-             f"Your part ({sub.spec.id}): {sub.spec.instruction}"]
-    for need in sub.spec.needs:
-        parts.append(_result(by_id[need]))
-    return "\n\n".join(part for part in parts if part)
+    return shared_plans.subtask_prompt(record.task.spec.prompt, sub, {s.spec.id: s for s in record.subtasks})
 
 
 def synthesis_prompt(record: TaskRecord) -> str:
-    """The request and every subtask's result (or why it has none), for the agent that puts them together."""
-    parts = [f"Request: {record.task.spec.prompt}", "Put these results together into one answer."]
-    parts += [_result(sub) for sub in record.subtasks]
-    return "\n\n".join(parts)
-
-
-def _result(sub: SubtaskState) -> str:
-    if sub.status == "completed":
-        return f"Result of {sub.spec.id} ({sub.spec.agent}):\n{sub.output}"
-    return f"Result of {sub.spec.id} ({sub.spec.agent}): missing, {sub.status}{': ' + sub.error if sub.error else ''}"
+    return shared_plans.synthesis_prompt(record.task.spec.prompt, record.subtasks)
 
 
 def total_usage(record: TaskRecord, last: Usage) -> Usage:

@@ -68,6 +68,7 @@ from contracts.boards import SYNTHESIS_ID, Board, Entry
 from contracts.events import FailReason, clip
 from contracts.policy import Policy, Strategy
 from contracts.state import dependency_key
+from shared import plans
 from shared.errors import PoisonMessage, TransientError
 from shared.kv import TypedBucket
 
@@ -307,27 +308,11 @@ def step_id(board: Board, entry_id: str, claim: int, strategy: int, attempt: int
 
 
 def subtask_prompt(board: Board, entry: Entry) -> str:
-    """The subtask's instruction, with the task's request and the outputs of what it needs (as the executor's
-    centralized prompt)."""
-    by_id = {other.spec.id: other for other in board.entries}
-    request = board.task.spec.prompt
-    parts = [f"Overall request: {request}" if request else "", f"Your part ({entry.spec.id}): {entry.spec.instruction}"]
-    parts += [_result(by_id[need]) for need in entry.spec.needs if need in by_id]
-    return "\n\n".join(part for part in parts if part)
+    return plans.subtask_prompt(board.task.spec.prompt, entry, {other.spec.id: other for other in board.entries})
 
 
 def synthesis_prompt(board: Board) -> str:
-    """The request and every subtask's result (or why it has none), for the agent that puts them together."""
-    parts = [f"Request: {board.task.spec.prompt}", "Put these results together into one answer."]
-    parts += [_result(entry) for entry in board.entries]
-    return "\n\n".join(parts)
-
-
-def _result(entry: Entry) -> str:
-    if entry.status == "completed":
-        return f"Result of {entry.spec.id} ({entry.spec.agent}):\n{entry.output}"
-    why = f": {entry.error}" if entry.error else ""
-    return f"Result of {entry.spec.id} ({entry.spec.agent}): missing, {entry.status}{why}"
+    return plans.synthesis_prompt(board.task.spec.prompt, board.entries)
 
 
 def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: Strategy, attempt: int,
