@@ -10,7 +10,7 @@ from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, T
 from contracts.events import Plan, Subtask
 from contracts.policy import OrchestrationLimits
 from shared.plans import depth as plan_depth
-from tests.conftest import stack
+from tests.conftest import stack, wait_until
 from tests.signals import example_policy, signals
 
 pytestmark = [pytest.mark.anyio]
@@ -223,6 +223,13 @@ async def test_a_distributed_task_is_claimed_and_answered_by_the_pools_and_ended
     async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
         end = await client.run(spec, tenant=tenant, user=user)
         completed = heard.of(StepCompleted, task_id=end.task_id)
+
+        async def recorded():  # the executor notes the board's end in its own record
+            return (await client.task_status(end.task_id, tenant=tenant)).status == "completed"
+
+        await wait_until(recorded)
+        status = await client.task_status(end.task_id, tenant=tenant)
     assert isinstance(end, TaskCompleted), end
+    assert status.usage.total == end.usage.total
     assert len(completed) == 4  # three parts and the synthesis, each once
     assert end.usage.output_tokens == sum(c.usage.output_tokens for c in completed)

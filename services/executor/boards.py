@@ -2,8 +2,8 @@
 it supervises what the pools claim.
 
 Distributed: the board is the whole coordination; the pools claim, answer and end the task
-(services/workers/board.py). The executor only writes it, and notes the end in its own record so
-`corral status` tells it.
+(services/workers/board.py). The executor only writes it, and once the board has ended notes that in
+its own record, so `corral status` tells it.
 
 Hybrid: the pools claim subtasks as in distributed mode, and every executor replica watches the board.
 A ready subtask no pool claims within `handoff_timeout_s` is handed to the policy's fallback agent (its
@@ -32,6 +32,7 @@ SUPERVISE_EVERY_S = 0.1
 ENDED = ("completed", "failed")
 Emit = Callable[[str, object], Awaitable[None]]
 StartSynthesis = Callable[[Board], Awaitable[None]]
+NoteEnd = Callable[[Board], Awaitable[None]]
 
 
 def new_board(task: TaskAdmitted, plan: Plan, now: float, deadline_at: float) -> Board:
@@ -60,8 +61,12 @@ class BoardSupervisor:
     compare-and-set lets one act)."""
 
     def __init__(self, boards: TypedBucket[Board], policy: Callable[[], Policy], emit: Emit,
-                 start_synthesis: StartSynthesis, clock: Callable[[], float] = time.time) -> None:
+                 start_synthesis: StartSynthesis, note_end: NoteEnd | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.boards = boards
+        self.note_end = note_end
+        self.ended: dict[str, Board] = {}
+        """Distributed boards that ended, whose end the executor's record does not show yet."""
         self.policy = policy
         self.emit = emit
         self.start_synthesis = start_synthesis
@@ -72,6 +77,8 @@ class BoardSupervisor:
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
         board = msgspec.json.decode(value, type=Board) if value is not None else None
+        if board is not None and board.mode == "distributed" and board.ended and self.note_end is not None:
+            self.ended[key] = board
         if board is None or board.mode != "hybrid" or board.ended:
             self.watched.pop(key, None)
         else:
@@ -79,6 +86,12 @@ class BoardSupervisor:
 
     async def run(self, stop: anyio.Event) -> None:
         while not stop.is_set():
+            for key, board in list(self.ended.items()):
+                try:
+                    await self.note_end(board)
+                    self.ended.pop(key, None)
+                except Exception:  # logged; noted on the next round
+                    log.exception("noting the end of board %s failed; retrying", key)
             for key in list(self.watched):
                 try:
                     await self.supervise(key)

@@ -207,6 +207,21 @@ class Executor:
         record.subtasks = [SubtaskState(spec=sub, chain=list(agents[sub.agent].chain)) for sub in plan.subtasks]
         await self._plan_advanced(record, revision, cause)
 
+    async def note_board_end(self, board: Board) -> None:
+        """Distributed: the pools ended the task on its board; say so in this record (the board decided)."""
+        record, revision = await self.tasks.read(board.task.task_ref)
+        if record is None or record.status != "running" or record.phase != "board":
+            return
+        record.status = "completed" if board.ended == "completed" else "failed"
+        usages = [entry.usage for entry in [*board.entries, board.synthesis] if entry.usage is not None]
+        record.usage = Usage(input_tokens=sum(u.input_tokens for u in usages),
+                             output_tokens=sum(u.output_tokens for u in usages),
+                             cached_tokens=sum(u.cached_tokens for u in usages))
+        try:
+            await self._record(record, revision, "board")
+        except _Stale:  # another replica noted it first
+            pass
+
     async def synthesise_board(self, board: Board) -> None:
         """Hybrid: every subtask on the board has ended; run the synthesis over their results as this task's
         own step (the supervisor has claimed it on the board for this replica)."""

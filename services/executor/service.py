@@ -59,7 +59,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),
                             boards=boards, republish_window_s=settings.dedup_window_s)
-        supervisor = BoardSupervisor(boards, policy, bus.emit, executor.synthesise_board)
+        supervisor = BoardSupervisor(boards, policy, bus.emit, executor.synthesise_board,
+                                     note_end=executor.note_board_end)
         sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)
 
         async def task_status(data: bytes) -> bytes:
