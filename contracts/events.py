@@ -9,6 +9,7 @@ with defaults; decoders ignore fields they do not know.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -209,6 +210,13 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def total(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def sum(cls, usages: Iterable[Usage | None]) -> Usage:
+        """The usages added up (None ones left out); estimated if any of them was."""
+        found = [usage for usage in usages if usage is not None]
+        return cls(input_tokens=sum(u.input_tokens for u in found), output_tokens=sum(u.output_tokens for u in found),
+                   cached_tokens=sum(u.cached_tokens for u in found), estimated=any(u.estimated for u in found))
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -17,6 +16,8 @@ from contracts.policy import McpServer, WorkerSettings
 from services.stack import free_port
 from services.workers.errors import ProviderTimeout, ToolError, TransientProviderError
 from services.workers.tools import Toolbox
+from tests.test_tools import eventually
+from tests.test_tools import maintained as toolbox_following
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -77,22 +78,8 @@ def policy(*servers: tuple[str, str], timeout_s: float = 10.0) -> WorkerSettings
     return WorkerSettings(mcp_servers={name: McpServer(url=url, timeout_s=timeout_s) for name, url in servers})
 
 
-@asynccontextmanager
-async def maintained(settings: Callable[[], WorkerSettings]):
-    toolbox = Toolbox(settings, poll_s=0.05, reconnect_max_s=0.5)
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(toolbox.maintain, stop)
-        try:
-            yield toolbox
-        finally:
-            stop.set()
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
+def maintained(settings: Callable[[], WorkerSettings]):
+    return toolbox_following(settings, poll_s=0.05, reconnect_max_s=0.5)
 
 
 def state(toolbox: Toolbox, server: str) -> dict:

@@ -270,8 +270,9 @@ async def test_http_get_to_a_closed_port_is_transient_and_a_stalled_host_times_o
 # --- registry, plug-ins, the live policy ---
 
 @asynccontextmanager
-async def maintained(settings: Callable[[], WorkerSettings]):
-    toolbox = Toolbox(settings, poll_s=0.02)
+async def maintained(settings: Callable[[], WorkerSettings], **options):
+    """A Toolbox following `settings` (quickly: a test's changes show within tens of milliseconds)."""
+    toolbox = Toolbox(settings, **{"poll_s": 0.02, **options})
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(toolbox.maintain, stop)
@@ -281,7 +282,7 @@ async def maintained(settings: Callable[[], WorkerSettings]):
             stop.set()
 
 
-async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.02)

@@ -213,10 +213,7 @@ class Executor:
         if record is None or record.status != "running" or record.phase != "board":
             return
         record.status = "completed" if board.ended == "completed" else "failed"
-        usages = [entry.usage for entry in [*board.entries, board.synthesis] if entry.usage is not None]
-        record.usage = Usage(input_tokens=sum(u.input_tokens for u in usages),
-                             output_tokens=sum(u.output_tokens for u in usages),
-                             cached_tokens=sum(u.cached_tokens for u in usages))
+        record.usage = Usage.sum(entry.usage for entry in [*board.entries, board.synthesis])
         try:
             await self._record(record, revision, "board")
         except _Stale:  # another replica noted it first

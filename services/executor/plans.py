@@ -48,10 +48,7 @@ def synthesis_prompt(record: TaskRecord) -> str:
 
 def total_usage(record: TaskRecord, last: Usage) -> Usage:
     """The synthesis's usage with every subtask's and the planning's."""
-    usages = [sub.usage for sub in record.subtasks if sub.usage is not None] + [last]
-    usages += [record.planning_usage] if record.planning_usage else []
-    return Usage(input_tokens=sum(u.input_tokens for u in usages), output_tokens=sum(u.output_tokens for u in usages),
-                 cached_tokens=sum(u.cached_tokens for u in usages), estimated=any(u.estimated for u in usages))
+    return Usage.sum([*(sub.usage for sub in record.subtasks), record.planning_usage, last])
 
 
 def board(record: TaskRecord) -> str:

@@ -95,7 +95,7 @@ class AgentLoop:
                 telemetry.failed(span, getattr(error, "error_class", type(error).__name__))
                 raise
             telemetry.answered(span, completion, self.trace_content)
-        self.usage = _add(self.usage, completion.usage)
+        self.usage = Usage.sum([self.usage, completion.usage])
         if self.first_token_s is None and completion.first_token_s is not None:
             self.first_token_s = completion.first_token_s
         return completion
@@ -140,9 +140,3 @@ class AgentLoop:
     def _result(self, tool_call: ToolCall, text: str, *, is_error: bool = False) -> Turn:
         return Turn(role="tool", tool_call_id=tool_call.id, name=tool_call.name, is_error=is_error,
                     content=clip(text, self.max_tool_output_chars))
-
-
-def _add(total: Usage, more: Usage) -> Usage:
-    return Usage(input_tokens=total.input_tokens + more.input_tokens,
-                 output_tokens=total.output_tokens + more.output_tokens,
-                 cached_tokens=total.cached_tokens + more.cached_tokens, estimated=total.estimated or more.estimated)

@@ -275,18 +275,12 @@ def line(board: Board) -> str:
     return f"subtasks: {states}; synthesis {board.synthesis.status}"
 
 
-def total_usage(usages: Iterable[Usage | None]) -> Usage:
-    found = [usage for usage in usages if usage is not None]
-    return Usage(input_tokens=sum(u.input_tokens for u in found), output_tokens=sum(u.output_tokens for u in found),
-                 cached_tokens=sum(u.cached_tokens for u in found), estimated=any(u.estimated for u in found))
-
-
 def completion(board: Board, answer: Answer) -> TaskCompleted:
     """The task's end from its synthesis's answer: its output, every entry's usage and the synthesis's."""
     task, step = board.task, answer.step
     return TaskCompleted(
         task_id=task.task_id, tenant=task.tenant, user=task.user, output=step.output,
-        usage=total_usage([*(entry.usage for entry in board.entries), step.usage]),
+        usage=Usage.sum([*(entry.usage for entry in board.entries), step.usage]),
         attempts=sum(entry.claims for entry in board.entries) + answer.steps, model=step.model,
         strategy=answer.strategy, tier=answer.tier, dependency=step.dependency,
         received_at=task.received_at)
