@@ -24,6 +24,7 @@ from contracts.events import (
     Subtask,
     TaskAdmitted,
     Text,
+    TokenSum,
     UnixSeconds,
     Usage,
 )
@@ -52,6 +53,11 @@ class Entry(msgspec.Struct, kw_only=True):
     error: Message = ""
     step_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_=/-]{0,256}$")] = ""
     """The step id its usage was posted under (one per claim)."""
+    estimate: TokenSum = 0
+    """Tokens its claim expects it to use (its prompt and output cap), until its usage is known: what the next
+    claimer counts as taken when it works out whether the task's reservation covers its own part."""
+    extended: TokenSum = 0
+    """Tokens the budget reserved for it beyond the task's reservation (posted with its result)."""
 
 
 class Board(msgspec.Struct, kw_only=True):

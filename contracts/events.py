@@ -125,7 +125,8 @@ RejectReason = Literal[
     "tool_forbidden",
 ]
 
-FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded"]
+FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded", "over_budget"]
+"""over_budget: a part of a plan needed more than the task had reserved, and the budget could not give it."""
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):

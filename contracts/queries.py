@@ -8,7 +8,7 @@ import msgspec
 from datetime import datetime
 from typing import Literal
 
-from contracts.events import Attempt, BudgetWindow, TaskId, Token, Usage
+from contracts.events import Attempt, BudgetWindow, Message, TaskId, Token, TokenSum, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,3 +162,18 @@ class SimulationAck(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, ProbeGrant, BreakerReply, SimulationAck)
+
+
+class ReservationReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The budget's answer to ExtendReservation."""
+
+    granted: bool
+    tokens: TokenSum = 0
+    """Granted: what the part holds (a repeated request is answered with the first one's amount)."""
+    message: Message = ""
+    """Why not: which window refused, what is left, when it resets (or that the task's hold has ended)."""
+    remaining_tokens: TokenSum | None = None
+    resets_at: datetime | None = None
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, ReservationReply)

@@ -149,6 +149,7 @@ MONITOR_STATUS = f"{PREFIX}.monitor.status"
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
 BUDGET_SHOW = f"{PREFIX}.budget.show"
 BUDGET_COST = f"{PREFIX}.budget.cost"
+BUDGET_EXTEND = f"{PREFIX}.budget.extend"  # ExtendReservation -> ReservationReply
 # The breaker's endpoints live under `corral.breakers.`, outside `corral.breaker.>`: a request on a
 # subject a stream stores would be answered by the stream's publish acknowledgement.
 BREAKER_PROBE = f"{PREFIX}.breakers.probe"  # AcquireProbe -> ProbeGrant

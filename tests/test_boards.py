@@ -72,7 +72,7 @@ def board_of(subtasks: list[Subtask], *, user: str = "u-boards", synthesis: str 
     now = time.time() if now is None else now
     spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration=mode)
     task = TaskAdmitted(task_id=f"t-{uuid.uuid4().hex[:10]}", tenant=TENANT, user=user, spec=spec,
-                        estimate=TokenEstimate(prompt_tokens=20, max_output_tokens=400), reserved_tokens=420,
+                        estimate=TokenEstimate(prompt_tokens=2_000, max_output_tokens=8_000), reserved_tokens=10_000,
                         window="2026-12-01")
     return Board(task=task, mode=mode, on_failure=on_failure, entries=[Entry(spec=sub) for sub in subtasks],
                  synthesis=Entry(spec=Subtask(id="synthesis", agent=synthesis, instruction="Put them together.")),

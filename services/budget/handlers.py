@@ -11,6 +11,9 @@ replicas share the ledger without a lock, and every handler can be run again
   whoever comes later (a redelivery, a concurrent duplicate) follows that decision
   and makes the holds agree with it. A user or tenant whose account has grown too large
   to hold another task (one hold per running task) is refused first, `rate_limited`.
+- **extend** reserves more for one part of a running plan (a subtask, the synthesis) that would take the task
+  past what it holds: the same two-phase test as reserve, on the task's open hold, once per part (the part's
+  id is kept in the hold, so asking again holds nothing twice). A closed hold (the task ended) refuses.
 - **post** posts the step to the tenant's account, then to the user's, each in one
   compare-and-set that also keeps the step id in the task's hold (the user's keeps its
   cost too). So a step in the user's hold is in the tenant's. While the task runs,
@@ -45,7 +48,8 @@ from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, Ta
 from contracts import subjects
 from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Policy
-from contracts.queries import BudgetReply, CostReply, ModelCost, StepCost, WindowUse
+from contracts.commands import ExtendReservation
+from contracts.queries import BudgetReply, CostReply, ModelCost, ReservationReply, StepCost, WindowUse
 from services.budget import ledger
 from services.budget.ledger import WINDOWS, Account, Refusal, TaskJournal
 from shared.consume import delivery
@@ -182,6 +186,30 @@ class Budget:
                                 estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
                                 window=ledger.window_start("day", journal.decided_at), received_at=task.received_at)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
+
+    # --- extend --------------------------------------------------------------------
+
+    async def extend(self, command: ExtendReservation) -> ReservationReply:
+        """Reserve more for one part of a running task: in the user's account, then the tenant's (given back
+        to the user's if the tenant's refuses), as at admission. Once per part, so a retry of the same part
+        (a redelivered event, a coordinator deciding again) holds nothing twice."""
+        now, amount, task_id = self.clock(), command.tokens, command.task_id
+        (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(command.tenant, command.user)
+        change = partial(ledger.extend, task_id=task_id, part=command.part, amount=amount, now=now)
+        held = await self.accounts.update(ukey, partial(change, limits=user_limits, scope="user"))
+        if isinstance(held, int):
+            refusal = await self.accounts.update(tkey, partial(change, limits=tenant_limits, scope="tenant"))
+            if isinstance(refusal, int):
+                return ReservationReply(granted=True, tokens=held)
+            await self.accounts.update(ukey, partial(ledger.unextend, task_id=task_id, part=command.part))
+        else:
+            refusal = held
+        if refusal.window == "ended":
+            message = f"task {task_id} holds no reservation any more (it ended, or its hold expired)"
+        else:
+            message = refusal_message(refusal, amount).replace("this task needs", f"part {command.part} needs")
+        return ReservationReply(granted=False, message=message, remaining_tokens=refusal.remaining,
+                                resets_at=refusal.resets_at)
 
     # --- post ----------------------------------------------------------------------
 

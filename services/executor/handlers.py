@@ -58,7 +58,8 @@ from contracts import (
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
-from contracts.boards import Board
+from contracts.boards import SYNTHESIS_ID, Board
+from contracts.commands import ExtendReservation
 from services.executor import plans
 from services.executor.boards import new_board
 from services.executor.state import (
@@ -75,6 +76,7 @@ from shared import plans as shared_plans
 from shared import tracing
 from shared.breakers import BreakerGate
 from shared.kv import Contention, TypedBucket
+from shared.reservations import Reserve, part_estimate, shortfall
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
@@ -111,7 +113,7 @@ def dependency_of(strategy: Strategy) -> str:
 class Executor:
     def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
                  cache: TypedBucket[CachedAnswer] | None = None, boards: TypedBucket[Board] | None = None,
-                 clock: Clock = time.time,
+                 reserve: Reserve | None = None, clock: Clock = time.time,
                  sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
         self.policy = policy
         self.tasks = tasks
@@ -119,6 +121,9 @@ class Executor:
         self.emit = emit
         self.cache = cache
         self.boards = boards
+        self.reserve = reserve
+        """Asks the budget for more when a part of a plan would take its task past its reservation (None: never
+        asks, e.g. in tests of the fallback chains alone)."""
         self.clock = clock
         self.sleep = sleep
         self.republish_window_s = republish_window_s
@@ -228,9 +233,11 @@ class Executor:
         record.subtasks = [SubtaskState(spec=entry.spec, status="completed" if entry.status == "completed" else "failed",
                                         output=entry.output, usage=entry.usage, error=entry.error)
                            for entry in board.entries]
+        record.extensions = {entry.spec.id: entry.extended for entry in board.entries if entry.extended}
         agent = self.policy().agents.get(board.synthesis.spec.agent)
         record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
-        ended = await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
+        ended = await self._cover(record, SYNTHESIS_ID, self._estimate(record, record)) or \
+            await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
         if ended is not None:
             await self._fail(record, revision, board.task.task_id, *ended)
             return
@@ -425,9 +432,11 @@ class Executor:
         record that, then publish the steps it started."""
         started: list[TaskRecord | SubtaskState] = []
         for sub in plans.ready(record, self.policy().orchestration.max_parallel):
-            ended = await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
+            estimate = self._estimate(record, sub)
+            ended = await self._cover(record, sub.spec.id, estimate) or \
+                await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
             if ended is None:
-                sub.status = "running"
+                sub.status, sub.estimate = "running", estimate
                 started.append(sub)
             elif plans.plan_of(record).on_failure == "fail_fast":
                 await self._subtask_failed(record, revision, cause, sub, *ended)
@@ -442,13 +451,38 @@ class Executor:
             plan = plans.plan_of(record)
             agent = self.policy().agents.get(plan.synthesis or record.task.spec.agent)
             record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
-            ended = await self._schedule(record, revision, cause, record, strategy=0, attempt=1)
+            ended = await self._cover(record, SYNTHESIS_ID, self._estimate(record, record)) or \
+                await self._schedule(record, revision, cause, record, strategy=0, attempt=1)
             if ended is not None:
                 await self._fail(record, revision, cause, *ended)
                 return
             started.append(record)
         await self._record(record, revision, cause)
         await self._publish_plan(record, started)
+
+    def _estimate(self, record: TaskRecord, part: TaskRecord | SubtaskState) -> int:
+        """What a subtask (or, for the record itself, the synthesis) may use: its prompt and its output cap."""
+        policy = self.policy()
+        if isinstance(part, SubtaskState):
+            agent = policy.agents.get(part.spec.agent)
+            return part_estimate(plans.subtask_prompt(record, part),
+                                 part.spec.max_tokens or (agent.default_output_tokens if agent else 256))
+        return part_estimate(plans.synthesis_prompt(record), policy.orchestration.synthesis_output_tokens)
+
+    async def _cover(self, record: TaskRecord, part: str, estimate: int) -> tuple[FailReason, str] | None:
+        """Make the task's reservation cover one more part: ask the budget for the shortfall, once per part
+        (its answer is idempotent, so deciding again asks again harmlessly). Why not, if it refuses."""
+        need = shortfall(plans.reserved(record), plans.committed(record), estimate)
+        if self.reserve is None or need == 0 or part in record.extensions:
+            return None
+        task = record.task
+        reply = await self.reserve(ExtendReservation(tenant=task.tenant, user=task.user, task_id=task.task_id,
+                                                     part=part, tokens=need))
+        if not reply.granted:
+            return "over_budget", f"over budget: {part} needs {need:,} tokens more than the task reserved; " \
+                                  f"{reply.message}"
+        record.extensions[part] = reply.tokens
+        return None
 
     async def _end_board(self, key: str) -> None:
         """Mark a hybrid task's board ended: its synthesis answered and the task completed."""
@@ -506,7 +540,8 @@ class Executor:
         return True
 
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
-        await self._end_failed(record, revision, cause, reason, f"All strategies failed. Last error: {last_error}")
+        error = last_error if reason == "over_budget" else f"All strategies failed. Last error: {last_error}"
+        await self._end_failed(record, revision, cause, reason, error)
 
     async def _fail_unreadable(self, task: TaskAdmitted, revision: int, cause: str) -> None:
         """Fail a task whose record does not decode, writing the failure over that record."""

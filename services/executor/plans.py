@@ -51,6 +51,20 @@ def total_usage(record: TaskRecord, last: Usage) -> Usage:
     return Usage.sum([*(sub.usage for sub in record.subtasks), record.planning_usage, last])
 
 
+def reserved(record: TaskRecord) -> int:
+    """What the task holds: its reservation at admission and what its parts added since."""
+    return record.task.reserved_tokens + sum(record.extensions.values())
+
+
+def committed(record: TaskRecord) -> int:
+    """Tokens the task has used or may use now: the planning's and each ended part's usage, and the estimate of
+    each part running."""
+    used = record.planning_usage.total if record.planning_usage else 0
+    for sub in record.subtasks:
+        used += sub.usage.total if sub.usage else sub.estimate if sub.status == "running" else 0
+    return used
+
+
 def board(record: TaskRecord) -> str:
     """One line of the plan's state: each subtask's id and status, then the synthesis's."""
     states = ", ".join(f"{sub.spec.id} {sub.status}" for sub in record.subtasks)

@@ -29,6 +29,7 @@ from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
+from shared.reservations import reservation_requester
 from shared.runtime import micro_service
 from shared.streams import EVENTS_MAX_AGE_S, consumer_config
 from shared.watch import follow_bucket
@@ -58,7 +59,8 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),
-                            boards=boards, republish_window_s=settings.dedup_window_s)
+                            boards=boards, reserve=reservation_requester(bus.nc),
+                            republish_window_s=settings.dedup_window_s)
         supervisor = BoardSupervisor(boards, policy, bus.emit, executor.synthesise_board,
                                      note_end=executor.note_board_end)
         sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)

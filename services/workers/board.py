@@ -65,12 +65,14 @@ from contracts import (
     subjects,
 )
 from contracts.boards import SYNTHESIS_ID, Board, Entry
+from contracts.commands import ExtendReservation
 from contracts.events import FailReason, clip
 from contracts.policy import Policy, Strategy
 from contracts.state import dependency_key
 from shared import plans
 from shared.errors import PoisonMessage, TransientError
 from shared.kv import TypedBucket
+from shared.reservations import Reserve, part_estimate, shortfall
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -141,11 +143,23 @@ def open_to(board: Board, agent: str, now: float, max_parallel: int) -> list[tup
     return found[:max(0, max_parallel - live_claims(board, now))]
 
 
-def claimed(board: Board, entry_id: str, member: str, now: float, lease_s: float) -> Board:
+def claimed(board: Board, entry_id: str, member: str, now: float, lease_s: float, estimate: int = 0) -> Board:
     entry = entry_of(board, entry_id)
     assert entry is not None
     return with_entry(board, entry_id, msgspec.structs.replace(
-        entry, status="claimed", claimed_by=member, claim_expires=now + lease_s, claims=entry.claims + 1), now)
+        entry, status="claimed", claimed_by=member, claim_expires=now + lease_s, claims=entry.claims + 1,
+        estimate=estimate), now)
+
+
+def reserved(board: Board) -> int:
+    """What the task holds: its reservation at admission and what its parts added since."""
+    return board.task.reserved_tokens + sum(entry.extended for entry in (*board.entries, board.synthesis))
+
+
+def committed(board: Board) -> int:
+    """Tokens the task's parts used (those that answered) or may use (those claimed, by their estimate)."""
+    return sum(entry.usage.total if entry.usage else entry.estimate if entry.status == "claimed" else 0
+               for entry in (*board.entries, board.synthesis))
 
 
 def holds(board: Board, entry_id: str, member: str, claim: int) -> bool:
@@ -189,12 +203,14 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     attempts: list[Attempt] = []
 
 
-def answered(board: Board, entry_id: str, outcome: Answer | Failure,
-             now: float) -> tuple[Board, TaskCompleted | TaskFailed | None]:
-    """The board with the entry's result, and the task's end when this result ends it: the synthesis answered
-    (completed), the synthesis or, under fail_fast, a subtask failed, or every subtask failed (failed)."""
+def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
+             extended: int = 0) -> tuple[Board, TaskCompleted | TaskFailed | None]:
+    """The board with the entry's result (and what the budget reserved for it beyond the task's reservation),
+    and the task's end when this result ends it: the synthesis answered (completed), the synthesis or, under
+    fail_fast, a subtask failed, or every subtask failed (failed)."""
     entry = entry_of(board, entry_id)
     assert entry is not None
+    entry = msgspec.structs.replace(entry, extended=extended)
     if isinstance(outcome, Answer):
         entry = msgspec.structs.replace(entry, status="completed", output=outcome.step.output,
                                         usage=outcome.step.usage, step_id=outcome.step.step_id, error="")
@@ -309,6 +325,16 @@ def synthesis_prompt(board: Board) -> str:
     return plans.synthesis_prompt(board.task.spec.prompt, board.entries)
 
 
+def part_of(board: Board, entry_id: str, policy: Policy) -> tuple[str, int]:
+    """What the entry's agent is told, and the output tokens it may write."""
+    entry = entry_of(board, entry_id)
+    assert entry is not None
+    if entry_id == SYNTHESIS_ID:
+        return synthesis_prompt(board), entry.spec.max_tokens or policy.orchestration.synthesis_output_tokens
+    agent = policy.agents.get(entry.spec.agent)
+    return subtask_prompt(board, entry), entry.spec.max_tokens or (agent.default_output_tokens if agent else 256)
+
+
 def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: Strategy, attempt: int,
                  policy: Policy, now: float) -> StepRequested:
     """The step of one attempt of a claimed entry, bounded by the strategy's timeout and the task's deadline."""
@@ -316,14 +342,8 @@ def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: 
     assert entry is not None
     timeout = max(0.0, strategy.timeout_s if board.deadline_at <= 0 else
                   min(strategy.timeout_s, board.deadline_at - now))
-    agent = policy.agents.get(entry.spec.agent)
+    prompt, max_tokens = part_of(board, entry_id, policy)
     synthesis = entry_id == SYNTHESIS_ID
-    if synthesis:
-        prompt = synthesis_prompt(board)
-        max_tokens = entry.spec.max_tokens or policy.orchestration.synthesis_output_tokens
-    else:
-        prompt = subtask_prompt(board, entry)
-        max_tokens = entry.spec.max_tokens or (agent.default_output_tokens if agent else 256)
     return StepRequested(
         task_id=task.task_id, tenant=task.tenant, user=task.user,
         step_id=step_id(board, entry_id, claim, index, attempt), attempt=attempt, agent=entry.spec.agent,
@@ -426,7 +446,8 @@ class Pool:
     holds run in its task group)."""
 
     def __init__(self, agent: str, member: str, boards: TypedBucket[Board], run_step: RunStep, emit: Emit, *,
-                 policy: Callable[[], Policy], notify: Emit | None = None, clock: Clock = time.time) -> None:
+                 policy: Callable[[], Policy], notify: Emit | None = None, reserve: Reserve | None = None,
+                 clock: Clock = time.time) -> None:
         self.agent = agent
         self.member = member
         """Who holds a claim (`claimed_by`): unique per member, even for two in one process."""
@@ -435,6 +456,8 @@ class Pool:
         self.emit = emit
         self.notify = notify or emit
         self.policy = policy
+        self.reserve = reserve
+        """Asks the budget for more when a claimed part would take its task past its reservation."""
         self.clock = clock
         self.view: dict[str, tuple[Board, int]] = {}
         """Every board not ended, with its revision, as the watch (or this member's last write) left it."""
@@ -515,7 +538,8 @@ class Pool:
             if not found:
                 return None
             entry_id, entry = found[0]
-            after = claimed(board, entry_id, self.member, now, limits.claim_lease_s)
+            after = claimed(board, entry_id, self.member, now, limits.claim_lease_s,
+                            part_estimate(*part_of(board, entry_id, self.policy())))
             if await self.boards.write_if(key, after, revision):
                 self.stats.holding += 1  # the slot is taken with the claim, before anything else may look
                 self.stats.claims += 1
@@ -570,14 +594,15 @@ class Pool:
             lost = anyio.Event()
             async with anyio.create_task_group() as renewing:
                 renewing.start_soon(self._renew, claim, lost)
-                outcome = await self._work(claim, lost)
+                covered = await self._cover(claim)
+                outcome = covered if isinstance(covered, Failure) else await self._work(claim, lost)
                 renewing.cancel_scope.cancel()
             if outcome is None or lost.is_set():
                 self.stats.abandoned += 1
                 log.info("task %s: %s's claim %d on %s was taken over or its board ended: result dropped", task,
                          self.member, claim.claim, claim.entry_id)
                 return
-            await self._post(claim, outcome)
+            await self._post(claim, outcome, extended=covered if isinstance(covered, int) else 0)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
                 await self._release(claim)
@@ -614,6 +639,21 @@ class Pool:
                 board, claim.entry_id, self.member, claim.claim, now)))
         except _NATS_ERRORS:
             pass  # it lapses at its lease's end
+
+    async def _cover(self, claim: Claim) -> int | Failure:
+        """Make the task's reservation cover the claimed part (the board as claimed counts its estimate among
+        what the parts may use): ask the budget for the shortfall. What it reserved, or why not."""
+        board = claim.board
+        need = shortfall(reserved(board), committed(board), 0)
+        if self.reserve is None or need == 0:
+            return 0
+        task = board.task
+        reply = await self.reserve(ExtendReservation(tenant=task.tenant, user=task.user, task_id=task.task_id,
+                                                     part=claim.entry_id, tokens=need))
+        if not reply.granted:
+            return Failure(reason="over_budget", error=f"over budget: {claim.entry_id} needs {need:,} tokens more "
+                                                       f"than the task reserved; {reply.message}")
+        return reply.tokens
 
     async def _work(self, claim: Claim, lost: anyio.Event) -> Answer | Failure | None:
         """The entry down its agent's chain; None if the claim was lost before the chain ended."""
@@ -678,12 +718,12 @@ class Pool:
                               dependency=dependency_key(step.provider, step.model), error="transient",
                               message=clip(f"the step's outcome was not published: {exc!r}"))
 
-    async def _post(self, claim: Claim, outcome: Answer | Failure) -> None:
+    async def _post(self, claim: Claim, outcome: Answer | Failure, extended: int = 0) -> None:
         """The result on the board, if the claim is still this member's; then the task's end, if it ended it."""
         def decide(board: Board, now: float) -> tuple[Board, TaskCompleted | TaskFailed | None] | None:
             if not holds(board, claim.entry_id, self.member, claim.claim):
                 return None
-            return answered(board, claim.entry_id, outcome, now)
+            return answered(board, claim.entry_id, outcome, now, extended)
 
         written = await self._change(claim.key, decide)
         task = claim.board.task
