@@ -81,7 +81,7 @@ PERMISSIONS: dict[str, Permissions] = {
                        subscribe=(s.BUDGET_SHOW, s.BUDGET_COST, s.BUDGET_EXTEND)),
     "executor": _service("executor", publish=(s.ALL_STEP_REQUESTED, s.ALL_COMPLETED, s.ALL_FAILED, s.ALL_PROGRESS,
                                               s.BREAKER_PROBE, s.BUDGET_EXTEND, s.kv_writes(s.KV_TASKS),
-                                              s.kv_writes(s.KV_CACHE),
+                                              s.kv_writes(s.KV_CACHE), s.kv_writes(s.KV_SLOTS),
                                               s.kv_writes(s.KV_BOARDS)),
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
@@ -92,7 +92,8 @@ PERMISSIONS: dict[str, Permissions] = {
     # Pool members also claim and answer subtasks on boards (reserving more for a part that needs it), and the one
     # that ends a distributed task says so.
     WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
-                                   s.kv_writes(s.KV_BOARDS), s.ALL_COMPLETED, s.ALL_FAILED, s.BUDGET_EXTEND),
+                                   s.kv_writes(s.KV_BOARDS), s.kv_writes(s.KV_SLOTS), s.ALL_COMPLETED, s.ALL_FAILED,
+                                   s.BUDGET_EXTEND),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,

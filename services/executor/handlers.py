@@ -77,6 +77,7 @@ from shared import tracing
 from shared.breakers import BreakerGate
 from shared.kv import Contention, TypedBucket
 from shared.reservations import Reserve, part_estimate, shortfall
+from shared.slots import Slots, holder
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
@@ -89,6 +90,8 @@ UNREADABLE = ("the executor's record of this task does not decode (it is kept as
               "stopped rather than run again")
 
 
+SLOT_FREED = "=slots"
+"""The cause a decision records when the sweep started subtasks that had waited for a tenant slot."""
 _ANSWERED = object()
 """_schedule's word for: a cached answer ended the task."""
 
@@ -113,7 +116,7 @@ def dependency_of(strategy: Strategy) -> str:
 class Executor:
     def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
                  cache: TypedBucket[CachedAnswer] | None = None, boards: TypedBucket[Board] | None = None,
-                 reserve: Reserve | None = None, clock: Clock = time.time,
+                 reserve: Reserve | None = None, slots: Slots | None = None, clock: Clock = time.time,
                  sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
         self.policy = policy
         self.tasks = tasks
@@ -122,6 +125,8 @@ class Executor:
         self.cache = cache
         self.boards = boards
         self.reserve = reserve
+        self.slots = slots
+        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
         """Asks the budget for more when a part of a plan would take its task past its reservation (None: never
         asks, e.g. in tests of the fallback chains alone)."""
         self.clock = clock
@@ -431,7 +436,11 @@ class Executor:
         """Start every subtask that is ready (within the parallel limit); once all have settled, the synthesis;
         record that, then publish the steps it started."""
         started: list[TaskRecord | SubtaskState] = []
+        record.throttled = False
         for sub in plans.ready(record, self.policy().orchestration.max_parallel):
+            if not await self._take_slot(record, sub):
+                record.throttled = True  # the tenant runs as many subtasks as it may: the sweep tries again
+                break
             estimate = self._estimate(record, sub)
             ended = await self._cover(record, sub.spec.id, estimate) or \
                 await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
@@ -459,6 +468,32 @@ class Executor:
             started.append(record)
         await self._record(record, revision, cause)
         await self._publish_plan(record, started)
+
+    async def _take_slot(self, record: TaskRecord, sub: SubtaskState) -> bool:
+        """One of the tenant's slots for running subtasks, until the task's deadline (given back when the subtask
+        ends: `_record`)."""
+        if self.slots is None:
+            return True
+        task = record.task
+        sub.slot = await self.slots.take(task.tenant, holder(task.task_ref, sub.spec.id), record.deadline_at,
+                                         self.clock(), self.policy().orchestration.max_parallel_per_tenant)
+        return sub.slot
+
+    async def on_throttled(self, ref: str) -> None:
+        """The sweep: a task whose ready subtasks waited for a slot of their tenant's tries to start them again."""
+        record, revision = await self.tasks.read(ref)
+        if record is None or record.status != "running" or record.phase != "subtasks" or not record.throttled:
+            return
+        try:
+            if self.clock() >= record.deadline_at:
+                limit = self.policy().orchestration.max_parallel_per_tenant
+                await self._end_failed(record, revision, SLOT_FREED, "deadline_exceeded", (
+                    f"the task's deadline passed while its ready subtasks waited: its tenant ran as many subtasks as "
+                    f"it may at once ({limit}, max_parallel_per_tenant)"))
+                return
+            await self._plan_advanced(record, revision, SLOT_FREED)
+        except _Stale:
+            pass  # another decision came first, and started what it could
 
     def _estimate(self, record: TaskRecord, part: TaskRecord | SubtaskState) -> int:
         """What a subtask (or, for the record itself, the synthesis) may use: its prompt and its output cap."""
@@ -560,8 +595,11 @@ class Executor:
     async def _record(self, record: TaskRecord, revision: int, cause: str) -> None:
         """Store the decision (compare-and-set); _Stale if the task's record changed since it was read."""
         record.decided_by, record.decided_at = cause, self.clock()
+        freed = plans.free_slots(record)
         if not await self.tasks.write_if(record.task.task_ref, record, revision):
             raise _Stale
+        for sub in freed if self.slots else []:  # once recorded: a crash here leaves them to lapse at the deadline
+            await self.slots.give_back(record.task.tenant, holder(record.task.task_ref, sub.spec.id))
         if record.status != "running":
             self.tasks.forget(record.task.task_ref)  # ended: this process will not write it again
 

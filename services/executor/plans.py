@@ -51,6 +51,15 @@ def total_usage(record: TaskRecord, last: Usage) -> Usage:
     return Usage.sum([*(sub.usage for sub in record.subtasks), record.planning_usage, last])
 
 
+def free_slots(record: TaskRecord) -> list[SubtaskState]:
+    """The subtasks that hold a tenant slot and have ended (all of them, once the task has): marked as holding
+    none, for the decision's record; the caller gives their slots back once it is written."""
+    freed = [sub for sub in record.subtasks if sub.slot and (sub.status in ENDED or record.status != "running")]
+    for sub in freed:
+        sub.slot = False
+    return freed
+
+
 def reserved(record: TaskRecord) -> int:
     """What the task holds: its reservation at admission and what its parts added since."""
     return record.task.reserved_tokens + sum(record.extensions.values())

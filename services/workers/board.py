@@ -33,6 +33,13 @@ In distributed mode (hybrid boards have the executor to supervise them) any memb
 passed its deadline, or that nothing changed on for `stall_s` (no claim, renewal or result: e.g. a subtask for
 an agent kind no worker runs), and publishes TaskFailed saying what was done.
 
+Two guard rails hold for every claim, as for the executor's own subtasks. Before it claims a subtask, the member
+takes one of the tenant's slots for running subtasks (shared.slots: `max_parallel_per_tenant` over every task),
+named after the claim, given back when its work ends; with none free it claims nothing and looks again soon. And
+before the first step, the part's estimate (its prompt and output cap, written with the claim) is checked against
+what the task holds: the shortfall is asked of the budget (shared.reservations), and a refusal fails the entry
+`over_budget`.
+
 A member that dies loses nothing: its claims lapse and other members take them over. One that is stopped lets its
 claims lapse at once (a last compare-and-set), so the others need not wait out the lease.
 
@@ -73,6 +80,8 @@ from shared import plans
 from shared.errors import PoisonMessage, TransientError
 from shared.kv import TypedBucket
 from shared.reservations import Reserve, part_estimate, shortfall
+from shared.slots import Slots
+from shared.slots import holder as slot_holder
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -80,6 +89,8 @@ Clock = Callable[[], float]
 RunStep = Callable[[StepRequested], Awaitable[StepCompleted | StepFailed]]
 R = TypeVar("R")
 
+THROTTLED_RETRY_S = 0.5
+"""How soon a member that found its tenant's slots taken looks again (another task's subtask may have ended)."""
 IDLE_S = 5.0
 """The claim loop looks at its boards at least this often without news (a policy change shows within it)."""
 CAS_TRIES = 16
@@ -415,6 +426,8 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
     entry_id: str
     claim: int
     board: Board
+    slot: str = ""
+    """The tenant slot it holds (shared.slots), given back when its work ends; "" for none."""
 
 
 class PoolStats(msgspec.Struct):
@@ -437,6 +450,8 @@ class PoolStats(msgspec.Struct):
     """Tasks this member ended as failed: a failed subtask, the synthesis, a deadline or a stall."""
     overdue: int = 0
     """Boards this member ended as stalled or past their deadline."""
+    throttled: int = 0
+    """Claims not made because the subtask's tenant ran as many subtasks as it may (max_parallel_per_tenant)."""
     errors: int = 0
     """Looks at a board, renewals, posts or publishes that failed (NATS away, contention): each is logged."""
 
@@ -447,7 +462,7 @@ class Pool:
 
     def __init__(self, agent: str, member: str, boards: TypedBucket[Board], run_step: RunStep, emit: Emit, *,
                  policy: Callable[[], Policy], notify: Emit | None = None, reserve: Reserve | None = None,
-                 clock: Clock = time.time) -> None:
+                 slots: Slots | None = None, clock: Clock = time.time) -> None:
         self.agent = agent
         self.member = member
         """Who holds a claim (`claimed_by`): unique per member, even for two in one process."""
@@ -458,6 +473,9 @@ class Pool:
         self.policy = policy
         self.reserve = reserve
         """Asks the budget for more when a claimed part would take its task past its reservation."""
+        self.slots = slots
+        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
+        self._throttled = False
         self.clock = clock
         self.view: dict[str, tuple[Board, int]] = {}
         """Every board not ended, with its revision, as the watch (or this member's last write) left it."""
@@ -508,7 +526,7 @@ class Pool:
     async def look(self, holds: anyio.abc.TaskGroup) -> float:
         """One pass over the boards: end what is overdue, claim what may be claimed (each claim's work starts in
         `holds`); when to look again without news."""
-        due = math.inf
+        due, self._throttled = math.inf, False
         for key, (board, _) in list(self.view.items()):
             if self._stopping:
                 break
@@ -525,7 +543,7 @@ class Pool:
                 due = min(due, self.clock() + 1.0)
             if key in self.view:
                 due = min(due, next_due(self.view[key][0], self.agent, self.clock(), limits.stall_s))
-        return due
+        return min(due, self.clock() + THROTTLED_RETRY_S) if self._throttled else due
 
     async def claim_next(self, key: str, board: Board, revision: int) -> Claim | None:
         """Claim the first entry open to this member on `board` (known at `revision`), if it has room for one; a
@@ -538,6 +556,11 @@ class Pool:
             if not found:
                 return None
             entry_id, entry = found[0]
+            slot = await self._take_slot(board, entry_id, entry.claims + 1, now, limits.max_parallel_per_tenant)
+            if slot is None:
+                self.stats.throttled += 1
+                self._throttled = True
+                return None  # the tenant runs as many subtasks as it may: looked at again soon
             after = claimed(board, entry_id, self.member, now, limits.claim_lease_s,
                             part_estimate(*part_of(board, entry_id, self.policy())))
             if await self.boards.write_if(key, after, revision):
@@ -548,13 +571,28 @@ class Pool:
                 if entry.status == "claimed":
                     log.info("task %s: %s's claim on %s lapsed; %s takes it over", board.task.task_id,
                              entry.claimed_by, entry_id, self.member)
-                return Claim(key=key, entry_id=entry_id, claim=entry.claims + 1, board=after)
+                return Claim(key=key, entry_id=entry_id, claim=entry.claims + 1, board=after, slot=slot)
             self.stats.lost_claims += 1
+            await self._give_back(board, slot)
             fresh, revision = await self.boards.read(key)
             if fresh is None:
                 return None
             board = fresh
         return None  # contended for now: the next look decides again
+
+    async def _take_slot(self, board: Board, entry_id: str, claim: int, now: float, limit: int) -> str | None:
+        """One of the tenant's slots for running subtasks (none for the synthesis), held by this claim until the
+        task's deadline: its holder's name, "" if it needs none, None if none is free."""
+        if self.slots is None or entry_id == SYNTHESIS_ID:
+            return ""
+        task = board.task
+        who = slot_holder(task.task_ref, f"{entry_id}-c{claim}")
+        until = board.deadline_at if board.deadline_at > 0 else now + self.policy().orchestration.stall_s
+        return who if await self.slots.take(task.tenant, who, until, now, limit) else None
+
+    async def _give_back(self, board: Board, slot: str) -> None:
+        if slot and self.slots is not None:
+            await self.slots.give_back(board.task.tenant, slot)
 
     async def _wrote(self, key: str) -> None:
         """Put what this member just wrote in its view (as the watch will, later)."""
@@ -614,6 +652,11 @@ class Pool:
         finally:
             self.stats.holding -= 1
             self._news.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+                try:
+                    await self._give_back(claim.board, claim.slot)
+                except _NATS_ERRORS:  # it lapses at the task's deadline
+                    pass
 
     async def _renew(self, claim: Claim, lost: anyio.Event) -> None:
         while True:

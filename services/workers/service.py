@@ -39,6 +39,7 @@ from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
 from shared.reservations import reservation_requester
+from shared.slots import slots_bucket
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 from shared.watch import follow_bucket
@@ -83,7 +84,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
         # the member's id tells two replicas in one process apart (tests and embedded stacks run several)
         pool = Pool(agent, f"{worker_id}-{secrets.token_hex(2)}", boards, outcomes.runner(worker.on_step), bus.emit,
-                    policy=policy, notify=bus.notify, reserve=reservation_requester(bus.nc))
+                    policy=policy, notify=bus.notify, reserve=reservation_requester(bus.nc),
+                    slots=slots_bucket(await bus.bucket(s.KV_SLOTS), quarantine))
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
