@@ -298,6 +298,20 @@ class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     """When Corral received the submission (see TaskValidated)."""
 
 
+PartStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
+
+
+class PartState(msgspec.Struct, frozen=True, kw_only=True):
+    """One part of an orchestrated task (a subtask, or the synthesis, id `synthesis`) as its coordinator saw it."""
+
+    id: SubtaskId
+    agent: Token
+    status: PartStatus
+    """waiting (planned, not started), running (started, or claimed on a board), completed, failed, cancelled."""
+    tokens: TokenSum = 0
+    """What it used, once it answered."""
+
+
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     stage: Label
     message: Message
@@ -307,6 +321,8 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     """The step it is about, when it is about one."""
     seq: Count = 0
     """Stage `streaming`: the piece's number in its step (1, 2, …), `message` being the answer's next text."""
+    parts: Annotated[list[PartState], msgspec.Meta(max_length=MAX_ITEMS + 1)] = []
+    """Stage `plan`: every subtask's state and the synthesis's, in the plan's order (the synthesis last)."""
 
     def dedup_key(self) -> str:
         return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}:{self.seq}"

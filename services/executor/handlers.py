@@ -542,7 +542,8 @@ class Executor:
         task = record.task
         await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
             task_id=task.task_id, tenant=task.tenant, user=task.user, stage="plan", attempt=record.steps,
-            step_id=record.decided_by if record.decided_by != task.task_id else "", message=plans.board(record)))
+            step_id=record.decided_by if record.decided_by != task.task_id else "", message=plans.board(record),
+            parts=plans.parts(record)))
         for cursor in started:
             await self._publish_step(record, cursor)
 

@@ -5,7 +5,8 @@ and publishes as for any step."""
 from __future__ import annotations
 
 from contracts import Usage
-from contracts.events import Plan
+from contracts.boards import SYNTHESIS_ID
+from contracts.events import PartState, Plan
 from services.executor.state import SubtaskState, TaskRecord
 from shared import plans as shared_plans
 
@@ -79,3 +80,16 @@ def board(record: TaskRecord) -> str:
     states = ", ".join(f"{sub.spec.id} {sub.status}" for sub in record.subtasks)
     synthesis = {"subtasks": "waiting", "synthesis": "running", "planning": "waiting"}.get(record.phase, record.status)
     return f"subtasks: {states}; synthesis {synthesis if record.status == 'running' else record.status}"
+
+
+def parts(record: TaskRecord) -> list[PartState]:
+    """Every subtask's state and the synthesis's, for progress."""
+    states = [PartState(id=sub.spec.id, agent=sub.spec.agent, status=sub.status,
+                        tokens=sub.usage.total if sub.usage else 0) for sub in record.subtasks]
+    synthesis = {"subtasks": "waiting", "synthesis": "running", "planning": "waiting"}.get(record.phase, "waiting")
+    if record.status != "running":
+        synthesis = "completed" if record.status == "completed" else "cancelled" if record.phase != "synthesis" \
+            else "failed"
+    plan = record.task.spec.plan or record.plan
+    agent = (plan.synthesis if plan else None) or record.task.spec.agent
+    return [*states, PartState(id=SYNTHESIS_ID, agent=agent, status=synthesis)]

@@ -73,7 +73,7 @@ from contracts import (
 )
 from contracts.boards import SYNTHESIS_ID, Board, Entry
 from contracts.commands import ExtendReservation
-from contracts.events import FailReason, clip
+from contracts.events import FailReason, PartState, clip
 from contracts.policy import Policy, Strategy
 from contracts.state import dependency_key
 from shared import plans
@@ -300,6 +300,14 @@ def line(board: Board) -> str:
     """One line of the board: each subtask's id and status, then the synthesis's (as centralized progress)."""
     states = ", ".join(f"{entry.spec.id} {entry.status}" for entry in board.entries)
     return f"subtasks: {states}; synthesis {board.synthesis.status}"
+
+
+def parts(board: Board) -> list[PartState]:
+    """Every entry's state, for progress (a claim is `running`)."""
+    return [PartState(id=entry_id, agent=entry.spec.agent,
+                      status="running" if entry.status == "claimed" else entry.status,
+                      tokens=entry.usage.total if entry.usage else 0)
+            for entry_id, entry in [*((e.spec.id, e) for e in board.entries), (SYNTHESIS_ID, board.synthesis)]]
 
 
 def completion(board: Board, answer: Answer) -> TaskCompleted:
@@ -788,7 +796,7 @@ class Pool:
         try:
             await self.notify(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
                 task_id=task.task_id, tenant=task.tenant, user=task.user, stage="plan", worker=self.member,
-                step_id=step, message=line(board)))
+                step_id=step, message=line(board), parts=parts(board)))
         except _NATS_ERRORS as exc:  # news only
             log.debug("task %s: progress not published: %r", task.task_id, exc)
 
