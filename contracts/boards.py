@@ -74,6 +74,10 @@ class Board(msgspec.Struct, kw_only=True):
     deadline_at: UnixSeconds
     ended: Literal["", "completed", "failed"] = ""
     """Set by the one writer that ends the task (the synthesis's holder, or whoever fails it)."""
+    trace: Annotated[dict[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=512)]],
+                     msgspec.Meta(max_length=4)] = {}
+    """The task's trace context (W3C `traceparent`, `tracestate`) where the executor wrote the board: each pool
+    member's work on a part joins the task's trace under it (one trace per task, in every mode)."""
 
 
 ENDED_BOARD_TTL_S = 24 * 3600.0

@@ -209,7 +209,8 @@ class Executor:
             return
         if record.task.spec.orchestration in ("distributed", "hybrid") and self.boards is not None:
             task = record.task
-            await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at))
+            await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at,
+                                                              trace=tracing.inject({})))
             record.phase, record.chain, record.plan = "board", [], plan  # the pools take it from here
             await self._record(record, revision, cause)
             return
@@ -243,11 +244,12 @@ class Executor:
         record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
         ended = await self._cover(record, SYNTHESIS_ID, self._estimate(record, record)) or \
             await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
-        if ended is not None:
-            await self._fail(record, revision, board.task.task_id, *ended)
-            return
-        await self._record(record, revision, board.task.task_id)
-        await self._publish_step(record)
+        with tracing.within(board.trace):  # started by the board's watch: the task's trace is the board's
+            if ended is not None:
+                await self._fail(record, revision, board.task.task_id, *ended)
+                return
+            await self._record(record, revision, board.task.task_id)
+            await self._publish_step(record)
 
     async def _planned(self, record: TaskRecord, revision: int, step: StepCompleted) -> None:
         """The manager answered: run its plan if it is valid; else ask once more, saying why, then give up."""

@@ -76,7 +76,7 @@ from contracts.commands import ExtendReservation
 from contracts.events import FailReason, PartState, clip
 from contracts.policy import Policy, Strategy
 from contracts.state import dependency_key
-from shared import plans
+from shared import plans, tracing
 from shared.errors import PoisonMessage, TransientError
 from shared.kv import TypedBucket
 from shared.reservations import Reserve, part_estimate, shortfall
@@ -638,17 +638,18 @@ class Pool:
         task = claim.board.task.task_id
         try:
             lost = anyio.Event()
-            async with anyio.create_task_group() as renewing:
-                renewing.start_soon(self._renew, claim, lost)
-                covered = await self._cover(claim)
-                outcome = covered if isinstance(covered, Failure) else await self._work(claim, lost)
-                renewing.cancel_scope.cancel()
-            if outcome is None or lost.is_set():
-                self.stats.abandoned += 1
-                log.info("task %s: %s's claim %d on %s was taken over or its board ended: result dropped", task,
-                         self.member, claim.claim, claim.entry_id)
-                return
-            await self._post(claim, outcome, extended=covered if isinstance(covered, int) else 0)
+            with _part_span(claim):  # its steps, its result and the task's end, if it ends it, in the task's trace
+                async with anyio.create_task_group() as renewing:
+                    renewing.start_soon(self._renew, claim, lost)
+                    covered = await self._cover(claim)
+                    outcome = covered if isinstance(covered, Failure) else await self._work(claim, lost)
+                    renewing.cancel_scope.cancel()
+                if outcome is None or lost.is_set():
+                    self.stats.abandoned += 1
+                    log.info("task %s: %s's claim %d on %s was taken over or its board ended: result dropped", task,
+                             self.member, claim.claim, claim.entry_id)
+                    return
+                await self._post(claim, outcome, extended=covered if isinstance(covered, int) else 0)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
                 await self._release(claim)
@@ -807,6 +808,17 @@ class Pool:
         else:
             self.stats.tasks_failed += 1
             await _surely(self.emit, subjects.task_failed(end.tenant), end)
+
+
+def _part_span(claim: Claim):
+    """The claimed part's span, in the task's trace (the board carries it), over the steps it runs: named as the
+    executor names its own parts, so a trace reads alike in every mode."""
+    board, entry = claim.board, entry_of(claim.board, claim.entry_id)
+    agent = entry.spec.agent if entry else ""
+    part = "synthesis" if claim.entry_id == SYNTHESIS_ID else claim.entry_id
+    return tracing.consuming(f"{'synthesis' if part == 'synthesis' else 'subtask ' + part} {agent}", board.trace, {
+        "corral.task_id": board.task.task_id, "corral.part": part, "gen_ai.agent.name": agent,
+        "corral.claim": str(claim.claim)})
 
 
 def _pair(board: Board | None) -> tuple[Board, None] | None:
