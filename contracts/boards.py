@@ -23,6 +23,8 @@ from contracts.events import (
     OnFailure,
     Subtask,
     TaskAdmitted,
+    TaskCompleted,
+    TaskFailed,
     Text,
     TokenSum,
     UnixSeconds,
@@ -74,6 +76,10 @@ class Board(msgspec.Struct, kw_only=True):
     deadline_at: UnixSeconds
     ended: Literal["", "completed", "failed"] = ""
     """Set by the one writer that ends the task (the synthesis's holder, or whoever fails it)."""
+    outcome: TaskCompleted | TaskFailed | None = None
+    """The task's end, written in the write that ended the board: its writer publishes it, and the executor,
+    seeing the board end, publishes it again (the stream stores it once), so a writer that dies in between
+    loses nothing."""
     trace: Annotated[dict[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=512)]],
                      msgspec.Meta(max_length=4)] = {}
     """The task's trace context (W3C `traceparent`, `tracestate`) where the executor wrote the board: each pool

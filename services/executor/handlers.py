@@ -219,11 +219,17 @@ class Executor:
         await self._plan_advanced(record, revision, cause)
 
     async def note_board_end(self, board: Board) -> None:
-        """Distributed: the pools ended the task on its board; say so in this record (the board decided)."""
+        """Distributed: the pools ended the task on its board; say so in this record (the board decided), having
+        published the end the board holds: its writer did too, unless it died first (the stream keeps one)."""
         record, revision = await self.tasks.read(board.task.task_ref)
         if record is None or record.status != "running" or record.phase != "board":
             return
+        if board.outcome is not None and self.clock() - board.updated_at <= self.republish_window_s:
+            subject = subjects.task_completed if isinstance(board.outcome, TaskCompleted) else subjects.task_failed
+            with tracing.within(board.trace):
+                await self.emit(subject(board.task.tenant), board.outcome)
         record.status = "completed" if board.ended == "completed" else "failed"
+        record.outcome = board.outcome
         record.usage = Usage.sum(entry.usage for entry in [*board.entries, board.synthesis])
         try:
             await self._record(record, revision, "board")

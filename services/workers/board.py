@@ -239,7 +239,8 @@ def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
         end = failure(after, "permanent_error", "no subtask of the plan succeeded: "
                       + "; ".join(f"{other.spec.id}: {other.error}" for other in after.entries), outcome.attempts)
     if end is not None:
-        after = msgspec.structs.replace(after, ended="completed" if isinstance(end, TaskCompleted) else "failed")
+        after = msgspec.structs.replace(after, ended="completed" if isinstance(end, TaskCompleted) else "failed",
+                                        outcome=end)
     return after, end
 
 
@@ -261,7 +262,8 @@ def stopped(board: Board, now: float, stall_s: float) -> tuple[Board, TaskFailed
     if why is None:
         return None
     after = msgspec.structs.replace(board, ended="failed", updated_at=now)
-    return after, failure(after, *why)
+    end = failure(after, *why)
+    return msgspec.structs.replace(after, outcome=end), end
 
 
 def next_due(board: Board, agent: str, now: float, stall_s: float) -> float:
