@@ -164,8 +164,8 @@ def test_a_failure_under_fail_fast_ends_the_task_naming_the_subtask_and_under_be
 
 def test_the_synthesis_answer_ends_the_task_in_the_same_write_with_every_entrys_usage():
     board = with_status(board_of([FACTS, NOTES], now=100.0), "facts", "completed", usage=Usage(
-        input_tokens=100, output_tokens=20), claims=2)
-    board = with_status(board, "notes", "failed", error="timeout", claims=1)
+        input_tokens=100, output_tokens=20), claims=2, steps=2)
+    board = with_status(board, "notes", "failed", error="timeout", claims=1, steps=1)
     board = claimed(board, SYNTHESIS_ID, "m", now=100.0, lease_s=10.0)
     after, end = answered(board, SYNTHESIS_ID, answer(board, SYNTHESIS_ID, "the answer"), now=101.0)
     assert after.ended == "completed" and after.synthesis.status == "completed"

@@ -278,3 +278,17 @@ async def test_corral_submit_follow_ends_with_every_part_of_the_plan_done(settin
     states = {line.split()[2]: line.split()[1] for line in final.splitlines()[1:5]}
     assert states == {"facts": "done", "code": "done", "notes": "done", "synthesis": "done"}
     assert "completed" in final  # the task's end, after the tree
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["centralized", "distributed", "hybrid"])
+async def test_a_manager_planned_tasks_usage_and_attempts_count_every_step_the_planning_included(
+        settings, tenant, user, mode):
+    spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration=mode)
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        steps = heard.of(StepCompleted, task_id=end.task_id)
+    assert isinstance(end, TaskCompleted), end
+    assert len(steps) == 5  # the plan, three parts, the synthesis
+    assert end.usage.total == sum(step.usage.total for step in steps)
+    assert end.attempts == len(steps)

@@ -210,7 +210,9 @@ class Executor:
         if record.task.spec.orchestration in ("distributed", "hybrid") and self.boards is not None:
             task = record.task
             await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at,
-                                                              trace=tracing.inject({})))
+                                                              trace=tracing.inject({}),
+                                                              planning_usage=record.planning_usage,
+                                                              planning_steps=record.steps))
             record.phase, record.chain, record.plan = "board", [], plan  # the pools take it from here
             await self._record(record, revision, cause)
             return
@@ -230,7 +232,7 @@ class Executor:
                 await self.emit(subject(board.task.tenant), board.outcome)
         record.status = "completed" if board.ended == "completed" else "failed"
         record.outcome = board.outcome
-        record.usage = Usage.sum(entry.usage for entry in [*board.entries, board.synthesis])
+        record.usage = Usage.sum([board.planning_usage, *(e.usage for e in [*board.entries, board.synthesis])])
         try:
             await self._record(record, revision, "board")
         except _Stale:  # another replica noted it first
@@ -243,7 +245,7 @@ class Executor:
         if record is None or record.status != "running" or record.phase != "board":
             return
         record.subtasks = [SubtaskState(spec=entry.spec, status="completed" if entry.status == "completed" else "failed",
-                                        output=entry.output, usage=entry.usage, error=entry.error)
+                                        output=entry.output, usage=entry.usage, error=entry.error, steps=entry.steps)
                            for entry in board.entries]
         record.extensions = {entry.spec.id: entry.extended for entry in board.entries if entry.extended}
         agent = self.policy().agents.get(board.synthesis.spec.agent)

@@ -221,7 +221,8 @@ def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
     fail_fast, a subtask failed, or every subtask failed (failed)."""
     entry = entry_of(board, entry_id)
     assert entry is not None
-    entry = msgspec.structs.replace(entry, extended=extended)
+    ran = outcome.steps if isinstance(outcome, Answer) else len(outcome.attempts)
+    entry = msgspec.structs.replace(entry, extended=extended, steps=entry.steps + ran)
     if isinstance(outcome, Answer):
         entry = msgspec.structs.replace(entry, status="completed", output=outcome.step.output,
                                         usage=outcome.step.usage, step_id=outcome.step.step_id, error="")
@@ -317,8 +318,8 @@ def completion(board: Board, answer: Answer) -> TaskCompleted:
     task, step = board.task, answer.step
     return TaskCompleted(
         task_id=task.task_id, tenant=task.tenant, user=task.user, output=step.output,
-        usage=Usage.sum([*(entry.usage for entry in board.entries), step.usage]),
-        attempts=sum(entry.claims for entry in board.entries) + answer.steps, model=step.model,
+        usage=Usage.sum([board.planning_usage, *(entry.usage for entry in board.entries), step.usage]),
+        attempts=board.planning_steps + sum(entry.steps for entry in board.entries) + answer.steps, model=step.model,
         strategy=answer.strategy, tier=answer.tier, dependency=step.dependency,
         received_at=task.received_at)
 
