@@ -105,6 +105,11 @@ class StepCost(msgspec.Struct, frozen=True, kw_only=True):
     over_reservation: int = 0
     """Tokens this step used beyond what its task still had reserved (posted anyway, flagged)."""
     posted_at: datetime | None = None
+    saved: str = ""
+    """How the step was answered without its model call (`exact`, `semantic`, `coalesced`); empty: it called."""
+    saved_tokens: int = 0
+    """Tokens that call would have used (docs/caching.md)."""
+    saved_usd: float = 0.0
 
 
 class ModelCost(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +134,9 @@ class CostReply(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     steps: list[StepCost] = []
     models: list[ModelCost] = []
+    saved_tokens: int = 0
+    """Tokens the task did not spend: its steps answered from the response cache or by a coalesced call."""
+    saved_usd: float = 0.0
 
 
 QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)
