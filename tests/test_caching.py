@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskSpec, Usage, subjects
+from contracts import ChatMessage, StepCompleted, StepFailed, StepRequested, TaskCompleted, TaskSpec, Usage, subjects
 from contracts.policy import SIMILARITY_FLOOR, AgentPolicy, Compaction, Policy, ResponseCache, Strategy, Tiering
 from services.workers import cache, compaction
 from services.workers.cache import CachedAnswer, Store, describe
@@ -117,6 +117,8 @@ async def test_a_repeated_request_is_answered_from_the_cache_billed_nothing_and_
         assert elsewhere.cache is None and elsewhere.usage.total > 0  # globex called its model
         cost = await wait_until(lambda: _cost_with_savings(client, second.task_id))
         assert cost.saved_tokens == called.usage.total and cost.tokens == 0
+        status = await wait_until(lambda: _status_with(client, lambda r: r.savings.hits.get("exact")))
+        assert status.savings.tokens_saved >= called.usage.total and status.savings.cost_avoided_usd > 0
 
 
 async def _cost_with_savings(client, task_id):
@@ -192,6 +194,11 @@ async def test_identical_requests_in_flight_at_once_make_one_model_call(settings
         assert len(calls) == 1 and {o.output for o in outcomes} == {"one answer"}
         assert sorted(o.cache.source if o.cache else "called" for o in outcomes) in (
             ["called", "coalesced", "coalesced"], ["called", "coalesced", "exact"], ["called", "exact", "exact"])
+
+
+async def _status_with(client, wanted):
+    report = await client.status()
+    return report if wanted(report) else None
 
 
 async def _true(value):
@@ -273,7 +280,6 @@ async def test_a_fast_answer_that_fails_validation_is_retried_on_the_advanced_ti
         done = await client.run(TaskSpec(agent="cached", prompt="What is NATS?"), tenant="default", user=user)
         assert isinstance(done, TaskCompleted), done
         assert done.tier == "advanced" and done.attempts == 2
-        from contracts import StepFailed
         failed = await heard.first(StepFailed, task_id=done.task_id)
         assert failed.error == "permanent" and "failed validation" in failed.message
         requested = [e for e in heard.of(StepRequested, task_id=done.task_id)]
@@ -297,7 +303,6 @@ def test_compaction_normalises_whitespace_drops_repeated_instructions_and_trims_
 @pytest.mark.integration
 async def test_a_compacting_agent_reports_tokens_before_and_after_on_its_step(settings, user):
     policy = caching_policy(compaction=Compaction(enabled=True, history_tokens=100, keep_turns=1))
-    from contracts import ChatMessage
     history = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content="history " * 50) for i in range(6)]
     async with stack(settings, *CORE, "worker:cached", policy=policy) as client, signals(client) as heard:
         done = await client.run(TaskSpec(agent="cached", messages=history, prompt="And now?"), tenant="default",
@@ -305,4 +310,5 @@ async def test_a_compacting_agent_reports_tokens_before_and_after_on_its_step(se
         assert isinstance(done, TaskCompleted), done
         step = await heard.first(StepCompleted, task_id=done.task_id)
         assert step.compaction is not None and step.compaction.tokens_after < step.compaction.tokens_before
-        assert not isinstance(done, TaskFailed)
+        status = await wait_until(lambda: _status_with(client, lambda r: r.savings.compacted_steps))
+        assert status.savings.tokens_after_compaction < status.savings.tokens_before_compaction

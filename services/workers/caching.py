@@ -53,16 +53,17 @@ class Caching:
         if settings is None:
             return await call()
         request = describe(step, messages, tools)
-        entry = await self.store.get(request, settings)
+        entry = await self.store.get(request, settings) if settings.store_answers else None
         if entry is not None:
             return self._hit(step, "exact", entry, settings, elapsed_ms())
         vector = None
-        if settings.semantic:
+        if settings.semantic and settings.store_answers and len(request.text) <= settings.semantic_max_chars:
             vector = await self._embed(request, settings)
             found = self.index.match(request, vector, threshold(settings)) if vector is not None else None
             entry = await self.store.get(request, settings, key=found[0]) if found else None
-            if entry is not None:
-                return self._hit(step, "semantic", entry, settings, elapsed_ms(), found[1])
+            if entry is not None:  # the request's own key: stored while this one was embedded
+                source = "exact" if found[0] == request.key else "semantic"
+                return self._hit(step, source, entry, settings, elapsed_ms(), found[1])
         flight = self.flights.get(request.key) if settings.coalesce else None
         if flight is not None:
             await flight.done.wait()
@@ -91,7 +92,8 @@ class Caching:
                     outcome: StepCompleted) -> None:
         model = dependency_key(step.provider, step.model)
         tool_calls = sum(1 for c in outcome.calls or [] if c.dependency != model)
-        why = cacheable(request, settings, outcome.output, tool_calls)
+        why = cacheable(request, settings, outcome.output, tool_calls) or (
+            "the policy keeps no answers" if not settings.store_answers else "")
         if why:
             log.debug("step %s not cached: %s", step.step_id, why)
             return

