@@ -57,6 +57,7 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.agents
 	$(PY) -m tests.bench.orchestration
 	$(PY) -m tests.bench.savings
+	$(PY) -m tests.bench.batching
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts

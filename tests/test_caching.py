@@ -89,11 +89,12 @@ def test_a_tenant_can_turn_the_cache_off_whatever_its_agents_say():
     assert msgspec.structs.replace(policy, tenants=tenants).cache_for("default", "cached") is None
 
 
-def test_a_semantic_threshold_has_a_floor_no_policy_or_request_can_go_under():
+def test_a_semantic_threshold_has_a_floor_no_policy_can_go_under():
     with pytest.raises(ValueError):
         ResponseCache(similarity=SIMILARITY_FLOOR - 0.01)
-    settings = ResponseCache(similarity=0.94)
-    assert threshold(settings, asked=0.5) == 0.94 and threshold(settings, asked=0.99) == 0.99
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"similarity": 0.5}, ResponseCache)  # as a policy file is decoded
+    assert threshold(ResponseCache(similarity=0.94)) == 0.94
 
 
 # --- the exact cache, end to end ----------------------------------------------------------------------------
@@ -119,6 +120,32 @@ async def test_a_repeated_request_is_answered_from_the_cache_billed_nothing_and_
         assert cost.saved_tokens == called.usage.total and cost.tokens == 0
         status = await wait_until(lambda: _status_with(client, lambda r: r.savings.hits.get("exact")))
         assert status.savings.tokens_saved >= called.usage.total and status.savings.cost_avoided_usd > 0
+
+
+@pytest.mark.integration
+async def test_a_paraphrase_is_served_from_the_semantic_cache_and_a_near_miss_is_not(settings, user):
+    policy = caching_policy(cache=ResponseCache(enabled=True, semantic=True))
+    ask = lambda prompt: TaskSpec(agent="cached", prompt=prompt)  # noqa: E731
+    async with stack(settings, *CORE, "worker:cached", policy=policy) as client, signals(client) as heard:
+        first = await client.run(ask("How do I reset my password?"), tenant="default", user=user)
+        paraphrase = await client.run(ask("How can I reset my password?"), tenant="default", user=user)
+        near_miss = await client.run(ask("How do I not reset my password?"), tenant="default", user=user)
+        served = await heard.first(StepCompleted, task_id=paraphrase.task_id)
+        assert served.cache is not None and served.cache.source == "semantic" and served.cache.similarity >= 0.95
+        assert paraphrase.output == first.output
+        called = await heard.first(StepCompleted, task_id=near_miss.task_id)
+        assert called.cache is None and near_miss.output != first.output
+
+
+def test_an_index_entry_under_another_tenants_key_is_refused():
+    forged = CachedAnswer(tenant="default", agent="cached", digest="d", scope="s", model="m", text="t", answer="a",
+                          usage=Usage(input_tokens=1, output_tokens=1), stored_at=1.0,
+                          embedding=np.ones(384, dtype="<f4").tobytes())
+    index = Index(lambda tenant, agent: 10)
+    with pytest.raises(msgspec.DecodeError):
+        index.apply("globex.cached.d", msgspec.json.encode(forged), 1)
+    index.apply("default.cached.d", msgspec.json.encode(forged), 2)
+    assert index.size() == 1
 
 
 async def _cost_with_savings(client, task_id):

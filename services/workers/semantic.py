@@ -63,9 +63,9 @@ def salient(text: str) -> tuple[tuple[str, ...], ...]:
     return numbers, tuple(units), tuple(names), tuple(negations)
 
 
-def threshold(settings: ResponseCache, asked: float = 0.0) -> float:
-    """The similarity a hit needs: the agent's, raised (never lowered) by a request, never under the floor."""
-    return max(SIMILARITY_FLOOR, settings.similarity, asked)
+def threshold(settings: ResponseCache) -> float:
+    """The similarity a hit needs: the agent's, never under the floor (nothing a publisher sends sets it)."""
+    return max(SIMILARITY_FLOOR, settings.similarity)
 
 
 class Embedder:
@@ -172,6 +172,8 @@ class Index:
             raise msgspec.DecodeError(f"an embedding of {len(entry.embedding)} bytes, not {DIMENSIONS * 4}")
         if not entry.embedding:
             return
+        if not key.startswith(f"{entry.tenant}.{entry.agent}."):
+            raise msgspec.DecodeError(f"an entry for {entry.tenant}/{entry.agent} under another's key")
         vector = np.frombuffer(entry.embedding, dtype="<f4")
         self.add(key, entry.tenant, entry.agent, entry.scope, vector, entry.text)
 
