@@ -413,3 +413,27 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
     text = out.export_text()
     assert "saved 121 tokens, $0.001671 (exact cache hits)" in text
     assert "2 exact, 1 semantic: 300 tokens, $0.0040 saved" in text and "3 steps: 900 -> 400 input tokens" in text
+
+
+@pytest.mark.integration
+async def test_garbage_in_the_cache_bucket_is_dead_lettered_once_and_the_worker_keeps_answering_from_its_model(
+        settings, user):
+    from tests.test_poison import GARBAGE, dead_letters, service_stats
+
+    policy = caching_policy(cache=ResponseCache(enabled=True, semantic=True))
+    spec = TaskSpec(agent="cached", prompt="Is the cache still serving?")
+    request = describe(step_of("default", "x"), [Turn(role="user", content=spec.prompt)], [])
+    async with stack(settings, *CORE, "worker:cached", policy=policy) as client:
+        kv = await cache.declare(client.bus.js, settings)
+        revision = await kv.put(request.key, GARBAGE)  # the exact key the task will look up, and the watch sees
+        end = await client.run(spec, tenant="default", user=user)
+
+        async def reported():
+            letters = [l for l in await dead_letters(client.bus.js)
+                       if l.subject == f"$KV.{subjects.KV_RESPONSES}.{request.key}"]
+            stats = await service_stats(client, "worker-cached")
+            return letters if letters and subjects.KV_RESPONSES in stats["quarantined"]["buckets"] else None
+
+        letters = await wait_until(reported)
+    assert isinstance(end, TaskCompleted) and end.dependency == "simulated/sim-large"
+    assert len(letters) == 1 and f"revision {revision} does not decode" in letters[0].reason
