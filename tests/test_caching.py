@@ -96,6 +96,15 @@ def test_answers_that_called_tools_or_ask_about_now_are_not_cached_unless_the_po
     assert cache.cacheable(timely, relaxed, "an answer", 2) == ""
 
 
+def test_the_agents_example_policy_turns_on_the_writing_agents_cache_and_compaction():
+    from shared.policy import load_policy_file
+
+    policy = load_policy_file(Path(__file__).resolve().parents[1] / "docs" / "policy-agents.example.toml")
+    writing = policy.agents["writing"]
+    assert writing.cache.enabled and writing.cache.semantic and writing.compaction.enabled
+    assert policy.cache_for("default", "writing") is not None and policy.cache_for("default", "research") is None
+
+
 def test_a_tenant_can_turn_the_cache_off_whatever_its_agents_say():
     policy = caching_policy(cache=ResponseCache(enabled=True))
     assert policy.cache_for("default", "cached") is not None
@@ -437,3 +446,14 @@ async def test_garbage_in_the_cache_bucket_is_dead_lettered_once_and_the_worker_
         letters = await wait_until(reported)
     assert isinstance(end, TaskCompleted) and end.dependency == "simulated/sim-large"
     assert len(letters) == 1 and f"revision {revision} does not decode" in letters[0].reason
+
+
+def test_a_hit_bills_the_policys_share_of_what_it_saved_and_counts_the_rest_as_avoided():
+    entry = CachedAnswer(tenant="default", agent="cached", digest="d", scope="s", model="sim-large", text="t",
+                         answer="a", usage=Usage(input_tokens=100, output_tokens=200), stored_at=1.0)
+    price = caching_policy().price_of("sim-large")
+    free, bill = cache.hit("exact", entry, ResponseCache(enabled=True), price)
+    assert bill.total == 0 and free.saved == entry.usage and free.cost_avoided_usd == pytest.approx(price.cost(entry.usage))
+    half, bill = cache.hit("exact", entry, ResponseCache(enabled=True, hit_billing=0.5), price)
+    assert (bill.input_tokens, bill.output_tokens) == (50, 100)
+    assert half.cost_avoided_usd == pytest.approx(price.cost(entry.usage) / 2)

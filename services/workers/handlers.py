@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import anyio
