@@ -56,6 +56,11 @@ class Caching:
         entry = await self.store.get(request, settings) if settings.store_answers else None
         if entry is not None:
             return self._hit(step, "exact", entry, settings, elapsed_ms())
+        flight = self.flights.get(request.key) if settings.coalesce else None
+        if flight is not None:  # before embedding: waiting for the same request costs nothing
+            await flight.done.wait()
+            if isinstance(flight.outcome, StepCompleted):
+                return self._coalesced(step, flight.outcome, request, settings, elapsed_ms())
         vector = None
         if settings.semantic and settings.store_answers and len(request.text) <= settings.semantic_max_chars:
             vector = await self._embed(request, settings)
@@ -64,11 +69,6 @@ class Caching:
             if entry is not None:  # the request's own key: stored while this one was embedded
                 source = "exact" if found[0] == request.key else "semantic"
                 return self._hit(step, source, entry, settings, elapsed_ms(), found[1])
-        flight = self.flights.get(request.key) if settings.coalesce else None
-        if flight is not None:
-            await flight.done.wait()
-            if isinstance(flight.outcome, StepCompleted):
-                return self._coalesced(step, flight.outcome, request, settings, elapsed_ms())
         return await self._call(step, request, settings, vector, call)
 
     async def _call(self, step: StepRequested, request: Request, settings: ResponseCache, vector,

@@ -117,7 +117,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                 tg.start_soon(toolbox.maintain, stop)
                 tg.start_soon(follow_bucket, boards_kv, pool.apply, stop, ">", quarantine)
                 tg.start_soon(pool.run, stop)
-                tg.start_soon(follow_bucket, responses_kv, caching.index.apply, stop, ">", quarantine)
+                # the semantic index of this agent kind's answers only (keys are TENANT.AGENT.DIGEST)
+                tg.start_soon(follow_bucket, responses_kv, caching.index.apply, stop, f"*.{agent}.*", quarantine)
                 await steps.run(stop)
                 tg.cancel_scope.cancel()
         finally:
