@@ -26,7 +26,6 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -240,5 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()
