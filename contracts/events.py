@@ -247,6 +247,27 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     counted against its new state."""
 
 
+class CacheHit(msgspec.Struct, frozen=True, kw_only=True):
+    """A step answered without its model call: from the response cache or by another task's call in flight."""
+
+    source: Literal["exact", "semantic", "coalesced"]
+    saved: Usage
+    """What the model call that made the answer used: the tokens this step did not spend."""
+    cost_avoided_usd: Usd = 0.0
+    """`saved` at the model's price, less what the step was billed."""
+    similarity: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = 1.0
+    """Semantic hits: the cosine similarity of this request and the cached one."""
+    stored_at: UnixSeconds = 0.0
+
+
+class PromptCompacted(msgspec.Struct, frozen=True, kw_only=True):
+    """The step's prompt was compacted before the model saw it (an agent's `compaction` policy)."""
+
+    tokens_before: TokenCount
+    tokens_after: TokenCount
+    dropped_turns: Count = 0
+
+
 # --- the task's life ----------------------------------------------------------
 
 
@@ -400,6 +421,9 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     model so."""
     first_token_ms: Millis | None = None
     """Milliseconds from the worker taking the step to the first streamed token (None: nothing streamed)."""
+    cache: CacheHit | None = None
+    """Set when the answer came from the cache (or a coalesced call); `usage` is then what was billed."""
+    compaction: PromptCompacted | None = None
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):

@@ -18,6 +18,18 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     p99_ms: float = 0.0
 
 
+class Savings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the response cache, coalescing and prompt compaction kept from being spent (docs/caching.md)."""
+
+    hits: dict[str, int] = {}
+    """Steps answered without their model call, by source (exact, semantic, coalesced)."""
+    tokens_saved: int = 0
+    cost_avoided_usd: float = 0.0
+    compacted_steps: int = 0
+    tokens_before_compaction: int = 0
+    tokens_after_compaction: int = 0
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What the monitor has seen since it started."""
 
@@ -36,6 +48,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     breakers: dict[str, str]
     """Dependency -> circuit state, from BreakerChanged events."""
     uptime_s: float
+    savings: Savings = Savings()
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +118,11 @@ class StepCost(msgspec.Struct, frozen=True, kw_only=True):
     over_reservation: int = 0
     """Tokens this step used beyond what its task still had reserved (posted anyway, flagged)."""
     posted_at: datetime | None = None
+    saved: str = ""
+    """How the step was answered without its model call (`exact`, `semantic`, `coalesced`); empty: it called."""
+    saved_tokens: int = 0
+    """Tokens that call would have used (docs/caching.md)."""
+    saved_usd: float = 0.0
 
 
 class ModelCost(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +147,9 @@ class CostReply(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     steps: list[StepCost] = []
     models: list[ModelCost] = []
+    saved_tokens: int = 0
+    """Tokens the task did not spend: its steps answered from the response cache or by a coalesced call."""
+    saved_usd: float = 0.0
 
 
 QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)

@@ -191,6 +191,7 @@ KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
 KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (tenant, task id)
 KV_BOARDS = "corral_boards"  # executor writes each distributed or hybrid task's plan; agent pools claim and answer
 KV_SLOTS = "corral_slots"  # executor and agent pools: each tenant's running subtasks (max_parallel_per_tenant)
+KV_RESPONSES = "corral_responses"  # agent workers: the response cache (services/workers/cache.py)
 
 # --- headers -------------------------------------------------------------------
 

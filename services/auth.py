@@ -93,7 +93,7 @@ PERMISSIONS: dict[str, Permissions] = {
     # that ends a distributed task says so.
     WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
                                    s.kv_writes(s.KV_BOARDS), s.kv_writes(s.KV_SLOTS), s.ALL_COMPLETED, s.ALL_FAILED,
-                                   s.BUDGET_EXTEND),
+                                   s.BUDGET_EXTEND, s.kv_writes(s.KV_RESPONSES)),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,

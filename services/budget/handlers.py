@@ -216,7 +216,10 @@ class Budget:
     async def on_step_completed(self, step: StepCompleted) -> None:
         now, tokens = self.clock(), step.usage.total
         cost = self.policy().price_of(step.model).cost(step.usage)
-        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now)
+        hit = step.cache
+        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now,
+                          saved=hit.source if hit else "", saved_tokens=max(0, hit.saved.total - tokens) if hit else 0,
+                          saved_usd=hit.cost_avoided_usd if hit else 0.0)
         (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(step.tenant, step.user)
         post = partial(self._post, step=step, tokens=tokens, cost=cost, now=now)
         await self.accounts.update(tkey, partial(post, limits=tenant_limits, charge=None))  # the tenant's first
@@ -391,7 +394,8 @@ class Budget:
         return CostReply(
             task_id=task_id, found=True, tenant=journal.tenant, user=journal.user, status=journal.status,
             reserved_tokens=journal.reserved_tokens, tokens=journal.tokens, cost_usd=round(journal.cost_usd, 6),
-            steps=journal.steps,
+            steps=journal.steps, saved_tokens=sum(s.saved_tokens for s in journal.steps),
+            saved_usd=round(sum(s.saved_usd for s in journal.steps), 6),
             models=[ModelCost(model=model, steps=len(steps), input_tokens=sum(s.usage.input_tokens for s in steps),
                               output_tokens=sum(s.usage.output_tokens for s in steps),
                               cached_tokens=sum(s.usage.cached_tokens for s in steps),

@@ -93,6 +93,13 @@ def print_status(report, out: Console) -> None:
     table.add_row("step error rate", f"{report.step_error_rate:.1%}")
     table.add_row("tokens, last hour", f"{report.tokens_last_hour:,}")
     table.add_row("cost (simulated prices)", f"${report.cost_usd:.4f} (${report.cost_per_task_usd:.5f}/task)")
+    saved = report.savings
+    if saved.hits:
+        hits = ", ".join(f"{n} {source}" for source, n in sorted(saved.hits.items()))
+        table.add_row("cache hits", f"{hits}: {saved.tokens_saved:,} tokens, ${saved.cost_avoided_usd:.4f} saved")
+    if saved.compacted_steps:
+        table.add_row("prompt compaction", f"{saved.compacted_steps} steps: {saved.tokens_before_compaction:,} -> "
+                                           f"{saved.tokens_after_compaction:,} input tokens")
     for durable, depth in sorted(report.queue_depth.items()):
         table.add_row(f"queue {durable}", str(depth))
     for dep, state in sorted(report.breakers.items()):

@@ -73,7 +73,7 @@ from services.executor.state import (
     step_id,
 )
 from shared import plans as shared_plans
-from shared import tracing
+from shared import tiering, tracing
 from shared.breakers import BreakerGate
 from shared.kv import Contention, TypedBucket
 from shared.reservations import Reserve, part_estimate, shortfall
@@ -185,7 +185,7 @@ class Executor:
             return
         now = self.clock()
         agent = self.policy().agents.get(task.spec.agent)
-        record = TaskRecord(task=task, admitted_at=now, chain=list(agent.chain) if agent else [],
+        record = TaskRecord(task=task, admitted_at=now, chain=tiering.route(agent, task.spec) if agent else [],
                             deadline_at=now + (agent.deadline_s if agent else 0.0))
         if agent is None:
             await self._fail(record, revision, task.task_id, "permanent_error",
