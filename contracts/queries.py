@@ -18,6 +18,39 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     p99_ms: float = 0.0
 
 
+class WindowFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """What one scope saw over one sliding window, from the events' stream receipt times."""
+
+    latency: Percentiles = Percentiles()
+    """Receipt of the submission (the ingress stream's time) to the task's end (the tasks stream's time)."""
+    tasks: int = 0
+    error_rate: float = 0.0
+    """Failed / ended tasks."""
+    steps: int = 0
+    step_error_rate: float = 0.0
+    tokens: int = 0
+    tokens_per_hour: float = 0.0
+    cost_usd: float = 0.0
+    cost_per_task_usd: float = 0.0
+    """Cost of the window's steps / tasks ended in it."""
+
+
+class ScopeReport(msgspec.Struct, frozen=True, kw_only=True):
+    scope: str
+    """`all`, `tenant:NAME`, `agent:NAME` or `model:NAME`."""
+    windows: dict[str, WindowFigures]
+    """`1m`, `5m`, `1h` -> figures."""
+
+
+class BreakerTime(msgspec.Struct, frozen=True, kw_only=True):
+    dependency: str
+    state: str
+    open_for_s: float = 0.0
+    """Seconds since it opened, if it is open now (half-open counts as open); else 0."""
+    open_total_s: float = 0.0
+    """Seconds it spent open, in all, as far as the streams tell."""
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What the monitor has seen since it started."""
 
@@ -36,6 +69,13 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     breakers: dict[str, str]
     """Dependency -> circuit state, from BreakerChanged events."""
     uptime_s: float
+    scopes: list[ScopeReport] = []
+    """The sliding windows (1m, 5m, 1h) of `all`, and of each tenant, agent kind and model it has seen (at most
+    the monitor's scope limit, the rest in `tenant:other`, `agent:other`, `model:other`)."""
+    breaker_times: list[BreakerTime] = []
+    """Per dependency: its circuit's state and how long it has been (and was, in all) open."""
+    positions: dict[str, int] = {}
+    """Stream -> the last sequence the figures include."""
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):

@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Window in which a repeated Nats-Msg-Id is dropped by the stream."""
     monitor_poll_s: float = 1.0
     """How often the monitor reads consumer queue depths."""
+    monitor_max_scopes: int = 256
+    """Tenants, agent kinds and models the monitor keeps figures of apart; past it, new ones are counted
+    together (`tenant:other`, `agent:other`, `model:other`)."""
     budget_hold_timeout_s: float = 900.0
     """A reservation whose task has not ended after this many seconds is released (a crashed task
     leaks no budget). Keep it above the longest task."""

@@ -1,4 +1,5 @@
-"""monitor service: observes the events as they are published; answers status requests; polls queue depths."""
+"""monitor service: reads the task, step and breaker streams in order; answers status requests; polls queue
+depths."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from services.monitor.handlers import Metrics
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import decoder_for
-from shared.observe import Observer
+from shared.feed import StreamFeed
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 
 NAME = "monitor"
 # What the metrics need; admissions, progress and step requests are left on the server.
-TASK_SUBJECTS = (s.ALL_SUBMITTED, s.ALL_VALIDATED, s.ALL_REJECTED, s.ALL_COMPLETED, s.ALL_FAILED)
+TASK_SUBJECTS = (s.ALL_VALIDATED, s.ALL_REJECTED, s.ALL_COMPLETED, s.ALL_FAILED)
 STEP_SUBJECTS = (s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED)
 log = logging.getLogger(__name__)
 WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scale on
@@ -34,31 +35,35 @@ WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scal
 ]
 
 
+def feeds(bus: Bus, metrics: Metrics, positions: dict[str, int]) -> list[StreamFeed]:
+    """One ordered reader per stream, each from the sequence after `positions` (a snapshot's)."""
+    wanted = [(s.STREAM_TASKS, TASK_SUBJECTS, Union[e.TASK_EVENTS]),
+              (s.STREAM_STEPS, STEP_SUBJECTS, Union[e.STEP_EVENTS]),
+              (s.STREAM_SIGNALS, (s.ALL_BREAKER,), e.BreakerChanged)]
+    return [StreamFeed(bus, stream, subjects, decoder_for(contract), metrics.on_event, positions.get(stream, 0))
+            for stream, subjects, contract in wanted]
+
+
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv = await bus.policy_bucket()
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
-        metrics = Metrics(policy)
+        metrics = Metrics(policy, max_scopes=settings.monitor_max_scopes)
+        readers = feeds(bus, metrics, {})
 
         async def status(_: bytes) -> bytes:
             return msgspec.json.encode(metrics.report())
 
-        observers = [
-            Observer(bus, "tasks", TASK_SUBJECTS, decoder_for(Union[e.TASK_EVENTS]), metrics.on_event),
-            Observer(bus, "steps", STEP_SUBJECTS, decoder_for(Union[e.STEP_EVENTS]), metrics.on_event),
-            Observer(bus, "breakers", (s.ALL_BREAKER,), decoder_for(e.BreakerChanged), metrics.on_event),
-        ]
-
         def stats() -> dict:
-            return {**{observer.name: observer.stats_dict() for observer in observers}, "policy": policy.stats(),
+            return {**{feed.name: feed.stats_dict() for feed in readers}, "policy": policy.stats(),
                     "quarantined": quarantine.stats()}
 
         async with anyio.create_task_group() as tg:
-            for observer in observers:
-                tg.start_soon(observer.run, stop)
-            for observer in observers:  # answer pings (be "ready") only once every event published is seen
-                await observer.subscribed.wait()
+            for feed in readers:
+                tg.start_soon(feed.run, stop)
+            for feed in readers:  # answer pings (be "ready") only once what the streams held is folded in
+                await feed.caught_up.wait()
             tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
             async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},

@@ -1,0 +1,156 @@
+"""The monitor's figures, no server: windows, scopes, sketches, breaker times, Corral's own clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import anyio
+import pytest
+
+from contracts import BreakerChanged, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskSpec, TaskValidated
+from contracts.events import TokenEstimate, Usage
+from contracts.policy import DEFAULT_POLICY, Policy, Price
+from services.monitor.figures import Bucket
+from services.monitor.handlers import Metrics
+
+NOW = 1_800_000_000.0  # a fixed "now" (Unix seconds) the figures are read at
+PRICED = Policy(prices={"m-1": Price(input=1.0, output=2.0)})
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def metrics(policy: Policy = DEFAULT_POLICY, **options) -> Metrics:
+    return Metrics(lambda: policy, clock=Clock(), **options)
+
+
+def stamp(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
+
+
+def validated(n: int, tenant: str = "t1", agent: str = "research") -> TaskValidated:
+    return TaskValidated(task_id=f"task-{n}", tenant=tenant, user="u", spec=TaskSpec(agent=agent, prompt="p"),
+                         estimate=TokenEstimate(prompt_tokens=1, max_output_tokens=1))
+
+
+def completed(n: int, received: float, tenant: str = "t1", model: str = "m-1", **fields) -> TaskCompleted:
+    return TaskCompleted(task_id=f"task-{n}", tenant=tenant, user="u", output="o", attempts=1, model=model,
+                         usage=Usage(input_tokens=1, output_tokens=1), received_at=stamp(received), **fields)
+
+
+def failed(n: int, received: float, tenant: str = "t1") -> TaskFailed:
+    return TaskFailed(task_id=f"task-{n}", tenant=tenant, user="u", reason="attempts_exhausted", error="e",
+                      attempts=[], received_at=stamp(received))
+
+
+def step(n: int, tokens: int = 10, model: str = "m-1", tenant: str = "t1", agent: str = "research") -> StepCompleted:
+    return StepCompleted(task_id=f"task-{n}", tenant=tenant, user="u", step_id=f"task-{n}:1", attempt=1,
+                         agent=agent, dependency=f"simulated/{model}", model=model, output="o",
+                         usage=Usage(input_tokens=tokens, output_tokens=0), latency_ms=1.0)
+
+
+def step_failed(n: int, model: str = "m-1") -> StepFailed:
+    return StepFailed(task_id=f"task-{n}", tenant="t1", user="u", step_id=f"task-{n}:1", attempt=1,
+                      agent="research", dependency=f"simulated/{model}", error="transient", message="down")
+
+
+def fold(m: Metrics, *timed: tuple[object, float]) -> None:
+    async def go():
+        for event, at in timed:
+            await m.on_event(event, at)
+    anyio.run(go)
+
+
+def test_three_tasks_stamped_in_the_year_2000_do_not_move_the_percentiles():
+    ontime = metrics()
+    fold(ontime, *[(completed(n, received=NOW - 1.0 - n / 10), NOW) for n in range(20)])
+    backdated = metrics()
+    fold(backdated, *[(completed(n, received=NOW - 1.0 - n / 10), NOW) for n in range(20)])
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    fold(backdated, *[(completed(100 + n, received=NOW - 1.0, occurred_at=long_ago), NOW) for n in range(3)])
+    before, after = ontime.window("all", "1m"), backdated.window("all", "1m")
+    assert after.latency.count == before.latency.count + 3
+    assert after.latency.p99_ms == pytest.approx(before.latency.p99_ms, rel=0.02)
+    assert after.latency.p99_ms < 3_000
+
+
+def test_latency_runs_from_the_receipt_to_the_end_as_the_stream_stamped_them():
+    m = metrics()
+    fold(m, (completed(1, received=NOW - 2.0), NOW - 0.5))
+    assert m.window("all", "1m").latency.p50_ms == pytest.approx(1_500, rel=0.01)
+
+
+def test_an_event_counts_in_the_windows_its_receipt_time_falls_in():
+    m = metrics()
+    fold(m, (completed(1, received=NOW - 121), NOW - 120), (completed(2, received=NOW - 11), NOW - 10),
+         (completed(3, received=NOW - 3601), NOW - 3600))
+    assert [m.window("all", w).tasks for w in ("1m", "5m", "1h")] == [1, 2, 2]
+
+
+def test_error_rates_count_tasks_and_steps_apart():
+    m = metrics()
+    fold(m, (completed(1, NOW - 1), NOW), (failed(2, NOW - 1), NOW), (failed(3, NOW - 1), NOW),
+         (failed(4, NOW - 1), NOW), (step(1), NOW), (step_failed(2), NOW))
+    window = m.window("all", "5m")
+    assert (window.tasks, window.error_rate) == (4, 0.75)
+    assert (window.steps, window.step_error_rate) == (2, 0.5)
+
+
+def test_tokens_per_hour_and_cost_per_task_come_from_the_window():
+    m = metrics(PRICED)
+    fold(m, (step(1, tokens=1000), NOW - 30), (step(2, tokens=500), NOW - 30), (completed(1, NOW - 31), NOW - 30),
+         (completed(2, NOW - 31), NOW - 30))
+    minute, hour = m.window("all", "1m"), m.window("all", "1h")
+    assert (minute.tokens, minute.tokens_per_hour) == (1500, 1500 * 60)
+    assert hour.tokens_per_hour == 1500
+    assert hour.cost_usd == pytest.approx(1.5) and hour.cost_per_task_usd == pytest.approx(0.75)
+
+
+def test_each_tenant_agent_kind_and_model_has_figures_of_its_own():
+    m = metrics()
+    fold(m, (validated(1, tenant="a", agent="coding"), NOW), (completed(1, NOW - 1, tenant="a", model="m-2"), NOW),
+         (validated(2, tenant="b", agent="research"), NOW), (failed(2, NOW - 1, tenant="b"), NOW))
+    assert {name: (m.window(name, "1m").tasks, m.window(name, "1m").error_rate)
+            for name in m.scopes.names()} == {
+        "all": (2, 0.5), "tenant:a": (1, 0.0), "agent:coding": (1, 0.0), "model:m-2": (1, 0.0),
+        "tenant:b": (1, 1.0), "agent:research": (1, 1.0)}
+
+
+def test_tenants_past_the_scope_limit_are_counted_together_as_other():
+    m = metrics(max_scopes=4)
+    fold(m, *[(completed(n, NOW - 1, tenant=f"tenant-{n}", model="m"), NOW) for n in range(10)])
+    names = m.scopes.names()
+    assert names == ["all", "tenant:tenant-0", "model:m", "tenant:tenant-1", "tenant:other"]
+    assert m.window("tenant:other", "1m").tasks == 8
+    assert m.window("all", "1m").tasks == 10
+
+
+def test_two_replicas_windows_merge_into_exactly_what_one_monitor_saw_of_all():
+    one, left, right = metrics(), metrics(), metrics()
+    timed = [(completed(n, received=NOW - 50 - (n % 17) * 0.37), NOW - 40 + n % 30) for n in range(200)]
+    fold(one, *timed)
+    fold(left, *timed[::2])
+    fold(right, *timed[1::2])
+    merged = Bucket()
+    merged.merge(left.scopes.by_name["all"].window(NOW, "5m"))
+    merged.merge(right.scopes.by_name["all"].window(NOW, "5m"))
+    whole = one.scopes.by_name["all"].window(NOW, "5m")
+    assert merged.tasks_ok == whole.tasks_ok == 200
+    assert [merged.latency.quantile(q) for q in (0.5, 0.95, 0.99)] == \
+        [whole.latency.quantile(q) for q in (0.5, 0.95, 0.99)]
+
+
+def test_a_breaker_open_time_is_counted_from_its_opening_to_its_closing():
+    m = metrics()
+    change = dict(dependency="simulated/m-1", consecutive_failures=5)
+    fold(m, (BreakerChanged(previous="closed", state="open", **change), NOW - 600),
+         (BreakerChanged(previous="open", state="half_open", **change), NOW - 570),
+         (BreakerChanged(previous="half_open", state="closed", **change), NOW - 500),
+         (BreakerChanged(previous="closed", state="open", **change), NOW - 60))
+    (times,) = m.report().breaker_times
+    assert (times.state, times.open_for_s, times.open_total_s) == ("open", 60.0, 160.0)
