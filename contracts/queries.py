@@ -76,6 +76,8 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """Per dependency: its circuit's state and how long it has been (and was, in all) open."""
     positions: dict[str, int] = {}
     """Stream -> the last sequence the figures include."""
+    replica: str = ""
+    """Which monitor replica answered (each reads every event, so each answers the same)."""
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):

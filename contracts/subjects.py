@@ -189,6 +189,7 @@ KV_RATES = "corral_rates"  # guard
 KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
 KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (tenant, task id)
 KV_BOARDS = "corral_boards"  # executor writes each distributed or hybrid task's plan; agent pools claim and answer
+KV_MONITOR = "corral_monitor"  # monitor: snapshots of its figures, the stream positions they cover, alert state
 
 # --- headers -------------------------------------------------------------------
 

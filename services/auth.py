@@ -85,7 +85,8 @@ PERMISSIONS: dict[str, Permissions] = {
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
                         subscribe=(s.BREAKER_PROBE, s.BREAKER_CONTROL)),
-    "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
+    "monitor": _service("monitor", publish=(s.kv_writes(s.KV_MONITOR),),
+                        subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
     # Pool members also claim and answer subtasks on boards, and the one that ends a distributed task says so.

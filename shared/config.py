@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     monitor_max_scopes: int = 256
     """Tenants, agent kinds and models the monitor keeps figures of apart; past it, new ones are counted
     together (`tenant:other`, `agent:other`, `model:other`)."""
+    monitor_snapshot_s: float = 30.0
+    """How often the monitor snapshots its figures to its bucket; a restart replays the streams from there."""
     budget_hold_timeout_s: float = 900.0
     """A reservation whose task has not ended after this many seconds is released (a crashed task
     leaks no budget). Keep it above the longest task."""

@@ -78,6 +78,7 @@ class Metrics:
         self.queue_depth: dict[str, int] = {}
         self.breakers: dict[str, Breaker] = {}
         self.positions: dict[str, int] = {}  # stream -> last sequence folded in
+        self.replica = ""
 
     async def on_event(self, event: Any, at: float, stream: str = "", seq: int = 0) -> None:
         """Fold one event in; `at`: its stream receipt time (Unix seconds), `seq` its sequence in `stream`."""
@@ -160,6 +161,7 @@ class Metrics:
                                        open_total_s=round(b.open_total_s + b.open_for(now), 3))
                            for dependency, b in self.breakers.items()],
             positions=dict(self.positions),
+            replica=self.replica,
         )
 
 

@@ -4,6 +4,7 @@ depths."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Union
 
 import anyio
@@ -12,6 +13,7 @@ import msgspec
 from contracts import events as e
 from contracts import subjects as s
 from services.monitor.handlers import Metrics
+from services.monitor.snapshot import SnapshotStore, capture, restore
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import decoder_for
@@ -50,14 +52,18 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
         metrics = Metrics(policy, max_scopes=settings.monitor_max_scopes)
-        readers = feeds(bus, metrics, {})
+        store = SnapshotStore(await bus.bucket(s.KV_MONITOR), s.KV_MONITOR, quarantine)
+        metrics.replica = store.writer
+        if (snapshot := await store.read()) is not None:
+            restore(metrics, snapshot)
+        readers = feeds(bus, metrics, metrics.positions)
 
         async def status(_: bytes) -> bytes:
             return msgspec.json.encode(metrics.report())
 
         def stats() -> dict:
             return {**{feed.name: feed.stats_dict() for feed in readers}, "policy": policy.stats(),
-                    "quarantined": quarantine.stats()}
+                    "quarantined": quarantine.stats(), "snapshots": store.stats()}
 
         async with anyio.create_task_group() as tg:
             for feed in readers:
@@ -66,9 +72,24 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                 await feed.caught_up.wait()
             tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
+            tg.start_soon(_snapshot_every, store, metrics, settings.monitor_snapshot_s, stop)
             async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
                                      stats=stats):
                 await stop.wait()
+
+
+async def _snapshot_every(store: SnapshotStore, metrics: Metrics, every_s: float, stop: anyio.Event) -> None:
+    """A snapshot every `every_s`, and a last one on the way out."""
+    while True:
+        with anyio.move_on_after(every_s):
+            await stop.wait()
+        with anyio.CancelScope(shield=stop.is_set()):
+            try:
+                await store.write(capture(metrics, store.generation(), time.time()))
+            except Exception:  # noqa: BLE001 - the server is busy or away: the next round tries again
+                log.exception("could not write the monitor's snapshot")
+        if stop.is_set():
+            return
 
 
 async def _poll_queue_depth(bus: Bus, metrics: Metrics, policy: PolicyView, every_s: float,
