@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgspec
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from contracts.events import Attempt, BudgetWindow, TaskId, Token, Usage
+from contracts.events import Alert, AlertResolved, Attempt, BudgetWindow, Label, TaskId, Token, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,3 +204,29 @@ class SimulationAck(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, ProbeGrant, BreakerReply, SimulationAck)
+
+
+class AlertsQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """`corral alerts`: what fires now; with `history`, the latest firings and resolutions too."""
+
+    history: bool = False
+
+
+class SilenceAlert(msgspec.Struct, frozen=True, kw_only=True):
+    """`corral alerts silence RULE --for 1h`: the rule neither fires nor sends until then (0 s: lift it)."""
+
+    rule: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    for_s: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+    by: Label = ""
+
+
+class AlertsReply(msgspec.Struct, frozen=True, kw_only=True):
+    firing: list[Alert] = []
+    history: list[Alert | AlertResolved] = []
+    silences: dict[str, float] = {}
+    """rule -> Unix seconds when its silence ends."""
+    policy_change: dict[str, float] = {}
+    """The latest policy change the monitor saw: version, previous, at (Unix seconds), rolled_back (0/1)."""
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, AlertsQuery, SilenceAlert, AlertsReply)

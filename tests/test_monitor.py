@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import anyio
+import msgspec
 import pytest
 
 from contracts import BreakerChanged, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskSpec, TaskValidated
 from contracts.events import TokenEstimate, Usage
-from contracts.policy import DEFAULT_POLICY, Policy, Price
+from contracts.policy import DEFAULT_POLICY, AlertRule, Policy, Price
+from services.monitor.alerts import AlertBook, Pending, evaluate, policy_changed, should_roll_back
 from services.monitor.figures import Bucket
 from services.monitor.handlers import Metrics
 
@@ -154,3 +156,67 @@ def test_a_breaker_open_time_is_counted_from_its_opening_to_its_closing():
          (BreakerChanged(previous="closed", state="open", **change), NOW - 60))
     (times,) = m.report().breaker_times
     assert (times.state, times.open_for_s, times.open_total_s) == ("open", 60.0, 160.0)
+
+
+# --- alert rules -------------------------------------------------------------------------------------------
+
+
+ERRORS = AlertRule(name="errors", figure="error_rate", above=0.2, resolve_at=0.1, for_s=10, severity="critical",
+                   auto_rollback=True)
+
+
+def run_rule(book: AlertBook, value: float, at: float, pending: Pending, rule: AlertRule = ERRORS):
+    return evaluate(book, [rule], {rule.name: {"all": value}}, pending, at, policy_version=3)
+
+
+def test_an_alert_fires_once_its_figure_stayed_above_the_threshold_for_its_duration_and_only_once():
+    pending, book = Pending(), AlertBook()
+    book, first = run_rule(book, 0.5, NOW, pending)
+    book, second = run_rule(book, 0.5, NOW + 10, pending)
+    book, third = run_rule(book, 0.9, NOW + 20, pending)
+    assert (first.fired, third.fired) == ([], [])
+    [(rule, alert)] = second.fired
+    assert (alert.rule, alert.scope, alert.severity, alert.value, alert.policy_version) == ("errors", "all",
+                                                                                            "critical", 0.5, 3)
+    assert list(book.firing) == ["errors|all"] and len(book.history) == 1
+
+
+def test_a_firing_alert_resolves_only_at_its_resolve_threshold():
+    pending, book = Pending(), AlertBook()
+    book, _ = run_rule(book, 0.5, NOW, pending)
+    book, _ = run_rule(book, 0.5, NOW + 10, pending)
+    book, hovering = run_rule(book, 0.15, NOW + 20, pending)  # below the threshold, above the resolve threshold
+    book, settled = run_rule(book, 0.05, NOW + 30, pending)
+    assert hovering.resolved == []
+    [resolved] = settled.resolved
+    assert (resolved.value, resolved.threshold, book.firing) == (0.05, 0.1, {})
+
+
+def test_a_dip_below_the_threshold_restarts_the_for_duration():
+    pending, book = Pending(), AlertBook()
+    book, _ = run_rule(book, 0.5, NOW, pending)
+    book, _ = run_rule(book, 0.1, NOW + 5, pending)
+    book, early = run_rule(book, 0.5, NOW + 10, pending)
+    book, late = run_rule(book, 0.5, NOW + 20, pending)
+    assert early.fired == [] and len(late.fired) == 1
+
+
+def test_a_silenced_rule_does_not_fire_until_its_silence_ends():
+    pending = Pending()
+    book = AlertBook(silences={"errors": NOW + 100})
+    book, _ = run_rule(book, 0.5, NOW, pending)
+    book, silenced = run_rule(book, 0.5, NOW + 50, pending)
+    book, after = run_rule(book, 0.5, NOW + 101, pending)
+    assert silenced.fired == [] and len(after.fired) == 1
+
+
+def test_a_critical_alert_new_since_a_recent_policy_change_rolls_it_back_and_an_older_one_does_not():
+    pending = Pending()
+    book = policy_changed(AlertBook(), version=7, previous=6, now=NOW)
+    book, done = run_rule(book, 0.5, NOW + 1, pending, msgspec.structs.replace(ERRORS, for_s=0))
+    [(rule, alert)] = done.fired
+    assert should_roll_back(book, rule, alert, NOW + 1, window_s=600)
+    assert not should_roll_back(book, rule, alert, NOW + 601, window_s=600)  # too long after the change
+    assert not should_roll_back(book, msgspec.structs.replace(rule, auto_rollback=False), alert, NOW + 1, window_s=600)
+    firing_before = policy_changed(book, version=8, previous=7, now=NOW + 2)  # it fired before the next change
+    assert not should_roll_back(firing_before, rule, alert, NOW + 3, window_s=600)

@@ -12,8 +12,10 @@ import msgspec
 
 from contracts import events as e
 from contracts import subjects as s
+from services.monitor.alerting import AlertDesk
 from services.monitor.handlers import Metrics
 from services.monitor.snapshot import SnapshotStore, capture, restore
+from services.monitor.webhooks import WebhookSender
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import decoder_for
@@ -52,8 +54,11 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
         metrics = Metrics(policy, max_scopes=settings.monitor_max_scopes)
-        store = SnapshotStore(await bus.bucket(s.KV_MONITOR), s.KV_MONITOR, quarantine)
+        own_kv = await bus.bucket(s.KV_MONITOR)
+        store = SnapshotStore(own_kv, s.KV_MONITOR, quarantine)
         metrics.replica = store.writer
+        webhooks = WebhookSender()
+        desk = AlertDesk(bus, own_kv, policy_kv, policy, metrics, quarantine, webhooks)
         if (snapshot := await store.read()) is not None:
             restore(metrics, snapshot)
         readers = feeds(bus, metrics, metrics.positions)
@@ -63,7 +68,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
 
         def stats() -> dict:
             return {**{feed.name: feed.stats_dict() for feed in readers}, "policy": policy.stats(),
-                    "quarantined": quarantine.stats(), "snapshots": store.stats()}
+                    "quarantined": quarantine.stats(), "snapshots": store.stats(), "alerts": desk.stats()}
 
         async with anyio.create_task_group() as tg:
             for feed in readers:
@@ -73,8 +78,11 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             tg.start_soon(policy.follow, policy_kv, stop)
             tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
             tg.start_soon(_snapshot_every, store, metrics, settings.monitor_snapshot_s, stop)
-            async with micro_service(bus, "metrics over every event", {"status": (s.MONITOR_STATUS, status)},
-                                     stats=stats):
+            tg.start_soon(webhooks.run, stop)
+            tg.start_soon(desk.run, stop)
+            endpoints = {"status": (s.MONITOR_STATUS, status), "alerts": (s.MONITOR_ALERTS, desk.alerts),
+                         "silence": (s.MONITOR_SILENCE, desk.silence)}
+            async with micro_service(bus, "metrics over every event, alerts", endpoints, stats=stats):
                 await stop.wait()
 
 
