@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Union
 
 import anyio
@@ -12,6 +13,7 @@ import msgspec
 
 from contracts import events as e
 from contracts import subjects as s
+from services.monitor import export, scrape
 from services.monitor.alerting import AlertDesk
 from services.monitor.handlers import Metrics
 from services.monitor.snapshot import SnapshotStore, capture, restore
@@ -66,9 +68,12 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         async def status(_: bytes) -> bytes:
             return msgspec.json.encode(metrics.report())
 
+        served: dict[str, int] = {}  # the scrape endpoint's port, once it listens
+
         def stats() -> dict:
             return {**{feed.name: feed.stats_dict() for feed in readers}, "policy": policy.stats(),
-                    "quarantined": quarantine.stats(), "snapshots": store.stats(), "alerts": desk.stats()}
+                    "quarantined": quarantine.stats(), "snapshots": store.stats(), "alerts": desk.stats(),
+                    "metrics_port": served.get("port", -1)}
 
         async with anyio.create_task_group() as tg:
             for feed in readers:
@@ -80,6 +85,10 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             tg.start_soon(_snapshot_every, store, metrics, settings.monitor_snapshot_s, stop)
             tg.start_soon(webhooks.run, stop)
             tg.start_soon(desk.run, stop)
+            if settings.metrics_port >= 0:
+                tg.start_soon(partial(scrape.serve, settings.metrics_host, settings.metrics_port,
+                                      lambda: export.render(metrics, desk.book.firing.values(), time.time()),
+                                      export.CONTENT_TYPE, stop, bound=partial(served.__setitem__, "port")))
             endpoints = {"status": (s.MONITOR_STATUS, status), "alerts": (s.MONITOR_ALERTS, desk.alerts),
                          "silence": (s.MONITOR_SILENCE, desk.silence)}
             async with micro_service(bus, "metrics over every event, alerts", endpoints, stats=stats):
