@@ -69,6 +69,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     together (`tenant:other`, `agent:other`, `model:other`)."""
     monitor_snapshot_s: float = 30.0
     """How often the monitor snapshots its figures to its bucket; a restart replays the streams from there."""
+    monitor_otlp_interval_s: float = 10.0
+    """How often the monitor exports its metrics over OTLP (with otlp_endpoint set)."""
     metrics_port: int = -1
     """The monitor's Prometheus scrape endpoint (`/metrics`): -1 off, 0 any free port, else that port."""
     metrics_host: str = "127.0.0.1"

@@ -40,13 +40,15 @@ class FeedStats(msgspec.Struct):
 
 class StreamFeed(Generic[T]):
     def __init__(self, bus: Bus, stream: str, subjects: Sequence[str], decode: Callable[[bytes], T],
-                 handler: Handler, start_after: int = 0) -> None:
+                 handler: Handler, start_after: int = 0, live: Callable[[T], None] | None = None) -> None:
+        """`live`: also told each event read after the replay (what happens from now on)."""
         self.bus = bus
         self.name = stream
         self.stream = stream
         self.subjects = list(subjects)
         self.decode = decode
         self.handler = handler
+        self.live = live
         self.start_after = start_after
         self.stats = FeedStats(position=start_after)
         self.replay_to = 0
@@ -111,6 +113,8 @@ class StreamFeed(Generic[T]):
                               "corral.task_id": getattr(event, "task_id", "")}
                 with tracing.consuming(f"{self.bus.service} {self.name}", msg.headers, attributes):
                     await self.handler(event, at, self.stream, seq)
+                    if self.live:
+                        self.live(event)
         except Exception:  # one bad event must not stop the feed
             self.stats.errors += 1
             log.exception("%s: handler failed for a message on %s", self.name, msg.subject)

@@ -16,6 +16,7 @@ from contracts import subjects as s
 from services.monitor import export, scrape
 from services.monitor.alerting import AlertDesk
 from services.monitor.handlers import Metrics
+from services.monitor.otel import OtelMetrics
 from services.monitor.snapshot import SnapshotStore, capture, restore
 from services.monitor.webhooks import WebhookSender
 from shared.bus import Bus
@@ -41,12 +42,14 @@ WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scal
 ]
 
 
-def feeds(bus: Bus, metrics: Metrics, positions: dict[str, int]) -> list[StreamFeed]:
-    """One ordered reader per stream, each from the sequence after `positions` (a snapshot's)."""
+def feeds(bus: Bus, metrics: Metrics, positions: dict[str, int], live=None) -> list[StreamFeed]:
+    """One ordered reader per stream, each from the sequence after `positions` (a snapshot's); `live` is told
+    each step event after the replay."""
     wanted = [(s.STREAM_TASKS, TASK_SUBJECTS, Union[e.TASK_EVENTS]),
               (s.STREAM_STEPS, STEP_SUBJECTS, Union[e.STEP_EVENTS]),
               (s.STREAM_SIGNALS, (s.ALL_BREAKER,), e.BreakerChanged)]
-    return [StreamFeed(bus, stream, subjects, decoder_for(contract), metrics.on_event, positions.get(stream, 0))
+    return [StreamFeed(bus, stream, subjects, decoder_for(contract), metrics.on_event, positions.get(stream, 0),
+                       live=live if stream == s.STREAM_STEPS else None)
             for stream, subjects, contract in wanted]
 
 
@@ -63,7 +66,9 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         desk = AlertDesk(bus, own_kv, policy_kv, policy, metrics, quarantine, webhooks)
         if (snapshot := await store.read()) is not None:
             restore(metrics, snapshot)
-        readers = feeds(bus, metrics, metrics.positions)
+        otel = OtelMetrics(metrics, settings.otlp_endpoint, settings.monitor_otlp_interval_s,
+                           lambda: desk.book.firing.values()) if settings.otlp_endpoint else None
+        readers = feeds(bus, metrics, metrics.positions, live=otel.record if otel else None)
 
         async def status(_: bytes) -> bytes:
             return msgspec.json.encode(metrics.report())
@@ -91,8 +96,12 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
                                       export.CONTENT_TYPE, stop, bound=partial(served.__setitem__, "port")))
             endpoints = {"status": (s.MONITOR_STATUS, status), "alerts": (s.MONITOR_ALERTS, desk.alerts),
                          "silence": (s.MONITOR_SILENCE, desk.silence)}
-            async with micro_service(bus, "metrics over every event, alerts", endpoints, stats=stats):
-                await stop.wait()
+            try:
+                async with micro_service(bus, "metrics over every event, alerts", endpoints, stats=stats):
+                    await stop.wait()
+            finally:
+                if otel:
+                    await anyio.to_thread.run_sync(otel.shutdown)
 
 
 async def _snapshot_every(store: SnapshotStore, metrics: Metrics, every_s: float, stop: anyio.Event) -> None:
