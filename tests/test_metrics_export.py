@@ -99,3 +99,28 @@ async def test_a_request_that_is_not_a_scrape_is_refused_with_its_reason(setting
     assert posted.startswith(b"HTTP/1.1 405")
     assert cut_off.startswith(b"HTTP/1.1 400")
     assert still.startswith(b"HTTP/1.1 200") and b"corral_cost_usd_total" in still
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_monitor_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    from contracts import TaskCompleted
+    from contracts.events import Alert
+    from services.monitor.export import render
+    from services.monitor.handlers import Breaker, Metrics
+
+    metrics = Metrics(lambda: Policy())
+    metrics.fold(TaskCompleted(task_id="t", tenant="t", user="u", output="o", attempts=1, model="m",
+                               usage=Usage(input_tokens=1, output_tokens=1)), metrics.clock())
+    metrics.breakers["simulated/m"] = Breaker()
+    metrics.queue_depth["guard"] = 1
+    firing = [Alert(rule="r", severity="high", scope="all", figure="error_rate", value=1, threshold=0)]
+    exported = {family.name for family in text_string_to_metric_families(render(metrics, firing,
+                                                                                metrics.clock()).decode())}
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(corral_[a-z_]+)", target["expr"])}
+    parsed_names = exported | {f"{name}_total" for name in exported}
+    assert queried and queried <= parsed_names, queried - parsed_names

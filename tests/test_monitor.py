@@ -220,3 +220,20 @@ def test_a_critical_alert_new_since_a_recent_policy_change_rolls_it_back_and_an_
     assert not should_roll_back(book, msgspec.structs.replace(rule, auto_rollback=False), alert, NOW + 1, window_s=600)
     firing_before = policy_changed(book, version=8, previous=7, now=NOW + 2)  # it fired before the next change
     assert not should_roll_back(firing_before, rule, alert, NOW + 3, window_s=600)
+
+
+def test_the_alert_rule_example_in_the_monitoring_doc_is_a_valid_policy():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "monitoring.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    policy = msgspec.convert(tomllib.loads(example), Policy)
+    assert [rule.name for rule in policy.alerting.rules] == ["acme_latency"]
+    assert policy.alerting.rules[0].resolve_threshold == 1500
+
+
+def test_an_alert_rule_whose_resolve_threshold_is_above_its_threshold_is_refused():
+    with pytest.raises(ValueError, match="resolve_at"):
+        AlertRule(name="bad", figure="error_rate", above=0.1, resolve_at=0.2)
