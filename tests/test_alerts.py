@@ -139,3 +139,41 @@ async def test_corral_alerts_lists_the_firing_alerts_and_silences_a_rule(setting
     assert "errors" in told
     assert "silenced: errors until" in silenced
     assert silences["errors"] > datetime.now(UTC).timestamp() + 3500
+
+
+async def test_an_alert_book_that_does_not_decode_is_quarantined_and_alerting_goes_on(settings, tenant):
+    from tests.test_poison import GARBAGE, dead_letters
+
+    await apply(settings, alerting_policy(ERRORS))
+    async with Client.connect(settings, "test") as client:
+        kv = await client.bus.bucket(subjects.KV_MONITOR)
+        revision = await kv.put("alerts", GARBAGE)
+        async with running(settings, "monitor"):
+            await client.wait_ready({"corral-monitor"}, timeout=20)
+            await publish_tasks(client, tenant, "poisoned", ok=0, failed=2)
+
+            async def firing():
+                return (await client.alerts()).firing
+            [alert] = await wait_until(firing, timeout=20)
+        letters = [letter for letter in await dead_letters(client.bus.js)
+                   if letter.subject == f"$KV.{subjects.KV_MONITOR}.alerts"]
+    assert alert.rule == "errors"
+    assert [letter.payload for letter in letters] == [GARBAGE]
+    assert f"revision {revision} does not decode" in letters[0].reason
+
+
+@pytest.mark.parametrize("subject, payload", [
+    (subjects.MONITOR_SILENCE, b"{not json"),
+    (subjects.MONITOR_SILENCE, b'{"rule": "no spaces allowed", "for_s": 60}'),
+    (subjects.MONITOR_SILENCE, b'{"rule": "errors", "for_s": 1e30}'),
+    (subjects.MONITOR_ALERTS, b"[" * 100_000),
+])
+async def test_a_malformed_alerts_request_is_refused_with_its_reason_and_the_monitor_keeps_answering(
+        settings, subject, payload):
+    async with Client.connect(settings, "test") as client, running(settings, "monitor"):
+        await client.wait_ready({"corral-monitor"}, timeout=20)
+        answer = await client.bus.nc.request(subject, payload, timeout=5)
+        after = await client.alerts()
+    assert answer.headers and answer.headers.get("Nats-Service-Error-Code") == "500"
+    assert answer.headers.get("Nats-Service-Error")
+    assert after.silences == {}
