@@ -237,3 +237,12 @@ def test_the_alert_rule_example_in_the_monitoring_doc_is_a_valid_policy():
 def test_an_alert_rule_whose_resolve_threshold_is_above_its_threshold_is_refused():
     with pytest.raises(ValueError, match="resolve_at"):
         AlertRule(name="bad", figure="error_rate", above=0.1, resolve_at=0.2)
+
+
+def test_an_event_that_lands_in_an_older_bucket_after_a_report_is_counted_in_the_next():
+    m = metrics()
+    fold(m, (completed(1, NOW - 31), NOW - 30))
+    assert m.window("all", "1m").tasks == 1
+    fold(m, (completed(2, NOW - 31), NOW - 30), (completed(3, NOW - 1), NOW))
+    assert m.window("all", "1m").tasks == 3
+    assert m.window("all", "1m", now=NOW + 60).tasks == 0

@@ -121,17 +121,24 @@ class BucketState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Ring:
-    """The last `slots` buckets of `slot_s` seconds each, by interval number."""
+    """The last `slots` buckets of `slot_s` seconds each, by interval number.
 
-    __slots__ = ("slot_s", "slots", "buckets")
+    A window's closed buckets (all but the newest) are merged once and kept until the window moves on or
+    an event lands in one of them (a late event, a replay); a report then merges only the newest bucket in.
+    """
+
+    __slots__ = ("slot_s", "slots", "buckets", "_closed")
 
     def __init__(self, slot_s: float, slots: int) -> None:
         self.slot_s = slot_s
         self.slots = slots
         self.buckets: dict[int, Bucket] = {}
+        self._closed: dict[int, tuple[int, Bucket]] = {}  # window slots -> (its newest index, closed merge)
 
     def at(self, when: float) -> Bucket:
         index = int(when // self.slot_s)
+        if self._closed and any(index < newest for newest, _ in self._closed.values()):
+            self._closed.clear()
         bucket = self.buckets.get(index)
         if bucket is None:
             bucket = self.buckets[index] = Bucket()
@@ -144,10 +151,17 @@ class Ring:
 
     def window(self, now: float, slots: int) -> Bucket:
         newest = int(now // self.slot_s)
+        cached = self._closed.get(slots)
+        if cached is None or cached[0] != newest:
+            closed = Bucket()
+            for index, bucket in self.buckets.items():
+                if newest - slots < index < newest:
+                    closed.merge(bucket)
+            cached = self._closed[slots] = (newest, closed)
         merged = Bucket()
-        for index, bucket in self.buckets.items():
-            if newest - slots < index <= newest:
-                merged.merge(bucket)
+        merged.merge(cached[1])
+        if (current := self.buckets.get(newest)) is not None:
+            merged.merge(current)
         return merged
 
 
