@@ -56,7 +56,7 @@ async def test_a_policy_that_routes_to_a_failing_model_is_rolled_back_and_tasks_
         after = await run_tasks(client, tenant, user, 6, "after")
         error_rate_after = (await client.status()).scopes[0].windows["1m"].error_rate
         version, current = await read_policy(await client.bus.policy_bucket())
-    assert all(isinstance(end, TaskCompleted) for end in before + after), [(type(e).__name__, getattr(e, "error", "")) for e in before + after if not isinstance(e, TaskCompleted)]
+    assert [type(end).__name__ for end in before + after] == ["TaskCompleted"] * 9
     assert any(isinstance(end, TaskFailed) for end in broken)
     assert isinstance(rolled, PolicyRolledBack)
     assert (rolled.from_version, rolled.restored_version, rolled.to_version) == (bad, good, version)

@@ -57,8 +57,9 @@ async def serve(host: str, port: int, render: Callable[[], bytes], content_type:
                 bound: Callable[[int], None] = lambda port: None) -> None:
     """Serve until `stop`; `bound(port)` is told the port (port 0: any free one)."""
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    bound(listener.extra(anyio.abc.SocketAttribute.local_port))
-    log.info("metrics for Prometheus on http://%s:%d/metrics", host, listener.extra(anyio.abc.SocketAttribute.local_port))
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    bound(port)
+    log.info("metrics for Prometheus on http://%s:%d/metrics", host, port)
 
     async def handle(stream: SocketStream) -> None:
         async with stream:

@@ -9,7 +9,9 @@ from functools import partial
 from typing import Union
 
 import anyio
+import anyio.abc
 import msgspec
+from nats.js.kv import KeyValue
 
 from contracts import events as e
 from contracts import subjects as s
@@ -53,55 +55,77 @@ def feeds(bus: Bus, metrics: Metrics, positions: dict[str, int], live=None) -> l
             for stream, subjects, contract in wanted]
 
 
+class Monitor:
+    """One replica's parts, restored from its snapshot, before anything runs."""
+
+    def __init__(self, bus: Bus, settings: Settings, policy_kv: KeyValue, own_kv: KeyValue, policy: PolicyView,
+                 quarantine: Quarantine) -> None:
+        self.bus, self.settings, self.policy_kv = bus, settings, policy_kv
+        self.policy, self.quarantine = policy, quarantine
+        self.metrics = Metrics(policy, max_scopes=settings.monitor_max_scopes)
+        self.store = SnapshotStore(own_kv, s.KV_MONITOR, quarantine)
+        self.metrics.replica = self.store.writer
+        self.webhooks = WebhookSender()
+        self.desk = AlertDesk(bus, own_kv, policy_kv, policy, self.metrics, quarantine, self.webhooks)
+        self.otel = OtelMetrics(self.metrics, settings.otlp_endpoint, settings.monitor_otlp_interval_s,
+                                self.firing) if settings.otlp_endpoint else None
+        self.readers: list[StreamFeed] = []
+        self.served: dict[str, int] = {}  # the scrape endpoint's port, once it listens
+
+    def firing(self):
+        return self.desk.book.firing.values()
+
+    async def restore(self) -> None:
+        if (snapshot := await self.store.read()) is not None:
+            restore(self.metrics, snapshot)
+        self.readers = feeds(self.bus, self.metrics, self.metrics.positions,
+                             live=self.otel.record if self.otel else None)
+
+    def start_background(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> None:
+        settings = self.settings
+        tg.start_soon(self.policy.follow, self.policy_kv, stop)
+        tg.start_soon(_poll_queue_depth, self.bus, self.metrics, self.policy, settings.monitor_poll_s, stop)
+        tg.start_soon(_snapshot_every, self.store, self.metrics, settings.monitor_snapshot_s, stop)
+        tg.start_soon(self.webhooks.run, stop)
+        tg.start_soon(self.desk.run, stop)
+        if settings.metrics_port >= 0:
+            tg.start_soon(partial(scrape.serve, settings.metrics_host, settings.metrics_port,
+                                  lambda: export.render(self.metrics, self.firing(), time.time()),
+                                  export.CONTENT_TYPE, stop, bound=partial(self.served.__setitem__, "port")))
+
+    async def status(self, _: bytes) -> bytes:
+        return msgspec.json.encode(self.metrics.report())
+
+    def endpoints(self) -> dict:
+        return {"status": (s.MONITOR_STATUS, self.status), "alerts": (s.MONITOR_ALERTS, self.desk.alerts),
+                "silence": (s.MONITOR_SILENCE, self.desk.silence)}
+
+    def stats(self) -> dict:
+        return {**{feed.name: feed.stats_dict() for feed in self.readers}, "policy": self.policy.stats(),
+                "quarantined": self.quarantine.stats(), "snapshots": self.store.stats(),
+                "alerts": self.desk.stats(), "metrics_port": self.served.get("port", -1)}
+
+
 async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv = await bus.policy_bucket()
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
-        metrics = Metrics(policy, max_scopes=settings.monitor_max_scopes)
-        own_kv = await bus.bucket(s.KV_MONITOR)
-        store = SnapshotStore(own_kv, s.KV_MONITOR, quarantine)
-        metrics.replica = store.writer
-        webhooks = WebhookSender()
-        desk = AlertDesk(bus, own_kv, policy_kv, policy, metrics, quarantine, webhooks)
-        if (snapshot := await store.read()) is not None:
-            restore(metrics, snapshot)
-        otel = OtelMetrics(metrics, settings.otlp_endpoint, settings.monitor_otlp_interval_s,
-                           lambda: desk.book.firing.values()) if settings.otlp_endpoint else None
-        readers = feeds(bus, metrics, metrics.positions, live=otel.record if otel else None)
-
-        async def status(_: bytes) -> bytes:
-            return msgspec.json.encode(metrics.report())
-
-        served: dict[str, int] = {}  # the scrape endpoint's port, once it listens
-
-        def stats() -> dict:
-            return {**{feed.name: feed.stats_dict() for feed in readers}, "policy": policy.stats(),
-                    "quarantined": quarantine.stats(), "snapshots": store.stats(), "alerts": desk.stats(),
-                    "metrics_port": served.get("port", -1)}
-
+        monitor = Monitor(bus, settings, policy_kv, await bus.bucket(s.KV_MONITOR), policy, quarantine)
+        await monitor.restore()
         async with anyio.create_task_group() as tg:
-            for feed in readers:
+            for feed in monitor.readers:
                 tg.start_soon(feed.run, stop)
-            for feed in readers:  # answer pings (be "ready") only once what the streams held is folded in
+            for feed in monitor.readers:  # answer pings (be "ready") only once what the streams held is folded in
                 await feed.caught_up.wait()
-            tg.start_soon(policy.follow, policy_kv, stop)
-            tg.start_soon(_poll_queue_depth, bus, metrics, policy, settings.monitor_poll_s, stop)
-            tg.start_soon(_snapshot_every, store, metrics, settings.monitor_snapshot_s, stop)
-            tg.start_soon(webhooks.run, stop)
-            tg.start_soon(desk.run, stop)
-            if settings.metrics_port >= 0:
-                tg.start_soon(partial(scrape.serve, settings.metrics_host, settings.metrics_port,
-                                      lambda: export.render(metrics, desk.book.firing.values(), time.time()),
-                                      export.CONTENT_TYPE, stop, bound=partial(served.__setitem__, "port")))
-            endpoints = {"status": (s.MONITOR_STATUS, status), "alerts": (s.MONITOR_ALERTS, desk.alerts),
-                         "silence": (s.MONITOR_SILENCE, desk.silence)}
+            monitor.start_background(tg, stop)
             try:
-                async with micro_service(bus, "metrics over every event, alerts", endpoints, stats=stats):
+                async with micro_service(bus, "metrics over every event, alerts", monitor.endpoints(),
+                                         stats=monitor.stats):
                     await stop.wait()
             finally:
-                if otel:
-                    await anyio.to_thread.run_sync(otel.shutdown)
+                if monitor.otel:
+                    await anyio.to_thread.run_sync(monitor.otel.shutdown)
 
 
 async def _snapshot_every(store: SnapshotStore, metrics: Metrics, every_s: float, stop: anyio.Event) -> None:

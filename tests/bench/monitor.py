@@ -172,7 +172,8 @@ async def run(rate: int, seconds: float, tenants: int, day_rate: float, data_dir
     events = sent * 3
     return Report(rate=rate, seconds=round(elapsed, 1), events=events,
                   cpu_us_per_event=round(cpu / events * 1e6, 1), cpu_share_of_a_core=round(cpu / elapsed, 3),
-                  rss_mb=round(rss / MB, 1), start_empty_s=round(empty_s, 2), snapshot_kb=round(snapshot / 1024, 1), day_events=day * 3,
+                  rss_mb=round(rss / MB, 1), start_empty_s=round(empty_s, 2), snapshot_kb=round(snapshot / 1024, 1),
+                  day_events=day * 3,
                   publish_day_s=round(publish_s, 1), replay_day_s=round(replay_s, 1),
                   from_fresh_snapshot_s=round(fresh_s, 2), rebuild_without_snapshot_s=round(rebuild_s, 1),
                   rss_after_day_mb=round(rss_day / MB, 1), cores=os.cpu_count() or 0,
