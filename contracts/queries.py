@@ -78,6 +78,8 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """Stream -> the last sequence the figures include."""
     replica: str = ""
     """Which monitor replica answered (each reads every event, so each answers the same)."""
+    reserved_tokens: dict[str, int] = {}
+    """Tenant -> tokens its admitted, unfinished tasks hold (what the budget reserved for them)."""
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):

@@ -246,3 +246,57 @@ def test_an_event_that_lands_in_an_older_bucket_after_a_report_is_counted_in_the
     fold(m, (completed(2, NOW - 31), NOW - 30), (completed(3, NOW - 1), NOW))
     assert m.window("all", "1m").tasks == 3
     assert m.window("all", "1m", now=NOW + 60).tasks == 0
+
+
+def test_a_rule_is_observed_in_each_instance_of_its_scope_and_a_window_with_too_few_tasks_says_nothing():
+    from services.monitor.alerts import observe
+
+    m = metrics()
+    fold(m, (failed(1, NOW - 1, tenant="a"), NOW), (completed(2, NOW - 1, tenant="b"), NOW),
+         (completed(3, NOW - 1, tenant="b"), NOW),
+         (BreakerChanged(dependency="simulated/m-1", previous="closed", state="open", consecutive_failures=5),
+          NOW - 400))
+    m.queue_depth.update({"guard": 120, "budget-admit": 3})
+    per_tenant = AlertRule(name="t", figure="error_rate", above=0.1, scope="tenant", window="1m")
+    busy_only = msgspec.structs.replace(per_tenant, min_tasks=2)
+    assert observe(m, per_tenant, NOW) == {"tenant:a": 1.0, "tenant:b": 0.0}
+    assert observe(m, busy_only, NOW) == {"tenant:b": 0.0}
+    assert observe(m, msgspec.structs.replace(per_tenant, scope="global"), NOW) == {"all": 1 / 3}
+    assert observe(m, AlertRule(name="b", figure="breaker_open_s", above=300), NOW) == {
+        "dependency:simulated/m-1": 400.0}
+    assert observe(m, AlertRule(name="q", figure="queue_depth", above=100), NOW) == {
+        "consumer:guard": 120.0, "consumer:budget-admit": 3.0}
+
+
+def admitted(n: int, tokens: int, tenant: str = "t1"):
+    from contracts import TaskAdmitted
+
+    return TaskAdmitted(task_id=f"task-{n}", tenant=tenant, user="u", spec=TaskSpec(agent="research", prompt="p"),
+                        estimate=TokenEstimate(prompt_tokens=1, max_output_tokens=1), reserved_tokens=tokens,
+                        window="2026-12-02T04")
+
+
+def test_a_tenants_reserved_tokens_are_held_from_admission_to_the_tasks_end():
+    m = metrics()
+    fold(m, (admitted(1, 300), NOW), (admitted(2, 200), NOW), (admitted(3, 50, tenant="t2"), NOW))
+    held = m.report().reserved_tokens
+    fold(m, (completed(1, NOW - 1), NOW))
+    assert (held, m.report().reserved_tokens) == ({"t1": 500, "t2": 50}, {"t1": 200, "t2": 50})
+
+
+def test_a_snapshot_restores_into_the_same_figures():
+    from services.monitor.snapshot import Head, ScopeState, Snapshot, capture, restore
+
+    m = metrics(PRICED)
+    fold(m, (validated(1, agent="coding"), NOW - 100), (admitted(2, 70), NOW - 90), (step(1), NOW - 80),
+         (completed(1, NOW - 81), NOW - 80), (failed(3, NOW - 5), NOW - 4),
+         (BreakerChanged(dependency="simulated/m-1", previous="closed", state="open", consecutive_failures=5),
+          NOW - 30))
+    taken = capture(m, "w.1", NOW)
+    wire = Snapshot(head=msgspec.msgpack.decode(msgspec.msgpack.encode(taken.head), type=Head),
+                    scopes=[msgspec.msgpack.decode(msgspec.msgpack.encode(s), type=ScopeState) for s in taken.scopes])
+    again = metrics(PRICED)
+    restore(again, wire)
+    before, after = m.report(), again.report()
+    assert msgspec.structs.replace(after, uptime_s=0) == msgspec.structs.replace(before, uptime_s=0)
+    assert after.scopes[0].windows["1h"].tasks == 2 and after.reserved_tokens == {"t1": 70}

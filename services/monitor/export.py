@@ -79,7 +79,10 @@ def _totals(metrics: Metrics) -> list[Family]:
         events.add(count, kind=kind)
     cost = Family("corral_cost_usd", "counter", "Cost of every step the monitor folded in (USD).")
     cost.add(metrics.cost)
-    return [events, cost]
+    reserved = Family("corral_budget_reserved_tokens", "gauge", "Tokens admitted, unfinished tasks hold, by tenant.")
+    for tenant, tokens in sorted(metrics.reserved_by_tenant().items()):
+        reserved.add(tokens, tenant=tenant)
+    return [events, cost, reserved]
 
 
 def _breakers(metrics: Metrics, now: float) -> list[Family]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from contracts import (
     BreakerChanged,
+    TaskAdmitted,
     StepCompleted,
     StepFailed,
     TaskCompleted,
@@ -75,6 +76,7 @@ class Metrics:
         self.cost = 0.0
         self.scopes = Scopes(max_scopes)
         self.agents: OrderedDict[str, str] = OrderedDict()  # task_ref -> agent kind, until the task ends
+        self.reserved: OrderedDict[str, tuple[str, int]] = OrderedDict()  # task_ref -> (tenant, tokens held)
         self.queue_depth: dict[str, int] = {}
         self.breakers: dict[str, Breaker] = {}
         self.positions: dict[str, int] = {}  # stream -> last sequence folded in
@@ -93,7 +95,12 @@ class Metrics:
                 self._remember_agent(event.task_ref, event.spec.agent)
                 if event.shadow_rejection:
                     self.counts[f"shadow.{event.shadow_rejection}"] += 1
+            case TaskAdmitted():
+                self.reserved[event.task_ref] = (event.tenant, event.reserved_tokens)
+                if len(self.reserved) > MAX_OPEN_TASKS:
+                    self.reserved.popitem(last=False)
             case TaskCompleted() | TaskFailed():
+                self.reserved.pop(event.task_ref, None)
                 self._task_ended(event, at)
             case StepCompleted():
                 cost = self.policy().price_of(event.model).cost(event.usage)
@@ -133,6 +140,13 @@ class Metrics:
             scopes.append(self.scopes.get("model", model))
         return [bucket for scope in scopes for bucket in scope.buckets_at(at)]
 
+    def reserved_by_tenant(self) -> dict[str, int]:
+        """Tokens admitted tasks hold and have not ended yet, by tenant (as the budget reserved them)."""
+        held: Counter[str] = Counter()
+        for tenant, tokens in self.reserved.values():
+            held[tenant] += tokens
+        return dict(held)
+
     def window(self, scope: str, window: str, now: float | None = None) -> WindowFigures:
         figures = self.scopes.by_name.get(scope)
         bucket = figures.window(self.clock() if now is None else now, window) if figures else Bucket()
@@ -162,6 +176,7 @@ class Metrics:
                            for dependency, b in self.breakers.items()],
             positions=dict(self.positions),
             replica=self.replica,
+            reserved_tokens=self.reserved_by_tenant(),
         )
 
 

@@ -49,6 +49,7 @@ class OtelMetrics:
             "corral.cost.per_task": ("USD", self._cost_per_task), "corral.cost": ("USD", self._cost),
             "corral.breaker.state": ("1", self._breaker_state), "corral.breaker.open_time": ("s", self._open_time),
             "corral.queue.depth": ("{message}", self._queues), "corral.alerts.firing": ("{alert}", self._alerts),
+            "corral.budget.reserved": ("{token}", self._reserved), "corral.budget.used": ("{token}", self._used),
         }
         for name, (unit, callback) in gauges.items():
             meter.create_observable_gauge(name, callbacks=[callback], unit=unit)
@@ -107,6 +108,16 @@ class OtelMetrics:
 
     def _queues(self, _: CallbackOptions) -> list[Observation]:
         return [Observation(depth, {"corral.consumer": durable}) for durable, depth in self.metrics.queue_depth.items()]
+
+    def _reserved(self, _: CallbackOptions) -> list[Observation]:
+        return [Observation(tokens, {"corral.tenant": tenant})
+                for tenant, tokens in self.metrics.reserved_by_tenant().items()]
+
+    def _used(self, _: CallbackOptions) -> list[Observation]:
+        """Tokens each tenant's steps used over the last hour."""
+        now = self.metrics.clock()
+        return [Observation(self.metrics.window(scope, "1h", now).tokens, {"corral.tenant": scope[len("tenant:"):]})
+                for scope in self.metrics.scopes.names() if scope.startswith("tenant:")]
 
     def _alerts(self, _: CallbackOptions) -> list[Observation]:
         return [Observation(1, {"corral.alert.rule": a.rule, "corral.alert.severity": a.severity,

@@ -30,8 +30,8 @@ from shared.quarantine import Quarantine
 from shared.runtime import micro_service
 
 NAME = "monitor"
-# What the metrics need; admissions, progress and step requests are left on the server.
-TASK_SUBJECTS = (s.ALL_VALIDATED, s.ALL_REJECTED, s.ALL_COMPLETED, s.ALL_FAILED)
+# What the metrics need; progress and step requests are left on the server.
+TASK_SUBJECTS = (s.ALL_VALIDATED, s.ALL_ADMITTED, s.ALL_REJECTED, s.ALL_COMPLETED, s.ALL_FAILED)
 STEP_SUBJECTS = (s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED)
 log = logging.getLogger(__name__)
 WATCHED = [  # (stream, durable) whose backlog is the queue depth operators scale on

@@ -45,6 +45,11 @@ class BreakerState(msgspec.Struct, frozen=True, kw_only=True):
     open_total_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
+class Reservation(msgspec.Struct, frozen=True, array_like=True):
+    tenant: Name
+    tokens: Count
+
+
 class Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     version: Annotated[int, msgspec.Meta(ge=1, le=SNAPSHOT_VERSION)] = SNAPSHOT_VERSION
     generation: Name
@@ -54,6 +59,7 @@ class Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     breakers: Annotated[dict[Name, BreakerState], msgspec.Meta(max_length=MAX_KEYS)] = {}
     agents: Annotated[dict[Name, Name], msgspec.Meta(max_length=200_000)] = {}
+    reserved: Annotated[dict[Name, Reservation], msgspec.Meta(max_length=200_000)] = {}
     taken_at: float = 0.0
 
 
@@ -77,6 +83,7 @@ def capture(metrics: Metrics, generation: str, now: float) -> Snapshot:
     keys = [f"snap.{generation}.{index}" for index in range(len(scopes))]
     head = Head(generation=generation, keys=keys, positions=dict(metrics.positions), counts=dict(metrics.counts),
                 cost=metrics.cost, agents=dict(metrics.agents), taken_at=now,
+                reserved={ref: Reservation(tenant, tokens) for ref, (tenant, tokens) in metrics.reserved.items()},
                 breakers={dependency: BreakerState(state=b.state, opened_at=b.opened_at, open_total_s=b.open_total_s)
                           for dependency, b in metrics.breakers.items()})
     return Snapshot(head=head, scopes=scopes)
@@ -93,6 +100,7 @@ def restore(metrics: Metrics, snapshot: Snapshot) -> None:
     metrics.counts.update(head.counts)
     metrics.cost = head.cost
     metrics.agents.update(head.agents)
+    metrics.reserved.update({ref: (held.tenant, held.tokens) for ref, held in head.reserved.items()})
     for dependency, state in head.breakers.items():
         breaker = metrics.breakers[dependency] = Breaker()
         breaker.state, breaker.opened_at, breaker.open_total_s = state.state, state.opened_at, state.open_total_s
