@@ -115,7 +115,7 @@ async def test_an_alert_fires_once_to_nats_and_a_webhook_and_resolves_at_its_res
     assert hooks.tries == 3  # the first POST got a 503 and was tried again
 
 
-async def test_corral_alerts_lists_the_firing_alerts_and_silences_a_rule(settings, tenant):
+async def test_corral_alerts_lists_the_firing_alerts_and_silences_a_rule_and_corral_status_shows_the_windows(settings, tenant):
     await apply(settings, alerting_policy(ERRORS))
     env = {**os.environ, **operator_env(settings), "CORRAL_NATS_URL": settings.nats_url}
 
@@ -134,10 +134,12 @@ async def test_corral_alerts_lists_the_firing_alerts_and_silences_a_rule(setting
         listed = await corral("alerts")
         told = await corral("alerts", "history")
         silenced = await corral("alerts", "silence", "errors", "--for", "1h")
+        status = await corral("status")
         silences = (await client.alerts()).silences
     assert "errors" in listed and "critical" in listed and "firing" in listed
     assert "errors" in told
     assert "silenced: errors until" in silenced
+    assert "1m: tasks, p95 (ms), errors, tokens/h" in status and "2 / " in status
     assert silences["errors"] > datetime.now(UTC).timestamp() + 3500
 
 
