@@ -285,7 +285,7 @@ def test_a_tenants_reserved_tokens_are_held_from_admission_to_the_tasks_end():
 
 
 def test_a_snapshot_restores_into_the_same_figures():
-    from services.monitor.snapshot import Head, ScopeState, Snapshot, capture, restore
+    from services.monitor.snapshot import Head, Part, Snapshot, capture, restore
 
     m = metrics(PRICED)
     fold(m, (validated(1, agent="coding"), NOW - 100), (admitted(2, 70), NOW - 90), (step(1), NOW - 80),
@@ -294,9 +294,31 @@ def test_a_snapshot_restores_into_the_same_figures():
           NOW - 30))
     taken = capture(m, "w.1", NOW)
     wire = Snapshot(head=msgspec.msgpack.decode(msgspec.msgpack.encode(taken.head), type=Head),
-                    scopes=[msgspec.msgpack.decode(msgspec.msgpack.encode(s), type=ScopeState) for s in taken.scopes])
+                    parts=[msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=Part) for p in taken.parts])
     again = metrics(PRICED)
     restore(again, wire)
     before, after = m.report(), again.report()
     assert msgspec.structs.replace(after, uptime_s=0) == msgspec.structs.replace(before, uptime_s=0)
     assert after.scopes[0].windows["1h"].tasks == 2 and after.reserved_tokens == {"t1": 70}
+    assert again.agents == m.agents
+
+
+def test_many_open_tasks_are_snapshotted_in_keys_that_each_fit_in_a_message():
+    from services.monitor.snapshot import OPEN_PER_KEY, OpenTasks, capture
+
+    m = metrics()
+    fold(m, *[(validated(n), NOW) for n in range(OPEN_PER_KEY * 2 + 1)])
+    fold(m, *[(admitted(n, 10), NOW) for n in range(OPEN_PER_KEY + 1)])
+    parts = [p for p in capture(m, "w.1", NOW).parts if isinstance(p, OpenTasks)]
+    assert [len(p.agents) for p in parts] == [OPEN_PER_KEY, OPEN_PER_KEY, 1]
+    assert sum(len(p.reserved) for p in parts) == OPEN_PER_KEY + 1
+    assert max(len(msgspec.msgpack.encode(p)) for p in parts) < 1024 * 1024
+
+
+def test_a_task_the_budget_rejects_after_validation_is_forgotten():
+    from contracts import TaskRejected
+
+    m = metrics()
+    fold(m, (validated(1), NOW), (TaskRejected(task_id="task-1", tenant="t1", user="u", reason="over_budget",
+                                               message="no", stage="budget"), NOW))
+    assert not m.agents

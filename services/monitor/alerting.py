@@ -156,7 +156,7 @@ class AlertDesk:
         for _ in range(5):
             until = {**self.book.silences, command.rule: self.clock() + command.for_s}
             if not command.for_s:
-                until.pop(command.rule)
+                until.pop(command.rule, None)
             now = self.clock()
             until = {rule: end for rule, end in until.items() if end > now}
             if await self._write(msgspec.structs.replace(self.book, silences=until)):

@@ -18,7 +18,7 @@ from contracts.policy import AlertRule
 from services.monitor.handlers import Metrics
 
 MAX_HISTORY = 200  # transitions the book keeps for `corral alerts history`
-MAX_FIRING = 4096
+MAX_FIRING = 1000  # alerts firing at once the book keeps (it must fit in one message)
 Name = Annotated[str, msgspec.Meta(max_length=512)]
 
 

@@ -20,6 +20,7 @@ from contracts import (
     StepFailed,
     TaskCompleted,
     TaskFailed,
+    TaskRejected,
     TaskValidated,
 )
 from contracts.policy import Policy
@@ -102,6 +103,8 @@ class Metrics:
             case TaskCompleted() | TaskFailed():
                 self.reserved.pop(event.task_ref, None)
                 self._task_ended(event, at)
+            case TaskRejected():  # the budget refused it after the guard let it through: it never runs
+                self.agents.pop(event.task_ref, None)
             case StepCompleted():
                 cost = self.policy().price_of(event.model).cost(event.usage)
                 self.cost += cost

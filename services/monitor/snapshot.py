@@ -1,18 +1,19 @@
 """The monitor's snapshots: its figures and the stream positions they cover, in its own bucket.
 
-A snapshot is one generation of keys: `snap.<writer>.<n>.<i>`, one per scope (a scope's rings fit in a
-message where the whole would not), then `head`, naming the generation's keys and the positions. `head` is
-written last, so a reader never sees a generation half written; the writer then deletes its previous
-generation. Replicas write the same `head` (whichever wrote last wins): each generation is complete on its
-own and every replica folds the same events, so either one's is valid. A value that does not decode, or a
-generation whose keys are gone, is quarantined (or logged) and the monitor rebuilds from the streams.
+A snapshot is one generation of keys `snap.<writer>.<n>.<i>`: one per scope (a scope's rings fit in a
+message where the whole would not) and one per OPEN_PER_KEY open tasks; then `head`, naming the
+generation's keys and the positions. `head` is written last, so a reader never sees a generation half
+written; the writer then deletes its previous generation. Replicas write the same `head` (whichever wrote
+last wins): each generation is complete on its own and every replica folds the same events, so either
+one's is valid. A value that does not decode, or a generation whose keys are gone, is quarantined (or
+logged) and the monitor rebuilds from the streams.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 HEAD = "head"
 SNAPSHOT_VERSION = 1
 MAX_KEYS = 4096
+OPEN_PER_KEY = 5000  # open tasks per key: well within a message
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
@@ -34,7 +36,7 @@ class RingState(msgspec.Struct, frozen=True, kw_only=True):
     buckets: Annotated[dict[int, BucketState], msgspec.Meta(max_length=1024)] = {}
 
 
-class ScopeState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ScopeState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="scope"):
     scope: Name
     rings: Annotated[dict[str, RingState], msgspec.Meta(max_length=8)] = {}
 
@@ -50,6 +52,17 @@ class Reservation(msgspec.Struct, frozen=True, array_like=True):
     tokens: Count
 
 
+class OpenTasks(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="open"):
+    """Up to OPEN_PER_KEY tasks between validation or admission and their end: their agent kinds and
+    reservations (a key of its own each, so that many open tasks still fit in messages)."""
+
+    agents: Annotated[dict[Name, Name], msgspec.Meta(max_length=OPEN_PER_KEY)] = {}
+    reserved: Annotated[dict[Name, Reservation], msgspec.Meta(max_length=OPEN_PER_KEY)] = {}
+
+
+Part = Union[ScopeState, OpenTasks]
+
+
 class Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     version: Annotated[int, msgspec.Meta(ge=1, le=SNAPSHOT_VERSION)] = SNAPSHOT_VERSION
     generation: Name
@@ -58,21 +71,19 @@ class Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     counts: Annotated[dict[Name, Count], msgspec.Meta(max_length=MAX_KEYS)] = {}
     cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     breakers: Annotated[dict[Name, BreakerState], msgspec.Meta(max_length=MAX_KEYS)] = {}
-    agents: Annotated[dict[Name, Name], msgspec.Meta(max_length=200_000)] = {}
-    reserved: Annotated[dict[Name, Reservation], msgspec.Meta(max_length=200_000)] = {}
     taken_at: float = 0.0
 
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_head = msgspec.msgpack.Decoder(Head).decode
-_decode_scope = msgspec.msgpack.Decoder(ScopeState).decode
+_decode_part = msgspec.msgpack.Decoder(Part).decode
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """What one capture holds, before it is written (or after it is read)."""
 
     head: Head
-    scopes: list[ScopeState]
+    parts: list[Part]
 
 
 def capture(metrics: Metrics, generation: str, now: float) -> Snapshot:
@@ -80,13 +91,21 @@ def capture(metrics: Metrics, generation: str, now: float) -> Snapshot:
     scopes = [ScopeState(scope=name, rings={ring_name: _ring_state(ring, now) for ring_name, ring in
                                             figures.rings.items()})
               for name, figures in metrics.scopes.by_name.items()]
-    keys = [f"snap.{generation}.{index}" for index in range(len(scopes))]
+    parts: list[Part] = [*scopes, *_open_tasks(metrics)]
+    keys = [f"snap.{generation}.{index}" for index in range(len(parts))]
     head = Head(generation=generation, keys=keys, positions=dict(metrics.positions), counts=dict(metrics.counts),
-                cost=metrics.cost, agents=dict(metrics.agents), taken_at=now,
-                reserved={ref: Reservation(tenant, tokens) for ref, (tenant, tokens) in metrics.reserved.items()},
+                cost=metrics.cost, taken_at=now,
                 breakers={dependency: BreakerState(state=b.state, opened_at=b.opened_at, open_total_s=b.open_total_s)
                           for dependency, b in metrics.breakers.items()})
-    return Snapshot(head=head, scopes=scopes)
+    return Snapshot(head=head, parts=parts)
+
+
+def _open_tasks(metrics: Metrics) -> list[OpenTasks]:
+    agents, reserved = list(metrics.agents.items()), list(metrics.reserved.items())
+    return [OpenTasks(agents=dict(agents[start:start + OPEN_PER_KEY]),
+                      reserved={ref: Reservation(tenant, tokens)
+                                for ref, (tenant, tokens) in reserved[start:start + OPEN_PER_KEY]})
+            for start in range(0, max(len(agents), len(reserved)), OPEN_PER_KEY)]
 
 
 def _ring_state(ring: Ring, now: float) -> RingState:
@@ -99,17 +118,23 @@ def restore(metrics: Metrics, snapshot: Snapshot) -> None:
     metrics.positions = dict(head.positions)
     metrics.counts.update(head.counts)
     metrics.cost = head.cost
-    metrics.agents.update(head.agents)
-    metrics.reserved.update({ref: (held.tenant, held.tokens) for ref, held in head.reserved.items()})
     for dependency, state in head.breakers.items():
         breaker = metrics.breakers[dependency] = Breaker()
         breaker.state, breaker.opened_at, breaker.open_total_s = state.state, state.opened_at, state.open_total_s
-    for scope in snapshot.scopes:
-        figures = metrics.scopes.by_name.setdefault(scope.scope, ScopeFigures())
-        for ring_name, ring_state in scope.rings.items():
-            ring = figures.rings.get(ring_name)
-            if ring is not None:
-                ring.buckets.update({index: Bucket.from_state(state) for index, state in ring_state.buckets.items()})
+    for part in snapshot.parts:
+        if isinstance(part, OpenTasks):
+            metrics.agents.update(part.agents)
+            metrics.reserved.update({ref: (held.tenant, held.tokens) for ref, held in part.reserved.items()})
+        else:
+            _restore_scope(metrics, part)
+
+
+def _restore_scope(metrics: Metrics, scope: ScopeState) -> None:
+    figures = metrics.scopes.by_name.setdefault(scope.scope, ScopeFigures())
+    for ring_name, ring_state in scope.rings.items():
+        ring = figures.rings.get(ring_name)
+        if ring is not None:
+            ring.buckets.update({index: Bucket.from_state(state) for index, state in ring_state.buckets.items()})
 
 
 class SnapshotStore:
@@ -126,8 +151,8 @@ class SnapshotStore:
         self.refused = ""
 
     async def write(self, snapshot: Snapshot) -> None:
-        for key, scope in zip(snapshot.head.keys, snapshot.scopes, strict=True):
-            await self.kv.put(key, _encode(scope))
+        for key, part in zip(snapshot.head.keys, snapshot.parts, strict=True):
+            await self.kv.put(key, _encode(part))
         await self.kv.put(HEAD, _encode(snapshot.head))
         for key in self._previous:
             try:
@@ -148,19 +173,19 @@ class SnapshotStore:
         head = await self._decoded(head_entry, _decode_head)
         if head is None:
             return None
-        scopes = []
+        parts = []
         for key in head.keys:
             entry = await self._entry(key)
             if entry is None:
                 self.refused = f"snapshot {head.generation}: key {key} is missing"
                 log.warning("%s: rebuilding from the streams", self.refused)
                 return None
-            scope = await self._decoded(entry, _decode_scope)
-            if scope is None:
+            part = await self._decoded(entry, _decode_part)
+            if part is None:
                 return None
-            scopes.append(scope)
+            parts.append(part)
         self.restored_from = head.generation
-        return Snapshot(head=head, scopes=scopes)
+        return Snapshot(head=head, parts=parts)
 
     async def _entry(self, key: str) -> Any:
         try:
