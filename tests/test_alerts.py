@@ -179,3 +179,28 @@ async def test_a_malformed_alerts_request_is_refused_with_its_reason_and_the_mon
     assert answer.headers and answer.headers.get("Nats-Service-Error-Code") == "500"
     assert answer.headers.get("Nats-Service-Error")
     assert after.silences == {}
+
+
+async def test_two_monitor_replicas_send_one_alert_between_them(settings, tenant):
+    await apply(settings, alerting_policy(ERRORS))
+    async with Client.connect(settings, "test") as client, running(settings, "monitor", "monitor"):
+        async def replicas():
+            stats = await client.replica_stats("corral-monitor", gather_s=0.2)
+            return {s["id"]: s["endpoints"][0]["data"]["alerts"] for s in stats} if len(stats) == 2 else None
+
+        await wait_until(replicas, timeout=20)
+        sub = await client.bus.nc.subscribe(subjects.ALL_ALERTS)
+        await publish_tasks(client, tenant, "a", ok=0, failed=3)
+        fired = await next_alert(sub)
+        seen = await replicas()
+
+        async def both_evaluated_twice_more():  # each replica saw the alert's condition and tried to fire it
+            now = await replicas()
+            return now and all(now[r]["evaluations"] >= seen[r]["evaluations"] + 2 for r in seen)
+        await wait_until(both_evaluated_twice_more, timeout=20)
+        await publish_tasks(client, tenant, "b", ok=40, failed=0)
+        resolved = await next_alert(sub)
+        counts = await replicas()
+    assert isinstance(fired, Alert) and isinstance(resolved, AlertResolved)
+    assert sum(c["fired"] for c in counts.values()) == 1
+    assert sum(c["resolved"] for c in counts.values()) == 1

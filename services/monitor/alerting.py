@@ -39,7 +39,7 @@ class AlertDesk:
         self.pending = Pending()
         self.book, self.revision = AlertBook(), 0
         self.seen_version = policy.version
-        self.counts = {"fired": 0, "resolved": 0, "rolled_back": 0, "lost_races": 0}
+        self.counts = {"evaluations": 0, "fired": 0, "resolved": 0, "rolled_back": 0, "lost_races": 0}
 
     async def load(self) -> None:
         try:
@@ -83,6 +83,7 @@ class AlertDesk:
 
     async def evaluate_once(self) -> None:
         now, policy, version = self.clock(), self.policy(), self.policy.version
+        self.counts["evaluations"] += 1
         book = self.book
         if version != self.seen_version:
             if version != book.change.version:

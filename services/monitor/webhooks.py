@@ -1,6 +1,7 @@
 """Webhook sink: each alert and resolution POSTed as JSON to every webhook of the policy, with a timeout and
 retries (backoff) on connection errors, timeouts and 5xx answers; a 4xx is final. Sending runs in its own
-task, off the evaluation, from a bounded queue: a slow or dead endpoint delays no alert elsewhere."""
+task from a bounded queue, in order: a slow or dead endpoint holds up the posts queued behind it, never the
+evaluation, the log or NATS."""
 
 from __future__ import annotations
 
