@@ -107,3 +107,34 @@ async def test_two_monitor_replicas_each_read_every_event_and_answer_the_same(se
                                                                                   "model:m-1"]
     assert first.latency == second.latency and first.latency.count == 12
     assert first.scopes[1].windows["1h"] == second.scopes[1].windows["1h"]
+
+
+@pytest.mark.fault
+async def test_a_monitor_killed_between_snapshots_counts_every_event_once_after_its_restart(settings, tenant,
+                                                                                             tmp_path):
+    from tests.conftest import services
+
+    procs = services(settings, tmp_path / "logs", env={"CORRAL_MONITOR_SNAPSHOT_S": "0.2"}, agents=())
+    async with Client.connect(settings, "test") as client:
+        try:
+            first = procs.start_one("monitor")
+            await monitor_ready(client)
+            await publish_ends(client, tenant, 0, 6)
+            await until_counted(client, 6)
+
+            async def snapshotted():  # a snapshot that covers the six
+                stats = await service_stats(client, "monitor")
+                return stats["snapshots"]["written"] >= 2 and stats
+            await wait_until(snapshotted, timeout=20)
+            await publish_ends(client, tenant, 6, 4)  # folded in, and maybe not yet in a snapshot
+            await until_counted(client, 10)
+            first.popen.kill()  # SIGKILL: no last snapshot
+            first.popen.wait()
+            await publish_ends(client, tenant, 10, 2)
+            procs.start_one("monitor")
+            await monitor_ready(client)
+            report = await until_counted(client, 12)
+        finally:
+            procs.stop()
+    assert report.latency.count == 12
+    assert report.counts["task.completed"] == 12
