@@ -8,7 +8,7 @@ import msgspec
 from datetime import datetime
 from typing import Annotated, Literal
 
-from contracts.events import Alert, AlertResolved, Attempt, BudgetWindow, Label, TaskId, Token, Usage
+from contracts.events import Alert, AlertResolved, Attempt, BudgetWindow, Label, Message, TaskId, Token, TokenSum, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +51,18 @@ class BreakerTime(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds it spent open, in all, as far as the streams tell."""
 
 
+class Savings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the response cache, coalescing and prompt compaction kept from being spent (docs/caching.md)."""
+
+    hits: dict[str, int] = {}
+    """Steps answered without their model call, by source (exact, semantic, coalesced)."""
+    tokens_saved: int = 0
+    cost_avoided_usd: float = 0.0
+    compacted_steps: int = 0
+    tokens_before_compaction: int = 0
+    tokens_after_compaction: int = 0
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What the monitor has seen since it started."""
 
@@ -80,6 +92,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """Which monitor replica answered (each reads every event, so each answers the same)."""
     reserved_tokens: dict[str, int] = {}
     """Tenant -> tokens its admitted, unfinished tasks hold (what the budget reserved for them)."""
+    savings: Savings = Savings()
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +162,11 @@ class StepCost(msgspec.Struct, frozen=True, kw_only=True):
     over_reservation: int = 0
     """Tokens this step used beyond what its task still had reserved (posted anyway, flagged)."""
     posted_at: datetime | None = None
+    saved: str = ""
+    """How the step was answered without its model call (`exact`, `semantic`, `coalesced`); empty: it called."""
+    saved_tokens: int = 0
+    """Tokens that call would have used (docs/caching.md)."""
+    saved_usd: float = 0.0
 
 
 class ModelCost(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,6 +191,9 @@ class CostReply(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     steps: list[StepCost] = []
     models: list[ModelCost] = []
+    saved_tokens: int = 0
+    """Tokens the task did not spend: its steps answered from the response cache or by a coalesced call."""
+    saved_usd: float = 0.0
 
 
 QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)
@@ -232,3 +253,16 @@ class AlertsReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, AlertsQuery, SilenceAlert, AlertsReply)
+class ReservationReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The budget's answer to ExtendReservation."""
+
+    granted: bool
+    tokens: TokenSum = 0
+    """Granted: what the part holds (a repeated request is answered with the first one's amount)."""
+    message: Message = ""
+    """Why not: which window refused, what is left, when it resets (or that the task's hold has ended)."""
+    remaining_tokens: TokenSum | None = None
+    resets_at: datetime | None = None
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, ReservationReply)

@@ -24,7 +24,7 @@ from contracts import (
     TaskValidated,
 )
 from contracts.policy import Policy
-from contracts.queries import BreakerTime, Percentiles, ScopeReport, StatusReport, WindowFigures
+from contracts.queries import BreakerTime, Percentiles, Savings, ScopeReport, StatusReport, WindowFigures
 from services.monitor.figures import RINGS, WINDOWS, Bucket, Scopes, Sketch
 
 MAX_SCOPES = 256  # tenants + agent kinds + models with figures of their own; the rest fold into `<kind>:other`
@@ -82,6 +82,7 @@ class Metrics:
         self.breakers: dict[str, Breaker] = {}
         self.positions: dict[str, int] = {}  # stream -> last sequence folded in
         self.replica = ""
+        self.savings = SavingsCount()
 
     async def on_event(self, event: Any, at: float, stream: str = "", seq: int = 0) -> None:
         """Fold one event in; `at`: its stream receipt time (Unix seconds), `seq` its sequence in `stream`."""
@@ -112,6 +113,7 @@ class Metrics:
                     bucket.steps_ok += 1
                     bucket.tokens += event.usage.total
                     bucket.cost += cost
+                self.savings.add(event)
             case StepFailed():
                 for bucket in self._buckets(at, event.tenant, event.agent, _model_of(event.dependency)):
                     bucket.steps_failed += 1
@@ -180,6 +182,7 @@ class Metrics:
             positions=dict(self.positions),
             replica=self.replica,
             reserved_tokens=self.reserved_by_tenant(),
+            savings=self.savings.report(),
         )
 
 
@@ -203,3 +206,32 @@ def _model_of(dependency: str) -> str:
     """The model of a `provider/model` dependency; '' for a tool (`tool/NAME`)."""
     provider, _, model = dependency.partition("/")
     return model if model and provider != "tool" else ""
+
+
+class SavingsCount:
+    """Cache hits, the tokens and dollars they saved, and compaction's tokens before and after."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.tokens = self.compacted = self.before = self.after = 0
+        self.cost = 0.0
+
+    def add(self, step: StepCompleted) -> None:
+        if step.cache is not None:
+            self.hits[step.cache.source] += 1
+            self.tokens += max(0, step.cache.saved.total - step.usage.total)
+            self.cost += step.cache.cost_avoided_usd
+        if step.compaction is not None:
+            self.compacted += 1
+            self.before += step.compaction.tokens_before
+            self.after += step.compaction.tokens_after
+
+    def restore(self, saved: Savings) -> None:
+        self.hits.update(saved.hits)
+        self.tokens, self.cost, self.compacted = saved.tokens_saved, saved.cost_avoided_usd, saved.compacted_steps
+        self.before, self.after = saved.tokens_before_compaction, saved.tokens_after_compaction
+
+    def report(self) -> Savings:
+        return Savings(hits=dict(self.hits), tokens_saved=self.tokens, cost_avoided_usd=round(self.cost, 6),
+                       compacted_steps=self.compacted, tokens_before_compaction=self.before,
+                       tokens_after_compaction=self.after)

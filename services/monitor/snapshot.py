@@ -19,6 +19,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from contracts.queries import Savings
 from services.monitor.figures import Bucket, BucketState, Ring, ScopeFigures
 from services.monitor.handlers import Breaker, Metrics
 from shared.quarantine import Quarantine
@@ -72,6 +73,7 @@ class Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     breakers: Annotated[dict[Name, BreakerState], msgspec.Meta(max_length=MAX_KEYS)] = {}
     taken_at: float = 0.0
+    savings: Savings = Savings()
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -94,7 +96,7 @@ def capture(metrics: Metrics, generation: str, now: float) -> Snapshot:
     parts: list[Part] = [*scopes, *_open_tasks(metrics)]
     keys = [f"snap.{generation}.{index}" for index in range(len(parts))]
     head = Head(generation=generation, keys=keys, positions=dict(metrics.positions), counts=dict(metrics.counts),
-                cost=metrics.cost, taken_at=now,
+                cost=metrics.cost, taken_at=now, savings=metrics.savings.report(),
                 breakers={dependency: BreakerState(state=b.state, opened_at=b.opened_at, open_total_s=b.open_total_s)
                           for dependency, b in metrics.breakers.items()})
     return Snapshot(head=head, parts=parts)
@@ -118,6 +120,7 @@ def restore(metrics: Metrics, snapshot: Snapshot) -> None:
     metrics.positions = dict(head.positions)
     metrics.counts.update(head.counts)
     metrics.cost = head.cost
+    metrics.savings.restore(head.savings)
     for dependency, state in head.breakers.items():
         breaker = metrics.breakers[dependency] = Breaker()
         breaker.state, breaker.opened_at, breaker.open_total_s = state.state, state.opened_at, state.open_total_s
