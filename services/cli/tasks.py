@@ -109,6 +109,14 @@ def print_status(report, out: Console) -> None:
         table.add_row(f"queue {durable}", str(depth))
     for dep, state in sorted(report.breakers.items()):
         table.add_row(f"breaker {dep}", state)
+    for times in report.breaker_times:
+        if times.open_for_s:
+            table.add_row(f"breaker {times.dependency} open for", f"{times.open_for_s:.0f} s")
+    for scope in report.scopes[:1]:  # `all`: every scope's windows are in the reply (StatusReport.scopes)
+        for window, figures in scope.windows.items():
+            table.add_row(f"{window}: tasks, p95 (ms), errors, tokens/h",
+                          f"{figures.tasks} / {figures.latency.p95_ms:.0f} / {figures.error_rate:.1%} / "
+                          f"{figures.tokens_per_hour:,.0f}")
     out.print(table)
 
 
