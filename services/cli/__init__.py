@@ -10,6 +10,7 @@
     sim.py        the `sim` group: fail, slow, recover a simulated dependency
     auth.py       the `auth` group: init, show, revoke identities
     top.py        top: the terminal dashboard
+    dashboard.py  dashboard: the web dashboard
 
 To add a command group, write one module with `app = typer.Typer(help=...)` and its
 commands, importing nothing of this package but `common`, and register it below with one
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import auth, breakers, budget, contracts, policy, sim, stack, tasks, top
+from services.cli import auth, breakers, budget, contracts, dashboard, policy, sim, stack, tasks, top
 
 app = typer.Typer(help="Corral: a control plane for AI agents over NATS JetStream.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -35,3 +36,4 @@ app.add_typer(breakers.app, name="breakers")
 app.add_typer(sim.app, name="sim")
 app.add_typer(auth.app, name="auth")
 app.add_typer(top.app)  # corral top
+app.add_typer(dashboard.app)  # corral dashboard
