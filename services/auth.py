@@ -85,7 +85,8 @@ PERMISSIONS: dict[str, Permissions] = {
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
                         subscribe=(s.BREAKER_PROBE, s.BREAKER_CONTROL)),
-    "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
+    "monitor": _service("monitor", publish=(s.ALL_SCALE_ADVICE,),
+                        subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
     # Pool members also claim and answer subtasks on boards, and the one that ends a distributed task says so.
@@ -97,7 +98,7 @@ PERMISSIONS: dict[str, Permissions] = {
                  s.BUDGET_COST, s.BREAKER_CONTROL, s.SIM_CONTROL, s.ALL_STATS, s.SERVICES_API, s.JS_API,
                  s.JS_FLOW_CONTROL),
         subscribe=(s.ALL_TASK_EVENTS, s.ALL_STEP_EVENTS, s.ALL_BREAKER, s.ALL_COST, s.ALL_DEAD_LETTERS,
-                   s.ALL_INBOXES),
+                   s.ALL_INBOXES, s.ALL_SCALE_ADVICE),
     ),
 }
 

@@ -21,6 +21,7 @@ import pytest
 from contracts import TaskCompleted, TaskSpec
 from tests.browser import browser, chromium_binary
 from tests.conftest import operator_env, stack, wait_until
+from tests.test_top import ROOMY
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def _number(text: str) -> float:
 async def test_the_dashboard_page_loads_without_console_errors_and_its_numbers_move_with_traffic(
         settings, tenant, tmp_path):
     assert chromium_binary(), "chromium is missing: `make test` installs Debian's package"
-    async with stack(settings) as client:
+    async with stack(settings, policy=ROOMY) as client:
         first = await _traffic(client, tenant, 3)
         async with dashboard(settings) as (url, _):
             async with browser(tmp_path) as page:
