@@ -27,14 +27,16 @@ def _research(lag: int, acked: int = 0) -> list[Backlog]:
     return [Backlog(durable="worker-research", pending=lag, ack_pending=0, acked=acked)]
 
 
-def test_a_service_is_advised_one_replica_per_lag_threshold_within_its_bounds():
+def test_a_service_is_advised_one_replica_per_lag_threshold_of_its_busiest_consumer_within_its_bounds():
     scaler = Scaler(clock=Clock(0.0))
     assert scaler.advise(_research(0), SCALING)[0].replicas == 1  # its minimum
     assert scaler.advise(_research(25), SCALING)[0].replicas == 3
     assert scaler.advise(_research(500), SCALING)[0].replicas == 3  # its maximum
     executor = scaler.advise([Backlog(durable="executor-tasks", pending=15, ack_pending=10, acked=0),
                               Backlog(durable="executor-steps", pending=10, ack_pending=0, acked=0)], SCALING)
-    assert [(a.service, a.lag, a.replicas) for a in executor] == [("executor", 35, 4)]  # the default bounds: 1..4
+    assert [(a.service, a.lag, a.replicas) for a in executor] == [("executor", 35, 3)]  # its busiest: 25 of 35
+    flood = scaler.advise([Backlog(durable="executor-tasks", pending=900, ack_pending=0, acked=0)], SCALING)
+    assert flood[0].replicas == 4  # the default bounds: 1..4
 
 
 def test_the_processing_rate_keeps_replicas_that_keep_up_with_traffic_even_with_no_lag():

@@ -1,9 +1,9 @@
 """Desired replicas per service, from its durable consumers' backlog and processing rate.
 
-A service wants one replica per `lag_per_replica` messages pending or unacknowledged on its consumers, and
-at least one per `rate_per_replica` messages a second they acknowledge, within its bounds. KEDA's NATS
-JetStream scaler computes the first from the same consumers (its `lagThreshold`), so a laptop and a cluster
-scale alike. Advice goes up at once and down only after fewer replicas were wanted for the whole
+A service wants one replica per `lag_per_replica` messages pending or unacknowledged on its busiest
+consumer, and at least one per `rate_per_replica` messages a second its consumers acknowledge, within its
+bounds. KEDA's NATS JetStream scaler computes the first from the same consumers (one trigger per consumer,
+`lagThreshold`, the most any trigger wants), so a laptop and a cluster scale alike. Advice goes up at once and down only after fewer replicas were wanted for the whole
 scale-down delay, so a lull between bursts does not stop replicas that the next burst needs.
 
 Handlers-side code: no NATS here; the monitor's service polls the consumers and publishes the advice.
@@ -62,13 +62,16 @@ class Scaler:
     def advise(self, backlogs: Iterable[Backlog], scaling: Scaling) -> list[ScaleAdvice]:
         now = self.clock()
         lag: dict[str, int] = defaultdict(int)
+        busiest: dict[str, int] = defaultdict(int)
         rate: dict[str, float] = defaultdict(float)
         for backlog in backlogs:
             if (service := service_of(backlog.durable)) is None:
                 continue
             lag[service] += backlog.pending + backlog.ack_pending
+            busiest[service] = max(busiest[service], backlog.pending + backlog.ack_pending)
             rate[service] += self._rate(backlog, now)
-        return [self._advice(service, lag[service], rate[service], scaling, now) for service in sorted(lag)]
+        return [self._advice(service, lag[service], busiest[service], rate[service], scaling, now)
+                for service in sorted(lag)]
 
     def _rate(self, backlog: Backlog, now: float) -> float:
         then = self.acked.get(backlog.durable)
@@ -77,9 +80,10 @@ class Scaler:
             return 0.0
         return (backlog.acked - then[1]) / (now - then[0])
 
-    def _advice(self, service: str, lag: int, rate: float, scaling: Scaling, now: float) -> ScaleAdvice:
+    def _advice(self, service: str, lag: int, busiest: int, rate: float, scaling: Scaling,
+                now: float) -> ScaleAdvice:
         bounds = scaling.bounds(service)
-        wanted = max(math.ceil(lag / scaling.lag_per_replica), math.ceil(rate / scaling.rate_per_replica))
+        wanted = max(math.ceil(busiest / scaling.lag_per_replica), math.ceil(rate / scaling.rate_per_replica))
         wanted = min(bounds.max_replicas, max(bounds.min_replicas, wanted))
         advised = self.advised.get(service)
         held_long_enough = advised is not None and now - self.wanted_since[service] >= scaling.scale_down_delay_s
