@@ -83,11 +83,11 @@ BACKLOG = 40
 @pytest.mark.integration
 async def test_a_backlog_raises_the_local_worker_count_and_it_falls_back_after_the_scale_down_delay(
         settings, tenant, tmp_path):
-    scaling = Scaling(lag_per_replica=4, scale_down_delay_s=3.0, default=ScaleBounds(min_replicas=1, max_replicas=1),
+    scaling = Scaling(lag_per_replica=4, scale_down_delay_s=5.0, default=ScaleBounds(min_replicas=1, max_replicas=1),
                       services={"worker-research": ScaleBounds(min_replicas=1, max_replicas=3)})
     await apply(settings, Policy(scaling=scaling))
     stack = services(settings, tmp_path / "logs", agents=("research",),
-                     env={"CORRAL_SIM_LATENCY_S": "0.5", "CORRAL_CONCURRENCY": "2"})
+                     env={"CORRAL_SIM_LATENCY_S": "1.0", "CORRAL_CONCURRENCY": "2"})
     scaler = Autoscaler(stack)
     counts = []
     try:
@@ -96,18 +96,19 @@ async def test_a_backlog_raises_the_local_worker_count_and_it_falls_back_after_t
         async with Client.connect(settings, "test") as client, anyio.create_task_group() as tg:
             await client.wait_ready({"corral-monitor", "corral-worker-research", "corral-executor"}, timeout=60)
             tg.start_soon(_reconcile_until_cancelled, scaler)
-            ends = await _backlog(client, tenant, BACKLOG, counts)
-            await wait_until(lambda: _workers_are(client, 1, counts), timeout=60)
+            ends = await _backlog(client, scaler, tenant, BACKLOG, counts)
+            await wait_until(lambda: _workers_are(scaler, 1, counts), timeout=60)
+            serving = (await client.running_services())["corral-worker-research"]
             tg.cancel_scope.cancel()
     finally:
         scaler.stop()
         stack.stop()
     assert all(isinstance(end, TaskCompleted) for end in ends) and len(ends) == BACKLOG
     assert max(counts) >= 2, counts  # it rose
-    assert counts[-1] == 1  # and fell
+    assert counts[-1] == 1 and serving == 1  # and fell
 
 
-async def _backlog(client: Client, tenant: str, count: int, counts: list[int]) -> list:
+async def _backlog(client: Client, scaler: Autoscaler, tenant: str, count: int, counts: list[int]) -> list:
     """COUNT tasks at once, run to their ends while the worker count is watched until it has risen."""
     ends = []
 
@@ -118,7 +119,7 @@ async def _backlog(client: Client, tenant: str, count: int, counts: list[int]) -
     async with anyio.create_task_group() as tg:
         for n in range(count):
             tg.start_soon(one, n)
-        await wait_until(partial(_workers_at_least, client, 2, counts), timeout=60)
+        await wait_until(partial(_workers_at_least, scaler, 2, counts), timeout=60)
     return ends
 
 
@@ -128,14 +129,15 @@ async def _reconcile_until_cancelled(scaler: Autoscaler) -> None:
         await anyio.sleep(0.5)
 
 
-async def _workers(client: Client, counts: list[int]) -> int:
-    counts.append((await client.running_services())["corral-worker-research"])
+async def _workers(scaler: Autoscaler, counts: list[int]) -> int:
+    """Worker processes of the stack alive now (the autoscaler's own count)."""
+    counts.append(len(scaler.running("worker-research")))
     return counts[-1]
 
 
-async def _workers_at_least(client: Client, n: int, counts: list[int]) -> bool:
-    return await _workers(client, counts) >= n
+async def _workers_at_least(scaler: Autoscaler, n: int, counts: list[int]) -> bool:
+    return await _workers(scaler, counts) >= n
 
 
-async def _workers_are(client: Client, n: int, counts: list[int]) -> bool:
-    return await _workers(client, counts) == n
+async def _workers_are(scaler: Autoscaler, n: int, counts: list[int]) -> bool:
+    return await _workers(scaler, counts) == n
