@@ -1,11 +1,18 @@
 """Autoscaling: the monitor's advice from consumer lag and processing rate (services/monitor/scaling.py), and
-`corral up --autoscale`'s local scaler acting on it with real processes: a backlog raises the worker count,
+`corral up --autoscale` acting on it with real processes: a backlog raises the worker count,
 and it falls back once the backlog is gone and the scale-down delay has passed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -14,10 +21,12 @@ import pytest
 from contracts import TaskCompleted, TaskSpec
 from contracts.events import ScaleAdvice
 from contracts.policy import Policy, ScaleBounds, Scaling
+from services import auth
 from services.autoscale import LOCAL_MAX, Autoscaler, process_args
 from services.client import Client
 from services.monitor.scaling import Backlog, Scaler, service_of
-from tests.conftest import Clock, apply, services, signed_in_as, wait_until
+from shared.config import Settings
+from tests.conftest import Clock, apply, wait_until
 
 SCALING = Scaling(lag_per_replica=10, rate_per_replica=5.0, scale_down_delay_s=30.0,
                   services={"worker-research": ScaleBounds(min_replicas=1, max_replicas=3)})
@@ -79,36 +88,52 @@ def test_the_local_scaler_ignores_advice_that_does_not_decode_and_caps_what_it_b
 BACKLOG = 40
 
 
+@asynccontextmanager
+async def corral_up_autoscaling(data_dir: Path) -> AsyncIterator[tuple[str, list[str]]]:
+    """`corral up --autoscale` with its own embedded server; its URL and the lines it prints (as they come)."""
+    env = {**os.environ, "CORRAL_SIM_LATENCY_S": "1.0", "CORRAL_CONCURRENCY": "2", "COLUMNS": "200"}
+    env.pop("CORRAL_NATS_CREDENTIALS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--autoscale", "--data-dir", str(data_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode().rstrip() for line in proc.stdout),
+                              daemon=True)
+    reader.start()
+    try:
+        yield await wait_until(partial(_printed_url, lines, proc), 60), lines
+    finally:
+        proc.terminate()  # `corral up` stops its services on SIGTERM, as on Ctrl-C
+        proc.wait(60)
+        reader.join(10)
+
+
+async def _printed_url(lines: list[str], proc: subprocess.Popen) -> str | None:
+    assert proc.poll() is None, "\n".join(lines)
+    return next((line.split(" on ")[1].split(";")[0] for line in list(lines) if "Corral is up on" in line), None)
+
+
 @pytest.mark.anyio
 @pytest.mark.integration
-async def test_a_backlog_raises_the_local_worker_count_and_it_falls_back_after_the_scale_down_delay(
-        settings, tenant, tmp_path):
+async def test_corral_up_autoscale_raises_the_worker_count_under_a_backlog_and_lowers_it_after_the_delay(
+        tenant, tmp_path):
     scaling = Scaling(lag_per_replica=4, scale_down_delay_s=5.0, default=ScaleBounds(min_replicas=1, max_replicas=1),
                       services={"worker-research": ScaleBounds(min_replicas=1, max_replicas=3)})
-    await apply(settings, Policy(scaling=scaling))
-    stack = services(settings, tmp_path / "logs", agents=("research",),
-                     env={"CORRAL_SIM_LATENCY_S": "1.0", "CORRAL_CONCURRENCY": "2"})
-    scaler = Autoscaler(stack)
-    counts = []
-    try:
-        stack.start()
-        scaler.start(signed_in_as(settings, "operator"))
-        async with Client.connect(settings, "test") as client, anyio.create_task_group() as tg:
+    counts: list[int] = []
+    async with corral_up_autoscaling(tmp_path / "data") as (url, printed):
+        operator = auth.signed_in(Settings(nats_url=url), auth.auth_dir(tmp_path / "data"))
+        await apply(operator, Policy(scaling=scaling))
+        async with Client.connect(operator, "test") as client:
             await client.wait_ready({"corral-monitor", "corral-worker-research", "corral-executor"}, timeout=60)
-            tg.start_soon(_reconcile_until_cancelled, scaler)
-            ends = await _backlog(client, scaler, tenant, BACKLOG, counts)
-            await wait_until(lambda: _workers_are(scaler, 1, counts), timeout=60)
-            serving = (await client.running_services())["corral-worker-research"]
-            tg.cancel_scope.cancel()
-    finally:
-        scaler.stop()
-        stack.stop()
+            ends = await _backlog(client, tenant, BACKLOG, counts)
+            await wait_until(lambda: _workers_are(client, 1, counts), timeout=60)
     assert all(isinstance(end, TaskCompleted) for end in ends) and len(ends) == BACKLOG
     assert max(counts) >= 2, counts  # it rose
-    assert counts[-1] == 1 and serving == 1  # and fell
+    assert counts[-1] == 1  # and fell
+    said = "\n".join(printed)
+    assert "autoscale: started worker-research" in said and "autoscale: stopped worker-research" in said, said
 
 
-async def _backlog(client: Client, scaler: Autoscaler, tenant: str, count: int, counts: list[int]) -> list:
+async def _backlog(client: Client, tenant: str, count: int, counts: list[int]) -> list:
     """COUNT tasks at once, run to their ends while the worker count is watched until it has risen."""
     ends = []
 
@@ -119,25 +144,19 @@ async def _backlog(client: Client, scaler: Autoscaler, tenant: str, count: int, 
     async with anyio.create_task_group() as tg:
         for n in range(count):
             tg.start_soon(one, n)
-        await wait_until(partial(_workers_at_least, scaler, 2, counts), timeout=60)
+        await wait_until(partial(_workers_at_least, client, 2, counts), timeout=90)
     return ends
 
 
-async def _reconcile_until_cancelled(scaler: Autoscaler) -> None:
-    while True:
-        await anyio.to_thread.run_sync(scaler.reconcile)
-        await anyio.sleep(0.5)
-
-
-async def _workers(scaler: Autoscaler, counts: list[int]) -> int:
-    """Worker processes of the stack alive now (the autoscaler's own count)."""
-    counts.append(len(scaler.running("worker-research")))
+async def _workers(client: Client, counts: list[int]) -> int:
+    """Worker replicas answering pings now."""
+    counts.append((await client.running_services())["corral-worker-research"])
     return counts[-1]
 
 
-async def _workers_at_least(scaler: Autoscaler, n: int, counts: list[int]) -> bool:
-    return await _workers(scaler, counts) >= n
+async def _workers_at_least(client: Client, n: int, counts: list[int]) -> bool:
+    return await _workers(client, counts) >= n
 
 
-async def _workers_are(scaler: Autoscaler, n: int, counts: list[int]) -> bool:
-    return await _workers(scaler, counts) == n
+async def _workers_are(client: Client, n: int, counts: list[int]) -> bool:
+    return await _workers(client, counts) == n
