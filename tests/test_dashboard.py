@@ -153,3 +153,19 @@ async def test_the_dashboard_refuses_malformed_oversized_and_forged_requests_wit
     assert unknown[0] == 404
     assert still[0] == 200 and "tasks_per_s" in json.loads(still[1])
     assert alive
+
+
+async def test_the_dashboard_stops_cleanly_on_sigterm_while_the_monitor_has_never_answered(settings):
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "dashboard", "--port", "0", "--nats",
+                             settings.nats_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, **operator_env(settings)}, start_new_session=True)
+    try:
+        said = (await anyio.to_thread.run_sync(proc.stdout.readline)).decode()  # no monitor runs: it says so
+        proc.terminate()
+        code = await anyio.to_thread.run_sync(proc.wait, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "the monitor did not answer" in said
+    assert code == 0  # its own stop, not the signal's default death

@@ -115,3 +115,10 @@ async def test_corral_top_redraws_at_its_terminal_and_quits_when_q_is_typed(sett
             os.close(controller)
     assert b"q quits" in first + redrawn
     assert code == 0
+
+
+async def test_corral_top_says_no_monitor_answers_when_none_runs_and_exits_3(settings):
+    done = await anyio.run_process([sys.executable, "-m", "services.cli", "top", "--once", "--nats", settings.nats_url],
+                                   check=False, env={**os.environ, **operator_env(settings), "COLUMNS": "160"})
+    assert done.returncode == 3
+    assert "no monitor answers" in done.stdout.decode()

@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from services.cli.common import ConfigOption, NatsOption, call, console
+from services.cli.common import ConfigOption, NatsOption, call, console, fail
 
 if TYPE_CHECKING:
     from contracts.queries import StatusReport
@@ -142,7 +142,12 @@ def top(
     """Throughput, latency, error rate, tokens and cost per hour, queues and breakers, refreshed every
     second; `q` or Ctrl-C quits."""
     async def go(client: Client) -> None:
-        await (_once if once else _live)(client.status, console)
+        from nats.errors import NoRespondersError
+
+        try:
+            await (_once if once else _live)(client.status, console)
+        except NoRespondersError:
+            fail(RuntimeError("no monitor answers: is the stack running? (`corral up`, or pass --nats)"), 3)
 
     try:
         call(nats, config, go)

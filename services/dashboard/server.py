@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import msgspec
+from nats.errors import Error as NatsError
 
 from contracts.queries import TaskStatusQuery
 from services.client import Client
@@ -52,7 +53,7 @@ class Dashboard:
             try:
                 self.history.add(await self.client.status(timeout=SAMPLE_EVERY_S * 3), self.clock())
                 self.sampled.set()
-            except (TimeoutError, asyncio.TimeoutError, msgspec.DecodeError) as error:  # keep the hour we have
+            except (TimeoutError, NatsError, msgspec.DecodeError, msgspec.ValidationError) as error:  # keep the hour
                 log.warning("the monitor did not answer: %r", error)
             with anyio.move_on_after(SAMPLE_EVERY_S):
                 await stop.wait()
@@ -91,7 +92,7 @@ class Dashboard:
             raise BadRequest(f"not a task query: {error}") from None
         try:
             return _encode(await self.client.task_status(ask.task_id, tenant=ask.tenant))
-        except (TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, NatsError):
             raise MonitorSilent("the executor did not answer the task query") from None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -143,8 +144,12 @@ async def serve(client: Client, host: str, port: int, stop: anyio.Event,
     dashboard = Dashboard(client)
     server = await asyncio.start_server(dashboard.handle, host, port, limit=HEAD_LIMIT)
     bound = server.sockets[0].getsockname()
-    async with server, anyio.create_task_group() as tg:
-        tg.start_soon(dashboard.sample_forever, stop)
+    async def announce() -> None:  # once there is something to show
         await dashboard.sampled.wait()
         on_listening(f"http://{bound[0]}:{bound[1]}/")
+
+    async with server, anyio.create_task_group() as tg:
+        tg.start_soon(dashboard.sample_forever, stop)
+        tg.start_soon(announce)
         await stop.wait()
+        tg.cancel_scope.cancel()
