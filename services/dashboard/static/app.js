@@ -11,7 +11,7 @@ function chart(id, title, lines) {
   const scales = [...new Set(lines.map(([, , scale]) => scale || "y"))];
   const opts = { title, width: el.clientWidth - 16 || 560, height: 200,
                  series: [{}, ...lines.map(([label, stroke, scale]) => ({ label, stroke, width: 2, scale: scale || "y" }))],
-                 axes: [{}, ...scales.map((scale, i) => ({ scale, side: i ? 1 : 3, grid: { show: !i } }))] };
+                 axes: [{}, ...scales.map((scale, i) => ({ scale, side: i ? 1 : 3, grid: { show: !i }, size: 64 }))] };
   return new uPlot(opts, [[], ...lines.map(() => [])], el);
 }
 
