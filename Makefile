@@ -53,7 +53,7 @@ integration: $(STAMP) $(LITELLM_STAMP) $(CHROMIUM)  ## tests on a real nats-serv
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model and multi-agent plans (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model and multi-agent plans, the live views' history and the scaling advice (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
@@ -61,6 +61,7 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.consume
 	$(PY) -m tests.bench.agents
 	$(PY) -m tests.bench.orchestration
+	$(PY) -m tests.bench.views
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts

@@ -48,17 +48,24 @@ class Sample(msgspec.Struct, frozen=True, kw_only=True):
     """Approvals waiting for a person, when the monitor reports them."""
 
 
-def _tasks(report: StatusReport) -> int:
-    return report.counts.get("task.completed", 0) + report.counts.get("task.failed", 0)
+class _Totals(msgspec.Struct, frozen=True):
+    """What the rates are computed from: one report's totals, when the view had it."""
+
+    at: float
+    tasks: int
+    steps: int
+    cost_usd: float
+
+    @classmethod
+    def of(cls, report: StatusReport, at: float) -> _Totals:
+        counts = report.counts
+        return cls(at, counts.get("task.completed", 0) + counts.get("task.failed", 0),
+                   counts.get("step.completed", 0) + counts.get("step.failed", 0), report.cost_usd)
 
 
-def _steps(report: StatusReport) -> int:
-    return report.counts.get("step.completed", 0) + report.counts.get("step.failed", 0)
-
-
-def _rate(now: tuple[float, StatusReport], then: tuple[float, StatusReport], count) -> float:
-    span = now[0] - then[0]
-    return max(0.0, (count(now[1]) - count(then[1])) / span) if span > 0 else 0.0
+def _per_s(now: _Totals, then: _Totals, count: str) -> float:
+    span = now.at - then.at
+    return max(0.0, (getattr(now, count) - getattr(then, count)) / span) if span > 0 else 0.0
 
 
 def _optional(report: StatusReport, name: str) -> Any:
@@ -67,38 +74,36 @@ def _optional(report: StatusReport, name: str) -> Any:
 
 
 class History:
-    """The last hour of reports, and the sample each one makes."""
+    """The last hour: the totals of each report (for rates) and the sample each one made."""
 
     def __init__(self, keep_s: float = HOUR_S) -> None:
         self.keep_s = keep_s
-        self.reports: deque[tuple[float, StatusReport]] = deque()
+        self.totals: deque[_Totals] = deque()
         self.samples: deque[Sample] = deque()
 
     def add(self, report: StatusReport, at: float) -> Sample:
-        if self.reports and (_tasks(report) < _tasks(self.reports[-1][1])
-                             or report.cost_usd < self.reports[-1][1].cost_usd):
-            self.reports.clear()  # the monitor restarted: its totals began again
-        self.reports.append((at, report))
-        while self.reports[0][0] < at - self.keep_s:
-            self.reports.popleft()
-        sample = self._sample(at, report)
+        totals = _Totals.of(report, at)
+        if self.totals and (totals.tasks < self.totals[-1].tasks or totals.cost_usd < self.totals[-1].cost_usd):
+            self.totals.clear()  # the monitor restarted: its totals began again
+        self.totals.append(totals)
+        while self.totals[0].at < at - self.keep_s:
+            self.totals.popleft()
+        sample = self._sample(totals, report)
         self.samples.append(sample)
         while self.samples[0].at < at - self.keep_s:
             self.samples.popleft()
         return sample
 
-    def _recent(self, at: float) -> tuple[float, StatusReport]:
-        """The oldest report within the throughput span (the newest one itself when it is alone)."""
-        return next(entry for entry in self.reports if entry[0] >= at - THROUGHPUT_SPAN_S)
-
-    def _sample(self, at: float, report: StatusReport) -> Sample:
-        now, recent, oldest = (at, report), self._recent(at), self.reports[0]
-        span = at - oldest[0]
-        cost_per_hour = (report.cost_usd - oldest[1].cost_usd) / span * HOUR_S if span > 0 else 0.0
+    def _sample(self, now: _Totals, report: StatusReport) -> Sample:
+        recent = next(t for t in self.totals if t.at >= now.at - THROUGHPUT_SPAN_S)  # now itself when alone
+        oldest = self.totals[0]
+        span = now.at - oldest.at
+        cost_per_hour = (now.cost_usd - oldest.cost_usd) / span * HOUR_S if span > 0 else 0.0
         waiting = _optional(report, "approvals_waiting")
         return Sample(
-            at=at, tasks_done=report.counts.get("task.completed", 0), tasks_failed=report.counts.get("task.failed", 0),
-            tasks_per_s=round(_rate(now, recent, _tasks), 3), steps_per_s=round(_rate(now, recent, _steps), 3),
+            at=now.at, tasks_done=report.counts.get("task.completed", 0),
+            tasks_failed=report.counts.get("task.failed", 0),
+            tasks_per_s=round(_per_s(now, recent, "tasks"), 3), steps_per_s=round(_per_s(now, recent, "steps"), 3),
             p50_ms=report.latency.p50_ms, p95_ms=report.latency.p95_ms, p99_ms=report.latency.p99_ms,
             error_rate=report.error_rate, step_error_rate=report.step_error_rate,
             tokens_per_hour=report.tokens_last_hour, cost_per_hour_usd=round(max(0.0, cost_per_hour), 6),
