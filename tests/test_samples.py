@@ -59,3 +59,10 @@ def test_alerts_and_approvals_show_only_when_the_report_carries_them():
                       approvals_waiting=2)
     sample = History().add(sent, at=0.0)
     assert sample.alerts == [{"name": "p95_latency", "severity": "high"}] and sample.approvals_waiting == 2
+
+
+def test_alerts_and_approvals_asked_elsewhere_are_shown_beside_the_report():
+    sample = History().add(report(1), at=0.0, alerts=[{"rule": "error_rate", "severity": "critical",
+                                                        "scope": "all"}], approvals_waiting=0)
+    assert sample.alerts == [{"rule": "error_rate", "severity": "critical", "scope": "all"}]
+    assert sample.approvals_waiting == 0

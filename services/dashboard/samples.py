@@ -5,8 +5,9 @@ percentiles, tokens in the last hour). Rates are the view's: tasks per second be
 cost per hour over the reports of the last hour. A monitor that restarted reports smaller totals; the
 view then starts its rates afresh rather than showing negative ones.
 
-Alerts and approvals are shown when the report carries them (`alerts`, `approvals_waiting`): a monitor
-that has neither reports neither, and the view says nothing of them.
+Alerts and approvals are shown when the view is given them (`History.add(..., alerts=, approvals_waiting=)`,
+from wherever they are asked) or the report carries them (`alerts`, `approvals_waiting`); without either,
+the view says nothing of them.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class History:
         self.totals: deque[_Totals] = deque()
         self.samples: deque[Sample] = deque()
 
-    def add(self, report: StatusReport, at: float) -> Sample:
+    def add(self, report: StatusReport, at: float, *, alerts: list | None = None,
+            approvals_waiting: int | None = None) -> Sample:
         totals = _Totals.of(report, at)
         if self.totals and (totals.tasks < self.totals[-1].tasks or totals.cost_usd < self.totals[-1].cost_usd):
             self.totals.clear()  # the monitor restarted: its totals began again
@@ -89,6 +91,10 @@ class History:
         while self.totals[0].at < at - self.keep_s:
             self.totals.popleft()
         sample = self._sample(totals, report)
+        if alerts is not None or approvals_waiting is not None:
+            sample = msgspec.structs.replace(
+                sample, alerts=sample.alerts if alerts is None else msgspec.to_builtins(alerts),
+                approvals_waiting=sample.approvals_waiting if approvals_waiting is None else approvals_waiting)
         self.samples.append(sample)
         while self.samples[0].at < at - self.keep_s:
             self.samples.popleft()
