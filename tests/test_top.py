@@ -11,14 +11,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import anyio
 import pytest
 
 from contracts import TaskSpec
+from services.client import Client
 from contracts.policy import Defaults, Policy, RateLimit
-from tests.conftest import operator_env, stack, wait_until
+from tests.conftest import operator_env, services, stack, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = Policy(defaults=Defaults(tenant_rate=RateLimit(requests_per_minute=60_000, tokens_per_minute=10**8,
@@ -94,26 +97,53 @@ def _read_until(fd: int, words: bytes, timeout: float) -> bytes:
                 seen += os.read(fd, 65536)
             except OSError:  # the other end closed: the program exited
                 break
+    assert words in seen, f"the program exited before {words!r} appeared; it showed {seen[-2000:]!r}"
     return seen
+
+
+@contextmanager
+def top_at_a_terminal(settings) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`corral top` with a pseudo-terminal for its stdin and stdout; the terminal's other end."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, **operator_env(settings), "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "50"}
+    top = subprocess.Popen([sys.executable, "-m", "services.cli", "top", "--nats", settings.nats_url],
+                           stdin=terminal, stdout=terminal, stderr=terminal, env=env, start_new_session=True)
+    os.close(terminal)
+    try:
+        yield controller, top
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        os.close(controller)
 
 
 async def test_corral_top_redraws_at_its_terminal_and_quits_when_q_is_typed(settings):
     async with stack(settings, "monitor"):
-        controller, terminal = pty.openpty()
-        env = {**os.environ, **operator_env(settings), "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "50"}
-        top = subprocess.Popen([sys.executable, "-m", "services.cli", "top", "--nats", settings.nats_url],
-                               stdin=terminal, stdout=terminal, stderr=terminal, env=env, start_new_session=True)
-        os.close(terminal)
-        try:
+        with top_at_a_terminal(settings) as (controller, top):
             first = await anyio.to_thread.run_sync(_read_until, controller, b"Corral top", 30.0)
             redrawn = await anyio.to_thread.run_sync(_read_until, controller, b"Corral top", 30.0)
             os.write(controller, b"q")
             code = await anyio.to_thread.run_sync(top.wait, 30.0)
-        finally:
-            if top.poll() is None:
-                top.kill()
-            os.close(controller)
     assert b"q quits" in first + redrawn
+    assert code == 0
+
+
+async def test_corral_top_keeps_its_last_frame_and_says_so_while_the_monitor_is_gone(settings, tmp_path):
+    stack_ = services(settings, tmp_path / "logs")
+    monitor = stack_.start_one("monitor")
+    try:
+        async with Client.connect(settings, "test") as client:
+            await client.wait_ready({"corral-monitor"}, timeout=30)
+        with top_at_a_terminal(settings) as (controller, top):
+            await anyio.to_thread.run_sync(_read_until, controller, b"Corral top", 30.0)
+            monitor.kill()
+            said = await anyio.to_thread.run_sync(_read_until, controller, b"did not answer", 60.0)
+            os.write(controller, b"q")
+            code = await anyio.to_thread.run_sync(top.wait, 30.0)
+    finally:
+        stack_.stop()
+    assert b"Corral top" in said  # the last frame, still there
     assert code == 0
 
 

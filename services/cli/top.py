@@ -106,7 +106,18 @@ async def _live(status: Status, console: Console) -> None:
             with anyio.move_on_after(REFRESH_S):
                 await quit_pressed.wait()
             if not quit_pressed.is_set():
-                view.update(frame(history.add(await status(), time.time())), refresh=True)
+                view.update(await _next_frame(status, history), refresh=True)
+
+
+async def _next_frame(status: Status, history) -> Group:
+    """The next frame; while the monitor does not answer, the last one with a word on that."""
+    from nats.errors import Error as NatsError
+
+    try:
+        return frame(history.add(await status(), time.time()))
+    except (TimeoutError, NatsError) as error:
+        last = frame(history.samples[-1])
+        return Group(last, Text(f"the monitor did not answer ({type(error).__name__}); retrying", style="red"))
 
 
 @contextmanager
