@@ -171,3 +171,11 @@ def test_every_deployment_runs_a_service_the_cli_accepts_signing_in_as_its_own_i
         assert label == deployment["metadata"]["name"]
         env = {item["name"]: item["value"] for item in container["env"]}
         assert env["CORRAL_NATS_CREDENTIALS"].endswith(f"/{auth.identity_for(label)}.nk")
+
+
+def test_compose_serves_the_dashboard_as_the_operator_on_loopback_only():
+    dashboard = _compose()["services"]["dashboard"]
+    command = dashboard["command"]
+    assert command[0] == "dashboard" and command[command.index("--port") + 1] == "8470"
+    assert dashboard["environment"]["CORRAL_NATS_CREDENTIALS"].endswith(f"/{auth.OPERATOR}.nk")
+    assert dashboard["ports"] == ["127.0.0.1:8470:8470"]
