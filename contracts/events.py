@@ -598,3 +598,35 @@ MONITOR_EVENTS = (Alert, AlertResolved, PolicyRolledBack)
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)
 STEP_EVENTS = (StepRequested, StepCompleted, StepFailed)
 ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter, *MONITOR_EVENTS)
+
+
+# --- what the monitor advises the stack's scalers ---------------------------------
+
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+"""Messages per second."""
+
+
+class ScaleAdvice(msgspec.Struct, frozen=True, kw_only=True, tag="scale.advice", tag_field="kind"):
+    """How many replicas a service should run now, from its consumers' backlog and processing rate
+    (services/monitor/scaling.py). Advice, not a command: `corral up --autoscale` acts on it locally; on
+    Kubernetes KEDA computes the same from the same consumers."""
+
+    service: Token
+    """The service as `corral service` names it: `executor`, `worker-research`, …"""
+    replicas: Count
+    """Desired replicas, within [minimum, maximum]; lowered only after the policy's scale-down delay."""
+    minimum: Count
+    maximum: Count
+    lag: BigCount
+    """Pending plus unacknowledged messages over the service's durable consumers."""
+    processing_rate: Rate = 0.0
+    """Messages its consumers acknowledged per second since the monitor last looked."""
+    reason: Message = ""
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        return f"{self.service}:{self.occurred_at.timestamp():.6f}"
+
+
+ALL_CONTRACTS = (*ALL_CONTRACTS, ScaleAdvice)

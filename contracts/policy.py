@@ -446,6 +446,39 @@ class Alerting(Strict):
         names = [rule.name for rule in self.rules]
         if len(names) != len(set(names)):
             raise ValueError("alert rule names must be unique")
+class ScaleBounds(Strict):
+    """How few and how many replicas of one service the autoscalers may run."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas <= 1000:
+            raise ValueError("replicas: 0 <= min_replicas <= max_replicas <= 1000")
+
+
+class Scaling(Strict):
+    """What the monitor's ScaleAdvice is computed from (services/monitor/scaling.py): a service wants one
+    replica per `lag_per_replica` messages waiting or in flight, and at least one per `rate_per_replica`
+    messages a second it is processing, within its bounds."""
+
+    lag_per_replica: int = 100
+    """Backlog one replica is expected to carry (the seed's queue-depth alert is at 100)."""
+    rate_per_replica: float = 50.0
+    """Messages a second one replica is expected to process."""
+    scale_down_delay_s: float = 60.0
+    """Fewer replicas are advised only once fewer were wanted for this long (no flapping)."""
+    default: ScaleBounds = ScaleBounds()
+    services: dict[str, ScaleBounds] = msgspec.field(default_factory=lambda: {
+        "monitor": ScaleBounds(min_replicas=1, max_replicas=1)})
+    """Per service (`executor`, `worker-research`, …), over `default`. The monitor observes; it does not scale."""
+
+    def __post_init__(self) -> None:
+        if self.lag_per_replica < 1 or self.rate_per_replica <= 0 or self.scale_down_delay_s < 0:
+            raise ValueError("lag_per_replica >= 1, rate_per_replica > 0, scale_down_delay_s >= 0")
+
+    def bounds(self, service: str) -> ScaleBounds:
+        return self.services.get(service, self.default)
 
 
 BUILTIN_PROVIDERS = {"simulated": ProviderConfig(kind="simulated"), "local": ProviderConfig(kind="openai")}
@@ -482,6 +515,7 @@ class Policy(Strict):
     retry: Retry = Retry()
     alerting: Alerting = Alerting()
     """The monitor's alert rules (the seed's by default), where alerts are sent, and automated rollback."""
+    scaling: Scaling = Scaling()
 
     # --- what applies to one user: user section over tenant section over defaults ---
 

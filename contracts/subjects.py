@@ -207,3 +207,14 @@ KV_MONITOR = "corral_monitor"  # monitor: snapshots of its figures, the stream p
 
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_TASK_ID = "Corral-Task-Id"
+
+
+# --- scaling advice (core NATS, no stream: only the latest advice matters) ---------
+
+SCALE_ADVICE_PREFIX = f"{PREFIX}.scale.advice"
+ALL_SCALE_ADVICE = f"{SCALE_ADVICE_PREFIX}.>"
+
+
+def scale_advice(service: str) -> str:
+    """Where the monitor publishes ScaleAdvice for `service` (e.g. `worker-research`)."""
+    return f"{SCALE_ADVICE_PREFIX}.{service}"

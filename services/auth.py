@@ -87,7 +87,8 @@ PERMISSIONS: dict[str, Permissions] = {
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
                         subscribe=(s.BREAKER_PROBE, s.BREAKER_CONTROL)),
     "monitor": _service("monitor", publish=(s.kv_writes(s.KV_MONITOR), s.ALL_ALERTS, s.POLICY_ROLLED_BACK,
-                                            s.kv_writes(s.KV_POLICY)),  # the policy: automated rollback
+                                            s.kv_writes(s.KV_POLICY),  # the policy: automated rollback
+                                            s.ALL_SCALE_ADVICE),
                         subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS,
                                    s.MONITOR_ALERTS, s.MONITOR_SILENCE)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
@@ -103,7 +104,7 @@ PERMISSIONS: dict[str, Permissions] = {
                  s.BUDGET_COST, s.BREAKER_CONTROL, s.SIM_CONTROL, s.ALL_STATS, s.SERVICES_API, s.JS_API,
                  s.JS_FLOW_CONTROL, s.MONITOR_ALERTS, s.MONITOR_SILENCE),
         subscribe=(s.ALL_TASK_EVENTS, s.ALL_STEP_EVENTS, s.ALL_BREAKER, s.ALL_COST, s.ALL_DEAD_LETTERS,
-                   s.ALL_INBOXES, s.ALL_ALERTS, s.POLICY_ROLLED_BACK),
+                   s.ALL_INBOXES, s.ALL_ALERTS, s.POLICY_ROLLED_BACK, s.ALL_SCALE_ADVICE),
     ),
 }
 

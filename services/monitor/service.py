@@ -21,6 +21,7 @@ from services.monitor.handlers import Metrics
 from services.monitor.otel import OtelMetrics
 from services.monitor.snapshot import SnapshotStore, capture, restore
 from services.monitor.webhooks import WebhookSender
+from services.monitor.scaling import Backlog, Scaler
 from shared.bus import Bus
 from shared.config import Settings
 from shared.consume import decoder_for
@@ -144,13 +145,28 @@ async def _snapshot_every(store: SnapshotStore, metrics: Metrics, every_s: float
 
 async def _poll_queue_depth(bus: Bus, metrics: Metrics, policy: PolicyView, every_s: float,
                             stop: anyio.Event) -> None:
+    scaler = Scaler()
     while not stop.is_set():
         workers = [(s.STREAM_STEPS, s.consumer_worker(agent)) for agent in policy().agents]
+        backlogs = []
         for stream, durable in WATCHED + workers:
             try:
                 info = await bus.js.consumer_info(stream, durable)
             except Exception:  # not created yet, or the server is busy: try again next round
                 continue
             metrics.queue_depth[durable] = info.num_pending + info.num_ack_pending
+            backlogs.append(Backlog(durable=durable, pending=info.num_pending or 0,
+                                    ack_pending=info.num_ack_pending or 0,
+                                    acked=info.ack_floor.consumer_seq if info.ack_floor else 0))
+        await _advise(bus, scaler, backlogs, policy)
         with anyio.move_on_after(every_s):
             await stop.wait()
+
+
+async def _advise(bus: Bus, scaler: Scaler, backlogs: list[Backlog], policy: PolicyView) -> None:
+    """Publish each service's ScaleAdvice (services/monitor/scaling.py); a lost one is replaced next round."""
+    for advice in scaler.advise(backlogs, policy().scaling):
+        try:
+            await bus.notify(s.scale_advice(advice.service), advice)
+        except Exception as error:  # disconnected for a moment: the next round advises again
+            log.warning("scale advice for %s not published: %r", advice.service, error)
