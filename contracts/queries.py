@@ -253,6 +253,8 @@ class AlertsReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, AlertsQuery, SilenceAlert, AlertsReply)
+
+
 class ReservationReply(msgspec.Struct, frozen=True, kw_only=True):
     """The budget's answer to ExtendReservation."""
 

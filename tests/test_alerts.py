@@ -204,3 +204,26 @@ async def test_two_monitor_replicas_send_one_alert_between_them(settings, tenant
     assert isinstance(fired, Alert) and isinstance(resolved, AlertResolved)
     assert sum(c["fired"] for c in counts.values()) == 1
     assert sum(c["resolved"] for c in counts.values()) == 1
+
+
+async def test_corral_top_and_the_dashboards_samples_show_the_alerts_firing(settings, tenant):
+    from services.dashboard.samples import History, observe
+
+    await apply(settings, alerting_policy(ERRORS))
+    env = {**os.environ, **operator_env(settings), "CORRAL_NATS_URL": settings.nats_url, "COLUMNS": "160"}
+    async with Client.connect(settings, "test") as client, running(settings, "monitor"):
+        await client.wait_ready({"corral-monitor"}, timeout=20)
+        quiet = await observe(client, History(), 0.0)
+        await publish_tasks(client, tenant, "a", ok=0, failed=2)
+
+        async def firing():
+            return (await client.alerts()).firing
+        await wait_until(firing, timeout=20)
+        sample = await observe(client, History(), 1.0)
+        done = await anyio.run_process([sys.executable, "-m", "services.cli", "top", "--once"], env=env, check=False)
+    frame = done.stdout.decode()
+    assert quiet.alerts == []
+    assert [(a["rule"], a["severity"], a["scope"]) for a in sample.alerts] == [("errors", "critical", "all")]
+    assert done.returncode == 0, frame + done.stderr.decode()
+    alerts_row = next(line for line in frame.splitlines() if "errors" in line)
+    assert "critical" in alerts_row and "all" in alerts_row

@@ -10,7 +10,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,7 +24,6 @@ from rich.text import Text
 from services.cli.common import ConfigOption, NatsOption, call, console, fail
 
 if TYPE_CHECKING:
-    from contracts.queries import StatusReport
     from services.client import Client
     from services.dashboard.samples import Sample
 
@@ -81,40 +80,38 @@ def _alerts(alerts: list) -> Table:
     return table
 
 
-Status = Callable[[], Awaitable["StatusReport"]]
-
-
-async def _once(status: Status, console: Console) -> None:
+async def _once(client: Client, console: Console) -> None:
     """Print one frame: two reports a second apart, so the rates are there."""
-    from services.dashboard.samples import History
+    from services.dashboard.samples import History, observe
 
     history = History()
-    history.add(await status(), time.time())
+    await observe(client, history, time.time())
     await anyio.sleep(REFRESH_S)
-    console.print(frame(history.add(await status(), time.time())))
+    console.print(frame(await observe(client, history, time.time())))
 
 
-async def _live(status: Status, console: Console) -> None:
+async def _live(client: Client, console: Console) -> None:
     """Redraw every second until `q` (when stdin is a terminal) or Ctrl-C."""
-    from services.dashboard.samples import History
+    from services.dashboard.samples import History, observe
 
     history = History()
     quit_pressed = anyio.Event()
-    with _keys(quit_pressed), Live(frame(history.add(await status(), time.time())), console=console,
+    with _keys(quit_pressed), Live(frame(await observe(client, history, time.time())), console=console,
                                    auto_refresh=False, screen=console.is_terminal) as view:
         while not quit_pressed.is_set():
             with anyio.move_on_after(REFRESH_S):
                 await quit_pressed.wait()
             if not quit_pressed.is_set():
-                view.update(await _next_frame(status, history), refresh=True)
+                view.update(await _next_frame(client, history), refresh=True)
 
 
-async def _next_frame(status: Status, history) -> Group:
+async def _next_frame(client: Client, history) -> Group:
     """The next frame; while the monitor does not answer, the last one with a word on that."""
     from nats.errors import Error as NatsError
+    from services.dashboard.samples import observe
 
     try:
-        return frame(history.add(await status(), time.time()))
+        return frame(await observe(client, history, time.time()))
     except (TimeoutError, NatsError) as error:
         last = frame(history.samples[-1])
         return Group(last, Text(f"the monitor did not answer ({type(error).__name__}); retrying", style="red"))
@@ -156,7 +153,7 @@ def top(
         from nats.errors import NoRespondersError
 
         try:
-            await (_once if once else _live)(client.status, console)
+            await (_once if once else _live)(client, console)
         except NoRespondersError:
             fail(RuntimeError("no monitor answers: is the stack running? (`corral up`, or pass --nats)"), 3)
 

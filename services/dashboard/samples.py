@@ -7,7 +7,7 @@ view then starts its rates afresh rather than showing negative ones.
 
 Alerts and approvals are shown when the view is given them (`History.add(..., alerts=, approvals_waiting=)`,
 from wherever they are asked) or the report carries them (`alerts`, `approvals_waiting`); without either,
-the view says nothing of them.
+the view says nothing of them. `observe` asks the monitor for both its report and the alerts firing.
 """
 
 from __future__ import annotations
@@ -116,3 +116,15 @@ class History:
             cost_per_task_usd=report.cost_per_task_usd, queue_depth=dict(report.queue_depth),
             breakers=dict(report.breakers), alerts=_optional(report, "alerts"),
             approvals_waiting=len(waiting) if isinstance(waiting, list) else waiting if isinstance(waiting, int) else None)
+
+
+async def observe(client, history: History, at: float, timeout: float = 5.0) -> Sample:
+    """One sample from the monitor: its report, with the alerts firing (left out if it does not answer that)."""
+    from nats.errors import Error as NatsError
+
+    report = await client.status(timeout=timeout)
+    try:
+        firing = (await client.alerts(timeout=timeout)).firing
+    except (TimeoutError, NatsError, msgspec.DecodeError, msgspec.ValidationError):
+        firing = None
+    return history.add(report, at, alerts=firing)

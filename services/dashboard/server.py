@@ -27,7 +27,7 @@ from nats.errors import Error as NatsError
 from contracts.queries import TaskStatusQuery
 from services.client import Client
 from services.dashboard.errors import BadRequest, DashboardError, MethodNotAllowed, MonitorSilent, NotFound
-from services.dashboard.samples import History
+from services.dashboard.samples import History, observe
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -51,7 +51,7 @@ class Dashboard:
     async def sample_forever(self, stop: anyio.Event) -> None:
         while not stop.is_set():
             try:
-                self.history.add(await self.client.status(timeout=SAMPLE_EVERY_S * 3), self.clock())
+                await observe(self.client, self.history, self.clock(), timeout=SAMPLE_EVERY_S * 3)
                 self.sampled.set()
             except (TimeoutError, NatsError, msgspec.DecodeError, msgspec.ValidationError) as error:  # keep the hour
                 log.warning("the monitor did not answer: %r", error)
