@@ -153,6 +153,8 @@ class Subtask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     needs: Annotated[list[SubtaskId], msgspec.Meta(max_length=MAX_ITEMS)] = []
     tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
     max_tokens: OutputCap | None = None
+    requires_approval: bool = False
+    """A person approves the subtask's step before it runs (contracts/approvals.py)."""
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -295,6 +297,8 @@ class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     window: Label
     received_at: Timestamp | None = None
     """When Corral received the submission (see TaskValidated)."""
+    high_stakes_tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """The guard's TaskValidated.high_stakes_tools, carried on: the executor gates the steps that call them."""
 
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
@@ -365,6 +369,11 @@ class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
     """Unix seconds after which the step must not start (the task's deadline or the attempt's); 0: none."""
     subtask: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,32}$")] = ""
     """The subtask of an orchestrated task this step runs (empty: the task's own step, or its synthesis)."""
+    gated_tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """Tools the worker must not call without a person's approval: it stops the step before such a call and
+    reports it (StepCompleted.gated)."""
+    resume: Resume | None = None
+    """Go on from an approved gate: make the approved call, then carry on the conversation it carries."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
@@ -383,6 +392,9 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     model so."""
     first_token_ms: Millis | None = None
     """Milliseconds from the worker taking the step to the first streamed token (None: nothing streamed)."""
+    gated: GatedCall | None = None
+    """The step stopped before a call that needs approval (not a failure): `output` is empty, `usage` what it
+    used up to there; the executor asks for approval and, once given, resumes from the gate."""
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
@@ -500,3 +512,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", t
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)
 STEP_EVENTS = (StepRequested, StepCompleted, StepFailed)
 ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter)
+
+
+# The approvals' value types that steps carry (contracts/approvals.py builds on the types above, hence last).
+from contracts.approvals import GatedCall, Resume  # noqa: E402

@@ -180,7 +180,8 @@ class Budget:
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
                                 estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
-                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at)
+                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at,
+                                high_stakes_tools=task.high_stakes_tools)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
     # --- post ----------------------------------------------------------------------
