@@ -169,6 +169,7 @@ class Approval(msgspec.Struct, kw_only=True):
 
     request: ApprovalRequested
     status: ApprovalStatus = "pending"
+    opened_at: UnixSeconds = 0.0
     group: Label = ""
     """The reviewer group that may decide now."""
     deadline_at: UnixSeconds = 0.0
@@ -180,6 +181,13 @@ class Approval(msgspec.Struct, kw_only=True):
     arguments: Arguments = ""
     """The arguments approved (the request's or the reviewer's)."""
     history: Annotated[list[ApprovalDecided], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    announced: Count = 0
+    """Decisions of `history` published so far: fewer from a decision's write until its ApprovalDecided is out;
+    a replica that finds it so (its decider died in between) publishes the rest."""
+
+    @property
+    def unannounced(self) -> list[ApprovalDecided]:
+        return self.history[self.announced:]
 
 
 # --- commands and replies (request/reply on the approvals service) --------------------------------------------

@@ -40,7 +40,7 @@ SEED_SUFFIX = ".nk"
 OPERATOR = "operator"
 WORKER = "worker"
 TENANT_PREFIX = "tenant-"
-SERVICE_IDENTITIES = ("guard", "budget", "executor", "breaker", "monitor", WORKER)
+SERVICE_IDENTITIES = ("guard", "budget", "executor", "breaker", "monitor", "approvals", WORKER)
 DEFAULT_TENANTS = ("default",)
 """Tenants `corral up` makes a credential for when it makes the auth directory."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -81,10 +81,13 @@ PERMISSIONS: dict[str, Permissions] = {
                        subscribe=(s.BUDGET_SHOW, s.BUDGET_COST)),
     "executor": _service("executor", publish=(s.ALL_STEP_REQUESTED, s.ALL_COMPLETED, s.ALL_FAILED, s.ALL_PROGRESS,
                                               s.BREAKER_PROBE, s.kv_writes(s.KV_TASKS), s.kv_writes(s.KV_CACHE),
-                                              s.kv_writes(s.KV_BOARDS)),
+                                              s.kv_writes(s.KV_BOARDS), s.approval_requested("*")),
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
                         subscribe=(s.BREAKER_PROBE, s.BREAKER_CONTROL)),
+    "approvals": _service("approvals", publish=(s.approval_decided("*"), s.approval_reminder("*"),
+                                                s.kv_writes(s.KV_APPROVALS)),
+                          subscribe=(s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY, s.APPROVALS_DECIDE_ANY)),
     "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
@@ -95,9 +98,10 @@ PERMISSIONS: dict[str, Permissions] = {
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,
                  s.BUDGET_COST, s.BREAKER_CONTROL, s.SIM_CONTROL, s.ALL_STATS, s.SERVICES_API, s.JS_API,
-                 s.JS_FLOW_CONTROL),
+                 s.JS_FLOW_CONTROL, s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY,
+                 s.approvals_decide(OPERATOR)),
         subscribe=(s.ALL_TASK_EVENTS, s.ALL_STEP_EVENTS, s.ALL_BREAKER, s.ALL_COST, s.ALL_DEAD_LETTERS,
-                   s.ALL_INBOXES),
+                   s.ALL_INBOXES, s.ALL_APPROVAL_EVENTS),
     ),
 }
 

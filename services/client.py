@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Union
+from typing import Any, Union
 
 import anyio
 import msgspec
@@ -30,6 +30,15 @@ from contracts import (
     TaskSpec,
     TaskSubmitted,
     subjects,
+)
+from contracts.approvals import (
+    ApprovalEvents,
+    ApprovalHistory,
+    ApprovalList,
+    ApprovalReply,
+    DecideApproval,
+    ListApprovals,
+    ShowApproval,
 )
 from contracts.events import TASK_EVENTS
 from contracts.commands import ControlBreaker, SimulateDependency
@@ -217,6 +226,28 @@ class Client:
         query = msgspec.json.encode(CostQuery(task_id=task_id, tenant=tenant))
         reply = await self.bus.nc.request(subjects.BUDGET_COST, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
+
+
+    # --- approvals (services/approvals): any client may decide, as the identity it signed in with ---
+
+    async def _approvals(self, subject: str, command: msgspec.Struct, reply_type: type, timeout: float) -> Any:
+        reply = await self.bus.nc.request(subject, msgspec.json.encode(command), timeout=timeout)
+        if reply.headers and reply.headers.get("Nats-Service-Error"):
+            raise CorralError(f"the approvals service refused: {reply.headers['Nats-Service-Error']}")
+        return msgspec.json.decode(reply.data, type=reply_type)
+
+    async def decide_approval(self, command: DecideApproval, *, reviewer: str, timeout: float = 5.0) -> ApprovalReply:
+        """Send a decision as `reviewer`: the server lets an identity send on its own reviewer subject only."""
+        return await self._approvals(subjects.approvals_decide(reviewer), command, ApprovalReply, timeout)
+
+    async def approvals(self, query: ListApprovals, timeout: float = 5.0) -> ApprovalList:
+        return await self._approvals(subjects.APPROVALS_LIST, query, ApprovalList, timeout)
+
+    async def approval(self, query: ShowApproval, timeout: float = 5.0) -> ApprovalReply:
+        return await self._approvals(subjects.APPROVALS_SHOW, query, ApprovalReply, timeout)
+
+    async def approval_history(self, query: ApprovalHistory, timeout: float = 5.0) -> ApprovalEvents:
+        return await self._approvals(subjects.APPROVALS_HISTORY, query, ApprovalEvents, timeout)
 
 
 def _gather_s(gather_s: float | None, expect: int | None, default: float) -> float:
