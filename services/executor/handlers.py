@@ -38,6 +38,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -55,11 +56,12 @@ from contracts import (
     Usage,
     subjects,
 )
+from contracts.approvals import ApprovalDecided
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
 from contracts.boards import Board
-from services.executor import plans
+from services.executor import approvals, plans
 from services.executor.boards import new_board
 from services.executor.state import (
     PLANNING,
@@ -141,6 +143,9 @@ class Executor:
 
     async def on_step_failed(self, step: StepFailed) -> None:
         await self._decide(self._retry_or_fall_back, step)
+
+    async def on_approval(self, decision: ApprovalDecided) -> None:
+        await self._decide(partial(approvals.decided, self), decision)
 
     async def _decide(self, handler: Callable[[Any, bool], Awaitable[None]], event: Any) -> None:
         """Run `handler` on the record as this process last wrote it (no read), and again on a fresh
@@ -259,15 +264,19 @@ class Executor:
         record, revision, cursor = await self._current(step, fresh)
         if record is None:
             return
+        if step.gated is not None:  # stopped before a call that needs a person's approval
+            await approvals.gate(self, record, revision, cursor, step)
+            return
+        step_usage = approvals.with_gates(cursor, step.usage)
         if isinstance(cursor, SubtaskState):
-            cursor.status, cursor.output, cursor.usage = "completed", step.output, step.usage
+            cursor.status, cursor.output, cursor.usage = "completed", step.output, step_usage
             await self._plan_advanced(record, revision, step.step_id)
             return
         if record.phase == "planning":
             await self._planned(record, revision, step)
             return
         strategy = record.chain[record.strategy]
-        usage = plans.total_usage(record, step.usage) if record.subtasks else step.usage
+        usage = plans.total_usage(record, step_usage) if record.subtasks else step_usage
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=usage, attempts=record.steps + sum(sub.steps for sub in record.subtasks),
                                   model=step.model,
@@ -581,6 +590,7 @@ class Executor:
             request = StepRequested(**common, agent=task.spec.agent, prompt=task.spec.prompt,
                                     messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
                                     tools=task.spec.tools)
+        request = approvals.gated_request(record, cursor, request)
         part = request.subtask or {"planning": "plan", "synthesis": "synthesis"}.get(record.phase, "")
         if not part:
             await self.emit(subjects.step_requested(request.agent), request)

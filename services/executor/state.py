@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 
 from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec, TokenEstimate, Usage
+from contracts.approvals import GatedCall, Resume
 from contracts.events import Plan, StepEvent, Subtask
 from contracts.policy import Strategy
 
@@ -16,6 +17,30 @@ SubtaskStatus = Literal["waiting", "running", "completed", "failed", "cancelled"
 Phase = Literal["single", "planning", "subtasks", "board", "synthesis"]
 PLANNING, SYNTHESIS = "=plan", "=synthesis"
 """The step ids' part for a task's planning and synthesis steps: `=` is in no subtask id."""
+
+
+class ApprovalWait(msgspec.Struct, kw_only=True):
+    """A step stopped at a gate (services/executor/approvals.py): which approval it waits for, and what to resume."""
+
+    approval_id: str
+    gated: GatedCall
+    step_id: str
+    """The step that stopped."""
+    since: float
+    deadline_extended: bool = False
+
+
+class Gates(msgspec.Struct, kw_only=True):
+    """A step cursor's approvals: the one it waits for, the resume its current step carries, what the steps
+    that stopped at gates used."""
+
+    waiting: ApprovalWait | None = None
+    resume: Resume | None = None
+    resume_step: str = ""
+    """The step that carries `resume` (a later retry of it does not)."""
+    usage: Usage | None = None
+    approved: list[str] = []
+    """Approvals given so far, in order."""
 
 
 class SubtaskState(msgspec.Struct, kw_only=True):
@@ -36,6 +61,7 @@ class SubtaskState(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     error: str = ""
     """Why it failed (its last attempt's error)."""
+    gates: Gates | None = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -75,6 +101,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     plan_mistake: str = ""
     """Why the manager's first plan was refused (it is asked once more, told why)."""
     planning_usage: Usage | None = None
+    gates: Gates | None = None
+    """The approvals of the record's own step (services/executor/approvals.py)."""
 
     def cursor_of(self, step: str) -> TaskRecord | SubtaskState | None:
         """What waits for `step`: the record's own step (the task's, or its synthesis) or a running subtask."""

@@ -21,7 +21,7 @@ from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgre
 from contracts.events import ErrorClass, clip
 from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
-from services.workers import telemetry
+from services.workers import gates, telemetry
 from services.workers.agent import AgentLoop, MaxTurnsReached
 from services.workers.conversation import Provider, Tool
 from services.workers.errors import CircuitOpen, ProviderError, UnknownProvider
@@ -120,6 +120,9 @@ class Worker:
                          trace_content=self.trace_content)
         try:
             answer = await loop.run()
+        except gates.Gated as gate:  # waits for a person: not a failure
+            return gates.completed(step, gate, self.worker_id, dependency=run.model, latency_ms=run.elapsed_ms(),
+                                   calls=run.calls, refused_tool_calls=loop.refused)
         except CircuitOpen as closed:
             return run.failed(closed.dependency, "transient", str(closed), breaker_open=True)
         except MaxTurnsReached as error:

@@ -1,0 +1,138 @@
+"""Approval gates end to end on a real nats-server: a step stops before a high-stakes tool call, the task waits,
+a reviewer decides, and only the gated call runs (once), with the conversation carried over so nothing before
+the gate runs again. The high-stakes tool is the built-in http_get against a loopback site that counts hits;
+the simulated model calls every tool it is offered once, its prompt as the arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+
+import anyio
+import msgspec
+import pytest
+
+from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskSpec
+from contracts.approvals import Approval, DecideApproval, ListApprovals
+from contracts.policy import ApprovalRules, Defaults, ToolRules, WorkerSettings
+from services.client import Client, new_task_id
+from tests.conftest import stack, wait_until
+from tests.signals import example_policy, signals
+from tests.test_tools import Site, answer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+SERVICES = ("guard", "budget", "executor", "breaker", "approvals", "worker:research")
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    """The side effect: every fetch of /pay or /refund is one."""
+    server = Site({"/pay": lambda h: answer(h, 200, b"paid"), "/refund": lambda h: answer(h, 200, b"refunded")})
+    server.thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def gated_policy(site: Site, **rules):
+    policy = example_policy()
+    defaults = msgspec.structs.replace(
+        policy.defaults, tools=ToolRules(allowed=["search", "http_get"], high_stakes=["http_get"]),
+        approvals=ApprovalRules(reviewers={"reviewers": ["operator", "alice", "bob"]}, **rules))
+    return msgspec.structs.replace(policy, defaults=defaults, workers=WorkerSettings(http_allowed_hosts=[site.host]))
+
+
+def pay(site: Site, path: str = "/pay") -> TaskSpec:
+    return TaskSpec(agent="research", prompt=site.url(path), tools=["search", "http_get"])
+
+
+@asynccontextmanager
+async def gated_stack(settings, site: Site, **rules):
+    async with stack(settings, *SERVICES, policy=gated_policy(site, **rules)) as client, signals(client) as heard, \
+            anyio.create_task_group() as tg:
+        client.runs = tg
+        yield client, heard
+
+
+class Run:
+    """A task submitted and followed to its end in the background, while the test decides its approvals."""
+
+    def __init__(self, client: Client, spec: TaskSpec, tenant: str, user: str) -> None:
+        self.task_id, self.end = new_task_id(), None
+        client.runs.start_soon(self._follow, client, spec, tenant, user)
+
+    async def _follow(self, client: Client, spec: TaskSpec, tenant: str, user: str) -> None:
+        self.end = await client.run(spec, tenant=tenant, user=user, task_id=self.task_id, timeout=60)
+
+    async def ended(self):
+        async def end():
+            return self.end
+
+        return await wait_until(end, timeout=60)
+
+
+async def waiting_approval(client: Client, task_id: str, tenant: str = "default") -> Approval:
+    async def found():
+        listed = await client.approvals(ListApprovals(tenant=tenant))
+        return next((a for a in listed.approvals if a.request.task_id == task_id), None)
+
+    return await wait_until(found, timeout=20)
+
+
+def decide(approval: Approval, decision: str, **fields) -> DecideApproval:
+    return DecideApproval(tenant=approval.request.tenant, approval_id=approval.request.approval_id,
+                          decision=decision, **fields)
+
+
+async def test_a_high_stakes_call_waits_for_approval_then_runs_once_and_the_steps_before_it_do_not_run_again(
+        settings, site, tenant, user):
+    async with gated_stack(settings, site) as (client, heard):
+        run = Run(client, pay(site), tenant, user)
+        task_id = run.task_id
+        approval = await waiting_approval(client, task_id)
+        status = await client.task_status(task_id, tenant=tenant)
+        hits_while_waiting = site.hits
+        first = await client.decide_approval(decide(approval, "approve", reason="expected"), reviewer="alice")
+        again = await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        raced = await client.decide_approval(decide(approval, "deny", reason="no"), reviewer="bob")
+        end = await run.ended()
+        steps = heard.of(StepRequested, task_id=task_id)
+        outcomes = heard.of(StepCompleted, task_id=task_id)
+    assert (approval.request.tool, approval.request.arguments) == ("http_get", f'{{"url":"{site.url("/pay")}"}}')
+    assert approval.request.rule == "high_stakes_tool" and approval.request.usage_so_far.total > 0
+    assert status.status == "waiting_for_approval" and status.waiting_for_approval == [approval.request.approval_id]
+    assert hits_while_waiting == 0
+    assert first.ok and again.ok and "already approved by you" in again.message
+    assert not raced.ok and "already approved by alice" in raced.message
+    assert isinstance(end, TaskCompleted), end
+    assert site.hits == 1  # the approved call, once
+    gated_step, resumed = steps
+    assert gated_step.gated_tools == ["http_get"] and gated_step.resume is None
+    assert resumed.resume is not None and resumed.step_id == f"{gated_step.step_id}=r1"
+    carried = [turn.name for turn in resumed.resume.turns if turn.role == "tool"]
+    assert carried == ["search"]  # the search before the gate is carried as a result, not run again
+    stopped, finished = sorted(outcomes, key=lambda o: o.step_id)
+    assert [c.dependency for c in stopped.calls] == ["simulated/sim-large", "tool/search"]
+    assert [c.dependency for c in finished.calls] == ["tool/http_get", "simulated/sim-large"]
+    assert end.usage.total == stopped.usage.total + finished.usage.total
+
+
+async def test_a_denied_call_never_runs_and_the_task_fails_with_the_reviewers_reason(settings, site, tenant, user):
+    async with gated_stack(settings, site) as (client, _):
+        run = Run(client, pay(site), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        await client.decide_approval(decide(approval, "deny", reason="not this quarter"), reviewer="bob")
+        end = await run.ended()
+    assert isinstance(end, TaskFailed) and site.hits == 0
+    assert f"approval {approval.request.approval_id} was denied by bob: not this quarter" in end.error
+
+
+async def test_an_edited_call_runs_with_the_reviewers_arguments(settings, site, tenant, user):
+    async with gated_stack(settings, site) as (client, _):
+        run = Run(client, pay(site), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        edited = f'{{"url":"{site.url("/refund")}"}}'
+        await client.decide_approval(decide(approval, "edit", arguments=edited), reviewer="alice")
+        end = await run.ended()
+    assert isinstance(end, TaskCompleted), end
+    assert site.hits == 1 and "refunded" not in end.output  # the simulated model writes its own text
