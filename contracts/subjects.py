@@ -217,6 +217,12 @@ def approvals_decide(reviewer: str) -> str:
     return f"{PREFIX}.approvals.decide.{reviewer}"
 
 
+def reviewer_inbox(reviewer: str) -> str:
+    """The inbox prefix of a reviewer's connections: its replies, where no other reviewer listens. Inside
+    `_INBOX.>`, so the approvals service may answer there (services reply on `_INBOX.>`), unlike a tenant's."""
+    return f"{INBOX}.reviewer_{reviewer}"
+
+
 def decide_reviewer(subject: str) -> str | None:
     """The reviewer a decision was sent by (its subject's last token), or None if that is no valid id."""
     reviewer = subject.removeprefix(f"{PREFIX}.approvals.decide.")

@@ -81,10 +81,11 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, name: str = "client", *,
-                      tenant: str | None = None) -> AsyncIterator[Client]:
-        """Connect as an operator, or with `tenant` as that tenant's publisher (settings.nats_credentials is
-        then its credential)."""
-        async with Bus.connect(settings, name, tenant=tenant) as bus:
+                      tenant: str | None = None, reviewer: str | None = None) -> AsyncIterator[Client]:
+        """Connect as an operator, or with `tenant` as that tenant's publisher, or with `reviewer` as that
+        reviewer (settings.nats_credentials is then its credential)."""
+        inbox = subjects.reviewer_inbox(reviewer) if reviewer else None
+        async with Bus.connect(settings, name, tenant=tenant, inbox=inbox) as bus:
             yield cls(bus, tenant)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:

@@ -9,6 +9,7 @@
     breakers.py   the `breakers` group: list, force-open, force-closed, release
     sim.py        the `sim` group: fail, slow, recover a simulated dependency
     auth.py       the `auth` group: init, show, revoke identities
+    approvals.py  the `approvals` group: list, show, approve, deny, edit, history
 
 To add a command group, write one module with `app = typer.Typer(help=...)` and its
 commands, importing nothing of this package but `common`, and register it below with one
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import auth, breakers, budget, contracts, policy, sim, stack, tasks
+from services.cli import approvals, auth, breakers, budget, contracts, policy, sim, stack, tasks
 
 app = typer.Typer(help="Corral: a control plane for AI agents over NATS JetStream.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -33,3 +34,4 @@ app.add_typer(budget.app, name="budget")
 app.add_typer(breakers.app, name="breakers")
 app.add_typer(sim.app, name="sim")
 app.add_typer(auth.app, name="auth")
+app.add_typer(approvals.app, name="approvals")
