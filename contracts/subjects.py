@@ -241,3 +241,4 @@ STREAM_APPROVALS = "CORRAL_APPROVALS"
 KV_APPROVALS = "corral_approvals"  # approvals
 CONSUMER_APPROVALS = "approvals"
 CONSUMER_EXECUTOR_APPROVALS = "executor-approvals"
+CONSUMER_BUDGET_APPROVALS = "budget-approvals"

@@ -21,7 +21,7 @@ from contracts.approvals import (
 )
 from contracts.policy import ApprovalRules, Policy, TenantPolicy
 from services.client import Client
-from tests.conftest import Clock, running, wait_until
+from tests.conftest import Clock, mid_window_clock, running, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 _decided = msgspec.json.Decoder(ApprovalDecided).decode
@@ -167,3 +167,40 @@ async def test_an_approval_after_the_deadline_is_refused_and_says_so(settings):
     assert not reply.ok
     # refused by the deadline itself, or by the timeout the tick applied at it: either way, too late
     assert "deadline" in reply.message and reply.approval.status in ("pending", "timed_out")
+
+
+async def test_a_task_waiting_for_approval_keeps_its_budget_hold_past_the_hold_timeout_until_decided(
+        settings, tenant, user):
+    from datetime import timedelta
+
+    from tests.test_budget import _status, budget, validated
+    from tests.test_budget import decide as admit
+
+    clock = Clock(mid_window_clock()())
+    quick = settings.with_changes(budget_hold_timeout_s=60.0, budget_sweep_s=0.2)
+    async with budget(quick, clock=clock) as client:
+        await admit(client, validated("w1", tenant, user, 300))  # waits for a person
+        await admit(client, validated("w2", tenant, user, 300))  # does not: the sweep's witness
+        asked = request("w1", tenant=tenant, user=user)
+        await client.bus.emit(subjects.approval_requested(tenant), asked)
+        await wait_until(lambda: _held(client, tenant, user, "w1", waiting=True))
+        clock.now += timedelta(hours=2)
+        await wait_until(lambda: _status(client, "w2", "expired"))  # the sweep passed, after the timeout
+        kept = await client.cost("w1")
+        await client.bus.emit(subjects.approval_decided(tenant), ApprovalDecided(
+            task_id="w1", tenant=tenant, user=user, approval_id=asked.approval_id, outcome="approved", seq=1))
+        await wait_until(lambda: _held(client, tenant, user, "w1", waiting=False))
+        clock.now += timedelta(minutes=2)  # the hold's clock restarted at the decision
+        expired = await wait_until(lambda: _status(client, "w1", "expired"))
+    assert kept.status != "expired" and expired.status == "expired"
+
+
+async def _held(client, tenant: str, user: str, task_id: str, *, waiting: bool) -> bool:
+    from services.budget.handlers import user_key
+    from services.budget.ledger import Account
+    from shared.kv import TypedBucket
+
+    accounts = TypedBucket(await client.bus.bucket(subjects.KV_BUDGET), Account, Account)
+    account = await accounts.get(user_key(tenant, user))
+    hold = account.holds.get(task_id) if account else None
+    return hold is not None and hold.waiting == waiting

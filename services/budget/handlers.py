@@ -271,7 +271,7 @@ class Budget:
         cutoff = self.clock().timestamp() - self.hold_timeout_s
         expired: list[str] = []
         async for key, account in self.accounts.scan(ACCOUNT_KEYS):
-            stale = [task_id for task_id, hold in account.holds.items() if hold.since < cutoff]
+            stale = [task_id for task_id, hold in account.holds.items() if hold.since < cutoff and not hold.waiting]
             if stale:  # open ones expire; closed ones left unsettled (a replica died in between) settle
                 closed_now = await self.accounts.update(key, partial(ledger.expire, cutoff=cutoff))
                 for task_id in stale:
