@@ -136,3 +136,15 @@ async def test_an_edited_call_runs_with_the_reviewers_arguments(settings, site, 
         end = await run.ended()
     assert isinstance(end, TaskCompleted), end
     assert site.hits == 1 and "refunded" not in end.output  # the simulated model writes its own text
+
+
+async def test_an_approval_nobody_decides_by_its_deadline_fails_the_task_and_a_late_approval_is_refused(
+        settings, site, tenant, user):
+    async with gated_stack(settings, site, deadline_s=1.0) as (client, _):
+        run = Run(client, pay(site), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        end = await run.ended()
+        late = await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+    assert isinstance(end, TaskFailed) and site.hits == 0
+    assert f"approval {approval.request.approval_id} timed out: no decision by the deadline" in end.error
+    assert not late.ok and "already timed_out by its deadline" in late.message
