@@ -36,7 +36,7 @@ from contracts.events import (
 )
 
 ApprovalId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-"""`a` and 24 hex digits of the gated step's id: the same step always asks under the same id."""
+"""32 hex digits of the gated step's id's hash: the same step always asks under the same id."""
 Arguments = Annotated[str, msgspec.Meta(max_length=65_536)]
 """A tool call's arguments, as the JSON object text the model wrote (or the reviewer edited)."""
 CallId = Annotated[str, msgspec.Meta(max_length=256)]
@@ -249,7 +249,7 @@ class ApprovalEvents(msgspec.Struct, frozen=True, kw_only=True):
 
 def approval_id(step_id: str) -> str:
     """The id of the approval a step asks for: derived from the step, so a redelivered gate asks the same."""
-    return "a" + hashlib.sha256(step_id.encode()).hexdigest()[:24]
+    return hashlib.sha256(step_id.encode()).hexdigest()[:32]
 
 
 def approval_key(tenant: str, approval: str) -> str:

@@ -66,7 +66,8 @@ async def test_a_reviewers_credential_decides_as_that_reviewer_and_one_outside_t
 
 
 @pytest.mark.refused
-async def test_the_server_refuses_a_decision_sent_on_another_reviewers_subject(settings, site, tenant, user):  # noqa: F811
+async def test_the_server_refuses_a_decision_sent_on_another_reviewers_subject(
+        settings, site, tenant, user):  # noqa: F811 (the fixture)
     async with gated_stack(settings, site) as (client, _):
         run = Run(client, pay(site), tenant, user)
         approval = await waiting_approval(client, run.task_id)

@@ -35,7 +35,7 @@ def policy(rules: ApprovalRules = RULES) -> Policy:
 
 def request(task_id: str, **fields) -> ApprovalRequested:
     return ApprovalRequested(**{"task_id": task_id, "tenant": "acme", "user": "u1",
-                                "approval_id": "a" + uuid.uuid4().hex[:24], "step_id": f"acme/{task_id}-s0a1",
+                                "approval_id": uuid.uuid4().hex, "step_id": f"acme/{task_id}-s0a1",
                                 "agent": "research", "tool": "send_email", "arguments": '{"to":"ceo"}', **fields})
 
 
@@ -84,7 +84,8 @@ async def test_a_request_waits_for_its_tenants_first_group_and_is_approved_by_on
                                                                               "leads")
 
 
-async def _first(decided: list[ApprovalDecided], approval_id: str, outcome: str | None = None) -> ApprovalDecided | None:
+async def _first(decided: list[ApprovalDecided], approval_id: str,
+                 outcome: str | None = None) -> ApprovalDecided | None:
     return next((event for event in decided if event.approval_id == approval_id
                  and outcome in (None, event.outcome)), None)
 

@@ -17,7 +17,14 @@ import msgspec
 from nats.micro.request import Request
 
 from contracts import subjects as s
-from contracts.approvals import Approval, ApprovalHistory, ApprovalRequested, DecideApproval, ListApprovals, ShowApproval
+from contracts.approvals import (
+    Approval,
+    ApprovalHistory,
+    ApprovalRequested,
+    DecideApproval,
+    ListApprovals,
+    ShowApproval,
+)
 from services.approvals.handlers import Approvals
 from shared.bus import Bus
 from shared.config import Settings

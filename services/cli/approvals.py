@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Optional, TypeVar
 
 import msgspec
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from contracts.approvals import (
@@ -75,8 +76,9 @@ def list_(
         table.add_column(name, overflow="fold")
     for approval in reply.approvals:
         request = approval.request
-        table.add_row(request.approval_id, request.tenant, request.task_id, f"{request.tool} {request.arguments}",
-                      request.rule, approval.group, _when(approval.deadline_at), approval.status)
+        call = escape(f"{request.tool} {request.arguments}")
+        table.add_row(request.approval_id, request.tenant, request.task_id, call, request.rule, approval.group,
+                      _when(approval.deadline_at), approval.status)
     console.print(table)
 
 
@@ -95,21 +97,22 @@ def show(approval_id: IdArgument, tenant: TenantOption = "default", as_json: Jso
 def print_approval(approval: Approval) -> None:
     request = approval.request
     usage = request.usage_so_far
-    console.print(f"approval {request.approval_id} ({approval.status}) of task {request.task_id} "
-                  f"(tenant {request.tenant}, user {request.user}, step {request.step_id})", soft_wrap=True)
-    console.print(f"  would run: {request.tool} {request.arguments}", soft_wrap=True)
-    console.print(f"  why: {request.rule}: {request.why}", soft_wrap=True)
+    console.print(f"approval {request.approval_id} ({approval.status}) of task {request.task_id} (tenant "
+                  f"{request.tenant}, user {request.user}, step {request.step_id})", soft_wrap=True, markup=False)
+    console.print(f"  would run: {request.tool} {request.arguments}", soft_wrap=True, markup=False)
+    console.print(f"  why: {request.rule}: {request.why}", soft_wrap=True, markup=False)
     console.print(f"  so far: {usage.total} tokens, ${request.cost_so_far_usd:.6f}; estimate "
-                  f"{request.estimate_tokens} tokens; asked by {request.requested_by or request.agent}")
-    console.print(f"  group {approval.group}, deadline {_when(approval.deadline_at)} UTC")
+                  f"{request.estimate_tokens} tokens; asked by {request.requested_by or request.agent}", markup=False)
+    console.print(f"  group {approval.group}, deadline {_when(approval.deadline_at)} UTC", markup=False)
     for event in approval.history:
-        console.print(f"  {_line(event)}", soft_wrap=True)
+        console.print(f"  {_line(event)}", soft_wrap=True, markup=False)
 
 
 def _line(event: ApprovalRequested | ApprovalDecided | ApprovalReminder) -> str:
     when = f"{event.occurred_at:%Y-%m-%d %H:%M:%S}"
     if isinstance(event, ApprovalRequested):
-        return f"{when} requested {event.approval_id} (task {event.task_id}): {event.tool} {event.arguments} [{event.rule}]"
+        return (f"{when} requested {event.approval_id} (task {event.task_id}): {event.tool} {event.arguments} "
+                f"[{event.rule}]")
     if isinstance(event, ApprovalReminder):
         return f"{when} reminded {event.approval_id}: group {event.group}, deadline {_when(event.deadline_at)}"
     by = f" by {event.reviewer}" if event.reviewer else ""
@@ -118,7 +121,7 @@ def _line(event: ApprovalRequested | ApprovalDecided | ApprovalReminder) -> str:
 
 def _refused_exits(reply: ApprovalReply) -> None:
     if not reply.ok:
-        console.print(f"[red]refused[/]: {reply.message}", soft_wrap=True)
+        console.print(f"[red]refused[/]: {escape(reply.message)}", soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -127,7 +130,7 @@ def _decide(nats: str | None, config: Path | None, command: DecideApproval) -> N
     _refused_exits(reply)
     approval = reply.approval
     console.print(f"{approval.request.approval_id}: {approval.status} by {approval.decided_by}"
-                  + (" (already)" if "already" in reply.message else ""), soft_wrap=True)
+                  + (" (already)" if "already" in reply.message else ""), soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -164,4 +167,4 @@ def history(
     """Every request, decision, timeout and escalation, oldest first: who, when, what, why."""
     reply = _call(nats, config, lambda client, _: client.approval_history(ApprovalHistory(tenant=tenant, task_id=task)))
     for event in reply.events:
-        console.print(_line(event), soft_wrap=True)
+        console.print(_line(event), soft_wrap=True, markup=False)
