@@ -205,3 +205,41 @@ async def _held(client, tenant: str, user: str, task_id: str, *, waiting: bool) 
     account = await accounts.get(user_key(tenant, user))
     hold = account.holds.get(task_id) if account else None
     return hold is not None and hold.waiting == waiting
+
+
+GARBAGE = b"\x00not json {"
+NESTED = b'{"tenant": "acme", "approval_id": "x", "decision": "approve", "reason": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+
+
+async def test_nonsense_on_every_endpoint_is_answered_with_why_and_a_bad_record_is_quarantined_not_fatal(
+        settings):
+    from tests.test_poison import dead_letters
+
+    async with approvals(settings) as client:
+        nc = client.bus.nc
+        asked = request("t7")
+        await opened(client, asked)
+        await (await client.bus.bucket(subjects.KV_APPROVALS)).put("acme.poisoned", GARBAGE)
+        replies = {subject: await nc.request(subject, payload, timeout=5)
+                   for subject, payload in ((subjects.APPROVALS_LIST, GARBAGE), (subjects.APPROVALS_SHOW, b"{}"),
+                                            (subjects.APPROVALS_HISTORY, b'{"limit": -1}'),
+                                            (subjects.approvals_decide("alice"), NESTED))}
+        await nc.publish(subjects.approval_requested("acme"), GARBAGE)  # (a core publish: the stream stores it)
+        letters = await wait_until(lambda: _letters(client, dead_letters), timeout=15)
+        poisoned = await client.decide_approval(DecideApproval(tenant="acme", approval_id="poisoned",
+                                                               decision="approve"), reviewer="alice")
+        still = await client.decide_approval(decide(asked, "approve"), reviewer="alice")
+    for subject, reply in replies.items():
+        assert reply.headers and reply.headers.get("Nats-Service-Error"), subject  # an error reply, with why
+    assert "ValidationError" in replies[subjects.APPROVALS_HISTORY].headers["Nats-Service-Error"]
+    assert {letter.subject for letter in letters} >= {subjects.approval_requested("acme"),
+                                                        f"$KV.{subjects.KV_APPROVALS}.acme.poisoned"}
+    assert not poisoned.ok and "no approval poisoned" in poisoned.message
+    assert still.ok  # the service kept serving
+
+
+async def _letters(client: Client, dead_letters):
+    if (await client.bus.js.stream_info(subjects.STREAM_DLQ)).state.messages < 2:
+        return None
+    letters = [letter for letter in await dead_letters(client.bus.js) if letter.service == "approvals"]
+    return letters if len(letters) >= 2 else None
