@@ -110,9 +110,12 @@ class ApprovalRequested(Event, frozen=True, kw_only=True, tag="approval.requeste
     step_id: StepId
     agent: Token
     subtask: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_=-]{0,32}$")] = ""
-    tool: ToolName
+    tool: ToolName | None = None
+    """The tool call that would run; None: the whole step waits, before it starts (`step_input`)."""
     arguments: Arguments = "{}"
     rule: Rule = "high_stakes_tool"
+    step_input: Message = ""
+    """A step that waits before it starts: what its agent would be asked (its start)."""
     why: Message = ""
     usage_so_far: Usage = Usage(input_tokens=0, output_tokens=0)
     cost_so_far_usd: Usd = 0.0

@@ -14,6 +14,7 @@ import pytest
 
 from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskSpec
 from contracts.approvals import Approval, DecideApproval, ListApprovals
+from contracts.events import Plan, Subtask
 from contracts.policy import ApprovalRules, Defaults, ToolRules, WorkerSettings
 from services.client import Client, new_task_id
 from tests.conftest import stack, wait_until
@@ -148,3 +149,42 @@ async def test_an_approval_nobody_decides_by_its_deadline_fails_the_task_and_a_l
     assert isinstance(end, TaskFailed) and site.hits == 0
     assert f"approval {approval.request.approval_id} timed out: no decision by the deadline" in end.error
     assert not late.ok and "already timed_out by its deadline" in late.message
+
+
+async def test_a_plan_subtask_that_requires_approval_waits_before_it_starts_while_the_others_run(
+        settings, site, tenant, user):
+    plan = Plan(subtasks=[Subtask(id="facts", agent="research", instruction="Gather the facts."),
+                          Subtask(id="wire", agent="research", instruction="Wire the refund.", requires_approval=True)],
+                synthesis="research")
+    spec = TaskSpec(agent="research", prompt="Refund the customer.", orchestration="centralized", plan=plan)
+    async with gated_stack(settings, site) as (client, heard):
+        run = Run(client, spec, tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        facts_done = await heard.first(StepCompleted, task_id=run.task_id)
+        asked_so_far = [r.subtask for r in heard.of(StepRequested, task_id=run.task_id)]
+        edit = await client.decide_approval(decide(approval, "edit", arguments="{}"), reviewer="alice")
+        await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        end = await run.ended()
+        asked = [r.subtask for r in heard.of(StepRequested, task_id=run.task_id)]
+    assert (approval.request.rule, approval.request.tool, approval.request.subtask) == ("requires_approval", None,
+                                                                                        "wire")
+    assert approval.request.step_input == "Wire the refund."
+    assert facts_done.step_id.endswith("-facts-s0a1") and asked_so_far == ["facts"]  # the other part ran meanwhile
+    assert not edit.ok and "no arguments to edit" in edit.message
+    assert isinstance(end, TaskCompleted), end
+    assert sorted(asked) == ["", "facts", "wire"]  # each part once, then the synthesis
+
+
+@pytest.mark.parametrize("rules, rule, why", [
+    ({"agents": ["research"]}, "agent_kind", "every step of agent kind 'research' is reviewed"),
+    ({"cost_above_tokens": 100}, "cost_above", "the task's estimate of 396 tokens is above 100")])
+async def test_a_step_a_policy_rule_reviews_waits_before_it_starts_and_a_denial_fails_the_task(
+        settings, site, tenant, user, rules, rule, why):
+    async with gated_stack(settings, site, **rules) as (client, heard):
+        run = Run(client, TaskSpec(agent="research", prompt="Summarise the design"), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        await client.decide_approval(decide(approval, "deny", reason="not today"), reviewer="bob")
+        end = await run.ended()
+    assert (approval.request.rule, approval.request.why) == (rule, why)
+    assert isinstance(end, TaskFailed) and "denied by bob: not today" in end.error
+    assert heard.of(StepRequested, task_id=run.task_id) == []  # nothing ran

@@ -52,7 +52,7 @@ def decide(record: Approval, command: DecideApproval, reviewer: str, rules: Appr
                            f"{command.approval_id} is for group {record.group!r} ({', '.join(members) or 'nobody'})")
     arguments = record.request.arguments
     if command.decision == "edit":
-        arguments = _edited(command, rules)
+        arguments = _edited(command, rules, record)
     if command.decision == "deny" and not command.reason.strip():
         raise ReasonMissing("a denial needs a reason (--reason): the task fails with it")
     event = _event(record, outcome, reviewer=reviewer, reason=command.reason, arguments=arguments,
@@ -62,7 +62,9 @@ def decide(record: Approval, command: DecideApproval, reviewer: str, rules: Appr
     return event
 
 
-def _edited(command: DecideApproval, rules: ApprovalRules) -> str:
+def _edited(command: DecideApproval, rules: ApprovalRules, record: Approval) -> str:
+    if record.request.tool is None:
+        raise EditRefused("this approval is of a whole step, not of a tool call: there are no arguments to edit")
     if not rules.allow_edit:
         raise EditRefused("this tenant's policy does not allow editing a call's arguments (approvals.allow_edit)")
     try:

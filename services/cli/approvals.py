@@ -99,7 +99,8 @@ def print_approval(approval: Approval) -> None:
     usage = request.usage_so_far
     console.print(f"approval {request.approval_id} ({approval.status}) of task {request.task_id} (tenant "
                   f"{request.tenant}, user {request.user}, step {request.step_id})", soft_wrap=True, markup=False)
-    console.print(f"  would run: {request.tool} {request.arguments}", soft_wrap=True, markup=False)
+    what = f"{request.tool} {request.arguments}" if request.tool else f"the {request.agent} step: {request.step_input}"
+    console.print(f"  would run: {what}", soft_wrap=True, markup=False)
     console.print(f"  why: {request.rule}: {request.why}", soft_wrap=True, markup=False)
     console.print(f"  so far: {usage.total} tokens, ${request.cost_so_far_usd:.6f}; estimate "
                   f"{request.estimate_tokens} tokens; asked by {request.requested_by or request.agent}", markup=False)

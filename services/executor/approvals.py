@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from contracts import StepCompleted, StepRequested, TaskProgress, Usage, subjects
-from contracts.approvals import ApprovalDecided, ApprovalRequested, Resume, ToolCallSpec, approval_id
+from contracts.approvals import ApprovalDecided, ApprovalRequested, Resume, Rule, ToolCallSpec, approval_id
 from contracts.events import clip
+from contracts.policy import Policy
 from services.executor.state import ApprovalWait, Gates, SubtaskState, TaskRecord
 
 if TYPE_CHECKING:
@@ -48,6 +49,44 @@ def gated_request(record: TaskRecord, cursor: Cursor, request: StepRequested) ->
     return msgspec.structs.replace(request, gated_tools=gated, resume=resume)
 
 
+def hold_before(executor: Executor, record: TaskRecord, cursor: Cursor, agent: str) -> None:
+    """A step just scheduled that a rule says a person approves first waits (before it is published)."""
+    rule = _step_rule(executor.policy(), record, cursor, agent)
+    if rule is None:
+        return
+    gates = cursor.gates or Gates()
+    # its own id: a call of the same step may wait for another approval later
+    gates.waiting = ApprovalWait(approval_id=approval_id(f"{cursor.step_id}=start"), gated=None, step_id=cursor.step_id,
+                                 since=executor.clock(), rule=rule[0], why=rule[1])
+    cursor.gates, cursor.step_deadline = gates, 0.0  # no deadline: the sweep leaves a waiting step alone
+
+
+def _step_rule(policy: Policy, record: TaskRecord, cursor: Cursor, agent: str) -> tuple[Rule, str] | None:
+    """Which rule makes this step wait for a person before it starts, and why; None: none does."""
+    if cursor.gates is not None and cursor.gates.step_approved:
+        return None
+    rules = policy.approvals_for(record.task.tenant)
+    if isinstance(cursor, SubtaskState) and cursor.spec.requires_approval:
+        return "requires_approval", f"the plan's subtask {cursor.spec.id!r} requires approval"
+    if agent in rules.agents:
+        return "agent_kind", f"every step of agent kind {agent!r} is reviewed"
+    estimate = record.task.estimate.total
+    if rules.cost_above_tokens is not None and estimate > rules.cost_above_tokens:
+        return "cost_above", f"the task's estimate of {estimate} tokens is above {rules.cost_above_tokens}"
+    return None
+
+
+def waits_to_start(cursor: Cursor) -> bool:
+    return cursor.gates is not None and cursor.gates.waiting is not None and cursor.gates.waiting.gated is None
+
+
+async def ask_to_start(executor: Executor, record: TaskRecord, cursor: Cursor, agent: str) -> None:
+    """Publish the request for a step that waits before it starts (again, on a republish: dropped)."""
+    wait, task = cursor.gates.waiting, record.task
+    what = cursor.spec.instruction if isinstance(cursor, SubtaskState) else task.spec.prompt
+    await _publish_request(executor, record, cursor, wait, agent=agent, step_input=clip(what, 2048))
+
+
 def waiting_ids(record: TaskRecord) -> list[str]:
     """The approvals the task waits for (`corral status`)."""
     return [cursor.gates.waiting.approval_id for cursor in (record, *record.subtasks)
@@ -70,18 +109,26 @@ async def gate(executor: Executor, record: TaskRecord, revision: int, cursor: Cu
 
 async def _ask(executor: Executor, record: TaskRecord, cursor: Cursor, wait: ApprovalWait,
                step: StepCompleted) -> None:
-    task, call = record.task, wait.gated.call
+    await _publish_request(executor, record, cursor, wait, agent=step.agent, model=step.model)
+
+
+async def _publish_request(executor: Executor, record: TaskRecord, cursor: Cursor, wait: ApprovalWait, *,
+                           agent: str, model: str = "", step_input: str = "") -> None:
+    task, gated = record.task, wait.gated
     so_far = Usage.sum([record.usage, record.planning_usage, *(sub.usage for sub in record.subtasks),
                         cursor.gates.usage if cursor.gates else None])
-    price = executor.policy().price_of(step.model)
+    price = executor.policy().price_of(model or cursor.chain[cursor.strategy].model)
+    what = f"{gated.call.name} {gated.call.arguments}" if gated else f"the step: {step_input}"
     await executor.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
-        task_id=task.task_id, tenant=task.tenant, user=task.user, stage="waiting_approval", step_id=step.step_id,
-        message=clip(f"waiting for approval {wait.approval_id}: {call.name} {call.arguments}")))
+        task_id=task.task_id, tenant=task.tenant, user=task.user, stage="waiting_approval", step_id=wait.step_id,
+        message=clip(f"waiting for approval {wait.approval_id}: {what}")))
+    call = dict(tool=gated.call.name, arguments=gated.call.arguments, rule=gated.rule, why=gated.why,
+                requested_by=gated.worker) if gated else dict(rule=wait.rule, why=wait.why, step_input=step_input,
+                                                              requested_by="executor")
     await executor.emit(subjects.approval_requested(task.tenant), ApprovalRequested(
         task_id=task.task_id, tenant=task.tenant, user=task.user, approval_id=wait.approval_id,
-        step_id=step.step_id, agent=step.agent, subtask=cursor.spec.id if isinstance(cursor, SubtaskState) else "",
-        tool=call.name, arguments=call.arguments, rule=wait.gated.rule, why=wait.gated.why, usage_so_far=so_far,
-        cost_so_far_usd=price.cost(so_far), estimate_tokens=task.estimate.total, requested_by=wait.gated.worker))
+        step_id=wait.step_id, agent=agent, subtask=cursor.spec.id if isinstance(cursor, SubtaskState) else "",
+        usage_so_far=so_far, cost_so_far_usd=price.cost(so_far), estimate_tokens=task.estimate.total, **call))
 
 
 def _waiting_for(record: TaskRecord, approval: str) -> Cursor | None:
@@ -119,13 +166,20 @@ async def _resume(executor: Executor, record: TaskRecord, revision: int, cursor:
     gates, now = cursor.gates, executor.clock()
     wait = gates.waiting
     record.deadline_at += now - wait.since  # the wait does not count against the task's deadline
+    strategy = cursor.chain[cursor.strategy]
+    if wait.gated is None:  # the step waited to start: it starts now, as scheduled
+        gates.waiting, gates.step_approved = None, True
+        gates.approved = [*gates.approved, event.approval_id]
+        cursor.not_before, cursor.step_deadline = now, now + min(strategy.timeout_s, record.deadline_at - now)
+        await executor._record(record, revision, event.approval_id)
+        await executor._publish_step(record, cursor)
+        return
     call = wait.gated.call
     approved = ToolCallSpec(id=call.id, name=call.name, arguments=event.arguments or call.arguments)
     gates.approved = [*gates.approved, event.approval_id]
     gates.resume = Resume(approval_id=event.approval_id, call=approved, turns=wait.gated.turns,
                           after=wait.gated.after, approved=gates.approved)
     gates.waiting = None
-    strategy = cursor.chain[cursor.strategy]
     cursor.step_id = gates.resume_step = f"{wait.step_id.split(RESUMED)[0]}{RESUMED}{len(gates.approved)}"
     cursor.not_before = now
     cursor.step_deadline = now + min(strategy.timeout_s, record.deadline_at - now)

@@ -419,6 +419,7 @@ class Executor:
             cursor.steps += 1
             cursor.not_before = now + wait
             cursor.step_deadline = cursor.not_before + min(current.timeout_s, record.deadline_at - cursor.not_before)
+            approvals.hold_before(self, record, cursor, _agent_of(record, cursor))
             return None
         # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
         last = next((a for a in reversed(cursor.attempts) if a.dependency != CACHE_DEPENDENCY),
@@ -554,6 +555,9 @@ class Executor:
 
     async def _publish_step(self, record: TaskRecord, cursor: TaskRecord | SubtaskState | None = None) -> None:
         task, cursor = record.task, cursor or record
+        if approvals.waits_to_start(cursor):  # a person approves it first
+            await approvals.ask_to_start(self, record, cursor, _agent_of(record, cursor))
+            return
         strategy = cursor.chain[cursor.strategy]
         if cursor.steps > 1:
             last = cursor.attempts[-1] if cursor.attempts else None

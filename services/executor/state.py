@@ -23,10 +23,13 @@ class ApprovalWait(msgspec.Struct, kw_only=True):
     """A step stopped at a gate (services/executor/approvals.py): which approval it waits for, and what to resume."""
 
     approval_id: str
-    gated: GatedCall
+    gated: GatedCall | None
+    """The call held back; None: the step waits before it starts (a rule of the policy or the plan)."""
     step_id: str
-    """The step that stopped."""
+    """The step that stopped (or waits to start)."""
     since: float
+    rule: str = "high_stakes_tool"
+    why: str = ""
     deadline_extended: bool = False
 
 
@@ -41,6 +44,8 @@ class Gates(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     approved: list[str] = []
     """Approvals given so far, in order."""
+    step_approved: bool = False
+    """The cursor's step-level approval was given: its later attempts do not wait again."""
 
 
 class SubtaskState(msgspec.Struct, kw_only=True):
