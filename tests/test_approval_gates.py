@@ -188,3 +188,16 @@ async def test_a_step_a_policy_rule_reviews_waits_before_it_starts_and_a_denial_
     assert (approval.request.rule, approval.request.why) == (rule, why)
     assert isinstance(end, TaskFailed) and "denied by bob: not today" in end.error
     assert heard.of(StepRequested, task_id=run.task_id) == []  # nothing ran
+
+
+async def test_a_distributed_subtask_that_would_call_a_high_stakes_tool_fails_without_calling_it(
+        settings, site, tenant, user):
+    plan = Plan(subtasks=[Subtask(id="pay", agent="research", instruction=site.url("/pay"),
+                                  tools=["search", "http_get"])], synthesis="research")
+    spec = TaskSpec(agent="research", prompt="Pay the invoice.", orchestration="distributed", plan=plan,
+                    tools=["search", "http_get"])
+    async with gated_stack(settings, site) as (client, _):
+        run = Run(client, spec, tenant, user)
+        end = await run.ended()
+    assert isinstance(end, TaskFailed), end
+    assert "high-stakes tool 'http_get', which needs approval" in end.error and site.hits == 0
