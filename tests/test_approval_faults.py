@@ -69,15 +69,15 @@ def assert_once(held, cost, site) -> None:
     assert cost.tokens == sum(step.usage.total for step in held.completed)  # each step billed once
 
 
-async def test_executor_workers_and_budget_killed_while_a_task_waits_then_approved_complete_it_once_billed_once(
+async def test_executor_workers_budget_and_approvals_killed_while_a_task_waits_then_approved_complete_it_once(
         settings, site, tenant, user, tmp_path):
     stack = services(settings, tmp_path / "logs", env=ENV)
     try:
         task_id, approval = await waiting_task(settings, site, stack, tenant, user)
         for proc in list(stack.processes):
-            if proc.name in ("executor", "budget", "worker-research"):
+            if proc.name in ("executor", "budget", "worker-research", "approvals"):
                 proc.kill()  # SIGKILL while the task waits
-        start(stack, *KILLED)
+        start(stack, *KILLED, "approvals")
         held, cost = await approve_and_count(settings, site, task_id, approval, tenant)
     finally:
         stack.stop()

@@ -243,3 +243,33 @@ async def _letters(client: Client, dead_letters):
         return None
     letters = [letter for letter in await dead_letters(client.bus.js) if letter.service == "approvals"]
     return letters if len(letters) >= 2 else None
+
+
+async def test_a_pending_approval_is_reminded_every_period_until_decided(settings):
+    from contracts.approvals import ApprovalReminder
+
+    clock = Clock(3_000_000.0)
+    rules = msgspec.structs.replace(RULES, remind_every_s=10.0)
+    async with approvals(settings, clock, rules) as client:
+        reminders: list[ApprovalReminder] = []
+        decode = msgspec.json.Decoder(ApprovalReminder).decode
+
+        async def heard(msg) -> None:
+            reminders.append(decode(msg.data))
+
+        sub = await client.bus.nc.subscribe(subjects.approval_reminder("acme"), cb=heard)
+        asked = request("t8")
+        await opened(client, asked)
+        for n in (1, 2):
+            clock.now += 10
+            await wait_until(lambda: _count(reminders, n))
+        await client.decide_approval(decide(asked, "approve"), reviewer="bob")
+        await wait_until(lambda: _first(client.decided, asked.approval_id))
+        await sub.unsubscribe()
+        shown = await client.approval(ShowApproval(tenant="acme", approval_id=asked.approval_id))
+    assert [(r.seq, r.group) for r in reminders] == [(1, "leads"), (2, "leads")]
+    assert shown.approval.reminders == 2 and shown.approval.status == "approved"
+
+
+async def _count(items: list, n: int) -> bool:
+    return len(items) >= n
