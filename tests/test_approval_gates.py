@@ -201,3 +201,33 @@ async def test_a_distributed_subtask_that_would_call_a_high_stakes_tool_fails_wi
         end = await run.ended()
     assert isinstance(end, TaskFailed), end
     assert "high-stakes tool 'http_get', which needs approval" in end.error and site.hits == 0
+
+
+async def test_a_subtask_stopped_at_a_gate_waits_while_the_rest_of_the_plan_goes_on_and_resumes_once_approved(
+        settings, site, tenant, user):
+    plan = Plan(subtasks=[Subtask(id="facts", agent="research", instruction="Gather the facts."),
+                          Subtask(id="pay", agent="research", instruction="Pay the invoice.",
+                                  tools=["search", "http_get"]),
+                          Subtask(id="notes", agent="research", instruction="Write it up.", needs=["facts"])],
+                synthesis="research")
+    spec = TaskSpec(agent="research", prompt="Close the month.", orchestration="centralized", plan=plan,
+                    tools=["search", "http_get"])
+    async with gated_stack(settings, site) as (client, heard):
+        run = Run(client, spec, tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+
+        async def others_done():
+            done = {c.step_id.split("-")[-2] for c in heard.of(StepCompleted, task_id=run.task_id) if not c.gated}
+            return done >= {"facts", "notes"}
+
+        await wait_until(others_done)
+        status = await client.task_status(run.task_id, tenant=tenant)
+        await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        end = await run.ended()
+        asked = heard.of(StepRequested, task_id=run.task_id)
+    assert approval.request.subtask == "pay" and approval.request.tool == "http_get"
+    assert status.status == "waiting_for_approval"  # facts and notes ended; pay waits; no synthesis yet
+    assert isinstance(end, TaskCompleted), end
+    pay = [r for r in asked if r.subtask == "pay"]
+    assert len(pay) == 2 and pay[1].step_id == f"{pay[0].step_id}=r1" and pay[1].resume is not None
+    assert sorted(r.subtask for r in asked) == ["", "facts", "notes", "pay", "pay"]  # each part once, resumed once
