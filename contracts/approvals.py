@@ -193,6 +193,17 @@ class Approval(msgspec.Struct, kw_only=True):
         return self.history[self.announced:]
 
 
+class ApprovedCall(msgspec.Struct, kw_only=True):
+    """The workers' note of an approved call (`corral_approved_calls`, key `<tenant>.<approval id>`): made before
+    the call, completed with its result after it. A worker that finds a note does not make the call again: it
+    reuses the result, or, when the note has none (the worker that made it stopped during the call), tells the
+    model the outcome is unknown. So the approved side effect happens at most once, whatever crashes."""
+
+    worker: Label
+    started_at: UnixSeconds
+    result: AgentTurn | None = None
+
+
 # --- commands and replies (request/reply on the approvals service) --------------------------------------------
 
 

@@ -239,6 +239,7 @@ APPROVALS_HISTORY = f"{PREFIX}.approvals.history"  # ApprovalHistory -> Approval
 APPROVALS_DECIDE_ANY = f"{PREFIX}.approvals.decide.*"  # DecideApproval -> ApprovalReply
 STREAM_APPROVALS = "CORRAL_APPROVALS"
 KV_APPROVALS = "corral_approvals"  # approvals
+KV_APPROVED_CALLS = "corral_approved_calls"  # workers: each approved call, noted before it is made
 CONSUMER_APPROVALS = "approvals"
 CONSUMER_EXECUTOR_APPROVALS = "executor-approvals"
 CONSUMER_BUDGET_APPROVALS = "budget-approvals"

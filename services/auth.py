@@ -94,7 +94,8 @@ PERMISSIONS: dict[str, Permissions] = {
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
     # Pool members also claim and answer subtasks on boards, and the one that ends a distributed task says so.
     WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
-                                   s.kv_writes(s.KV_BOARDS), s.ALL_COMPLETED, s.ALL_FAILED),
+                                   s.kv_writes(s.KV_BOARDS), s.ALL_COMPLETED, s.ALL_FAILED,
+                                   s.kv_writes(s.KV_APPROVED_CALLS)),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,

@@ -103,3 +103,42 @@ async def test_the_nats_server_restarted_on_its_store_while_a_task_waits_loses_n
         stack.stop()
         await server.stop()
     assert_once(held, cost, site)
+
+
+async def test_a_worker_killed_during_the_approved_call_does_not_make_it_twice(
+        settings, tenant, user, tmp_path):
+    import threading
+
+    from tests.test_tools import Site, answer
+
+    arrived, release = threading.Event(), threading.Event()
+
+    def pay(handler) -> None:  # the side effect happens, and the answer waits until the worker is gone
+        arrived.set()
+        release.wait(30)
+        answer(handler, 200, b"paid")
+
+    slow = Site({"/pay": pay})
+    slow.thread.start()
+    stack = services(settings, tmp_path / "logs", env=ENV)
+    try:
+        task_id, approval = await waiting_task(settings, slow, stack, tenant, user)
+        async with Client.connect(settings, "test") as client:
+            await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+            await wait_until(lambda: _set(arrived), timeout=30)
+            next(proc for proc in stack.processes if proc.name == "worker-research" and proc.alive()).kill()
+            release.set()
+            start(stack, "worker")
+            held, cost = await approve_and_count(settings, slow, task_id, approval, tenant)
+    finally:
+        stack.stop()
+        slow.shutdown()
+        slow.server_close()
+    assert len(held.ends) == 1 and isinstance(held.ends[0], TaskCompleted), held.ends
+    assert slow.hits == 1  # not made again by the worker the step went to next
+    resumed = [r for r in held.requested if r.resume is not None]
+    assert len(resumed) == 1  # the same resumed step, delivered again; the executor asked once
+
+
+async def _set(event) -> bool:
+    return event.is_set()

@@ -55,7 +55,8 @@ def conversation(step: StepRequested, system_prompt: str) -> list[Turn]:
 class AgentLoop:
     def __init__(self, step: StepRequested, provider: Provider, tools: dict[str, Tool], call: Call, *,
                  model_dependency: str, max_turns: int, max_tool_output_chars: int, system_prompt: str = "",
-                 on_text: OnText | None = None, trace_content: bool = False) -> None:
+                 on_text: OnText | None = None, trace_content: bool = False,
+                 approved_calls: gates.ApprovedCalls | None = None) -> None:
         self.step = step
         self.provider = provider
         self.tools = tools
@@ -72,6 +73,8 @@ class AgentLoop:
         self.first_token_s: float | None = None
         self.gated = set(step.gated_tools)
         """Tools not to call without approval (services/workers/gates.py)."""
+        self.approved_calls = approved_calls
+        """Makes a resumed step's approved call at most once over every worker (None: this loop alone)."""
 
     async def run(self) -> Answer:
         if self.step.resume is not None:  # on from an approved gate: its call first, without asking the model
@@ -92,6 +95,9 @@ class AgentLoop:
         for n, tool_call in enumerate(calls):
             if tool_call.name in self.gated and tool_call.id != approved:
                 raise gates.stop_before(tool_call, self.messages, calls[n + 1:], self.usage, turns)
+            if approved and tool_call.id == approved and self.approved_calls is not None:
+                self.messages.append(await self.approved_calls.once(self.step, lambda: self._tool_turn(tool_call)))
+                continue
             self.messages.append(await self._tool_turn(tool_call))
 
     async def _ask(self) -> Completion:

@@ -10,9 +10,39 @@ the calls made before the gate, whose results are in the conversation it is give
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+
 from contracts import StepCompleted, StepRequested, Usage
-from contracts.approvals import AgentTurn, GatedCall, Resume, ToolCallSpec
+from contracts.approvals import AgentTurn, ApprovedCall, GatedCall, Resume, ToolCallSpec, approval_key
 from services.workers.conversation import ToolCall, Turn
+from shared.kv import TypedBucket
+
+
+class ApprovedCalls:
+    """Makes an approved call at most once over every worker: a note in `corral_approved_calls` before the call
+    (KV create: one worker wins), its result in the note after it."""
+
+    def __init__(self, notes: TypedBucket[ApprovedCall], worker: str, clock: Callable[[], float] = time.time) -> None:
+        self.notes = notes
+        self.worker = worker
+        self.clock = clock
+
+    async def once(self, step: StepRequested, make: Callable[[], Awaitable[Turn]]) -> Turn:
+        resume = step.resume
+        key = approval_key(step.tenant, resume.approval_id)
+        mine = ApprovedCall(worker=self.worker, started_at=self.clock())
+        note = await self.notes.create(key, mine)
+        if note is not mine:  # made, or begun, by another worker (this step's earlier delivery)
+            if note.result is not None:
+                return _turn(note.result)
+            return Turn(role="tool", tool_call_id=resume.call.id, name=resume.call.name, is_error=True,
+                        content=f"the approved call's outcome is unknown: worker {note.worker} stopped while making "
+                                f"it, and it is not made twice")
+        turn = await make()
+        mine.result = _agent_turn(turn)
+        await self.notes.put(key, mine)
+        return turn
 
 
 class Gated(Exception):
@@ -34,9 +64,12 @@ def stop_before(tool_call: ToolCall, messages: list[Turn], after: list[ToolCall]
 
 def resumed(resume: Resume) -> tuple[list[Turn], list[ToolCall]]:
     """The conversation at the gate, and the calls to make first: the approved one, then those after it."""
-    turns = [Turn(role=t.role, content=t.content, name=t.name, tool_call_id=t.tool_call_id, is_error=t.is_error,
-                  tool_calls=[_call(call) for call in t.tool_calls]) for t in resume.turns]
-    return turns, [_call(resume.call), *(_call(call) for call in resume.after)]
+    return [_turn(t) for t in resume.turns], [_call(resume.call), *(_call(call) for call in resume.after)]
+
+
+def _turn(t: AgentTurn) -> Turn:
+    return Turn(role=t.role, content=t.content, name=t.name, tool_call_id=t.tool_call_id, is_error=t.is_error,
+                tool_calls=[_call(call) for call in t.tool_calls])
 
 
 def completed(step: StepRequested, gate: Gated, worker: str, **outcome) -> StepCompleted:

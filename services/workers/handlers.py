@@ -46,7 +46,7 @@ class Worker:
     def __init__(self, worker_id: str, providers: Providers | dict[str, Provider], emit: Emit, *,
                  tools: Tools | None = None, gate: BreakerGate | None = None, clock: Clock = time.time,
                  notify: Emit | None = None, policy: Callable[[], Policy] = lambda: DEFAULT_POLICY,
-                 trace_content: bool = False) -> None:
+                 trace_content: bool = False, approved_calls: gates.ApprovedCalls | None = None) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
@@ -57,6 +57,7 @@ class Worker:
         self.clock = clock
         self.policy = policy
         self.trace_content = trace_content
+        self.approved_calls = approved_calls
 
     async def on_step(self, step: StepRequested) -> None:
         provider = self.providers.get(step.provider)
@@ -117,7 +118,7 @@ class Worker:
                          max_turns=agent.max_turns if agent else AgentPolicy.max_turns,
                          max_tool_output_chars=policy.workers.max_tool_output_chars,
                          system_prompt=agent.system_prompt if agent else "", on_text=deltas.feed,
-                         trace_content=self.trace_content)
+                         trace_content=self.trace_content, approved_calls=self.approved_calls)
         try:
             answer = await loop.run()
         except gates.Gated as gate:  # waits for a person: not a failure
