@@ -45,13 +45,21 @@ _history = msgspec.json.Decoder(ApprovalHistory).decode
 _encode = msgspec.json.encode
 
 
+DECIDED_KEPT_S = 30 * 86_400.0
+"""A decided approval's record is kept as long as its events (CORRAL_APPROVALS): the audit outlives neither."""
+
+
+def _kept_for(record: Approval) -> float | None:
+    return None if record.status == "pending" else DECIDED_KEPT_S
+
+
 async def run(settings: Settings, stop: anyio.Event, clock=time.time) -> None:
     async with Bus.connect(settings, NAME) as bus:
         kv, policy_kv = await bus.bucket(s.KV_APPROVALS), await bus.policy_bucket()
         quarantine = Quarantine(bus.js, NAME)
         policy = await PolicyView.load(policy_kv, quarantine)
-        approvals = Approvals(policy, TypedBucket(kv, Approval, lambda: None, quarantine=quarantine), bus.emit,
-                              clock=clock)
+        records = TypedBucket(kv, Approval, lambda: None, expires=_kept_for, quarantine=quarantine)
+        approvals = Approvals(policy, records, bus.emit, clock=clock)
         requests = Consumer(bus, s.STREAM_APPROVALS,
                             consumer_config(settings, s.CONSUMER_APPROVALS, s.ALL_APPROVAL_REQUESTED),
                             decoder_for(ApprovalRequested), approvals.on_requested)
