@@ -48,7 +48,7 @@ integration: $(STAMP) $(LITELLM_STAMP)  ## tests on a real nats-server
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans and approvals (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans, the savings of caching, tiering and compaction, and approvals (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
@@ -56,6 +56,8 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.consume
 	$(PY) -m tests.bench.agents
 	$(PY) -m tests.bench.orchestration
+	$(PY) -m tests.bench.savings
+	$(PY) -m tests.bench.batching
 	$(PY) -m tests.bench.approvals
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code

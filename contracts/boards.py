@@ -23,7 +23,10 @@ from contracts.events import (
     OnFailure,
     Subtask,
     TaskAdmitted,
+    TaskCompleted,
+    TaskFailed,
     Text,
+    TokenSum,
     UnixSeconds,
     Usage,
 )
@@ -52,6 +55,13 @@ class Entry(msgspec.Struct, kw_only=True):
     error: Message = ""
     step_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_=/-]{0,256}$")] = ""
     """The step id its usage was posted under (one per claim)."""
+    steps: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    """Steps its claims ran, over every strategy (its usage is the answering one's)."""
+    estimate: TokenSum = 0
+    """Tokens its claim expects it to use (its prompt and output cap), until its usage is known: what the next
+    claimer counts as taken when it works out whether the task's reservation covers its own part."""
+    extended: TokenSum = 0
+    """Tokens the budget reserved for it beyond the task's reservation (posted with its result)."""
 
 
 class Board(msgspec.Struct, kw_only=True):
@@ -68,6 +78,18 @@ class Board(msgspec.Struct, kw_only=True):
     deadline_at: UnixSeconds
     ended: Literal["", "completed", "failed"] = ""
     """Set by the one writer that ends the task (the synthesis's holder, or whoever fails it)."""
+    planning_usage: Usage | None = None
+    """The manager's, when it made the plan: part of the task's usage."""
+    planning_steps: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    """The manager's steps (0: the publisher sent the plan): part of the task's attempts."""
+    outcome: TaskCompleted | TaskFailed | None = None
+    """The task's end, written in the write that ended the board: its writer publishes it, and the executor,
+    seeing the board end, publishes it again (the stream stores it once), so a writer that dies in between
+    loses nothing."""
+    trace: Annotated[dict[Annotated[str, msgspec.Meta(max_length=32)], Annotated[str, msgspec.Meta(max_length=512)]],
+                     msgspec.Meta(max_length=4)] = {}
+    """The task's trace context (W3C `traceparent`, `tracestate`) where the executor wrote the board: each pool
+    member's work on a part joins the task's trace under it (one trace per task, in every mode)."""
 
 
 ENDED_BOARD_TTL_S = 24 * 3600.0

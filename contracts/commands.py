@@ -11,7 +11,8 @@ from typing import Literal
 
 import msgspec
 
-from contracts.events import CONTRACT_VERSION, DependencyKey, ErrorClass, Label, Seconds, StepId, Version
+from contracts.events import (CONTRACT_VERSION, DependencyKey, ErrorClass, Label, Seconds, StepId, SubtaskId, TaskId,
+                             Token, TokenCount, Version)
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -59,4 +60,18 @@ class SimulateDependency(Command, frozen=True, kw_only=True, tag="sim.control"):
     """With error rate_limited: the retry-after the dependency answers with."""
 
 
-COMMAND_CONTRACTS = (AcquireProbe, ControlBreaker, SimulateDependency)
+class ExtendReservation(Command, frozen=True, kw_only=True, tag="budget.extend"):
+    """Reserve more for a running task, for one part of it (a subtask, or its synthesis) that would take it past
+    what it holds: from the user's windows and the tenant's, as at admission.
+
+    Idempotent per (task, part): asking again for the same part answers as the first time did."""
+
+    tenant: Token
+    user: Token
+    task_id: TaskId
+    part: SubtaskId
+    """The subtask's id, or `synthesis`."""
+    tokens: TokenCount
+
+
+COMMAND_CONTRACTS = (AcquireProbe, ControlBreaker, SimulateDependency, ExtendReservation)

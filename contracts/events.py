@@ -125,7 +125,8 @@ RejectReason = Literal[
     "tool_forbidden",
 ]
 
-FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded"]
+FailReason = Literal["attempts_exhausted", "permanent_error", "breaker_open", "deadline_exceeded", "over_budget"]
+"""over_budget: a part of a plan needed more than the task had reserved, and the budget could not give it."""
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -248,6 +249,27 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     counted against its new state."""
 
 
+class CacheHit(msgspec.Struct, frozen=True, kw_only=True):
+    """A step answered without its model call: from the response cache or by another task's call in flight."""
+
+    source: Literal["exact", "semantic", "coalesced"]
+    saved: Usage
+    """What the model call that made the answer used: the tokens this step did not spend."""
+    cost_avoided_usd: Usd = 0.0
+    """`saved` at the model's price, less what the step was billed."""
+    similarity: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = 1.0
+    """Semantic hits: the cosine similarity of this request and the cached one."""
+    stored_at: UnixSeconds = 0.0
+
+
+class PromptCompacted(msgspec.Struct, frozen=True, kw_only=True):
+    """The step's prompt was compacted before the model saw it (an agent's `compaction` policy)."""
+
+    tokens_before: TokenCount
+    tokens_after: TokenCount
+    dropped_turns: Count = 0
+
+
 # --- the task's life ----------------------------------------------------------
 
 
@@ -301,6 +323,20 @@ class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     """The guard's TaskValidated.high_stakes_tools, carried on: the executor gates the steps that call them."""
 
 
+PartStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
+
+
+class PartState(msgspec.Struct, frozen=True, kw_only=True):
+    """One part of an orchestrated task (a subtask, or the synthesis, id `synthesis`) as its coordinator saw it."""
+
+    id: SubtaskId
+    agent: Token
+    status: PartStatus
+    """waiting (planned, not started), running (started, or claimed on a board), completed, failed, cancelled."""
+    tokens: TokenSum = 0
+    """What it used, once it answered."""
+
+
 class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     stage: Label
     message: Message
@@ -310,6 +346,8 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="task.progress"):
     """The step it is about, when it is about one."""
     seq: Count = 0
     """Stage `streaming`: the piece's number in its step (1, 2, …), `message` being the answer's next text."""
+    parts: Annotated[list[PartState], msgspec.Meta(max_length=MAX_ITEMS + 1)] = []
+    """Stage `plan`: every subtask's state and the synthesis's, in the plan's order (the synthesis last)."""
 
     def dedup_key(self) -> str:
         return f"{self.task_ref}:{self.step_id or self.attempt}:progress.{self.stage}:{self.worker}:{self.seq}"
@@ -392,6 +430,9 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     model so."""
     first_token_ms: Millis | None = None
     """Milliseconds from the worker taking the step to the first streamed token (None: nothing streamed)."""
+    cache: CacheHit | None = None
+    """Set when the answer came from the cache (or a coalesced call); `usage` is then what was billed."""
+    compaction: PromptCompacted | None = None
     gated: GatedCall | None = None
     """The step stopped before a call that needs approval (not a failure): `output` is empty, `usage` what it
     used up to there; the executor asks for approval and, once given, resumes from the gate."""

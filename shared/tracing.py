@@ -76,6 +76,22 @@ def _consumer_span(name: str, headers: Mapping[str, str] | None, attributes: dic
 
 
 @contextmanager
+def within(headers: Mapping[str, str]) -> Iterator[None]:
+    """Make the trace in `headers` current (no span of its own), e.g. for work a bucket watch started: what the
+    block's spans and publishes make joins it."""
+    carried = {k: headers[k] for k in TRACE_HEADERS if k in headers}
+    if _tracer is None:
+        with _Carrying(carried):
+            yield
+        return
+    token = context.attach(propagate.extract(carried))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+@contextmanager
 def producing(name: str, attributes: dict[str, str]) -> Iterator[Span | None]:
     """A PRODUCER span for a message that starts a trace (e.g. a task submission)."""
     if _tracer is None:  # no export here, but later hops may export: start the trace id anyway

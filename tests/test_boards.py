@@ -33,7 +33,7 @@ from contracts import (
     subjects,
 )
 from contracts.boards import SYNTHESIS_ID, Board, Entry, ended_board_ttl
-from contracts.events import Subtask
+from contracts.events import Plan, Subtask
 from contracts.policy import DEFAULT_POLICY, OrchestrationLimits
 from services import auth
 from services.client import Client
@@ -72,7 +72,7 @@ def board_of(subtasks: list[Subtask], *, user: str = "u-boards", synthesis: str 
     now = time.time() if now is None else now
     spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration=mode)
     task = TaskAdmitted(task_id=f"t-{uuid.uuid4().hex[:10]}", tenant=TENANT, user=user, spec=spec,
-                        estimate=TokenEstimate(prompt_tokens=20, max_output_tokens=400), reserved_tokens=420,
+                        estimate=TokenEstimate(prompt_tokens=2_000, max_output_tokens=8_000), reserved_tokens=10_000,
                         window="2026-12-01")
     return Board(task=task, mode=mode, on_failure=on_failure, entries=[Entry(spec=sub) for sub in subtasks],
                  synthesis=Entry(spec=Subtask(id="synthesis", agent=synthesis, instruction="Put them together.")),
@@ -164,8 +164,8 @@ def test_a_failure_under_fail_fast_ends_the_task_naming_the_subtask_and_under_be
 
 def test_the_synthesis_answer_ends_the_task_in_the_same_write_with_every_entrys_usage():
     board = with_status(board_of([FACTS, NOTES], now=100.0), "facts", "completed", usage=Usage(
-        input_tokens=100, output_tokens=20), claims=2)
-    board = with_status(board, "notes", "failed", error="timeout", claims=1)
+        input_tokens=100, output_tokens=20), claims=2, steps=2)
+    board = with_status(board, "notes", "failed", error="timeout", claims=1, steps=1)
     board = claimed(board, SYNTHESIS_ID, "m", now=100.0, lease_s=10.0)
     after, end = answered(board, SYNTHESIS_ID, answer(board, SYNTHESIS_ID, "the answer"), now=101.0)
     assert after.ended == "completed" and after.synthesis.status == "completed"
@@ -532,3 +532,25 @@ async def test_a_board_nothing_changes_on_for_the_stall_time_fails_its_task_once
                          "waiting), the synthesis (writing, waiting)")
     assert final.ended == "failed" and [e.status for e in final.entries] == ["completed", "waiting"]
     assert len(heard.ends(board.task.task_id)) == 1 and sum(m["tasks_failed"] for m in stats) == 1
+
+
+@pytest.mark.integration
+async def test_a_pool_member_that_dies_after_ending_a_board_and_before_publishing_loses_no_end(
+        settings, tenant, user):
+    # No worker runs: the test writes the board's end as a member would, and publishes nothing, as if it died.
+    spec = TaskSpec(agent="writing", prompt="Ship it.", orchestration="distributed", plan=Plan(subtasks=[FACTS]))
+    async with stack(settings, "guard", "budget", "executor", policy=example_policy()) as client, \
+            hearing(client) as heard:
+        task_id = await client.submit(spec, tenant=tenant, user=user)
+        boards = await board_bucket(client.bus)
+        key = f"{tenant}.{task_id}"
+        board = await wait_until(lambda: boards.get(key))
+        board = with_status(board, "facts", "completed", usage=Usage(input_tokens=10, output_tokens=5), claims=1)
+        board = claimed(board, SYNTHESIS_ID, "m-dead", now=time.time(), lease_s=10.0)
+        ended, end = answered(board, SYNTHESIS_ID, answer(board, SYNTHESIS_ID, "the answer"), now=time.time())
+        assert await boards.write_if(key, ended, (await boards.read(key))[1])
+        heard_end = await heard.end(task_id)
+        status = await client.task_status(task_id, tenant=tenant)
+    assert isinstance(heard_end, TaskCompleted) and heard_end.output == "the answer" == end.output
+    assert len(heard.of(TaskCompleted, task_id)) == 1
+    assert status.status == "completed"

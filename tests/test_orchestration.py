@@ -3,14 +3,20 @@ put together by a synthesis step; coordinated by the executor (`centralized`), o
 
 from __future__ import annotations
 
+import os
+import sys
+
+import anyio
 import msgspec
 import pytest
+from rich.console import Console
 
 from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
-from contracts.events import Plan, Subtask
+from contracts.events import PartState, Plan, Subtask
 from contracts.policy import OrchestrationLimits
 from shared.plans import depth as plan_depth
-from tests.conftest import stack, wait_until
+from services.cli.follow import ProgressPrinter
+from tests.conftest import operator_env, stack, wait_until
 from tests.signals import example_policy, signals
 
 pytestmark = [pytest.mark.anyio]
@@ -233,3 +239,56 @@ async def test_a_distributed_task_is_claimed_and_answered_by_the_pools_and_ended
     assert status.usage.total == end.usage.total
     assert len(completed) == 4  # three parts and the synthesis, each once
     assert end.usage.output_tokens == sum(c.usage.output_tokens for c in completed)
+
+
+def progress_of(parts: list[tuple[str, str]], stage: str = "plan", **fields) -> TaskProgress:
+    return TaskProgress(task_id="t1", tenant="default", user="u", stage=stage, message="", **fields,
+                        parts=[PartState(id=id_, agent="research", status=status) for id_, status in parts])
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_submit_follow_shows_a_plans_parts_as_a_tree_that_follows_their_states(terminal):
+    out = Console(record=True, force_terminal=terminal, width=100)
+    printer = ProgressPrinter(out)
+    printer(progress_of([("facts", "running"), ("code", "waiting"), ("synthesis", "waiting")]))
+    printer(progress_of([("facts", "running"), ("code", "waiting"), ("synthesis", "waiting")]))  # no change
+    printer(progress_of([("facts", "completed"), ("code", "failed"), ("synthesis", "running")]))
+    printer.close()
+    text = out.export_text()
+    assert "plan of t1" in text
+    final = text[text.rindex("plan of t1"):]
+    assert [line.split()[1:3] for line in final.splitlines()[1:4]] == [["done", "facts"], ["failed", "code"],
+                                                                        ["running", "synthesis"]]
+    if not terminal:  # a pipe gets the tree once per change: twice, not three times
+        assert text.count("plan of t1") == 2 and "planned   code" in text
+
+
+@pytest.mark.integration
+async def test_corral_submit_follow_ends_with_every_part_of_the_plan_done(settings, tenant, user, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(msgspec.json.encode(Plan(subtasks=PARTS)))
+    async with stack(settings, policy=example_policy()):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "services.cli", "submit", "Ship the migration.", "--agent", "writing",
+             "--orchestration", "centralized", "--plan", str(plan), "--user", user, "--nats", settings.nats_url],
+            check=False, env={**os.environ, **operator_env(settings), "COLUMNS": "160"})
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    final = out[out.rindex("plan of "):]
+    states = {line.split()[2]: line.split()[1] for line in final.splitlines()[1:5]}
+    assert states == {"facts": "done", "code": "done", "notes": "done", "synthesis": "done"}
+    assert "completed" in final  # the task's end, after the tree
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["centralized", "distributed", "hybrid"])
+async def test_a_manager_planned_tasks_usage_and_attempts_count_every_step_the_planning_included(
+        settings, tenant, user, mode):
+    spec = TaskSpec(agent="writing", prompt="Ship the migration.", orchestration=mode)
+    async with stack(settings, policy=example_policy()) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user)
+        steps = heard.of(StepCompleted, task_id=end.task_id)
+    assert isinstance(end, TaskCompleted), end
+    assert len(steps) == 5  # the plan, three parts, the synthesis
+    assert end.usage.total == sum(step.usage.total for step in steps)
+    assert end.attempts == len(steps)

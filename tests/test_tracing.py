@@ -91,8 +91,9 @@ async def test_an_agent_step_is_an_invoke_agent_span_with_genai_chat_and_execute
     assert not {"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments"} & set(everything)
 
 
+@pytest.mark.parametrize("mode", ["centralized", "distributed", "hybrid"])
 async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synthesis_over_their_steps(
-        settings, tenant, user, tmp_path):
+        settings, tenant, user, tmp_path, mode):
     from contracts import TaskSpec
     from contracts.events import Plan, Subtask
     from tests.conftest import apply
@@ -108,7 +109,7 @@ async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synth
         try:
             async with Client.connect(settings, "test") as client:
                 await client.wait_ready(stack.names(), timeout=30)
-                done = await client.run(TaskSpec(agent="writing", prompt="Ship it.", orchestration="centralized",
+                done = await client.run(TaskSpec(agent="writing", prompt="Ship it.", orchestration=mode,
                                                  plan=plan), tenant=tenant, user=user)
 
             async def exported():
@@ -120,6 +121,12 @@ async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synth
     assert type(done).__name__ == "TaskCompleted"
     parts = [*collector.named("subtask facts research"), *collector.named("subtask notes writing"),
              *collector.named("synthesis writing")]
-    assert len(parts) == 3 and {span[1] for span in parts} == {"corral-executor"}
+    # Who coordinates each part: the executor (centralized; hybrid's synthesis), else the pool that claimed it.
+    coordinators = {"centralized": ["corral-executor"] * 3,
+                    "distributed": ["corral-worker-research", "corral-worker-writing", "corral-worker-writing"],
+                    "hybrid": ["corral-worker-research", "corral-worker-writing", "corral-executor"]}
+    assert [span[1] for span in parts] == coordinators[mode]
     (trace_id,) = {span[0] for span in parts}  # one trace: the task's
     assert len([span for span in collector.named("invoke_agent") if span[0] == trace_id]) == 3  # every step in it
+    in_trace = {name for trace, _, name in collector.spans if trace == trace_id}
+    assert {"budget budget-release", "monitor tasks"} <= in_trace  # the task's end too, whoever published it

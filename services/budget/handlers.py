@@ -11,6 +11,9 @@ replicas share the ledger without a lock, and every handler can be run again
   whoever comes later (a redelivery, a concurrent duplicate) follows that decision
   and makes the holds agree with it. A user or tenant whose account has grown too large
   to hold another task (one hold per running task) is refused first, `rate_limited`.
+- **extend** reserves more for one part of a running plan (a subtask, the synthesis) that would take the task
+  past what it holds: the same two-phase test as reserve, on the task's open hold, once per part (the part's
+  id is kept in the hold, so asking again holds nothing twice). A closed hold (the task ended) refuses.
 - **post** posts the step to the tenant's account, then to the user's, each in one
   compare-and-set that also keeps the step id in the task's hold (the user's keeps its
   cost too). So a step in the user's hold is in the tenant's. While the task runs,
@@ -45,7 +48,8 @@ from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, Ta
 from contracts import subjects
 from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Policy
-from contracts.queries import BudgetReply, CostReply, ModelCost, StepCost, WindowUse
+from contracts.commands import ExtendReservation
+from contracts.queries import BudgetReply, CostReply, ModelCost, ReservationReply, StepCost, WindowUse
 from services.budget import ledger
 from services.budget.ledger import WINDOWS, Account, Refusal, TaskJournal
 from shared.consume import delivery
@@ -184,12 +188,39 @@ class Budget:
                                 high_stakes_tools=task.high_stakes_tools)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
+    # --- extend --------------------------------------------------------------------
+
+    async def extend(self, command: ExtendReservation) -> ReservationReply:
+        """Reserve more for one part of a running task: in the user's account, then the tenant's (given back
+        to the user's if the tenant's refuses), as at admission. Once per part, so a retry of the same part
+        (a redelivered event, a coordinator deciding again) holds nothing twice."""
+        now, amount, task_id = self.clock(), command.tokens, command.task_id
+        (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(command.tenant, command.user)
+        change = partial(ledger.extend, task_id=task_id, part=command.part, amount=amount, now=now)
+        held = await self.accounts.update(ukey, partial(change, limits=user_limits, scope="user"))
+        if isinstance(held, int):
+            refusal = await self.accounts.update(tkey, partial(change, limits=tenant_limits, scope="tenant"))
+            if isinstance(refusal, int):
+                return ReservationReply(granted=True, tokens=held)
+            await self.accounts.update(ukey, partial(ledger.unextend, task_id=task_id, part=command.part))
+        else:
+            refusal = held
+        if refusal.window == "ended":
+            message = f"task {task_id} holds no reservation any more (it ended, or its hold expired)"
+        else:
+            message = refusal_message(refusal, amount).replace("this task needs", f"part {command.part} needs")
+        return ReservationReply(granted=False, message=message, remaining_tokens=refusal.remaining,
+                                resets_at=refusal.resets_at)
+
     # --- post ----------------------------------------------------------------------
 
     async def on_step_completed(self, step: StepCompleted) -> None:
         now, tokens = self.clock(), step.usage.total
         cost = self.policy().price_of(step.model).cost(step.usage)
-        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now)
+        hit = step.cache
+        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now,
+                          saved=hit.source if hit else "", saved_tokens=max(0, hit.saved.total - tokens) if hit else 0,
+                          saved_usd=hit.cost_avoided_usd if hit else 0.0)
         (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(step.tenant, step.user)
         post = partial(self._post, step=step, tokens=tokens, cost=cost, now=now)
         await self.accounts.update(tkey, partial(post, limits=tenant_limits, charge=None))  # the tenant's first
@@ -364,7 +395,8 @@ class Budget:
         return CostReply(
             task_id=task_id, found=True, tenant=journal.tenant, user=journal.user, status=journal.status,
             reserved_tokens=journal.reserved_tokens, tokens=journal.tokens, cost_usd=round(journal.cost_usd, 6),
-            steps=journal.steps,
+            steps=journal.steps, saved_tokens=sum(s.saved_tokens for s in journal.steps),
+            saved_usd=round(sum(s.saved_usd for s in journal.steps), 6),
             models=[ModelCost(model=model, steps=len(steps), input_tokens=sum(s.usage.input_tokens for s in steps),
                               output_tokens=sum(s.usage.output_tokens for s in steps),
                               cached_tokens=sum(s.usage.cached_tokens for s in steps),

@@ -19,6 +19,7 @@ steps (about 200 bytes each), so a user with many long, many-step tasks at once 
 a larger value to rewrite; in exchange a step costs one write less.
 
     reserve(task, estimate)  at admission: only if used + reserved + estimate <= limit, for every window
+    extend(task, part, n)    while it runs, once per part of a plan that needs more: the same test, for n
     post(task, step, tokens) once per step id: used += tokens; the hold shrinks; the step id (and, in the
                              user's account, its cost) is kept in it
     close(task)              at the end (or on expiry): the hold reserves nothing more
@@ -73,6 +74,8 @@ class Hold(msgspec.Struct, kw_only=True, omit_defaults=True):
     the task's journal lists all of `steps`."""
     costs: list[StepCost] = []
     """In the user's account: each posted step as the journal will list it, until the journal does."""
+    extensions: dict[str, int] = {}
+    """Parts of the task (subtask ids, `synthesis`) that reserved more while it ran -> tokens each added."""
     waiting: bool = False
     """The task waits for a person's approval: the hold does not expire meanwhile (services/budget/waits.py)."""
 
@@ -149,7 +152,8 @@ class Refusal(msgspec.Struct, frozen=True, kw_only=True):
     """Why a reservation did not fit: the first window (user before tenant, day before hour) that refused it."""
 
     scope: Literal["user", "tenant"]
-    window: BudgetWindow | Literal["task"]
+    window: BudgetWindow | Literal["task", "ended"]
+    """The window that refused; `task`: the per-task cap; `ended`: the task holds nothing any more."""
     limit: int
     remaining: int
     resets_at: datetime | None
@@ -210,6 +214,38 @@ def reserve(account: Account, task_id: str, amount: int, limits: BudgetLimits, n
                            resets_at=resets_at(name, now))
     account.holds[task_id] = Hold(reserved=amount, since=now.timestamp())
     return None
+
+
+def extend(account: Account, task_id: str, part: str, amount: int, limits: BudgetLimits, now: datetime,
+           scope: Literal["user", "tenant"]) -> Refusal | int:
+    """Hold `amount` more for one part of a running task if it fits every window (and, in the user's account,
+    the task's cap); else why not. Returns the tokens the part holds: once per part, so asking again changes
+    nothing and answers with the first amount."""
+    roll(account, now)
+    hold = account.holds.get(task_id)
+    if hold is None or hold.closed:
+        return Refusal(scope=scope, window="ended", limit=0, remaining=0, resets_at=None)
+    if part in hold.extensions:
+        return hold.extensions[part]
+    cap = limits.per_task_tokens
+    if cap is not None and scope == "user" and hold.posted_tokens + hold.reserved + amount > cap:
+        return Refusal(scope=scope, window="task", limit=cap,
+                       remaining=max(0, cap - hold.posted_tokens - hold.reserved), resets_at=None)
+    for name in WINDOWS:
+        left = account.remaining(name, limits)
+        if amount > left:
+            return Refusal(scope=scope, window=name, limit=limit_of(limits, name), remaining=max(left, 0),
+                           resets_at=resets_at(name, now))
+    hold.reserved += amount
+    hold.extensions[part] = amount
+    return amount
+
+
+def unextend(account: Account, task_id: str, part: str) -> None:
+    """Give back what `extend` held for the part (its tenant refused it)."""
+    hold = account.holds.get(task_id)
+    if hold is not None and not hold.closed and part in hold.extensions:
+        hold.reserved = max(0, hold.reserved - hold.extensions.pop(part))
 
 
 def unreserve(account: Account, task_id: str) -> None:

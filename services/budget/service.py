@@ -1,5 +1,6 @@
 """budget service: admits validated tasks against token budgets, posts steps, releases and expires
-reservations, and answers `corral budget show` and `corral cost`."""
+reservations, answers `corral budget show` and `corral cost`, and reserves more for a running plan's parts
+that need it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import msgspec
 
 from contracts import StepCompleted, TaskCompleted, TaskFailed, TaskValidated, utcnow
 from contracts import subjects as s
+from contracts.commands import ExtendReservation
 from contracts.approvals import ApprovalDecided, ApprovalRequested
 from contracts.queries import BudgetQuery, CostQuery
 from services.budget import waits
@@ -36,6 +38,7 @@ fresh account is the same thing. One with holds stays (its holds expire, and tha
 log = logging.getLogger(__name__)
 _budget_query = msgspec.json.Decoder(BudgetQuery)
 _cost_query = msgspec.json.Decoder(CostQuery)
+_extend = msgspec.json.Decoder(ExtendReservation)
 
 
 def _idle_account_ttl(account: Account) -> float | None:
@@ -61,6 +64,9 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
             query = _cost_query.decode(data)
             return msgspec.json.encode(await budget.cost(query.tenant, query.task_id))
 
+        async def extend(data: bytes) -> bytes:
+            return msgspec.json.encode(await budget.extend(_extend.decode(data)))
+
         def stats() -> dict[str, object]:
             return {"conflicts": accounts.conflicts + journals.conflicts, "late_steps": budget.late_steps,
                     "policy": policy.stats(), "quarantined": quarantine.stats()}
@@ -77,7 +83,7 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
                                                               s.ALL_APPROVAL_REQUESTED, s.ALL_APPROVAL_DECIDED),
                      decoder_for(Union[ApprovalRequested, ApprovalDecided]), partial(waits.on_approval, budget)),
         ]
-        endpoints = {"show": (s.BUDGET_SHOW, show), "cost": (s.BUDGET_COST, cost)}
+        endpoints = {"show": (s.BUDGET_SHOW, show), "cost": (s.BUDGET_COST, cost), "extend": (s.BUDGET_EXTEND, extend)}
         async with micro_service(bus, "token budgets: reserve, post, release", endpoints, stats), \
                 anyio.create_task_group() as tg:
             tg.start_soon(policy.follow, policy_kv, stop)

@@ -90,6 +90,9 @@ def print_cost(reply: CostReply, out: Console) -> None:
         steps.add_row(step, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
                       f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
     out.print(steps)
+    if reply.saved_tokens or reply.saved_usd:
+        sources = sorted({s.saved for s in reply.steps if s.saved})
+        out.print(f"saved {reply.saved_tokens:,} tokens, ${reply.saved_usd:.6f} ({', '.join(sources)} cache hits)")
     models = Table(title="per model")
     for name in ("model", "steps", "input", "cached", "output", "cost"):
         models.add_column(name, justify="left" if name == "model" else "right")

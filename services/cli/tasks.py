@@ -14,6 +14,7 @@ from contracts import TaskSpec
 from contracts.events import Plan
 from services.cli.common import (ConfigOption, NatsOption, TaskTenantOption, call, console, resolve_settings,
                                  run)
+from services.cli.follow import ProgressPrinter
 
 if TYPE_CHECKING:
     from services.client import Client
@@ -52,9 +53,9 @@ def submit(
             if not follow:
                 console.print(await client.submit(spec, tenant=tenant, user=user))
                 return
-            printer = _ProgressPrinter()
+            printer = ProgressPrinter(console)
             end = await client.run(spec, tenant=tenant, user=user, timeout=timeout, on_progress=printer)
-            printer.end()
+            printer.close(end)
             _print_terminal(end, streamed=printer.streamed)
 
     try:
@@ -93,6 +94,13 @@ def print_status(report, out: Console) -> None:
     table.add_row("step error rate", f"{report.step_error_rate:.1%}")
     table.add_row("tokens, last hour", f"{report.tokens_last_hour:,}")
     table.add_row("cost (simulated prices)", f"${report.cost_usd:.4f} (${report.cost_per_task_usd:.5f}/task)")
+    saved = report.savings
+    if saved.hits:
+        hits = ", ".join(f"{n} {source}" for source, n in sorted(saved.hits.items()))
+        table.add_row("cache hits", f"{hits}: {saved.tokens_saved:,} tokens, ${saved.cost_avoided_usd:.4f} saved")
+    if saved.compacted_steps:
+        table.add_row("prompt compaction", f"{saved.compacted_steps} steps: {saved.tokens_before_compaction:,} -> "
+                                           f"{saved.tokens_after_compaction:,} input tokens")
     for durable, depth in sorted(report.queue_depth.items()):
         table.add_row(f"queue {durable}", str(depth))
     for dep, state in sorted(report.breakers.items()):
@@ -113,38 +121,6 @@ def _read_plan(path: Path) -> Plan:
         raise typer.BadParameter(f"cannot read the plan {path}: {error}") from None
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         raise typer.BadParameter(f"{path} is not a plan: {error}") from None
-
-
-class _ProgressPrinter:
-    """Progress as lines; an answer streaming in as it is generated, its pieces in order (a retried step
-    streams anew, on a line of its own)."""
-
-    def __init__(self) -> None:
-        self.step = ""
-        self.streamed = ""
-        """The text streamed by the last step that streamed."""
-        self.pending: dict[int, str] = {}
-        self.next_seq = 1
-
-    def __call__(self, progress) -> None:
-        if progress.stage != "streaming":
-            self.end()
-            console.print(f"  {progress.stage}: {progress.message}", markup=False, highlight=False)
-            return
-        if progress.step_id != self.step:
-            self.end()
-            self.step, self.streamed, self.pending, self.next_seq = progress.step_id, "", {}, 1
-        self.pending[progress.seq] = progress.message
-        while self.next_seq in self.pending:
-            piece = self.pending.pop(self.next_seq)
-            console.out(piece, end="", highlight=False)
-            self.streamed += piece
-            self.next_seq += 1
-
-    def end(self) -> None:
-        if self.step:
-            console.out("")
-            self.step = ""
 
 
 def _print_terminal(event, *, streamed: str = "") -> None:

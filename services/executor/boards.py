@@ -23,7 +23,7 @@ import msgspec
 
 from contracts import TaskFailed, subjects
 from contracts.boards import SYNTHESIS_ID, Board, Entry
-from contracts.events import Plan, Subtask, TaskAdmitted, clip
+from contracts.events import Plan, Subtask, TaskAdmitted, Usage, clip
 from contracts.policy import Policy
 from shared.kv import TypedBucket
 
@@ -35,12 +35,15 @@ StartSynthesis = Callable[[Board], Awaitable[None]]
 NoteEnd = Callable[[Board], Awaitable[None]]
 
 
-def new_board(task: TaskAdmitted, plan: Plan, now: float, deadline_at: float) -> Board:
+def new_board(task: TaskAdmitted, plan: Plan, now: float, deadline_at: float,
+              trace: dict[str, str] | None = None, planning_usage: Usage | None = None,
+              planning_steps: int = 0) -> Board:
     synthesis = Subtask(id=SYNTHESIS_ID, agent=plan.synthesis or task.spec.agent,
                         instruction="Put the results together into one answer.")
     return Board(task=task, mode=task.spec.orchestration, on_failure=plan.on_failure,
                  entries=[Entry(spec=sub) for sub in plan.subtasks], synthesis=Entry(spec=synthesis), created_at=now,
-                 updated_at=now, deadline_at=deadline_at)
+                 updated_at=now, deadline_at=deadline_at, trace=trace or {}, planning_usage=planning_usage,
+                 planning_steps=planning_steps)
 
 
 def ready(board: Board) -> list[Entry]:

@@ -60,7 +60,8 @@ from contracts.approvals import ApprovalDecided
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
-from contracts.boards import Board
+from contracts.boards import SYNTHESIS_ID, Board
+from contracts.commands import ExtendReservation
 from services.executor import approvals, plans
 from services.executor.boards import new_board
 from services.executor.state import (
@@ -74,9 +75,11 @@ from services.executor.state import (
     step_id,
 )
 from shared import plans as shared_plans
-from shared import tracing
+from shared import tiering, tracing
 from shared.breakers import BreakerGate
 from shared.kv import Contention, TypedBucket
+from shared.reservations import Reserve, part_estimate, shortfall
+from shared.slots import Slots, holder
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
@@ -89,6 +92,8 @@ UNREADABLE = ("the executor's record of this task does not decode (it is kept as
               "stopped rather than run again")
 
 
+SLOT_FREED = "=slots"
+"""The cause a decision records when the sweep started subtasks that had waited for a tenant slot."""
 _ANSWERED = object()
 """_schedule's word for: a cached answer ended the task."""
 
@@ -113,7 +118,7 @@ def dependency_of(strategy: Strategy) -> str:
 class Executor:
     def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
                  cache: TypedBucket[CachedAnswer] | None = None, boards: TypedBucket[Board] | None = None,
-                 clock: Clock = time.time,
+                 reserve: Reserve | None = None, slots: Slots | None = None, clock: Clock = time.time,
                  sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
         self.policy = policy
         self.tasks = tasks
@@ -121,6 +126,11 @@ class Executor:
         self.emit = emit
         self.cache = cache
         self.boards = boards
+        self.reserve = reserve
+        self.slots = slots
+        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
+        """Asks the budget for more when a part of a plan would take its task past its reservation (None: never
+        asks, e.g. in tests of the fallback chains alone)."""
         self.clock = clock
         self.sleep = sleep
         self.republish_window_s = republish_window_s
@@ -180,7 +190,7 @@ class Executor:
             return
         now = self.clock()
         agent = self.policy().agents.get(task.spec.agent)
-        record = TaskRecord(task=task, admitted_at=now, chain=list(agent.chain) if agent else [],
+        record = TaskRecord(task=task, admitted_at=now, chain=tiering.route(agent, task.spec) if agent else [],
                             deadline_at=now + (agent.deadline_s if agent else 0.0))
         if agent is None:
             await self._fail(record, revision, task.task_id, "permanent_error",
@@ -204,7 +214,10 @@ class Executor:
             return
         if record.task.spec.orchestration in ("distributed", "hybrid") and self.boards is not None:
             task = record.task
-            await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at))
+            await self.boards.create(task.task_ref, new_board(task, plan, self.clock(), record.deadline_at,
+                                                              trace=tracing.inject({}),
+                                                              planning_usage=record.planning_usage,
+                                                              planning_steps=record.steps))
             record.phase, record.chain, record.plan = "board", [], plan  # the pools take it from here
             await self._record(record, revision, cause)
             return
@@ -213,12 +226,18 @@ class Executor:
         await self._plan_advanced(record, revision, cause)
 
     async def note_board_end(self, board: Board) -> None:
-        """Distributed: the pools ended the task on its board; say so in this record (the board decided)."""
+        """Distributed: the pools ended the task on its board; say so in this record (the board decided), having
+        published the end the board holds: its writer did too, unless it died first (the stream keeps one)."""
         record, revision = await self.tasks.read(board.task.task_ref)
         if record is None or record.status != "running" or record.phase != "board":
             return
+        if board.outcome is not None and self.clock() - board.updated_at <= self.republish_window_s:
+            subject = subjects.task_completed if isinstance(board.outcome, TaskCompleted) else subjects.task_failed
+            with tracing.within(board.trace):
+                await self.emit(subject(board.task.tenant), board.outcome)
         record.status = "completed" if board.ended == "completed" else "failed"
-        record.usage = Usage.sum(entry.usage for entry in [*board.entries, board.synthesis])
+        record.outcome = board.outcome
+        record.usage = Usage.sum([board.planning_usage, *(e.usage for e in [*board.entries, board.synthesis])])
         try:
             await self._record(record, revision, "board")
         except _Stale:  # another replica noted it first
@@ -231,16 +250,19 @@ class Executor:
         if record is None or record.status != "running" or record.phase != "board":
             return
         record.subtasks = [SubtaskState(spec=entry.spec, status="completed" if entry.status == "completed" else "failed",
-                                        output=entry.output, usage=entry.usage, error=entry.error)
+                                        output=entry.output, usage=entry.usage, error=entry.error, steps=entry.steps)
                            for entry in board.entries]
+        record.extensions = {entry.spec.id: entry.extended for entry in board.entries if entry.extended}
         agent = self.policy().agents.get(board.synthesis.spec.agent)
         record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
-        ended = await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
-        if ended is not None:
-            await self._fail(record, revision, board.task.task_id, *ended)
-            return
-        await self._record(record, revision, board.task.task_id)
-        await self._publish_step(record)
+        ended = await self._cover(record, SYNTHESIS_ID, self._estimate(record, record)) or \
+            await self._schedule(record, revision, board.task.task_id, record, strategy=0, attempt=1)
+        with tracing.within(board.trace):  # started by the board's watch: the task's trace is the board's
+            if ended is not None:
+                await self._fail(record, revision, board.task.task_id, *ended)
+                return
+            await self._record(record, revision, board.task.task_id)
+            await self._publish_step(record)
 
     async def _planned(self, record: TaskRecord, revision: int, step: StepCompleted) -> None:
         """The manager answered: run its plan if it is valid; else ask once more, saying why, then give up."""
@@ -434,10 +456,16 @@ class Executor:
         """Start every subtask that is ready (within the parallel limit); once all have settled, the synthesis;
         record that, then publish the steps it started."""
         started: list[TaskRecord | SubtaskState] = []
+        record.throttled = False
         for sub in plans.ready(record, self.policy().orchestration.max_parallel):
-            ended = await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
+            if not await self._take_slot(record, sub):
+                record.throttled = True  # the tenant runs as many subtasks as it may: the sweep tries again
+                break
+            estimate = self._estimate(record, sub)
+            ended = await self._cover(record, sub.spec.id, estimate) or \
+                await self._schedule(record, revision, cause, sub, strategy=0, attempt=1)
             if ended is None:
-                sub.status = "running"
+                sub.status, sub.estimate = "running", estimate
                 started.append(sub)
             elif plans.plan_of(record).on_failure == "fail_fast":
                 await self._subtask_failed(record, revision, cause, sub, *ended)
@@ -452,13 +480,64 @@ class Executor:
             plan = plans.plan_of(record)
             agent = self.policy().agents.get(plan.synthesis or record.task.spec.agent)
             record.phase, record.chain = "synthesis", list(agent.chain) if agent else []
-            ended = await self._schedule(record, revision, cause, record, strategy=0, attempt=1)
+            ended = await self._cover(record, SYNTHESIS_ID, self._estimate(record, record)) or \
+                await self._schedule(record, revision, cause, record, strategy=0, attempt=1)
             if ended is not None:
                 await self._fail(record, revision, cause, *ended)
                 return
             started.append(record)
         await self._record(record, revision, cause)
         await self._publish_plan(record, started)
+
+    async def _take_slot(self, record: TaskRecord, sub: SubtaskState) -> bool:
+        """One of the tenant's slots for running subtasks, until the task's deadline (given back when the subtask
+        ends: `_record`)."""
+        if self.slots is None:
+            return True
+        task = record.task
+        sub.slot = await self.slots.take(task.tenant, holder(task.task_ref, sub.spec.id), record.deadline_at,
+                                         self.clock(), self.policy().orchestration.max_parallel_per_tenant)
+        return sub.slot
+
+    async def on_throttled(self, ref: str) -> None:
+        """The sweep: a task whose ready subtasks waited for a slot of their tenant's tries to start them again."""
+        record, revision = await self.tasks.read(ref)
+        if record is None or record.status != "running" or record.phase != "subtasks" or not record.throttled:
+            return
+        try:
+            if self.clock() >= record.deadline_at:
+                limit = self.policy().orchestration.max_parallel_per_tenant
+                await self._end_failed(record, revision, SLOT_FREED, "deadline_exceeded", (
+                    f"the task's deadline passed while its ready subtasks waited: its tenant ran as many subtasks as "
+                    f"it may at once ({limit}, max_parallel_per_tenant)"))
+                return
+            await self._plan_advanced(record, revision, SLOT_FREED)
+        except _Stale:
+            pass  # another decision came first, and started what it could
+
+    def _estimate(self, record: TaskRecord, part: TaskRecord | SubtaskState) -> int:
+        """What a subtask (or, for the record itself, the synthesis) may use: its prompt and its output cap."""
+        policy = self.policy()
+        if isinstance(part, SubtaskState):
+            agent = policy.agents.get(part.spec.agent)
+            return part_estimate(plans.subtask_prompt(record, part),
+                                 part.spec.max_tokens or (agent.default_output_tokens if agent else 256))
+        return part_estimate(plans.synthesis_prompt(record), policy.orchestration.synthesis_output_tokens)
+
+    async def _cover(self, record: TaskRecord, part: str, estimate: int) -> tuple[FailReason, str] | None:
+        """Make the task's reservation cover one more part: ask the budget for the shortfall, once per part
+        (its answer is idempotent, so deciding again asks again harmlessly). Why not, if it refuses."""
+        need = shortfall(plans.reserved(record), plans.committed(record), estimate)
+        if self.reserve is None or need == 0 or part in record.extensions:
+            return None
+        task = record.task
+        reply = await self.reserve(ExtendReservation(tenant=task.tenant, user=task.user, task_id=task.task_id,
+                                                     part=part, tokens=need))
+        if not reply.granted:
+            return "over_budget", f"over budget: {part} needs {need:,} tokens more than the task reserved; " \
+                                  f"{reply.message}"
+        record.extensions[part] = reply.tokens
+        return None
 
     async def _end_board(self, key: str) -> None:
         """Mark a hybrid task's board ended: its synthesis answered and the task completed."""
@@ -483,7 +562,8 @@ class Executor:
         task = record.task
         await self.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
             task_id=task.task_id, tenant=task.tenant, user=task.user, stage="plan", attempt=record.steps,
-            step_id=record.decided_by if record.decided_by != task.task_id else "", message=plans.board(record)))
+            step_id=record.decided_by if record.decided_by != task.task_id else "", message=plans.board(record),
+            parts=plans.parts(record)))
         for cursor in started:
             await self._publish_step(record, cursor)
 
@@ -516,7 +596,8 @@ class Executor:
         return True
 
     async def _fail(self, record: TaskRecord, revision: int, cause: str, reason: FailReason, last_error: str) -> None:
-        await self._end_failed(record, revision, cause, reason, f"All strategies failed. Last error: {last_error}")
+        error = last_error if reason == "over_budget" else f"All strategies failed. Last error: {last_error}"
+        await self._end_failed(record, revision, cause, reason, error)
 
     async def _fail_unreadable(self, task: TaskAdmitted, revision: int, cause: str) -> None:
         """Fail a task whose record does not decode, writing the failure over that record."""
@@ -535,8 +616,11 @@ class Executor:
     async def _record(self, record: TaskRecord, revision: int, cause: str) -> None:
         """Store the decision (compare-and-set); _Stale if the task's record changed since it was read."""
         record.decided_by, record.decided_at = cause, self.clock()
+        freed = plans.free_slots(record)
         if not await self.tasks.write_if(record.task.task_ref, record, revision):
             raise _Stale
+        for sub in freed if self.slots else []:  # once recorded: a crash here leaves them to lapse at the deadline
+            await self.slots.give_back(record.task.tenant, holder(record.task.task_ref, sub.spec.id))
         if record.status != "running":
             self.tasks.forget(record.task.task_ref)  # ended: this process will not write it again
 

@@ -5,7 +5,8 @@ and publishes as for any step."""
 from __future__ import annotations
 
 from contracts import Usage
-from contracts.events import Plan
+from contracts.boards import SYNTHESIS_ID
+from contracts.events import PartState, Plan
 from services.executor.state import SubtaskState, TaskRecord
 from shared import plans as shared_plans
 
@@ -51,8 +52,44 @@ def total_usage(record: TaskRecord, last: Usage) -> Usage:
     return Usage.sum([*(sub.usage for sub in record.subtasks), record.planning_usage, last])
 
 
+def free_slots(record: TaskRecord) -> list[SubtaskState]:
+    """The subtasks that hold a tenant slot and have ended (all of them, once the task has): marked as holding
+    none, for the decision's record; the caller gives their slots back once it is written."""
+    freed = [sub for sub in record.subtasks if sub.slot and (sub.status in ENDED or record.status != "running")]
+    for sub in freed:
+        sub.slot = False
+    return freed
+
+
+def reserved(record: TaskRecord) -> int:
+    """What the task holds: its reservation at admission and what its parts added since."""
+    return record.task.reserved_tokens + sum(record.extensions.values())
+
+
+def committed(record: TaskRecord) -> int:
+    """Tokens the task has used or may use now: the planning's and each ended part's usage, and the estimate of
+    each part running."""
+    used = record.planning_usage.total if record.planning_usage else 0
+    for sub in record.subtasks:
+        used += sub.usage.total if sub.usage else sub.estimate if sub.status == "running" else 0
+    return used
+
+
 def board(record: TaskRecord) -> str:
     """One line of the plan's state: each subtask's id and status, then the synthesis's."""
     states = ", ".join(f"{sub.spec.id} {sub.status}" for sub in record.subtasks)
     synthesis = {"subtasks": "waiting", "synthesis": "running", "planning": "waiting"}.get(record.phase, record.status)
     return f"subtasks: {states}; synthesis {synthesis if record.status == 'running' else record.status}"
+
+
+def parts(record: TaskRecord) -> list[PartState]:
+    """Every subtask's state and the synthesis's, for progress."""
+    states = [PartState(id=sub.spec.id, agent=sub.spec.agent, status=sub.status,
+                        tokens=sub.usage.total if sub.usage else 0) for sub in record.subtasks]
+    synthesis = {"subtasks": "waiting", "synthesis": "running", "planning": "waiting"}.get(record.phase, "waiting")
+    if record.status != "running":
+        synthesis = "completed" if record.status == "completed" else "cancelled" if record.phase != "synthesis" \
+            else "failed"
+    plan = record.task.spec.plan or record.plan
+    agent = (plan.synthesis if plan else None) or record.task.spec.agent
+    return [*states, PartState(id=SYNTHESIS_ID, agent=agent, status=synthesis)]

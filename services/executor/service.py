@@ -31,6 +31,8 @@ from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
+from shared.reservations import reservation_requester
+from shared.slots import slots_bucket
 from shared.runtime import micro_service
 from shared.streams import EVENTS_MAX_AGE_S, consumer_config
 from shared.watch import follow_bucket
@@ -51,7 +53,7 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
     async with Bus.connect(settings, NAME) as bus:
         policy_kv, breaker_kv = await bus.policy_bucket(), await bus.bucket(s.KV_BREAKERS)
         tasks_kv, cache_kv = await bus.bucket(s.KV_TASKS), await bus.bucket(s.KV_CACHE, ttl_s=CACHE_TTL_S)
-        boards_kv = await bus.bucket(s.KV_BOARDS)
+        boards_kv, slots_kv = await bus.bucket(s.KV_BOARDS), await bus.bucket(s.KV_SLOTS)
         quarantine = Quarantine(bus.js, NAME)
         policy, view = await PolicyView.load(policy_kv, quarantine), BreakerView(quarantine)
         replica = f"{socket.gethostname()}-{os.getpid()}-{id(view):x}"
@@ -60,10 +62,13 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
         executor = Executor(policy, records,
                             BreakerGate(view, lease_requester(bus.nc, replica)), bus.emit,
                             cache=TypedBucket(cache_kv, CachedAnswer, lambda: None, quarantine=quarantine),
-                            boards=boards, republish_window_s=settings.dedup_window_s)
+                            boards=boards, reserve=reservation_requester(bus.nc),
+                            slots=slots_bucket(slots_kv, quarantine),
+                            republish_window_s=settings.dedup_window_s)
         supervisor = BoardSupervisor(boards, policy, bus.emit, executor.synthesise_board,
                                      note_end=executor.note_board_end)
-        sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S)
+        sweep = TimeoutSweep(executor.on_overdue, grace_s=settings.ack_wait_s + SWEEP_MARGIN_S,
+                             on_throttled=executor.on_throttled)
 
         async def task_status(data: bytes) -> bytes:
             query = _query.decode(data)

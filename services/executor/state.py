@@ -66,6 +66,10 @@ class SubtaskState(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     error: str = ""
     """Why it failed (its last attempt's error)."""
+    slot: bool = False
+    """It holds one of its tenant's slots for running subtasks (shared.slots), given back once it ends."""
+    estimate: int = 0
+    """Tokens it was expected to use when it started (its prompt and its output cap), until its usage is known."""
     gates: Gates | None = None
 
 
@@ -106,6 +110,10 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     plan_mistake: str = ""
     """Why the manager's first plan was refused (it is asked once more, told why)."""
     planning_usage: Usage | None = None
+    extensions: dict[str, int] = {}
+    """Parts (subtask ids, `synthesis`) the budget reserved more for -> tokens each added to the reservation."""
+    throttled: bool = False
+    """A ready subtask waits for a slot of its tenant's (max_parallel_per_tenant): the sweep tries again."""
     gates: Gates | None = None
     """The approvals of the record's own step (services/executor/approvals.py)."""
 

@@ -13,6 +13,9 @@ deadline as that step's timeout. Replicas racing on one task are settled by the
 record's compare-and-set; the index holds three fields per running task, not the
 records themselves.
 
+The sweep also wakes tasks whose ready subtasks wait for a slot of their tenant's (a record marked
+`throttled`): each round, each such task tries to start them again (one decision, compare-and-set as any).
+
 A record that does not decode is quarantined by the watch (shared/watch.py) and its
 entry stays as its last good revision left it. It is the step's outcome that ends such
 a task (the handler fails it, services/executor/handlers.py); a timeout finds no record
@@ -30,6 +33,8 @@ import msgspec
 
 OnOverdue = Callable[[str, str, float], Awaitable[None]]
 """(the task's record key, step id, grace seconds)."""
+OnThrottled = Callable[[str], Awaitable[None]]
+"""(the task's record key): its ready subtasks wait for a slot of their tenant's."""
 SWEEP_EVERY_S = 0.5
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class _Due(msgspec.Struct):
     step_deadline: float = 0.0
     phase: str = "single"
     subtasks: list[_DueSubtask] = []
+    throttled: bool = False
 
     def steps(self) -> list[tuple[str, float]]:
         """(step id, deadline) of every step the task waits for: its own, or its running subtasks'."""
@@ -64,8 +70,12 @@ _decode = msgspec.json.Decoder(_Due).decode
 
 
 class TimeoutSweep:
-    def __init__(self, on_overdue: OnOverdue, grace_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, on_overdue: OnOverdue, grace_s: float, clock: Callable[[], float] = time.time,
+                 on_throttled: OnThrottled | None = None) -> None:
         self.on_overdue = on_overdue
+        self.on_throttled = on_throttled
+        self.throttled: set[str] = set()
+        """Record keys of running tasks whose ready subtasks wait for a tenant slot: tried again each round."""
         self.grace_s = grace_s
         self.clock = clock
         self.due: dict[str, dict[str, float]] = {}
@@ -73,7 +83,12 @@ class TimeoutSweep:
         self.fired = 0
 
     def apply(self, key: str, value: bytes | None, revision: int = 0) -> None:
-        steps = _decode(value).steps() if value is not None else []
+        due = _decode(value) if value is not None else None
+        if due is not None and due.throttled and due.status == "running":
+            self.throttled.add(key)
+        else:
+            self.throttled.discard(key)
+        steps = due.steps() if due is not None else []
         if steps:
             self.due[key] = {step: deadline + self.grace_s for step, deadline in steps}
         else:
@@ -93,5 +108,13 @@ class TimeoutSweep:
                     except Exception:  # counted and logged; the task is looked at again next round
                         log.exception("timeout sweep failed for task %s; retrying", key)
                         self.due.setdefault(key, {}).setdefault(step, now + SWEEP_EVERY_S)
+            await self._retry_throttled()
             with anyio.move_on_after(SWEEP_EVERY_S):
                 await stop.wait()
+
+    async def _retry_throttled(self) -> None:
+        for key in list(self.throttled) if self.on_throttled else []:
+            try:
+                await self.on_throttled(key)
+            except Exception:  # logged; the next round tries again
+                log.exception("starting the waiting subtasks of task %s failed; retrying", key)

@@ -21,7 +21,7 @@ from contracts import (
     TaskValidated,
 )
 from contracts.policy import Policy
-from contracts.queries import Percentiles, StatusReport
+from contracts.queries import Percentiles, Savings, StatusReport
 
 LATENCY_WINDOW = 10_000  # most recent tasks the percentiles cover
 
@@ -48,6 +48,7 @@ class Metrics:
         self.cost = 0.0
         self.queue_depth: dict[str, int] = {}
         self.breakers: dict[str, str] = {}
+        self.savings = SavingsCount()
 
     async def on_event(self, event: Any) -> None:
         self.counts[type(event).__struct_config__.tag] += 1
@@ -59,6 +60,7 @@ class Metrics:
             case StepCompleted():
                 self.tokens.append((self.clock(), event.usage.total))
                 self.cost += self.policy().price_of(event.model).cost(event.usage)
+                self.savings.add(event)
             case BreakerChanged():
                 self.breakers[event.dependency] = event.state
             case StepFailed():
@@ -81,4 +83,29 @@ class Metrics:
             queue_depth=dict(self.queue_depth),
             breakers=dict(self.breakers),
             uptime_s=round(now - self.started, 1),
+            savings=self.savings.report(),
         )
+
+
+class SavingsCount:
+    """Cache hits, the tokens and dollars they saved, and compaction's tokens before and after."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.tokens = self.compacted = self.before = self.after = 0
+        self.cost = 0.0
+
+    def add(self, step: StepCompleted) -> None:
+        if step.cache is not None:
+            self.hits[step.cache.source] += 1
+            self.tokens += max(0, step.cache.saved.total - step.usage.total)
+            self.cost += step.cache.cost_avoided_usd
+        if step.compaction is not None:
+            self.compacted += 1
+            self.before += step.compaction.tokens_before
+            self.after += step.compaction.tokens_after
+
+    def report(self) -> Savings:
+        return Savings(hits=dict(self.hits), tokens_saved=self.tokens, cost_avoided_usd=round(self.cost, 6),
+                       compacted_steps=self.compacted, tokens_before_compaction=self.before,
+                       tokens_after_compaction=self.after)

@@ -33,6 +33,13 @@ In distributed mode (hybrid boards have the executor to supervise them) any memb
 passed its deadline, or that nothing changed on for `stall_s` (no claim, renewal or result: e.g. a subtask for
 an agent kind no worker runs), and publishes TaskFailed saying what was done.
 
+Two guard rails hold for every claim, as for the executor's own subtasks. Before it claims a subtask, the member
+takes one of the tenant's slots for running subtasks (shared.slots: `max_parallel_per_tenant` over every task),
+named after the claim, given back when its work ends; with none free it claims nothing and looks again soon. And
+before the first step, the part's estimate (its prompt and output cap, written with the claim) is checked against
+what the task holds: the shortfall is asked of the budget (shared.reservations), and a refusal fails the entry
+`over_budget`.
+
 A member that dies loses nothing: its claims lapse and other members take them over. One that is stopped lets its
 claims lapse at once (a last compare-and-set), so the others need not wait out the lease.
 
@@ -65,12 +72,16 @@ from contracts import (
     subjects,
 )
 from contracts.boards import SYNTHESIS_ID, Board, Entry
-from contracts.events import FailReason, clip
+from contracts.commands import ExtendReservation
+from contracts.events import FailReason, PartState, clip
 from contracts.policy import Policy, Strategy
 from contracts.state import dependency_key
-from shared import plans
+from shared import plans, tracing
 from shared.errors import PoisonMessage, TransientError
 from shared.kv import TypedBucket
+from shared.reservations import Reserve, part_estimate, shortfall
+from shared.slots import Slots
+from shared.slots import holder as slot_holder
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, Any], Awaitable[None]]
@@ -78,6 +89,8 @@ Clock = Callable[[], float]
 RunStep = Callable[[StepRequested], Awaitable[StepCompleted | StepFailed]]
 R = TypeVar("R")
 
+THROTTLED_RETRY_S = 0.5
+"""How soon a member that found its tenant's slots taken looks again (another task's subtask may have ended)."""
 IDLE_S = 5.0
 """The claim loop looks at its boards at least this often without news (a policy change shows within it)."""
 CAS_TRIES = 16
@@ -141,11 +154,23 @@ def open_to(board: Board, agent: str, now: float, max_parallel: int) -> list[tup
     return found[:max(0, max_parallel - live_claims(board, now))]
 
 
-def claimed(board: Board, entry_id: str, member: str, now: float, lease_s: float) -> Board:
+def claimed(board: Board, entry_id: str, member: str, now: float, lease_s: float, estimate: int = 0) -> Board:
     entry = entry_of(board, entry_id)
     assert entry is not None
     return with_entry(board, entry_id, msgspec.structs.replace(
-        entry, status="claimed", claimed_by=member, claim_expires=now + lease_s, claims=entry.claims + 1), now)
+        entry, status="claimed", claimed_by=member, claim_expires=now + lease_s, claims=entry.claims + 1,
+        estimate=estimate), now)
+
+
+def reserved(board: Board) -> int:
+    """What the task holds: its reservation at admission and what its parts added since."""
+    return board.task.reserved_tokens + sum(entry.extended for entry in (*board.entries, board.synthesis))
+
+
+def committed(board: Board) -> int:
+    """Tokens the task's parts used (those that answered) or may use (those claimed, by their estimate)."""
+    return sum(entry.usage.total if entry.usage else entry.estimate if entry.status == "claimed" else 0
+               for entry in (*board.entries, board.synthesis))
 
 
 def holds(board: Board, entry_id: str, member: str, claim: int) -> bool:
@@ -189,12 +214,15 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     attempts: list[Attempt] = []
 
 
-def answered(board: Board, entry_id: str, outcome: Answer | Failure,
-             now: float) -> tuple[Board, TaskCompleted | TaskFailed | None]:
-    """The board with the entry's result, and the task's end when this result ends it: the synthesis answered
-    (completed), the synthesis or, under fail_fast, a subtask failed, or every subtask failed (failed)."""
+def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
+             extended: int = 0) -> tuple[Board, TaskCompleted | TaskFailed | None]:
+    """The board with the entry's result (and what the budget reserved for it beyond the task's reservation),
+    and the task's end when this result ends it: the synthesis answered (completed), the synthesis or, under
+    fail_fast, a subtask failed, or every subtask failed (failed)."""
     entry = entry_of(board, entry_id)
     assert entry is not None
+    ran = outcome.steps if isinstance(outcome, Answer) else len(outcome.attempts)
+    entry = msgspec.structs.replace(entry, extended=extended, steps=entry.steps + ran)
     if isinstance(outcome, Answer):
         entry = msgspec.structs.replace(entry, status="completed", output=outcome.step.output,
                                         usage=outcome.step.usage, step_id=outcome.step.step_id, error="")
@@ -212,7 +240,8 @@ def answered(board: Board, entry_id: str, outcome: Answer | Failure,
         end = failure(after, "permanent_error", "no subtask of the plan succeeded: "
                       + "; ".join(f"{other.spec.id}: {other.error}" for other in after.entries), outcome.attempts)
     if end is not None:
-        after = msgspec.structs.replace(after, ended="completed" if isinstance(end, TaskCompleted) else "failed")
+        after = msgspec.structs.replace(after, ended="completed" if isinstance(end, TaskCompleted) else "failed",
+                                        outcome=end)
     return after, end
 
 
@@ -234,7 +263,8 @@ def stopped(board: Board, now: float, stall_s: float) -> tuple[Board, TaskFailed
     if why is None:
         return None
     after = msgspec.structs.replace(board, ended="failed", updated_at=now)
-    return after, failure(after, *why)
+    end = failure(after, *why)
+    return msgspec.structs.replace(after, outcome=end), end
 
 
 def next_due(board: Board, agent: str, now: float, stall_s: float) -> float:
@@ -275,13 +305,21 @@ def line(board: Board) -> str:
     return f"subtasks: {states}; synthesis {board.synthesis.status}"
 
 
+def parts(board: Board) -> list[PartState]:
+    """Every entry's state, for progress (a claim is `running`)."""
+    return [PartState(id=entry_id, agent=entry.spec.agent,
+                      status="running" if entry.status == "claimed" else entry.status,
+                      tokens=entry.usage.total if entry.usage else 0)
+            for entry_id, entry in [*((e.spec.id, e) for e in board.entries), (SYNTHESIS_ID, board.synthesis)]]
+
+
 def completion(board: Board, answer: Answer) -> TaskCompleted:
     """The task's end from its synthesis's answer: its output, every entry's usage and the synthesis's."""
     task, step = board.task, answer.step
     return TaskCompleted(
         task_id=task.task_id, tenant=task.tenant, user=task.user, output=step.output,
-        usage=Usage.sum([*(entry.usage for entry in board.entries), step.usage]),
-        attempts=sum(entry.claims for entry in board.entries) + answer.steps, model=step.model,
+        usage=Usage.sum([board.planning_usage, *(entry.usage for entry in board.entries), step.usage]),
+        attempts=board.planning_steps + sum(entry.steps for entry in board.entries) + answer.steps, model=step.model,
         strategy=answer.strategy, tier=answer.tier, dependency=step.dependency,
         received_at=task.received_at)
 
@@ -309,6 +347,16 @@ def synthesis_prompt(board: Board) -> str:
     return plans.synthesis_prompt(board.task.spec.prompt, board.entries)
 
 
+def part_of(board: Board, entry_id: str, policy: Policy) -> tuple[str, int]:
+    """What the entry's agent is told, and the output tokens it may write."""
+    entry = entry_of(board, entry_id)
+    assert entry is not None
+    if entry_id == SYNTHESIS_ID:
+        return synthesis_prompt(board), entry.spec.max_tokens or policy.orchestration.synthesis_output_tokens
+    agent = policy.agents.get(entry.spec.agent)
+    return subtask_prompt(board, entry), entry.spec.max_tokens or (agent.default_output_tokens if agent else 256)
+
+
 def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: Strategy, attempt: int,
                  policy: Policy, now: float) -> StepRequested:
     """The step of one attempt of a claimed entry, bounded by the strategy's timeout and the task's deadline."""
@@ -316,14 +364,8 @@ def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: 
     assert entry is not None
     timeout = max(0.0, strategy.timeout_s if board.deadline_at <= 0 else
                   min(strategy.timeout_s, board.deadline_at - now))
-    agent = policy.agents.get(entry.spec.agent)
+    prompt, max_tokens = part_of(board, entry_id, policy)
     synthesis = entry_id == SYNTHESIS_ID
-    if synthesis:
-        prompt = synthesis_prompt(board)
-        max_tokens = entry.spec.max_tokens or policy.orchestration.synthesis_output_tokens
-    else:
-        prompt = subtask_prompt(board, entry)
-        max_tokens = entry.spec.max_tokens or (agent.default_output_tokens if agent else 256)
     return StepRequested(
         task_id=task.task_id, tenant=task.tenant, user=task.user,
         step_id=step_id(board, entry_id, claim, index, attempt), attempt=attempt, agent=entry.spec.agent,
@@ -396,6 +438,8 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
     entry_id: str
     claim: int
     board: Board
+    slot: str = ""
+    """The tenant slot it holds (shared.slots), given back when its work ends; "" for none."""
 
 
 class PoolStats(msgspec.Struct):
@@ -418,6 +462,8 @@ class PoolStats(msgspec.Struct):
     """Tasks this member ended as failed: a failed subtask, the synthesis, a deadline or a stall."""
     overdue: int = 0
     """Boards this member ended as stalled or past their deadline."""
+    throttled: int = 0
+    """Claims not made because the subtask's tenant ran as many subtasks as it may (max_parallel_per_tenant)."""
     errors: int = 0
     """Looks at a board, renewals, posts or publishes that failed (NATS away, contention): each is logged."""
 
@@ -427,7 +473,8 @@ class Pool:
     holds run in its task group)."""
 
     def __init__(self, agent: str, member: str, boards: TypedBucket[Board], run_step: RunStep, emit: Emit, *,
-                 policy: Callable[[], Policy], notify: Emit | None = None, clock: Clock = time.time) -> None:
+                 policy: Callable[[], Policy], notify: Emit | None = None, reserve: Reserve | None = None,
+                 slots: Slots | None = None, clock: Clock = time.time) -> None:
         self.agent = agent
         self.member = member
         """Who holds a claim (`claimed_by`): unique per member, even for two in one process."""
@@ -436,6 +483,11 @@ class Pool:
         self.emit = emit
         self.notify = notify or emit
         self.policy = policy
+        self.reserve = reserve
+        """Asks the budget for more when a claimed part would take its task past its reservation."""
+        self.slots = slots
+        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
+        self._throttled = False
         self.clock = clock
         self.view: dict[str, tuple[Board, int]] = {}
         """Every board not ended, with its revision, as the watch (or this member's last write) left it."""
@@ -486,7 +538,7 @@ class Pool:
     async def look(self, holds: anyio.abc.TaskGroup) -> float:
         """One pass over the boards: end what is overdue, claim what may be claimed (each claim's work starts in
         `holds`); when to look again without news."""
-        due = math.inf
+        due, self._throttled = math.inf, False
         for key, (board, _) in list(self.view.items()):
             if self._stopping:
                 break
@@ -503,7 +555,7 @@ class Pool:
                 due = min(due, self.clock() + 1.0)
             if key in self.view:
                 due = min(due, next_due(self.view[key][0], self.agent, self.clock(), limits.stall_s))
-        return due
+        return min(due, self.clock() + THROTTLED_RETRY_S) if self._throttled else due
 
     async def claim_next(self, key: str, board: Board, revision: int) -> Claim | None:
         """Claim the first entry open to this member on `board` (known at `revision`), if it has room for one; a
@@ -516,7 +568,13 @@ class Pool:
             if not found:
                 return None
             entry_id, entry = found[0]
-            after = claimed(board, entry_id, self.member, now, limits.claim_lease_s)
+            slot = await self._take_slot(board, entry_id, entry.claims + 1, now, limits.max_parallel_per_tenant)
+            if slot is None:
+                self.stats.throttled += 1
+                self._throttled = True
+                return None  # the tenant runs as many subtasks as it may: looked at again soon
+            after = claimed(board, entry_id, self.member, now, limits.claim_lease_s,
+                            part_estimate(*part_of(board, entry_id, self.policy())))
             if await self.boards.write_if(key, after, revision):
                 self.stats.holding += 1  # the slot is taken with the claim, before anything else may look
                 self.stats.claims += 1
@@ -525,13 +583,28 @@ class Pool:
                 if entry.status == "claimed":
                     log.info("task %s: %s's claim on %s lapsed; %s takes it over", board.task.task_id,
                              entry.claimed_by, entry_id, self.member)
-                return Claim(key=key, entry_id=entry_id, claim=entry.claims + 1, board=after)
+                return Claim(key=key, entry_id=entry_id, claim=entry.claims + 1, board=after, slot=slot)
             self.stats.lost_claims += 1
+            await self._give_back(board, slot)
             fresh, revision = await self.boards.read(key)
             if fresh is None:
                 return None
             board = fresh
         return None  # contended for now: the next look decides again
+
+    async def _take_slot(self, board: Board, entry_id: str, claim: int, now: float, limit: int) -> str | None:
+        """One of the tenant's slots for running subtasks (none for the synthesis), held by this claim until the
+        task's deadline: its holder's name, "" if it needs none, None if none is free."""
+        if self.slots is None or entry_id == SYNTHESIS_ID:
+            return ""
+        task = board.task
+        who = slot_holder(task.task_ref, f"{entry_id}-c{claim}")
+        until = board.deadline_at if board.deadline_at > 0 else now + self.policy().orchestration.stall_s
+        return who if await self.slots.take(task.tenant, who, until, now, limit) else None
+
+    async def _give_back(self, board: Board, slot: str) -> None:
+        if slot and self.slots is not None:
+            await self.slots.give_back(board.task.tenant, slot)
 
     async def _wrote(self, key: str) -> None:
         """Put what this member just wrote in its view (as the watch will, later)."""
@@ -569,16 +642,18 @@ class Pool:
         task = claim.board.task.task_id
         try:
             lost = anyio.Event()
-            async with anyio.create_task_group() as renewing:
-                renewing.start_soon(self._renew, claim, lost)
-                outcome = await self._work(claim, lost)
-                renewing.cancel_scope.cancel()
-            if outcome is None or lost.is_set():
-                self.stats.abandoned += 1
-                log.info("task %s: %s's claim %d on %s was taken over or its board ended: result dropped", task,
-                         self.member, claim.claim, claim.entry_id)
-                return
-            await self._post(claim, outcome)
+            with _part_span(claim):  # its steps, its result and the task's end, if it ends it, in the task's trace
+                async with anyio.create_task_group() as renewing:
+                    renewing.start_soon(self._renew, claim, lost)
+                    covered = await self._cover(claim)
+                    outcome = covered if isinstance(covered, Failure) else await self._work(claim, lost)
+                    renewing.cancel_scope.cancel()
+                if outcome is None or lost.is_set():
+                    self.stats.abandoned += 1
+                    log.info("task %s: %s's claim %d on %s was taken over or its board ended: result dropped", task,
+                             self.member, claim.claim, claim.entry_id)
+                    return
+                await self._post(claim, outcome, extended=covered if isinstance(covered, int) else 0)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
                 await self._release(claim)
@@ -590,6 +665,11 @@ class Pool:
         finally:
             self.stats.holding -= 1
             self._news.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+                try:
+                    await self._give_back(claim.board, claim.slot)
+                except _NATS_ERRORS:  # it lapses at the task's deadline
+                    pass
 
     async def _renew(self, claim: Claim, lost: anyio.Event) -> None:
         while True:
@@ -615,6 +695,21 @@ class Pool:
                 board, claim.entry_id, self.member, claim.claim, now)))
         except _NATS_ERRORS:
             pass  # it lapses at its lease's end
+
+    async def _cover(self, claim: Claim) -> int | Failure:
+        """Make the task's reservation cover the claimed part (the board as claimed counts its estimate among
+        what the parts may use): ask the budget for the shortfall. What it reserved, or why not."""
+        board = claim.board
+        need = shortfall(reserved(board), committed(board), 0)
+        if self.reserve is None or need == 0:
+            return 0
+        task = board.task
+        reply = await self.reserve(ExtendReservation(tenant=task.tenant, user=task.user, task_id=task.task_id,
+                                                     part=claim.entry_id, tokens=need))
+        if not reply.granted:
+            return Failure(reason="over_budget", error=f"over budget: {claim.entry_id} needs {need:,} tokens more "
+                                                       f"than the task reserved; {reply.message}")
+        return reply.tokens
 
     async def _work(self, claim: Claim, lost: anyio.Event) -> Answer | Failure | None:
         """The entry down its agent's chain; None if the claim was lost before the chain ended."""
@@ -684,12 +779,12 @@ class Pool:
                               dependency=dependency_key(step.provider, step.model), error="transient",
                               message=clip(f"the step's outcome was not published: {exc!r}"))
 
-    async def _post(self, claim: Claim, outcome: Answer | Failure) -> None:
+    async def _post(self, claim: Claim, outcome: Answer | Failure, extended: int = 0) -> None:
         """The result on the board, if the claim is still this member's; then the task's end, if it ended it."""
         def decide(board: Board, now: float) -> tuple[Board, TaskCompleted | TaskFailed | None] | None:
             if not holds(board, claim.entry_id, self.member, claim.claim):
                 return None
-            return answered(board, claim.entry_id, outcome, now)
+            return answered(board, claim.entry_id, outcome, now, extended)
 
         written = await self._change(claim.key, decide)
         task = claim.board.task
@@ -711,7 +806,7 @@ class Pool:
         try:
             await self.notify(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
                 task_id=task.task_id, tenant=task.tenant, user=task.user, stage="plan", worker=self.member,
-                step_id=step, message=line(board)))
+                step_id=step, message=line(board), parts=parts(board)))
         except _NATS_ERRORS as exc:  # news only
             log.debug("task %s: progress not published: %r", task.task_id, exc)
 
@@ -722,6 +817,17 @@ class Pool:
         else:
             self.stats.tasks_failed += 1
             await _surely(self.emit, subjects.task_failed(end.tenant), end)
+
+
+def _part_span(claim: Claim):
+    """The claimed part's span, in the task's trace (the board carries it), over the steps it runs: named as the
+    executor names its own parts, so a trace reads alike in every mode."""
+    board, entry = claim.board, entry_of(claim.board, claim.entry_id)
+    agent = entry.spec.agent if entry else ""
+    part = "synthesis" if claim.entry_id == SYNTHESIS_ID else claim.entry_id
+    return tracing.consuming(f"{'synthesis' if part == 'synthesis' else 'subtask ' + part} {agent}", board.trace, {
+        "corral.task_id": board.task.task_id, "corral.part": part, "gen_ai.agent.name": agent,
+        "corral.claim": str(claim.claim)})
 
 
 def _pair(board: Board | None) -> tuple[Board, None] | None:

@@ -19,6 +19,12 @@ from services.workers.conversation import ToolCall, Turn
 from shared.kv import TypedBucket
 
 
+def bypasses_cache(step: StepRequested) -> bool:
+    """A step that may stop at a gate, or resumes from one, is never answered from the response cache nor kept
+    in it: a cached answer would skip the approved call, and a gated outcome is no answer to keep."""
+    return bool(step.gated_tools) or step.resume is not None
+
+
 class ApprovedCalls:
     """Makes an approved call at most once over every worker: a note in `corral_approved_calls` before the call
     (KV create: one worker wins), its result in the note after it."""

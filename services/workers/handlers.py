@@ -13,16 +13,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import anyio
 
 from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
-from contracts.events import ErrorClass, clip
+from contracts.events import ErrorClass, PromptCompacted, clip
 from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
-from services.workers import gates, telemetry
+from services.workers import compaction, gates, telemetry, tiering
 from services.workers.agent import AgentLoop, MaxTurnsReached
+from services.workers.caching import Caching
 from services.workers.conversation import Provider, Tool
 from services.workers.errors import CircuitOpen, ProviderError, UnknownProvider
 from services.workers.streaming import DeltaPublisher
@@ -46,7 +48,8 @@ class Worker:
     def __init__(self, worker_id: str, providers: Providers | dict[str, Provider], emit: Emit, *,
                  tools: Tools | None = None, gate: BreakerGate | None = None, clock: Clock = time.time,
                  notify: Emit | None = None, policy: Callable[[], Policy] = lambda: DEFAULT_POLICY,
-                 trace_content: bool = False, approved_calls: gates.ApprovedCalls | None = None) -> None:
+                 trace_content: bool = False, caching: Caching | None = None,
+                 approved_calls: gates.ApprovedCalls | None = None) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
@@ -57,6 +60,8 @@ class Worker:
         self.clock = clock
         self.policy = policy
         self.trace_content = trace_content
+        self.caching = caching
+        """The response cache (services/workers/caching.py); None: every step calls its model."""
         self.approved_calls = approved_calls
 
     async def on_step(self, step: StepRequested) -> None:
@@ -114,11 +119,24 @@ class Worker:
         if missing:
             return run.failed(tool_key(missing), "permanent",
                               f"this worker has no tool {missing!r} (built-in, plug-in or MCP); the task names it")
+        limit = policy.workers.max_tool_output_chars
+        if agent is not None and agent.compaction.enabled:
+            limit = min(limit, agent.compaction.max_tool_output_chars)
         loop = AgentLoop(step, provider, tools, run.call, model_dependency=run.model,
                          max_turns=agent.max_turns if agent else AgentPolicy.max_turns,
-                         max_tool_output_chars=policy.workers.max_tool_output_chars,
+                         max_tool_output_chars=limit,
                          system_prompt=agent.system_prompt if agent else "", on_text=deltas.feed,
                          trace_content=self.trace_content, approved_calls=self.approved_calls)
+        compacted = None
+        if agent is not None and agent.compaction.enabled:
+            loop.messages, compacted = compaction.compact(loop.messages, agent.compaction, step.model)
+        answer = partial(self._answer, step, run, loop, deltas, agent, compacted)
+        if self.caching is None or gates.bypasses_cache(step):
+            return await answer()
+        return await self.caching.serve(step, loop.messages, tools, run.elapsed_ms, answer)
+
+    async def _answer(self, step: StepRequested, run: StepRun, loop: AgentLoop, deltas: DeltaPublisher,
+                      agent: AgentPolicy | None, compacted: PromptCompacted | None) -> StepCompleted | StepFailed:
         try:
             answer = await loop.run()
         except gates.Gated as gate:  # waits for a person: not a failure
@@ -130,11 +148,16 @@ class Worker:
             return run.failed(run.model, error.error_class, str(error))
         except ProviderError as error:
             return run.failed(run.calls[-1].dependency, error.error_class, str(error), error.retry_after_s)
+        invalid = tiering.invalid_answer(step, agent, answer.text)
+        if invalid:
+            return run.failed(run.model, "permanent", f"the fast tier's answer failed validation ({invalid}): "
+                                                      f"the chain escalates to the advanced tier")
         return StepCompleted(
             task_id=step.task_id, tenant=step.tenant, user=step.user, step_id=step.step_id, attempt=step.attempt,
             agent=step.agent, dependency=run.model, model=step.model, output=answer.text,
             usage=answer.usage, latency_ms=run.elapsed_ms(), calls=run.calls, turns=answer.turns,
-            refused_tool_calls=answer.refused_tool_calls, first_token_ms=deltas.first_token_ms())
+            refused_tool_calls=answer.refused_tool_calls, first_token_ms=deltas.first_token_ms(),
+            compaction=compacted)
 
 
 class StepRun:

@@ -25,6 +25,9 @@ from contracts import subjects as s
 from contracts.boards import Board, ended_board_ttl
 from contracts.commands import SimulateDependency
 from contracts.queries import SimulationAck
+from services.workers import cache
+from services.workers.board import Pool, StepOutcomes
+from services.workers.caching import Caching
 from contracts.approvals import ApprovedCall
 from services.workers.board import Pool, StepOutcomes
 from services.workers.gates import ApprovedCalls
@@ -40,6 +43,8 @@ from shared.consume import Consumer, decoder_for
 from shared.kv import TypedBucket
 from shared.policy import PolicyView
 from shared.quarantine import Quarantine
+from shared.reservations import reservation_requester
+from shared.slots import slots_bucket
 from shared.runtime import micro_service
 from shared.streams import consumer_config
 from shared.watch import follow_bucket
@@ -78,17 +83,21 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         toolbox = Toolbox(lambda: policy().workers)
         providers = ProviderSet(policy, simulated, settings.local_model_url)
         tools: Tools = _RealThenSimulated(toolbox, faults)
+        responses_kv = await cache.declare(bus.js, settings)
+        caching = Caching(cache.Store(responses_kv, quarantine), policy)
         outcomes = StepOutcomes(bus.emit)  # a pool member's steps are published as any, and handed back to it
         notes = TypedBucket(await bus.bucket(s.KV_APPROVED_CALLS, ttl_s=APPROVED_CALLS_TTL_S), ApprovedCall,
                             lambda: None, quarantine=quarantine)
         worker = Worker(worker_id, providers, outcomes.emit, tools=tools, policy=policy, notify=bus.notify,
                         gate=BreakerGate(view, lease_requester(bus.nc, worker_id)),
-                        trace_content=settings.trace_content, approved_calls=ApprovedCalls(notes, worker_id))
+                        trace_content=settings.trace_content, caching=caching,
+                        approved_calls=ApprovedCalls(notes, worker_id))
         boards_kv = await bus.bucket(s.KV_BOARDS)
         boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
         # the member's id tells two replicas in one process apart (tests and embedded stacks run several)
         pool = Pool(agent, f"{worker_id}-{secrets.token_hex(2)}", boards, outcomes.runner(worker.on_step), bus.emit,
-                    policy=policy, notify=bus.notify)
+                    policy=policy, notify=bus.notify, reserve=reservation_requester(bus.nc),
+                    slots=slots_bucket(await bus.bucket(s.KV_SLOTS), quarantine))
         steps = Consumer(bus, s.STREAM_STEPS,
                          consumer_config(settings, s.consumer_worker(agent), s.step_requested(agent)),
                          decoder_for(StepRequested), worker.on_step, long_running=True)
@@ -109,7 +118,7 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
             return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
                     "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()},
                     "tools": toolbox.stats(), "policy": policy.stats(), "quarantined": quarantine.stats(),
-                    "pool": {"member": pool.member, **pool.snapshot()}}
+                    "pool": {"member": pool.member, **pool.snapshot()}, "cache": caching.stats()}
 
         control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
         try:
@@ -119,8 +128,11 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                 tg.start_soon(toolbox.maintain, stop)
                 tg.start_soon(follow_bucket, boards_kv, pool.apply, stop, ">", quarantine)
                 tg.start_soon(pool.run, stop)
+                # the semantic index of this agent kind's answers only (keys are TENANT.AGENT.DIGEST)
+                tg.start_soon(follow_bucket, responses_kv, caching.index.apply, stop, f"*.{agent}.*", quarantine)
                 await steps.run(stop)
                 tg.cancel_scope.cancel()
         finally:
             await control.unsubscribe()
             await providers.aclose()
+            await caching.embedder.aclose()

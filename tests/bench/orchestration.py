@@ -27,7 +27,12 @@ research, code by coding, notes by writing), then a synthesis (writing) over the
    Each handoff is split at the plan progress the executor publishes once it has recorded
    its decision (it waits for that publish before it asks for the step).
 
-Distributed and hybrid orchestration do not exist yet: nothing here measures them.
+   - distributed: the same plan on the task's board; the pools claim the parts and the synthesis.
+   - hybrid: the same plan on the board; the pools claim the parts, the executor supervises and runs the
+     synthesis.
+3. Start latency, every mode alike: from a part's StepCompleted to the worker starting the step it made
+   ready (that step's StepCompleted `occurred_at` less its `latency_ms`), for the chained plans run in each
+   mode (the board modes publish no StepRequested: their pools claim from the board).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ PARTS = [Subtask(id="facts", agent="research", instruction="Gather the facts."),
          Subtask(id="notes", agent="writing", instruction="Draft the release notes.")]
 CHAIN = [PARTS[0], Subtask(id="code", agent="coding", instruction="Write the migration script from the facts.",
                            needs=["facts"]), PARTS[2]]
-SINGLE, CENTRALIZED = "single agent", "centralized"
+SINGLE, CENTRALIZED, DISTRIBUTED, HYBRID = "single agent", "centralized", "distributed", "hybrid"
+ORCHESTRATED = (CENTRALIZED, DISTRIBUTED, HYBRID)
+WAYS = (SINGLE, *ORCHESTRATED)
 END_TIMEOUT_S = 120.0
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 
@@ -116,6 +123,14 @@ class Spread(msgspec.Struct):
     p99_ms: float
 
 
+class StartSummary(msgspec.Struct):
+    """A part's result -> the worker starting the step it made ready, in one mode."""
+
+    way: str
+    kind: str
+    spread: Spread
+
+
 class HandoffSummary(msgspec.Struct):
     kind: str
     source: str
@@ -131,10 +146,12 @@ class Report(msgspec.Struct):
     replicas: int
     executors: int
     runs: list[Run]
-    ratio_per_round: list[float]
-    ratio_median: float
-    parts_ratio_median: float
+    ratio_per_round: dict[str, list[float]]
+    """Each orchestrated way's throughput over the single agent's, by way, per round."""
+    ratio_median: dict[str, float]
+    parts_ratio_median: dict[str, float]
     handoffs: list[HandoffSummary]
+    starts: list[StartSummary]
     incomplete: int
     """Orchestrated tasks left out of the handoffs: they did not complete, or a step of theirs ran twice."""
     step_failures: dict[str, int]
@@ -220,11 +237,12 @@ async def single_agent(client: Client, heard: Heard, request: str, user: str) ->
                 completed=isinstance(end, TaskCompleted))
 
 
-async def centralized(client: Client, heard: Heard, request: str, user: str, subtasks: list[Subtask]) -> Work:
-    spec = TaskSpec(agent=SYNTHESIS, prompt=request, orchestration="centralized", plan=Plan(subtasks=subtasks))
+async def orchestrated(client: Client, heard: Heard, request: str, user: str, subtasks: list[Subtask],
+                       way: str = CENTRALIZED) -> Work:
+    spec = TaskSpec(agent=SYNTHESIS, prompt=request, orchestration=way, plan=Plan(subtasks=subtasks))
     task_id = await client.submit(spec, tenant=TENANT, user=user)
     ended_at, end = await heard.end_of(task_id)
-    return Work(way=CENTRALIZED, parts=[task_id], tasks=[task_id], ended_at=ended_at,
+    return Work(way=way, parts=[task_id], tasks=[task_id], ended_at=ended_at,
                 completed=isinstance(end, TaskCompleted))
 
 
@@ -237,7 +255,7 @@ async def makespan(client: Client, heard: Heard, steps: Signals, way: str, tasks
         request = f"Ship the migration (round {round_}, task {n})."
         user = f"bench{n % USERS}"
         done.append(await (single_agent(client, heard, request, user) if way == SINGLE else
-                           centralized(client, heard, request, user, PARTS)))
+                           orchestrated(client, heard, request, user, PARTS, way)))
 
     started = time.time()
     async with anyio.create_task_group() as tg:
@@ -252,15 +270,20 @@ async def makespan(client: Client, heard: Heard, steps: Signals, way: str, tasks
               asked_again=sum(task in heard.asked_again for work in done for task in work.tasks),
               step_overhead_p50_ms=round(overhead.p50_ms, 1),
               step_overhead_p99_ms=round(overhead.p99_ms, 1))
-    return run, [work.tasks[0] for work in done if way == CENTRALIZED]
+    return run, [work.tasks[0] for work in done if way == CENTRALIZED]  # the handoffs' breakdown: centralized
 
 
 def _parts_done(steps: Signals, work: Work) -> float:
     """When the last of the work's parts had its result (its StepCompleted)."""
-    part_steps = {r.step_id for task in work.parts for r in steps.of(StepRequested, task_id=task)
-                  if r.subtask or work.way == SINGLE}
     return max((c.occurred_at.timestamp() for task in work.parts for c in steps.of(StepCompleted, task_id=task)
-                if c.step_id in part_steps), default=work.ended_at)
+                if work.way == SINGLE or part_of_step(c.step_id, task) != "synthesis"), default=work.ended_at)
+
+
+def part_of_step(step_id: str, task_id: str) -> str:
+    """The part a step of an orchestrated task ran: `<tenant>/<task>-<part>-s0a1` (the executor's; its synthesis
+    is `=synthesis`) or `<tenant>/<task>-<part>-c1s0a1` (a pool member's claim; its synthesis is `synthesis`)."""
+    part = step_id.split(f"{task_id}-", 1)[1].rsplit("-", 1)[0]
+    return "synthesis" if part == "=synthesis" else part
 
 
 def _step_overheads(steps: Signals, tasks: set[str]) -> list[float]:
@@ -273,12 +296,13 @@ def _step_overheads(steps: Signals, tasks: set[str]) -> list[float]:
     return overheads
 
 
-async def chains(client: Client, heard: Heard, count: int, gap_s: float) -> list[str]:
+async def chains(client: Client, heard: Heard, count: int, gap_s: float, way: str = CENTRALIZED) -> list[str]:
     """`count` tasks whose plan has a chain, one submitted every `gap_s`; their ids."""
     ids: list[str] = []
 
     async def one(n: int) -> None:
-        work = await centralized(client, heard, f"Ship the migration (chain {n}).", f"bench{n % USERS}", CHAIN)
+        work = await orchestrated(client, heard, f"Ship the migration ({way} chain {n}).", f"bench{n % USERS}",
+                                  CHAIN, way)
         ids.append(work.tasks[0])
 
     async with anyio.create_task_group() as tg:
@@ -319,11 +343,36 @@ def _handoff(kind: str, cause: StepCompleted, next_step: StepRequested, heard: H
                    heard_ms=None if on_bus is None else (on_bus - asked) * 1000)
 
 
-def summarise(kind: str, source: str, found: list[Handoff]) -> HandoffSummary:
-    def spread(values: list[float | None]) -> Spread:
-        p = percentiles([v for v in values if v is not None])
-        return Spread(count=p.count, p50_ms=round(p.p50_ms, 2), p99_ms=round(p.p99_ms, 2))
+def starts(steps: Signals, task_id: str, plan: list[Subtask]) -> list[tuple[str, float]] | None:
+    """(kind, ms) of each start one task's results made ready: a part's StepCompleted to the worker starting the
+    step of the part it made ready. None unless the task completed with each part run once."""
+    done: dict[str, StepCompleted] = {}
+    for step in steps.of(StepCompleted, task_id=task_id):
+        if part_of_step(step.step_id, task_id) in done:
+            return None
+        done[part_of_step(step.step_id, task_id)] = step
+    if set(done) != {*(sub.id for sub in plan), "synthesis"}:
+        return None
 
+    def start(part: str) -> float:
+        return done[part].occurred_at.timestamp() - done[part].latency_ms / 1000
+
+    found = []
+    for sub in plan:
+        if sub.needs:
+            cause = max((done[need] for need in sub.needs), key=lambda c: c.occurred_at)
+            found.append(("subtask -> subtask", (start(sub.id) - cause.occurred_at.timestamp()) * 1000))
+    last = max((done[sub.id] for sub in plan), key=lambda c: c.occurred_at)
+    found.append(("last subtask -> synthesis", (start("synthesis") - last.occurred_at.timestamp()) * 1000))
+    return found
+
+
+def spread(values: list[float | None]) -> Spread:
+    p = percentiles([v for v in values if v is not None])
+    return Spread(count=p.count, p50_ms=round(p.p50_ms, 2), p99_ms=round(p.p99_ms, 2))
+
+
+def summarise(kind: str, source: str, found: list[Handoff]) -> HandoffSummary:
     mine = [h for h in found if h.kind == kind]
     return HandoffSummary(kind=kind, source=source, total=spread([h.total_ms for h in mine]),
                           recorded=spread([h.recorded_ms for h in mine]),
@@ -338,35 +387,43 @@ async def measure(url: str, services: Services, args: argparse.Namespace) -> Rep
         heard = Heard()
         async with client.events() as events, signals(client) as steps, anyio.create_task_group() as tg:
             tg.start_soon(heard.follow, events)
-            for way in (SINGLE, CENTRALIZED):  # warm-up: not reported
+            for way in WAYS:  # warm-up: not reported
                 await makespan(client, heard, steps, way, 1, -1)
             load, warm, warm_retries = [list(os.getloadavg())], len(steps.events), set(heard.asked_again)
             runs, burst = [], []
             for round_ in range(args.rounds):
-                ways = (SINGLE, CENTRALIZED) if round_ % 2 == 0 else (CENTRALIZED, SINGLE)
-                for way in ways:
-                    run, orchestrated = await makespan(client, heard, steps, way, args.tasks, round_)
+                for way in WAYS[round_ % len(WAYS):] + WAYS[:round_ % len(WAYS)]:  # each way first in turn
+                    run, centralized = await makespan(client, heard, steps, way, args.tasks, round_)
                     runs.append(run)
-                    burst += orchestrated
-            chained = await chains(client, heard, args.chains, args.gap)
+                    burst += centralized
+            chained = {way: await chains(client, heard, args.chains, args.gap, way) for way in ORCHESTRATED}
             load.append(list(os.getloadavg()))
             tg.cancel_scope.cancel()
     found_burst = [handoffs(steps, heard, task, PARTS) for task in burst]
-    found_chain = [handoffs(steps, heard, task, CHAIN) for task in chained]
+    found_chain = [handoffs(steps, heard, task, CHAIN) for task in chained[CENTRALIZED]]
     incomplete = sum(found is None for found in [*found_burst, *found_chain])
+    started = {way: [starts(steps, task, CHAIN) for task in ids] for way, ids in chained.items()}
+    start_summaries = [StartSummary(way=way, kind=kind, spread=spread([ms for found in found_starts if found
+                                                                       for k, ms in found if k == kind]))
+                       for way, found_starts in started.items()
+                       for kind in ("subtask -> subtask", "last subtask -> synthesis")]
     burst_h = [h for found in found_burst if found for h in found]
     chain_h = [h for found in found_chain if found for h in found]
     summaries = [summarise("subtask -> subtask", f"chain plans, one every {args.gap:g} s", chain_h),
                  summarise("last subtask -> synthesis", f"chain plans, one every {args.gap:g} s", chain_h),
                  summarise("last subtask -> synthesis", f"the makespan runs' plans, {args.tasks} at once", burst_h)]
     by_round = {(run.round, run.way): run for run in runs}
-    ratios = [by_round[(r, CENTRALIZED)].per_s / by_round[(r, SINGLE)].per_s for r in range(args.rounds)]
-    parts = [by_round[(r, SINGLE)].parts_s / by_round[(r, CENTRALIZED)].parts_s for r in range(args.rounds)]
+    ratios = {way: [by_round[(r, way)].per_s / by_round[(r, SINGLE)].per_s for r in range(args.rounds)]
+              for way in ORCHESTRATED}
+    parts = {way: [by_round[(r, SINGLE)].parts_s / by_round[(r, way)].parts_s for r in range(args.rounds)]
+             for way in ORCHESTRATED}
     return Report(latency_s=args.latency, tasks=args.tasks, replicas=args.replicas, executors=args.executors,
-                  runs=runs, ratio_per_round=[round(r, 3) for r in ratios],
-                  ratio_median=round(statistics.median(ratios), 3),
-                  parts_ratio_median=round(statistics.median(parts), 3),
-                  handoffs=summaries, incomplete=incomplete, cores=os.cpu_count() or 0,
+                  runs=runs, ratio_per_round={way: [round(r, 3) for r in rs] for way, rs in ratios.items()},
+                  ratio_median={way: round(statistics.median(rs), 3) for way, rs in ratios.items()},
+                  parts_ratio_median={way: round(statistics.median(ps), 3) for way, ps in parts.items()},
+                  handoffs=summaries, starts=start_summaries, incomplete=incomplete + sum(
+                      found is None for found_starts in started.values() for found in found_starts),
+                  cores=os.cpu_count() or 0,
                   step_failures=dict(Counter(e.error for _, e in steps.events[warm:] if isinstance(e, StepFailed))),
                   asked_again=sorted({_why(p.message) for task, found in heard.asked_again.items()
                                       if task not in warm_retries for p in found}),
@@ -391,18 +448,22 @@ def print_report(report: Report, out: Console) -> None:
     for column in ("way", "round", "completed", "makespan", "tasks/s", "parts alone", "steps asked again",
                    "step overhead p50 / p99"):
         table.add_column(column, justify="left" if column == "way" else "right")
-    for run in sorted(report.runs, key=lambda r: (r.way != SINGLE, r.round)):
-        label = "single agent (4 tasks in turn)" if run.way == SINGLE else "centralized (1 task, plan)"
-        table.add_row(label, str(run.round + 1), f"{run.completed}/{run.tasks}", f"{run.makespan_s:.2f} s",
+    labels = {SINGLE: "single agent (4 tasks in turn)", CENTRALIZED: "centralized (1 task, plan)",
+              DISTRIBUTED: "distributed (1 task, board)", HYBRID: "hybrid (1 task, board)"}
+    for run in sorted(report.runs, key=lambda r: (WAYS.index(r.way), r.round)):
+        overhead = (f"{run.step_overhead_p50_ms:.1f} / {run.step_overhead_p99_ms:.1f} ms"
+                    if run.way in (SINGLE, CENTRALIZED) else "(no StepRequested)")
+        table.add_row(labels[run.way], str(run.round + 1), f"{run.completed}/{run.tasks}", f"{run.makespan_s:.2f} s",
                       f"{run.per_s:.2f}", f"{run.parts_s:.2f} s",
-                      f"[yellow]{run.asked_again}[/]" if run.asked_again else "0",
-                      f"{run.step_overhead_p50_ms:.1f} / {run.step_overhead_p99_ms:.1f} ms")
+                      f"[yellow]{run.asked_again}[/]" if run.asked_again else "0", overhead)
     out.print(table)
-    out.print(f"throughput centralized / single agent: {report.ratio_median:.2f}x (median; rounds "
-              f"{', '.join(f'{r:.2f}' for r in report.ratio_per_round)}); with no coordination cost either way "
-              "2.00x: four calls in turn against two (the parts at once, then the synthesis)")
-    out.print(f"the parts alone, single agent / centralized: {report.parts_ratio_median:.2f}x (median; with no "
-              "coordination cost 3.00x); the claim to compare: 3x a single agent's throughput")
+    for way in ORCHESTRATED:
+        out.print(f"throughput {way} / single agent: {report.ratio_median[way]:.2f}x (median; rounds "
+                  f"{', '.join(f'{r:.2f}' for r in report.ratio_per_round[way])}); the parts alone: "
+                  f"{report.parts_ratio_median[way]:.2f}x")
+    out.print("with no coordination cost: 2.00x for the whole task (four calls in turn against two: the parts at "
+              "once, then the synthesis) and 3.00x for the parts alone; the claim to compare: 3x a single agent's "
+              "throughput")
     table = Table(title="Handoffs: a step's StepCompleted -> the StepRequested it made ready (occurred_at)")
     for column in ("handoff", "of", "n", "total p50 / p99", "-> decision recorded", "-> step requested",
                    "(then heard on the bus)"):
@@ -410,6 +471,12 @@ def print_report(report: Report, out: Console) -> None:
     for h in report.handoffs:
         table.add_row(h.kind, h.source, str(h.total.count), *(f"{s.p50_ms:.1f} / {s.p99_ms:.1f} ms"
                                                                for s in (h.total, h.recorded, h.published, h.heard)))
+    out.print(table)
+    table = Table(title="Start latency: a part's StepCompleted -> the worker starting the step it made ready")
+    for column in ("way", "handoff", "n", "p50 / p99"):
+        table.add_column(column, justify="right" if column in ("n", "p50 / p99") else "left")
+    for s in report.starts:
+        table.add_row(s.way, s.kind, str(s.spread.count), f"{s.spread.p50_ms:.1f} / {s.spread.p99_ms:.1f} ms")
     out.print(table)
     for why in report.asked_again:
         out.print(f"[yellow]a step was asked for again: {why}[/]")
@@ -421,7 +488,6 @@ def print_report(report: Report, out: Console) -> None:
     out.print(f"{report.replicas} worker replicas per agent kind (each up to {Settings().concurrency} steps at once), "
               f"{report.executors} executor(s); {report.cores} cores; load average before "
               f"{before[0]:.2f}, after {after[0]:.2f}; wall time {report.elapsed_s:.0f} s")
-    out.print("Distributed and hybrid orchestration do not exist yet: not measured.")
 
 
 def main(argv: list[str] | None = None) -> None:
