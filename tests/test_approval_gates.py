@@ -231,3 +231,22 @@ async def test_a_subtask_stopped_at_a_gate_waits_while_the_rest_of_the_plan_goes
     pay = [r for r in asked if r.subtask == "pay"]
     assert len(pay) == 2 and pay[1].step_id == f"{pay[0].step_id}=r1" and pay[1].resume is not None
     assert sorted(r.subtask for r in asked) == ["", "facts", "notes", "pay", "pay"]  # each part once, resumed once
+
+
+async def test_a_gated_step_is_never_kept_in_nor_answered_from_the_response_cache(settings, site, tenant, user):
+    from contracts.policy import ResponseCache
+
+    policy = gated_policy(site)
+    research = msgspec.structs.replace(policy.agents["research"],
+                                       cache=ResponseCache(enabled=True, cache_tool_answers=True))
+    policy = msgspec.structs.replace(policy, agents={**policy.agents, "research": research})
+    async with stack(settings, *SERVICES, policy=policy) as client, anyio.create_task_group() as tg:
+        client.runs = tg
+        ends = []
+        for _ in range(2):  # the same task twice: the second is not answered from the first's gated outcome
+            run = Run(client, pay(site), tenant, user)
+            approval = await waiting_approval(client, run.task_id)
+            await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+            ends.append(await run.ended())
+    assert all(isinstance(end, TaskCompleted) and end.dependency != "cache" for end in ends), ends
+    assert site.hits == 2  # each approved call made
