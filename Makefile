@@ -31,24 +31,29 @@ $(LITELLM_STAMP): $(LITELLM_LOCK)
 	$(LITELLM_VENV)/bin/python -m pip install --quiet --require-hashes -r $(LITELLM_LOCK)
 	touch $(LITELLM_STAMP)
 
+# Headless Chromium for the web dashboard's test (tests/test_dashboard.py): Debian's package, only when missing.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
+
 litellm: $(LITELLM_STAMP)  ## the LiteLLM proxy's own environment (.venv-litellm), for the provider tests
 
 run: $(STAMP)  ## embedded nats-server + every service + the demo workload (simulated model)
 	$(VENV)/bin/corral demo
 
-test: $(STAMP) $(LITELLM_STAMP)  ## the whole suite: unit, integration (real nats-server) and fault tests
+test: $(STAMP) $(LITELLM_STAMP) $(CHROMIUM)  ## the whole suite: unit, integration (real nats-server) and fault tests
 	$(PY) -m pytest -q
 
 unit: $(STAMP)  ## fast tests, no server
 	$(PY) -m pytest -q -m "not integration"
 
-integration: $(STAMP) $(LITELLM_STAMP)  ## tests on a real nats-server
+integration: $(STAMP) $(LITELLM_STAMP) $(CHROMIUM)  ## tests on a real nats-server
 	$(PY) -m pytest -q -m "integration and not fault"
 
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans, the savings of caching, tiering and compaction, and approvals (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans, the savings of caching, tiering and compaction, the monitor, the live views' history and scaling advice, and approvals (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
@@ -58,6 +63,8 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.orchestration
 	$(PY) -m tests.bench.savings
 	$(PY) -m tests.bench.batching
+	$(PY) -m tests.bench.monitor
+	$(PY) -m tests.bench.views
 	$(PY) -m tests.bench.approvals
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code

@@ -550,8 +550,98 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead.letter", t
                    payload_size=len(data), payload_sha256=hashlib.sha256(data).hexdigest())
 
 
+# --- what the monitor says ----------------------------------------------------------------------------------
+
+AlertSeverity = Literal["info", "medium", "high", "critical"]
+Figure = Annotated[float, msgspec.Meta(ge=-1e18, le=1e18)]
+
+
+class AlertEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """What a firing and its resolution both say: the rule, where, and the figure against its threshold."""
+
+    rule: Label
+    severity: AlertSeverity
+    scope: Label
+    """`all`, `tenant:NAME`, `agent:NAME`, `model:NAME`, `dependency:KEY` or `consumer:DURABLE`."""
+    figure: Label
+    value: Figure
+    threshold: Figure
+    """The rule's threshold (a firing) or resolve threshold (a resolution)."""
+    started_at: Timestamp = msgspec.field(default_factory=utcnow)
+    """When it began firing: the same on its AlertResolved."""
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        return f"{type(self).__struct_config__.tag}:{self.rule}:{self.scope}:{self.started_at.timestamp():.6f}"
+
+
+class Alert(AlertEvent, frozen=True, kw_only=True, tag="alert.firing"):
+    """A rule's figure crossed its threshold in one scope (and stayed there for the rule's `for`)."""
+
+    window: Label = ""
+    policy_version: Version = 0
+    """The policy that was current when it fired."""
+    message: Message = ""
+
+
+class AlertResolved(AlertEvent, frozen=True, kw_only=True, tag="alert.resolved"):
+    """A firing alert's figure went back to (or below) its rule's resolve threshold."""
+
+
+class PolicyRolledBack(msgspec.Struct, frozen=True, kw_only=True, tag="policy.rolled_back", tag_field="kind"):
+    """The monitor made the previous policy current again: a critical alert began firing soon after a change."""
+
+    from_version: Version
+    """The version the alert followed (replaced)."""
+    to_version: Version
+    """The new version, a copy of the one before `from_version`."""
+    restored_version: Version
+    alert: Alert
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        return f"rollback:{self.from_version}"
+
+
+MONITOR_EVENTS = (Alert, AlertResolved, PolicyRolledBack)
+
 TASK_EVENTS = (TaskSubmitted, TaskValidated, TaskRejected, TaskAdmitted, TaskProgress, TaskCompleted, TaskFailed)
 STEP_EVENTS = (StepRequested, StepCompleted, StepFailed)
+ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter, *MONITOR_EVENTS)
+
+
+# --- what the monitor advises the stack's scalers ---------------------------------
+
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+"""Messages per second."""
+
+
+class ScaleAdvice(msgspec.Struct, frozen=True, kw_only=True, tag="scale.advice", tag_field="kind"):
+    """How many replicas a service should run now, from its consumers' backlog and processing rate
+    (services/monitor/scaling.py). Advice, not a command: `corral up --autoscale` acts on it locally; on
+    Kubernetes KEDA computes the same from the same consumers."""
+
+    service: Token
+    """The service as `corral service` names it: `executor`, `worker-research`, …"""
+    replicas: Count
+    """Desired replicas, within [minimum, maximum]; lowered only after the policy's scale-down delay."""
+    minimum: Count
+    maximum: Count
+    lag: BigCount
+    """Pending plus unacknowledged messages over the service's durable consumers."""
+    processing_rate: Rate = 0.0
+    """Messages its consumers acknowledged per second since the monitor last looked."""
+    reason: Message = ""
+    occurred_at: Timestamp = msgspec.field(default_factory=utcnow)
+    version: Version = CONTRACT_VERSION
+
+    def dedup_key(self) -> str:
+        return f"{self.service}:{self.occurred_at.timestamp():.6f}"
+
+
+ALL_CONTRACTS = (*ALL_CONTRACTS, ScaleAdvice)
 ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter)
 
 

@@ -406,6 +406,116 @@ class Retry(Strict):
     """A dependency's retry-after is honoured up to this; a longer one moves to the next strategy at once."""
 
 
+AlertFigure = Literal["latency_p95_ms", "error_rate", "step_error_rate", "tokens_per_hour", "breaker_open_s",
+                      "queue_depth", "cost_per_task_usd"]
+Severity = Literal["info", "medium", "high", "critical"]
+
+
+class AlertRule(Strict):
+    """One alert: fires when `figure` over `window` stays above `above` for `for_s`, in each instance of
+    `scope` apart; resolves once it is at or below `resolve_at` (hysteresis: a figure hovering at the
+    threshold does not flap)."""
+
+    name: str
+    """Part of the alert's subject `corral.alert.<severity>.<name>`: letters, digits, - and _."""
+    figure: AlertFigure
+    above: float
+    resolve_at: float | None = None
+    """None: `above` (no hysteresis)."""
+    window: Literal["1m", "5m", "1h"] = "5m"
+    for_s: float = 0.0
+    """Seconds the figure must stay above the threshold before the alert fires."""
+    severity: Severity = "high"
+    scope: Literal["global", "tenant", "agent", "model", "dependency"] = "global"
+    """global: Corral as a whole; tenant, agent, model: each one apart. `breaker_open_s` is per dependency
+    and `queue_depth` per durable consumer whatever the scope says."""
+    min_tasks: int = 1
+    """Rate and latency figures of a window with fewer tasks (steps) than this count as nothing."""
+    auto_rollback: bool = False
+    """A critical alert that starts firing soon after a policy change (Alerting.rollback_window_s), and was
+    not firing before it, rolls the policy back to the previous version."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
+            raise ValueError(f"alert name {self.name!r}: 1 to 64 letters, digits, - or _ (part of a subject)")
+        if self.resolve_at is not None and self.resolve_at > self.above:
+            raise ValueError(f"alert {self.name}: resolve_at ({self.resolve_at}) above the threshold ({self.above})")
+        if self.for_s < 0 or self.min_tasks < 0:
+            raise ValueError(f"alert {self.name}: for_s and min_tasks may not be negative")
+
+    @property
+    def resolve_threshold(self) -> float:
+        return self.above if self.resolve_at is None else self.resolve_at
+
+
+class Webhook(Strict):
+    url: str
+    """Each firing and resolution is POSTed here as JSON."""
+    timeout_s: float = 5.0
+    retries: int = 3
+    """Further tries after a failed POST (a connection error, a timeout or a 5xx), with backoff."""
+
+
+DEFAULT_ALERTS = [  # the seed's
+    AlertRule(name="latency_p95", figure="latency_p95_ms", above=3_000, resolve_at=2_500, severity="high"),
+    AlertRule(name="error_rate", figure="error_rate", above=0.02, resolve_at=0.01, severity="critical",
+              auto_rollback=True),
+    AlertRule(name="tokens_per_hour", figure="tokens_per_hour", above=50_000, resolve_at=45_000, window="1h",
+              severity="medium"),
+    AlertRule(name="breaker_open", figure="breaker_open_s", above=300, resolve_at=0, severity="high",
+              scope="dependency"),
+    AlertRule(name="queue_depth", figure="queue_depth", above=100, resolve_at=50, severity="high"),
+    AlertRule(name="cost_per_request", figure="cost_per_task_usd", above=0.05, resolve_at=0.04, window="1h",
+              severity="medium"),
+]
+
+
+class Alerting(Strict):
+    rules: list[AlertRule] = msgspec.field(default_factory=lambda: list(DEFAULT_ALERTS))
+    webhooks: list[Webhook] = []
+    rollback_window_s: float = 600.0
+    """How long after a policy change a new critical alert may roll it back."""
+    evaluate_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        names = [rule.name for rule in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("alert rule names must be unique")
+class ScaleBounds(Strict):
+    """How few and how many replicas of one service the autoscalers may run."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas <= 1000:
+            raise ValueError("replicas: 0 <= min_replicas <= max_replicas <= 1000")
+
+
+class Scaling(Strict):
+    """What the monitor's ScaleAdvice is computed from (services/monitor/scaling.py): a service wants one
+    replica per `lag_per_replica` messages waiting or in flight, and at least one per `rate_per_replica`
+    messages a second it is processing, within its bounds."""
+
+    lag_per_replica: int = 100
+    """Backlog one replica is expected to carry (the seed's queue-depth alert is at 100)."""
+    rate_per_replica: float = 50.0
+    """Messages a second one replica is expected to process."""
+    scale_down_delay_s: float = 60.0
+    """Fewer replicas are advised only once fewer were wanted for this long (no flapping)."""
+    default: ScaleBounds = ScaleBounds()
+    services: dict[str, ScaleBounds] = msgspec.field(default_factory=lambda: {
+        "monitor": ScaleBounds(min_replicas=1, max_replicas=1)})
+    """Per service (`executor`, `worker-research`, …), over `default`. The monitor observes; it does not scale."""
+
+    def __post_init__(self) -> None:
+        if self.lag_per_replica < 1 or self.rate_per_replica <= 0 or self.scale_down_delay_s < 0:
+            raise ValueError("lag_per_replica >= 1, rate_per_replica > 0, scale_down_delay_s >= 0")
+
+    def bounds(self, service: str) -> ScaleBounds:
+        return self.services.get(service, self.default)
+
+
 BUILTIN_PROVIDERS = {"simulated": ProviderConfig(kind="simulated"), "local": ProviderConfig(kind="openai")}
 ADVANCED = Strategy(model="sim-large", tier="advanced")
 FAST = Strategy(model="sim-small", tier="fast")
@@ -438,6 +548,9 @@ class Policy(Strict):
     breaker_overrides: dict[str, BreakerSettings] = {}
     """Per dependency key (`provider/model`, `tool/NAME` or `mcp/SERVER/TOOL`)."""
     retry: Retry = Retry()
+    alerting: Alerting = Alerting()
+    """The monitor's alert rules (the seed's by default), where alerts are sent, and automated rollback."""
+    scaling: Scaling = Scaling()
 
     # --- what applies to one user: user section over tenant section over defaults ---
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgspec
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from contracts.events import Attempt, BudgetWindow, Message, TaskId, Token, TokenSum, Usage
+from contracts.events import Alert, AlertResolved, Attempt, BudgetWindow, Label, Message, TaskId, Token, TokenSum, Usage
 
 
 class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -16,6 +16,39 @@ class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
     p50_ms: float = 0.0
     p95_ms: float = 0.0
     p99_ms: float = 0.0
+
+
+class WindowFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """What one scope saw over one sliding window, from the events' stream receipt times."""
+
+    latency: Percentiles = Percentiles()
+    """Receipt of the submission (the ingress stream's time) to the task's end (the tasks stream's time)."""
+    tasks: int = 0
+    error_rate: float = 0.0
+    """Failed / ended tasks."""
+    steps: int = 0
+    step_error_rate: float = 0.0
+    tokens: int = 0
+    tokens_per_hour: float = 0.0
+    cost_usd: float = 0.0
+    cost_per_task_usd: float = 0.0
+    """Cost of the window's steps / tasks ended in it."""
+
+
+class ScopeReport(msgspec.Struct, frozen=True, kw_only=True):
+    scope: str
+    """`all`, `tenant:NAME`, `agent:NAME` or `model:NAME`."""
+    windows: dict[str, WindowFigures]
+    """`1m`, `5m`, `1h` -> figures."""
+
+
+class BreakerTime(msgspec.Struct, frozen=True, kw_only=True):
+    dependency: str
+    state: str
+    open_for_s: float = 0.0
+    """Seconds since it opened, if it is open now (half-open counts as open); else 0."""
+    open_total_s: float = 0.0
+    """Seconds it spent open, in all, as far as the streams tell."""
 
 
 class Savings(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +81,17 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     breakers: dict[str, str]
     """Dependency -> circuit state, from BreakerChanged events."""
     uptime_s: float
+    scopes: list[ScopeReport] = []
+    """The sliding windows (1m, 5m, 1h) of `all`, and of each tenant, agent kind and model it has seen (at most
+    the monitor's scope limit, the rest in `tenant:other`, `agent:other`, `model:other`)."""
+    breaker_times: list[BreakerTime] = []
+    """Per dependency: its circuit's state and how long it has been (and was, in all) open."""
+    positions: dict[str, int] = {}
+    """Stream -> the last sequence the figures include."""
+    replica: str = ""
+    """Which monitor replica answered (each reads every event, so each answers the same)."""
+    reserved_tokens: dict[str, int] = {}
+    """Tenant -> tokens its admitted, unfinished tasks hold (what the budget reserved for them)."""
     savings: Savings = Savings()
 
 
@@ -187,6 +231,30 @@ class SimulationAck(msgspec.Struct, frozen=True, kw_only=True):
 QUERY_CONTRACTS = (*QUERY_CONTRACTS, ProbeGrant, BreakerReply, SimulationAck)
 
 
+class AlertsQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """`corral alerts`: what fires now; with `history`, the latest firings and resolutions too."""
+
+    history: bool = False
+
+
+class SilenceAlert(msgspec.Struct, frozen=True, kw_only=True):
+    """`corral alerts silence RULE --for 1h`: the rule neither fires nor sends until then (0 s: lift it)."""
+
+    rule: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    for_s: Annotated[float, msgspec.Meta(ge=0, le=366 * 24 * 3600)]
+    by: Label = ""
+
+
+class AlertsReply(msgspec.Struct, frozen=True, kw_only=True):
+    firing: list[Alert] = []
+    history: list[Alert | AlertResolved] = []
+    silences: dict[str, float] = {}
+    """rule -> Unix seconds when its silence ends."""
+    policy_change: dict[str, float] = {}
+    """The latest policy change the monitor saw: version, previous, at (Unix seconds), rolled_back (0/1)."""
+
+
+QUERY_CONTRACTS = (*QUERY_CONTRACTS, AlertsQuery, SilenceAlert, AlertsReply)
 class ReservationReply(msgspec.Struct, frozen=True, kw_only=True):
     """The budget's answer to ExtendReservation."""
 

@@ -70,6 +70,11 @@ def breaker_state(dependency: str) -> str:
     return f"{PREFIX}.breaker.state.{_token(dependency)}"
 
 
+def alert(severity: str, rule: str) -> str:
+    """Alert and AlertResolved of one rule: `corral.alert.<severity>.<name>`."""
+    return f"{PREFIX}.alert.{_token(severity)}.{_token(rule)}"
+
+
 def cost_notice(tenant: str, user: str) -> str:
     return f"{PREFIX}.cost.notice.{tenant}.{user}"
 
@@ -129,6 +134,8 @@ ALL_STEP_FAILED = f"{PREFIX}.step.failed.>"
 ALL_STEP_EVENTS = f"{PREFIX}.step.>"
 ALL_BREAKER = f"{PREFIX}.breaker.>"
 ALL_COST = f"{PREFIX}.cost.>"
+ALL_ALERTS = f"{PREFIX}.alert.>"
+POLICY_ROLLED_BACK = f"{PREFIX}.policy.rolled_back"
 ALL_DEAD_LETTERS = f"{PREFIX}.dlq.>"
 ALL_PROGRESS = f"{PREFIX}.task.progress.>"
 ALL_STEP_REQUESTED = f"{PREFIX}.step.requested.>"
@@ -146,6 +153,8 @@ SERVICES_API = "$SRV.>"  # NATS micro services: PING, INFO, STATS
 
 # Request/reply endpoints of the NATS micro services.
 MONITOR_STATUS = f"{PREFIX}.monitor.status"
+MONITOR_ALERTS = f"{PREFIX}.monitor.alerts"  # AlertsQuery -> AlertsReply (`corral alerts`)
+MONITOR_SILENCE = f"{PREFIX}.monitor.silence"  # SilenceAlert -> AlertsReply
 EXECUTOR_TASK = f"{PREFIX}.executor.task"
 BUDGET_SHOW = f"{PREFIX}.budget.show"
 BUDGET_COST = f"{PREFIX}.budget.cost"
@@ -192,12 +201,23 @@ KV_SUBMISSIONS = "corral_submissions"  # guard: which submission holds each (ten
 KV_BOARDS = "corral_boards"  # executor writes each distributed or hybrid task's plan; agent pools claim and answer
 KV_SLOTS = "corral_slots"  # executor and agent pools: each tenant's running subtasks (max_parallel_per_tenant)
 KV_RESPONSES = "corral_responses"  # agent workers: the response cache (services/workers/cache.py)
+KV_MONITOR = "corral_monitor"  # monitor: snapshots of its figures, the stream positions they cover, alert state
 
 # --- headers -------------------------------------------------------------------
 
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_TASK_ID = "Corral-Task-Id"
 
+
+# --- scaling advice (core NATS, no stream: only the latest advice matters) ---------
+
+SCALE_ADVICE_PREFIX = f"{PREFIX}.scale.advice"
+ALL_SCALE_ADVICE = f"{SCALE_ADVICE_PREFIX}.>"
+
+
+def scale_advice(service: str) -> str:
+    """Where the monitor publishes ScaleAdvice for `service` (e.g. `worker-research`)."""
+    return f"{SCALE_ADVICE_PREFIX}.{service}"
 # --- human approvals (services/approvals owns the records; the executor asks and resumes) ---------------------
 
 

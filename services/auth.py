@@ -90,7 +90,11 @@ PERMISSIONS: dict[str, Permissions] = {
     "approvals": _service("approvals", publish=(s.approval_decided("*"), s.approval_reminder("*"),
                                                 s.kv_writes(s.KV_APPROVALS)),
                           subscribe=(s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY, s.APPROVALS_DECIDE_ANY)),
-    "monitor": _service("monitor", subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS)),
+    "monitor": _service("monitor", publish=(s.kv_writes(s.KV_MONITOR), s.ALL_ALERTS, s.POLICY_ROLLED_BACK,
+                                            s.kv_writes(s.KV_POLICY),  # the policy: automated rollback
+                                            s.ALL_SCALE_ADVICE),
+                        subscribe=(*TASK_SUBJECTS, *STEP_SUBJECTS, s.ALL_BREAKER, s.MONITOR_STATUS,
+                                   s.MONITOR_ALERTS, s.MONITOR_SILENCE)),
     # One identity for every agent kind, so a new kind needs no new credential. Its dead letters and stats
     # endpoint are named after the agent (`worker-research`), one token a wildcard cannot split: any worker's.
     # Pool members also claim and answer subtasks on boards (reserving more for a part that needs it), and the one
@@ -103,10 +107,10 @@ PERMISSIONS: dict[str, Permissions] = {
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,
                  s.BUDGET_COST, s.BREAKER_CONTROL, s.SIM_CONTROL, s.ALL_STATS, s.SERVICES_API, s.JS_API,
-                 s.JS_FLOW_CONTROL, s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY,
-                 s.approvals_decide(OPERATOR)),
+                 s.JS_FLOW_CONTROL, s.MONITOR_ALERTS, s.MONITOR_SILENCE, s.APPROVALS_LIST, s.APPROVALS_SHOW,
+                 s.APPROVALS_HISTORY, s.approvals_decide(OPERATOR)),
         subscribe=(s.ALL_TASK_EVENTS, s.ALL_STEP_EVENTS, s.ALL_BREAKER, s.ALL_COST, s.ALL_DEAD_LETTERS,
-                   s.ALL_INBOXES, s.ALL_APPROVAL_EVENTS),
+                   s.ALL_INBOXES, s.ALL_ALERTS, s.POLICY_ROLLED_BACK, s.ALL_SCALE_ADVICE, s.ALL_APPROVAL_EVENTS),
     ),
 }
 

@@ -43,6 +43,9 @@ from contracts.approvals import (
 from contracts.events import TASK_EVENTS
 from contracts.commands import ControlBreaker, SimulateDependency
 from contracts.queries import (
+    AlertsQuery,
+    AlertsReply,
+    SilenceAlert,
     BreakerReply,
     BudgetQuery,
     BudgetReply,
@@ -187,6 +190,17 @@ class Client:
     async def status(self, timeout: float = 5.0) -> StatusReport:
         reply = await self.bus.nc.request(subjects.MONITOR_STATUS, b"{}", timeout=timeout)
         return msgspec.json.decode(reply.data, type=StatusReport)
+
+    async def alerts(self, history: bool = False, timeout: float = 5.0) -> AlertsReply:
+        """The monitor's firing alerts (and, with `history`, its latest firings and resolutions)."""
+        reply = await self.bus.nc.request(subjects.MONITOR_ALERTS, msgspec.json.encode(AlertsQuery(history=history)),
+                                          timeout=timeout)
+        return msgspec.json.decode(reply.data, type=AlertsReply)
+
+    async def silence(self, rule: str, for_s: float, by: str = "", timeout: float = 5.0) -> AlertsReply:
+        command = msgspec.json.encode(SilenceAlert(rule=rule, for_s=for_s, by=by))
+        reply = await self.bus.nc.request(subjects.MONITOR_SILENCE, command, timeout=timeout)
+        return msgspec.json.decode(reply.data, type=AlertsReply)
 
     async def simulate(self, command: SimulateDependency, expect: int | None = None,
                        gather_s: float | None = None) -> list[SimulationAck]:

@@ -64,6 +64,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Window in which a repeated Nats-Msg-Id is dropped by the stream."""
     monitor_poll_s: float = 1.0
     """How often the monitor reads consumer queue depths."""
+    monitor_max_scopes: int = 256
+    """Tenants, agent kinds and models the monitor keeps figures of apart; past it, new ones are counted
+    together (`tenant:other`, `agent:other`, `model:other`)."""
+    monitor_snapshot_s: float = 30.0
+    """How often the monitor snapshots its figures to its bucket; a restart replays the streams from there."""
+    monitor_otlp_interval_s: float = 10.0
+    """How often the monitor exports its metrics over OTLP (with otlp_endpoint set)."""
+    metrics_port: int = -1
+    """The monitor's Prometheus scrape endpoint (`/metrics`): -1 off, 0 any free port, else that port."""
+    metrics_host: str = "127.0.0.1"
+    """Where the scrape endpoint listens (0.0.0.0: every interface, for a Prometheus elsewhere)."""
     budget_hold_timeout_s: float = 900.0
     """A reservation whose task has not ended after this many seconds is released (a crashed task
     leaks no budget). Keep it above the longest task."""

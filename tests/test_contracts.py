@@ -73,7 +73,8 @@ def test_the_readme_subject_table_lists_every_subject_the_code_uses():
         subjects.STREAM_INGRESS, subjects.STREAM_TASKS, subjects.STREAM_STEPS, subjects.STREAM_SIGNALS,
         subjects.STREAM_DLQ, subjects.ALL_SUBMITTED,
         subjects.KV_BUDGET, subjects.KV_TASKS, subjects.KV_BREAKERS, subjects.KV_POLICY, subjects.KV_RATES,
-        subjects.KV_SUBMISSIONS,
+        subjects.KV_SUBMISSIONS, f"{subjects.PREFIX}.alert.<severity>.<name>", subjects.POLICY_ROLLED_BACK,
+        subjects.MONITOR_ALERTS, subjects.MONITOR_SILENCE, subjects.KV_MONITOR,
     ]
     missing = [p for p in patterns if f"`{p}`" not in readme]
     assert not missing, f"README's subject table lacks {missing}"

