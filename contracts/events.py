@@ -642,7 +642,6 @@ class ScaleAdvice(msgspec.Struct, frozen=True, kw_only=True, tag="scale.advice",
 
 
 ALL_CONTRACTS = (*ALL_CONTRACTS, ScaleAdvice)
-ALL_CONTRACTS = (*TASK_EVENTS, *STEP_EVENTS, CostNotice, BreakerChanged, DeadLetter)
 
 
 # The approvals' value types that steps carry (contracts/approvals.py builds on the types above, hence last).
