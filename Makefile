@@ -53,7 +53,7 @@ integration: $(STAMP) $(LITELLM_STAMP) $(CHROMIUM)  ## tests on a real nats-serv
 fault: $(STAMP)  ## kills and restarts processes
 	$(PY) -m pytest -q -m fault
 
-bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans, the savings of caching, tiering and compaction, the monitor, and the live views' history and scaling advice (reports, asserts nothing)
+bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, breakers, the kit's per-message cost, agents on the local model, multi-agent plans, the savings of caching, tiering and compaction, the monitor, the live views' history and scaling advice, and approvals (reports, asserts nothing)
 	$(PY) -m tests.bench
 	$(PY) -m tests.bench.guard
 	$(PY) -m tests.bench.budget
@@ -65,6 +65,7 @@ bench: $(STAMP)  ## pipeline vs a raw JetStream floor, then guard, budget, break
 	$(PY) -m tests.bench.batching
 	$(PY) -m tests.bench.monitor
 	$(PY) -m tests.bench.views
+	$(PY) -m tests.bench.approvals
 
 contracts: $(STAMP)  ## regenerate contracts/schemas from the code
 	$(VENV)/bin/corral contracts

@@ -154,6 +154,8 @@ class Subtask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     needs: Annotated[list[SubtaskId], msgspec.Meta(max_length=MAX_ITEMS)] = []
     tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
     max_tokens: OutputCap | None = None
+    requires_approval: bool = False
+    """A person approves the subtask's step before it runs (contracts/approvals.py)."""
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -317,6 +319,8 @@ class TaskAdmitted(Event, frozen=True, kw_only=True, tag="task.admitted"):
     window: Label
     received_at: Timestamp | None = None
     """When Corral received the submission (see TaskValidated)."""
+    high_stakes_tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """The guard's TaskValidated.high_stakes_tools, carried on: the executor gates the steps that call them."""
 
 
 PartStatus = Literal["waiting", "running", "completed", "failed", "cancelled"]
@@ -403,6 +407,11 @@ class StepRequested(StepEvent, frozen=True, kw_only=True, tag="step.requested"):
     """Unix seconds after which the step must not start (the task's deadline or the attempt's); 0: none."""
     subtask: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,32}$")] = ""
     """The subtask of an orchestrated task this step runs (empty: the task's own step, or its synthesis)."""
+    gated_tools: Annotated[list[ToolName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """Tools the worker must not call without a person's approval: it stops the step before such a call and
+    reports it (StepCompleted.gated)."""
+    resume: Resume | None = None
+    """Go on from an approved gate: make the approved call, then carry on the conversation it carries."""
 
 
 class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
@@ -424,6 +433,9 @@ class StepCompleted(StepEvent, frozen=True, kw_only=True, tag="step.completed"):
     cache: CacheHit | None = None
     """Set when the answer came from the cache (or a coalesced call); `usage` is then what was billed."""
     compaction: PromptCompacted | None = None
+    gated: GatedCall | None = None
+    """The step stopped before a call that needs approval (not a failure): `output` is empty, `usage` what it
+    used up to there; the executor asks for approval and, once given, resumes from the gate."""
 
 
 class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
@@ -630,3 +642,7 @@ class ScaleAdvice(msgspec.Struct, frozen=True, kw_only=True, tag="scale.advice",
 
 
 ALL_CONTRACTS = (*ALL_CONTRACTS, ScaleAdvice)
+
+
+# The approvals' value types that steps carry (contracts/approvals.py builds on the types above, hence last).
+from contracts.approvals import GatedCall, Resume  # noqa: E402

@@ -47,6 +47,38 @@ class ToolRules(Strict):
     """Tools that need human approval; the flag travels on TaskValidated."""
 
 
+class ApprovalRules(Strict):
+    """Who approves what, by when, and what happens when nobody does (services/approvals)."""
+
+    reviewers: dict[str, list[str]] = msgspec.field(default_factory=lambda: {"reviewers": ["operator"]})
+    """Reviewer groups: a name, and the reviewer ids in it (a reviewer's id is its NATS identity's name,
+    `reviewer-<id>`, or `operator` for the operator's tools)."""
+    group: str = "reviewers"
+    """The group that decides first."""
+    deadline_s: float = 3600.0
+    """Seconds a request waits for its group."""
+    on_timeout: Literal["deny", "escalate"] = "deny"
+    """No decision by the deadline: deny the step, or hand it to `escalate_to` with a new deadline."""
+    escalate_to: str | None = None
+    escalation_deadline_s: float = 3600.0
+    remind_every_s: float | None = None
+    """A reminder event this often while a request is pending (None: none)."""
+    allow_edit: bool = True
+    """A reviewer may approve with other tool arguments."""
+    agents: list[str] = []
+    """Agent kinds whose every step is reviewed."""
+    cost_above_tokens: int | None = None
+    """A step of a task whose estimate is above this many tokens is reviewed (None: no such rule)."""
+
+    def __post_init__(self) -> None:
+        if self.group not in self.reviewers:
+            raise ValueError(f"approvals.group {self.group!r} is not one of the reviewer groups")
+        if self.on_timeout == "escalate" and self.escalate_to not in self.reviewers:
+            raise ValueError("approvals.on_timeout = 'escalate' needs escalate_to, one of the reviewer groups")
+        if min(self.deadline_s, self.escalation_deadline_s, self.remind_every_s or 1.0) <= 0:
+            raise ValueError("approval deadlines and reminders must be positive")
+
+
 class Limits(Strict):
     """Request size limits the guard enforces."""
 
@@ -111,6 +143,8 @@ class TenantPolicy(Strict):
     users: dict[str, UserPolicy] = {}
     cache: bool = True
     """False: no response cache for this tenant's tasks, whatever its agents' policies say."""
+    approvals: ApprovalRules | None = None
+    """This tenant's reviewers and approval rules (None: the defaults')."""
 
 
 class Defaults(Strict):
@@ -121,6 +155,7 @@ class Defaults(Strict):
     tenant_budget: BudgetLimits = BudgetLimits(daily_tokens=1_000_000, hourly_tokens=100_000)
     tools: ToolRules = ToolRules(allowed=["search", "calculator", "code_interpreter", "browser"],
                                  high_stakes=["send_email", "payments", "deploy"])
+    approvals: ApprovalRules = ApprovalRules()
 
 
 class Price(Strict):
@@ -543,6 +578,10 @@ class Policy(Strict):
         if t and role and role in t.roles:
             return t.roles[role]
         return (t and t.tools) or self.defaults.tools
+
+    def approvals_for(self, tenant: str) -> ApprovalRules:
+        t = self.tenants.get(tenant)
+        return (t and t.approvals) or self.defaults.approvals
 
     def provider(self, name: str) -> ProviderConfig | None:
         return self.providers.get(name) or BUILTIN_PROVIDERS.get(name)

@@ -112,6 +112,8 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True):
     strategy: int = 0
     """Index in the fallback chain of the strategy running (or that ran last)."""
     step_id: str = ""
+    waiting_for_approval: list[str] = []
+    """Ids of the approvals the task waits for (`corral approvals show ID`); empty: it waits for none."""
 
 
 class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True):

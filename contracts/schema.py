@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from contracts.approvals import APPROVAL_CONTRACTS
 from contracts.commands import COMMAND_CONTRACTS
 from contracts.events import ALL_CONTRACTS, CONTRACT_VERSION
 from contracts.queries import QUERY_CONTRACTS
@@ -28,7 +29,7 @@ def _file_name(contract: type) -> str:
 def schemas() -> dict[str, str]:
     """File name -> JSON Schema text, for every contract."""
     out = {}
-    for contract in (*ALL_CONTRACTS, *COMMAND_CONTRACTS, *QUERY_CONTRACTS):
+    for contract in (*ALL_CONTRACTS, *COMMAND_CONTRACTS, *QUERY_CONTRACTS, *APPROVAL_CONTRACTS):
         schema = _normalised(msgspec.json.schema(contract))
         schema["$comment"] = f"Corral contract {contract.__name__}, version {CONTRACT_VERSION}. Generated: corral contracts"
         out[_file_name(contract)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -218,3 +218,51 @@ ALL_SCALE_ADVICE = f"{SCALE_ADVICE_PREFIX}.>"
 def scale_advice(service: str) -> str:
     """Where the monitor publishes ScaleAdvice for `service` (e.g. `worker-research`)."""
     return f"{SCALE_ADVICE_PREFIX}.{service}"
+# --- human approvals (services/approvals owns the records; the executor asks and resumes) ---------------------
+
+
+def approval_requested(tenant: str) -> str:
+    return f"{PREFIX}.approval.requested.{tenant}"
+
+
+def approval_decided(tenant: str) -> str:
+    """Approved, denied, edited, timed out or escalated: every decision on one tenant's approvals."""
+    return f"{PREFIX}.approval.decided.{tenant}"
+
+
+def approval_reminder(tenant: str) -> str:
+    return f"{PREFIX}.approval.reminder.{tenant}"
+
+
+def approvals_decide(reviewer: str) -> str:
+    """Where reviewer `reviewer` sends its decisions: the subject names the reviewer, and nats-server lets each
+    reviewer's identity publish only on its own, so the service knows who decided from the subject alone."""
+    return f"{PREFIX}.approvals.decide.{reviewer}"
+
+
+def reviewer_inbox(reviewer: str) -> str:
+    """The inbox prefix of a reviewer's connections: its replies, where no other reviewer listens. Inside
+    `_INBOX.>`, so the approvals service may answer there (services reply on `_INBOX.>`), unlike a tenant's."""
+    return f"{INBOX}.reviewer_{reviewer}"
+
+
+def decide_reviewer(subject: str) -> str | None:
+    """The reviewer a decision was sent by (its subject's last token), or None if that is no valid id."""
+    reviewer = subject.removeprefix(f"{PREFIX}.approvals.decide.")
+    return reviewer if reviewer != subject and _TOKEN.fullmatch(reviewer) else None
+
+
+ALL_APPROVAL_EVENTS = f"{PREFIX}.approval.>"
+ALL_APPROVAL_REQUESTED = f"{PREFIX}.approval.requested.>"
+ALL_APPROVAL_DECIDED = f"{PREFIX}.approval.decided.>"
+# Endpoints live under `corral.approvals.`, outside the stream's `corral.approval.>` (see BREAKER_PROBE).
+APPROVALS_LIST = f"{PREFIX}.approvals.list"  # ListApprovals -> ApprovalList
+APPROVALS_SHOW = f"{PREFIX}.approvals.show"  # ShowApproval -> ApprovalReply
+APPROVALS_HISTORY = f"{PREFIX}.approvals.history"  # ApprovalHistory -> ApprovalEvents
+APPROVALS_DECIDE_ANY = f"{PREFIX}.approvals.decide.*"  # DecideApproval -> ApprovalReply
+STREAM_APPROVALS = "CORRAL_APPROVALS"
+KV_APPROVALS = "corral_approvals"  # approvals
+KV_APPROVED_CALLS = "corral_approved_calls"  # workers: each approved call, noted before it is made
+CONSUMER_APPROVALS = "approvals"
+CONSUMER_EXECUTOR_APPROVALS = "executor-approvals"
+CONSUMER_BUDGET_APPROVALS = "budget-approvals"

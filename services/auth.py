@@ -40,7 +40,8 @@ SEED_SUFFIX = ".nk"
 OPERATOR = "operator"
 WORKER = "worker"
 TENANT_PREFIX = "tenant-"
-SERVICE_IDENTITIES = ("guard", "budget", "executor", "breaker", "monitor", WORKER)
+REVIEWER_PREFIX = "reviewer-"
+SERVICE_IDENTITIES = ("guard", "budget", "executor", "breaker", "monitor", "approvals", WORKER)
 DEFAULT_TENANTS = ("default",)
 """Tenants `corral up` makes a credential for when it makes the auth directory."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -82,10 +83,13 @@ PERMISSIONS: dict[str, Permissions] = {
     "executor": _service("executor", publish=(s.ALL_STEP_REQUESTED, s.ALL_COMPLETED, s.ALL_FAILED, s.ALL_PROGRESS,
                                               s.BREAKER_PROBE, s.BUDGET_EXTEND, s.kv_writes(s.KV_TASKS),
                                               s.kv_writes(s.KV_CACHE), s.kv_writes(s.KV_SLOTS),
-                                              s.kv_writes(s.KV_BOARDS)),
+                                              s.kv_writes(s.KV_BOARDS), s.approval_requested("*")),
                          subscribe=(s.EXECUTOR_TASK,)),
     "breaker": _service("breaker", publish=(s.ALL_BREAKER, s.kv_writes(s.KV_BREAKERS)),
                         subscribe=(s.BREAKER_PROBE, s.BREAKER_CONTROL)),
+    "approvals": _service("approvals", publish=(s.approval_decided("*"), s.approval_reminder("*"),
+                                                s.kv_writes(s.KV_APPROVALS)),
+                          subscribe=(s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY, s.APPROVALS_DECIDE_ANY)),
     "monitor": _service("monitor", publish=(s.kv_writes(s.KV_MONITOR), s.ALL_ALERTS, s.POLICY_ROLLED_BACK,
                                             s.kv_writes(s.KV_POLICY),  # the policy: automated rollback
                                             s.ALL_SCALE_ADVICE),
@@ -97,14 +101,16 @@ PERMISSIONS: dict[str, Permissions] = {
     # that ends a distributed task says so.
     WORKER: _service("*", publish=(s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED, s.ALL_PROGRESS, s.BREAKER_PROBE,
                                    s.kv_writes(s.KV_BOARDS), s.kv_writes(s.KV_SLOTS), s.ALL_COMPLETED, s.ALL_FAILED,
-                                   s.BUDGET_EXTEND, s.kv_writes(s.KV_RESPONSES)),
+                                   s.BUDGET_EXTEND, s.kv_writes(s.KV_RESPONSES),
+                                   s.kv_writes(s.KV_APPROVED_CALLS)),
                      subscribe=(s.SIM_CONTROL,)),
     OPERATOR: Permissions(
         publish=(s.task_submitted("*"), s.kv_writes(s.KV_POLICY), s.MONITOR_STATUS, s.EXECUTOR_TASK, s.BUDGET_SHOW,
                  s.BUDGET_COST, s.BREAKER_CONTROL, s.SIM_CONTROL, s.ALL_STATS, s.SERVICES_API, s.JS_API,
-                 s.JS_FLOW_CONTROL, s.MONITOR_ALERTS, s.MONITOR_SILENCE),
+                 s.JS_FLOW_CONTROL, s.MONITOR_ALERTS, s.MONITOR_SILENCE, s.APPROVALS_LIST, s.APPROVALS_SHOW,
+                 s.APPROVALS_HISTORY, s.approvals_decide(OPERATOR)),
         subscribe=(s.ALL_TASK_EVENTS, s.ALL_STEP_EVENTS, s.ALL_BREAKER, s.ALL_COST, s.ALL_DEAD_LETTERS,
-                   s.ALL_INBOXES, s.ALL_ALERTS, s.POLICY_ROLLED_BACK, s.ALL_SCALE_ADVICE),
+                   s.ALL_INBOXES, s.ALL_ALERTS, s.POLICY_ROLLED_BACK, s.ALL_SCALE_ADVICE, s.ALL_APPROVAL_EVENTS),
     ),
 }
 
@@ -119,20 +125,43 @@ def tenant_permissions(tenant: str) -> Permissions:
     )
 
 
+def reviewer_permissions(reviewer: str) -> Permissions:
+    """A reviewer of approvals: list, show and read their history, decide on its own subject only (which is how
+    the approvals service knows who decided), hear replies under its own inbox prefix. Nothing else."""
+    return Permissions(
+        publish=(s.APPROVALS_LIST, s.APPROVALS_SHOW, s.APPROVALS_HISTORY, s.approvals_decide(reviewer)),
+        subscribe=(f"{s.reviewer_inbox(reviewer)}.>",),
+    )
+
+
 def permissions(identity: str) -> Permissions:
     if identity.startswith(TENANT_PREFIX):
         return tenant_permissions(identity.removeprefix(TENANT_PREFIX))
+    if identity.startswith(REVIEWER_PREFIX):
+        return reviewer_permissions(identity.removeprefix(REVIEWER_PREFIX))
     try:
         return PERMISSIONS[identity]
     except KeyError:
-        raise UnknownIdentity(f"no identity {identity!r}; choose one of: {', '.join(PERMISSIONS)}, or "
-                              f"{TENANT_PREFIX}<tenant>") from None
+        raise UnknownIdentity(f"no identity {identity!r}; choose one of: {', '.join(PERMISSIONS)}, "
+                              f"{TENANT_PREFIX}<tenant> or {REVIEWER_PREFIX}<id>") from None
 
 
 def tenant_identity(tenant: str) -> str:
     if not _NAME.match(tenant):
         raise UnknownIdentity(f"tenant {tenant!r} is not a valid name: 1 to 64 letters, digits, - or _")
     return f"{TENANT_PREFIX}{tenant}"
+
+
+def reviewer_identity(reviewer: str) -> str:
+    if not _NAME.match(reviewer):
+        raise UnknownIdentity(f"reviewer {reviewer!r} is not a valid name: 1 to 64 letters, digits, - or _")
+    return f"{REVIEWER_PREFIX}{reviewer}"
+
+
+def reviewer_of(credential_file: str) -> str:
+    """The reviewer id an identity decides as: `reviewer-<id>`'s id; the operator's (or no credential) `operator`."""
+    name = Path(credential_file).name.removesuffix(SEED_SUFFIX) if credential_file else OPERATOR
+    return name.removeprefix(REVIEWER_PREFIX) if name.startswith(REVIEWER_PREFIX) else OPERATOR
 
 
 def identity_for(service: str) -> str:
@@ -170,11 +199,11 @@ def public_key(seed_file: Path) -> str:
         pair.wipe()
 
 
-def init(directory: Path, tenants: Iterable[str] = ()) -> list[Identity]:
-    """Make the identities missing from `directory` (every service kind, the operator, one per tenant named),
-    keep the ones there, and write the server configuration for all of them. Returns them all."""
+def init(directory: Path, tenants: Iterable[str] = (), reviewers: Iterable[str] = ()) -> list[Identity]:
+    """Make the identities missing from `directory` (every service kind, the operator, one per tenant and per
+    reviewer named), keep the ones there, and write the server configuration for all of them. Returns them all."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in (*SERVICE_IDENTITIES, OPERATOR, *map(tenant_identity, tenants)):
+    for name in (*SERVICE_IDENTITIES, OPERATOR, *map(tenant_identity, tenants), *map(reviewer_identity, reviewers)):
         path = credential(directory, name)
         if not path.exists():
             write_seed(path)

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Union
+from typing import Any, Union
 
 import anyio
 import msgspec
@@ -30,6 +30,15 @@ from contracts import (
     TaskSpec,
     TaskSubmitted,
     subjects,
+)
+from contracts.approvals import (
+    ApprovalEvents,
+    ApprovalHistory,
+    ApprovalList,
+    ApprovalReply,
+    DecideApproval,
+    ListApprovals,
+    ShowApproval,
 )
 from contracts.events import TASK_EVENTS
 from contracts.commands import ControlBreaker, SimulateDependency
@@ -75,10 +84,11 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, name: str = "client", *,
-                      tenant: str | None = None) -> AsyncIterator[Client]:
-        """Connect as an operator, or with `tenant` as that tenant's publisher (settings.nats_credentials is
-        then its credential)."""
-        async with Bus.connect(settings, name, tenant=tenant) as bus:
+                      tenant: str | None = None, reviewer: str | None = None) -> AsyncIterator[Client]:
+        """Connect as an operator, or with `tenant` as that tenant's publisher, or with `reviewer` as that
+        reviewer (settings.nats_credentials is then its credential)."""
+        inbox = subjects.reviewer_inbox(reviewer) if reviewer else None
+        async with Bus.connect(settings, name, tenant=tenant, inbox=inbox) as bus:
             yield cls(bus, tenant)
 
     async def submit(self, spec: TaskSpec, *, tenant: str, user: str, task_id: str | None = None) -> str:
@@ -231,6 +241,28 @@ class Client:
         query = msgspec.json.encode(CostQuery(task_id=task_id, tenant=tenant))
         reply = await self.bus.nc.request(subjects.BUDGET_COST, query, timeout=timeout)
         return msgspec.json.decode(reply.data, type=CostReply)
+
+
+    # --- approvals (services/approvals): any client may decide, as the identity it signed in with ---
+
+    async def _approvals(self, subject: str, command: msgspec.Struct, reply_type: type, timeout: float) -> Any:
+        reply = await self.bus.nc.request(subject, msgspec.json.encode(command), timeout=timeout)
+        if reply.headers and reply.headers.get("Nats-Service-Error"):
+            raise CorralError(f"the approvals service refused: {reply.headers['Nats-Service-Error']}")
+        return msgspec.json.decode(reply.data, type=reply_type)
+
+    async def decide_approval(self, command: DecideApproval, *, reviewer: str, timeout: float = 5.0) -> ApprovalReply:
+        """Send a decision as `reviewer`: the server lets an identity send on its own reviewer subject only."""
+        return await self._approvals(subjects.approvals_decide(reviewer), command, ApprovalReply, timeout)
+
+    async def approvals(self, query: ListApprovals, timeout: float = 5.0) -> ApprovalList:
+        return await self._approvals(subjects.APPROVALS_LIST, query, ApprovalList, timeout)
+
+    async def approval(self, query: ShowApproval, timeout: float = 5.0) -> ApprovalReply:
+        return await self._approvals(subjects.APPROVALS_SHOW, query, ApprovalReply, timeout)
+
+    async def approval_history(self, query: ApprovalHistory, timeout: float = 5.0) -> ApprovalEvents:
+        return await self._approvals(subjects.APPROVALS_HISTORY, query, ApprovalEvents, timeout)
 
 
 def _gather_s(gather_s: float | None, expect: int | None, default: float) -> float:

@@ -16,6 +16,11 @@ Then one multi-agent task in each coordination mode: a plan of three parts (rese
 writing) and a synthesis, centralized (with the publisher's plan, and with the manager's),
 distributed and hybrid; the summary shows how each ended.
 
+Then a few gated tasks: initech's policy makes the (simulated) `browser` tool high-stakes, so each task stops
+before its browser call and waits for a person. A scripted reviewer (the demo's operator identity) approves one
+as asked, approves one with edited arguments, denies one and lets one wait out its deadline; the summary shows
+how each ended.
+
 Beside the simulated workload, a few tasks go to a real model: the `assistant` agent runs on
 the `local` provider, the llama.cpp server the demo starts (SmolLM2-135M on this machine's
 CPU). The summary shows them apart, named as the real model they are.
@@ -43,12 +48,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from contracts import BreakerChanged, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec
+from contracts import BreakerChanged, TaskCompleted, TaskFailed, TaskProgress, TaskRejected, TaskSpec, subjects
+from contracts.approvals import ApprovalRequested, DecideApproval, ShowApproval
 from contracts.events import Plan, Subtask
 from contracts.commands import SimulateDependency
 from contracts.policy import (
     DEFAULT_POLICY,
     AgentPolicy,
+    ApprovalRules,
     BreakerSettings,
     BudgetLimits,
     Defaults,
@@ -56,6 +63,7 @@ from contracts.policy import (
     RateLimit,
     ResponseCache,
     TenantPolicy,
+    ToolRules,
     UserPolicy,
 )
 from contracts.queries import StatusReport
@@ -84,7 +92,10 @@ DEMO_POLICY = Policy(
                       tenant_rate=RateLimit(requests_per_minute=6_000, burst_requests=500,
                                             tokens_per_minute=2_000_000, burst_tokens=400_000),
                       budget=BudgetLimits(daily_tokens=10_000, hourly_tokens=10_000)),
-    tenants={"default": TenantPolicy(), "acme": TenantPolicy(), "initech": TenantPolicy(),
+    tenants={"default": TenantPolicy(), "acme": TenantPolicy(),
+             # initech's browser calls need a person's approval (the demo's scripted reviewer is the operator)
+             "initech": TenantPolicy(tools=ToolRules(allowed=["search", "browser"], high_stakes=["browser"]),
+                                     approvals=ApprovalRules(reviewers={"reviewers": ["operator"]}, deadline_s=4.0)),
              # user01 (globex) sends a task in eleven: its tight rate limit shows rate_limited
              "globex": TenantPolicy(users={"user01": UserPolicy(rate=RateLimit(requests_per_minute=120,
                                                                                burst_requests=5))})},
@@ -111,6 +122,16 @@ class Orchestrated(msgspec.Struct):
     parts: int = 0
     tokens: int = 0
     latency_ms: float = 0.0
+
+
+class Gated(msgspec.Struct):
+    """A task whose browser call waits for approval, what the scripted reviewer does, and how it ended."""
+
+    decision: str
+    """approve, edit, deny or wait (let the deadline pass)."""
+    approval_id: str = ""
+    outcome: str = "no answer"
+    error: str = ""
 
 
 class LocalAnswer(msgspec.Struct):
@@ -147,6 +168,8 @@ class Summary(msgspec.Struct):
     """The tasks answered (or not) by the real local model."""
     orchestrated: list[Orchestrated] = []
     """One multi-agent task per coordination mode."""
+    gated: list[Gated] = []
+    """The tasks that waited for approval."""
 
 
     @property
@@ -217,12 +240,14 @@ async def run(settings: Settings, tasks: int, users: int, rate: float, services:
                                 break
             await outage.settle(events, summary)
         summary.orchestrated = await _orchestrate(client)
+        summary.gated = await _gated(client)
         if local_model:
             summary.local = await _ask_the_local_model(client)
         summary.monitor = await _monitor_status(client)
     summary.retried_tasks = len(retried)
     summary.lost = len(plan) - summary.ended + sum(answer.outcome == "no answer" for answer in summary.local) + \
-        sum(task.outcome == "no answer" for task in summary.orchestrated)
+        sum(task.outcome == "no answer" for task in summary.orchestrated) + \
+        sum(task.outcome == "no answer" for task in summary.gated)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
@@ -345,6 +370,51 @@ async def _orchestrate(client: Client) -> list[Orchestrated]:
     return tasks
 
 
+GATED_TENANT = "initech"
+DECISIONS = ("approve", "edit", "deny", "wait")
+GATED_WAIT_S = 60.0
+
+
+async def _gated(client: Client) -> list[Gated]:
+    """One gated task per decision, all at once, decided by a scripted reviewer as each asks; how each ended."""
+    tasks = [Gated(decision=decision) for decision in DECISIONS]
+    by_task = {f"demo-gated-{n}-{random.getrandbits(32):08x}": task for n, task in enumerate(tasks)}
+    decode = msgspec.json.Decoder(ApprovalRequested).decode
+
+    async def review(msg) -> None:
+        asked = decode(msg.data)
+        task = by_task.get(asked.task_id)
+        if task is None:
+            return
+        task.approval_id = asked.approval_id  # a retried step asks again: decided alike
+        if task.decision == "wait":
+            return
+        arguments = '{"query": "the approved page"}' if task.decision == "edit" else None
+        decision = DecideApproval(tenant=asked.tenant, approval_id=asked.approval_id, decision=task.decision,
+                                  arguments=arguments, reason="scripted reviewer: not this one"
+                                  if task.decision == "deny" else "scripted reviewer")
+        shown = ShowApproval(tenant=asked.tenant, approval_id=asked.approval_id)
+        while not (await client.approval(shown)).ok:  # heard before the approvals service has stored it
+            await anyio.sleep(0.05)
+        await client.decide_approval(decision, reviewer="operator")
+
+    async def run_one(task_id: str, task: Gated) -> None:
+        spec = TaskSpec(agent="research", prompt="Look up the vendor's price page.", tools=["search", "browser"])
+        end = await client.run(spec, tenant=GATED_TENANT, user="demo-gated", task_id=task_id, timeout=GATED_WAIT_S)
+        task.outcome = "completed" if isinstance(end, TaskCompleted) else getattr(end, "reason", "rejected")
+        task.error = end.error if isinstance(end, TaskFailed) else getattr(end, "message", "")
+
+    sub = await client.bus.nc.subscribe(subjects.approval_requested(GATED_TENANT), cb=review)
+    try:
+        with anyio.move_on_after(GATED_WAIT_S):
+            async with anyio.create_task_group() as tg:
+                for task_id, task in by_task.items():
+                    tg.start_soon(run_one, task_id, task)
+    finally:
+        await sub.unsubscribe()
+    return tasks
+
+
 async def _ask_the_local_model(client: Client) -> list[LocalAnswer]:
     """Send LOCAL_PROMPTS to the agent on the real local model, at once; each one's outcome."""
     answers: list[LocalAnswer] = [LocalAnswer(prompt=prompt, outcome="no answer") for prompt in LOCAL_PROMPTS]
@@ -416,6 +486,8 @@ def print_summary(summary: Summary, console: Console) -> None:
     console.print(table)
     if summary.orchestrated:
         _print_orchestrated(summary.orchestrated, console)
+    if summary.gated:
+        _print_gated(summary.gated, console)
     if summary.local:
         _print_local(summary.local, console)
 
@@ -427,6 +499,17 @@ def _print_orchestrated(tasks: list[Orchestrated], console: Console) -> None:
     for task in tasks:
         table.add_row(task.mode, task.planned_by, task.outcome, str(task.parts or "-"), f"{task.tokens:,}",
                       f"{task.latency_ms:.0f}")
+    console.print(table)
+
+
+def _print_gated(tasks: list[Gated], console: Console) -> None:
+    table = Table(title="Gated tasks: a browser call waits for a scripted reviewer (SIMULATED model)")
+    for column in ("reviewer", "outcome"):
+        table.add_column(column, overflow="fold")
+    for task in tasks:
+        why = task.error.replace(f"approval {task.approval_id} ", "", 1) if task.error else ""
+        table.add_row(task.decision if task.decision != "wait" else "(no decision)",
+                      f"{task.outcome}: {why}" if why else task.outcome)
     console.print(table)
 
 

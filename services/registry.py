@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import partial
 
+from services.approvals import service as approvals
 from services.breaker import service as breaker
 from services.budget import service as budget
 from services.executor import service as executor
@@ -20,6 +21,7 @@ SERVICES: dict[str, Main] = {
     "executor": executor.run,
     "breaker": breaker.run,
     "monitor": monitor.run,
+    "approvals": approvals.run,
 }
 
 

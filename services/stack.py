@@ -27,7 +27,7 @@ from services import auth
 from shared.errors import CorralError, NatsServerNotFound
 
 log = logging.getLogger(__name__)
-CORE_SERVICES = ("guard", "budget", "executor", "breaker", "monitor")
+CORE_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "approvals")
 DEFAULT_AGENTS = ("research", "coding", "writing")
 
 

@@ -61,16 +61,19 @@ class Bus:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: Settings, service: str, *, tenant: str | None = None) -> AsyncIterator[Bus]:
+    async def connect(cls, settings: Settings, service: str, *, tenant: str | None = None,
+                      inbox: str | None = None) -> AsyncIterator[Bus]:
         """Connect (waiting for the server if it is still starting), declare streams; on exit
         flush what is written (acks) and close. Publishes were confirmed already.
 
         With `tenant`: a tenant's publisher, which may not touch streams (nothing is declared) and
-        hears replies under its own inbox prefix (`subjects.tenant_inbox`)."""
-        nc = await _connect(settings, service, inbox_prefix=subjects.tenant_inbox(tenant) if tenant else None)
+        hears replies under its own inbox prefix (`subjects.tenant_inbox`). With `inbox`: a client of the
+        services' endpoints only (a reviewer), hearing replies under that prefix, declaring nothing either."""
+        prefix = subjects.tenant_inbox(tenant) if tenant else inbox
+        nc = await _connect(settings, service, inbox_prefix=prefix)
         try:
             js = nc.jetstream(timeout=10)
-            if tenant is None:
+            if prefix is None:
                 await declare_streams(js, settings)
             yield cls(nc, js, settings, service)
         finally:

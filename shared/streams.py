@@ -48,6 +48,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         StreamConfig(name=s.STREAM_STEPS, subjects=[s.ALL_STEP_EVENTS], max_age=EVENTS_MAX_AGE_S, **common),
         StreamConfig(name=s.STREAM_SIGNALS, subjects=[s.ALL_BREAKER, s.ALL_COST, s.ALL_ALERTS, s.POLICY_ROLLED_BACK], max_age=7 * DAY, **common),
         StreamConfig(name=s.STREAM_DLQ, subjects=[s.ALL_DEAD_LETTERS], max_age=30 * DAY, **common),
+        # every request, decision, reminder and escalation: the approvals' audit trail
+        StreamConfig(name=s.STREAM_APPROVALS, subjects=[s.ALL_APPROVAL_EVENTS], max_age=30 * DAY, **common),
     ]
 
 

@@ -159,8 +159,8 @@ async def running(settings: Settings, *names: str, policy: Policy | None = None,
             stop.set()
 
 
-ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "worker:research", "worker:coding",
-                "worker:writing")
+ALL_SERVICES = ("guard", "budget", "executor", "breaker", "monitor", "approvals", "worker:research",
+                "worker:coding", "worker:writing")
 
 
 @asynccontextmanager

@@ -239,6 +239,8 @@ class Tour:
         assert_shows(command, done.stdout, self.ids)
         if argv[0] == "submit" and (end := re.search(rf"^completed ({TASK_ID})", done.stdout, re.M)):
             self.settled(end.group(1))
+        if argv[0] == "submit" and "--no-follow" in argv:
+            self.stopped(done.stdout.strip())
         if argv[:2] == ["policy", "apply"] or argv[:2] == ["policy", "rollback"]:
             self.guards_run(int(re.search(r"version (\d+)", done.stdout).group(1)))
 
@@ -268,6 +270,15 @@ class Tour:
                     await anyio.sleep(0.05)
 
         self._ask(released)
+
+    def stopped(self, task_id: str, timeout: float = 10.0) -> None:
+        """Until the task is no longer under way: ended, or waiting for a person's approval."""
+        async def waits(client: Client) -> None:
+            with anyio.fail_after(timeout):
+                while (await client.task_status(task_id)).status in ("running", "unknown"):
+                    await anyio.sleep(0.05)
+
+        self._ask(waits)
 
     def guards_run(self, version: int, timeout: float = 10.0) -> None:
         """Until every guard judges by policy `version` (services switch within a second)."""

@@ -184,7 +184,8 @@ class Budget:
             return
         admitted = TaskAdmitted(task_id=task.task_id, tenant=task.tenant, user=task.user, spec=task.spec,
                                 estimate=task.estimate, reserved_tokens=journal.reserved_tokens,
-                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at)
+                                window=ledger.window_start("day", journal.decided_at), received_at=task.received_at,
+                                high_stakes_tools=task.high_stakes_tools)
         await self.emit(subjects.task_admitted(task.tenant), admitted)
 
     # --- extend --------------------------------------------------------------------
@@ -301,7 +302,7 @@ class Budget:
         cutoff = self.clock().timestamp() - self.hold_timeout_s
         expired: list[str] = []
         async for key, account in self.accounts.scan(ACCOUNT_KEYS):
-            stale = [task_id for task_id, hold in account.holds.items() if hold.since < cutoff]
+            stale = [task_id for task_id, hold in account.holds.items() if hold.since < cutoff and not hold.waiting]
             if stale:  # open ones expire; closed ones left unsettled (a replica died in between) settle
                 closed_now = await self.accounts.update(key, partial(ledger.expire, cutoff=cutoff))
                 for task_id in stale:

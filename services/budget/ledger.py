@@ -76,6 +76,8 @@ class Hold(msgspec.Struct, kw_only=True, omit_defaults=True):
     """In the user's account: each posted step as the journal will list it, until the journal does."""
     extensions: dict[str, int] = {}
     """Parts of the task (subtask ids, `synthesis`) that reserved more while it ran -> tokens each added."""
+    waiting: bool = False
+    """The task waits for a person's approval: the hold does not expire meanwhile (services/budget/waits.py)."""
 
     @property
     def posted_tokens(self) -> int:
@@ -307,7 +309,8 @@ def settle(account: Account, task_id: str, journaled: set[str]) -> bool:
 def expire(account: Account, cutoff: float) -> dict[str, list[StepCost]]:
     """Close every open hold made before `cutoff` (unix seconds); returns their task ids and the costs
     of the steps they kept, for the journals."""
-    expired = [task_id for task_id, hold in account.holds.items() if not hold.closed and hold.since < cutoff]
+    expired = [task_id for task_id, hold in account.holds.items()
+               if not hold.closed and not hold.waiting and hold.since < cutoff]
     for task_id in expired:
         close(account, task_id)
     return {task_id: list(account.holds[task_id].costs) for task_id in expired}

@@ -5,6 +5,7 @@ that need it."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Union
 
 import anyio
@@ -13,7 +14,9 @@ import msgspec
 from contracts import StepCompleted, TaskCompleted, TaskFailed, TaskValidated, utcnow
 from contracts import subjects as s
 from contracts.commands import ExtendReservation
+from contracts.approvals import ApprovalDecided, ApprovalRequested
 from contracts.queries import BudgetQuery, CostQuery
+from services.budget import waits
 from services.budget.handlers import Budget, Clock
 from services.budget.ledger import Account, TaskJournal
 from shared.bus import Bus
@@ -76,6 +79,9 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
             Consumer(bus, s.STREAM_TASKS,
                      consumer_config(settings, s.CONSUMER_BUDGET_RELEASE, s.ALL_COMPLETED, s.ALL_FAILED),
                      decoder_for(Union[TaskCompleted, TaskFailed]), budget.on_task_finished),
+            Consumer(bus, s.STREAM_APPROVALS, consumer_config(settings, s.CONSUMER_BUDGET_APPROVALS,
+                                                              s.ALL_APPROVAL_REQUESTED, s.ALL_APPROVAL_DECIDED),
+                     decoder_for(Union[ApprovalRequested, ApprovalDecided]), partial(waits.on_approval, budget)),
         ]
         endpoints = {"show": (s.BUDGET_SHOW, show), "cost": (s.BUDGET_COST, cost), "extend": (s.BUDGET_EXTEND, extend)}
         async with micro_service(bus, "token budgets: reserve, post, release", endpoints, stats), \

@@ -12,6 +12,7 @@
     alerts.py     the `alerts` group: firing, history, silence
     top.py        top: the terminal dashboard
     dashboard.py  dashboard: the web dashboard
+    approvals.py  the `approvals` group: list, show, approve, deny, edit, history
 
 To add a command group, write one module with `app = typer.Typer(help=...)` and its
 commands, importing nothing of this package but `common`, and register it below with one
@@ -23,7 +24,20 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import alerts, auth, breakers, budget, contracts, dashboard, policy, sim, stack, tasks, top
+from services.cli import (
+    alerts,
+    approvals,
+    auth,
+    breakers,
+    budget,
+    contracts,
+    dashboard,
+    policy,
+    sim,
+    stack,
+    tasks,
+    top,
+)
 
 app = typer.Typer(help="Corral: a control plane for AI agents over NATS JetStream.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -39,3 +53,4 @@ app.add_typer(auth.app, name="auth")
 app.add_typer(alerts.app, name="alerts")
 app.add_typer(top.app)  # corral top
 app.add_typer(dashboard.app)  # corral dashboard
+app.add_typer(approvals.app, name="approvals")

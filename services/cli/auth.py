@@ -18,15 +18,17 @@ AuthDataDir = Annotated[Path, typer.Option("--data-dir", help="the identities ar
 @app.command("init")
 def init(
     tenant: Annotated[Optional[list[str]], typer.Option(help="a tenant to make a credential for (repeat)")] = None,
+    reviewer: Annotated[Optional[list[str]], typer.Option(help="a reviewer of approvals to make a credential for "
+                                                               "(repeat)")] = None,
     data_dir: AuthDataDir = DATA_DIR,
 ) -> None:
-    """Make the missing identities (every service kind, the operator, each --tenant), keep the existing keys, and
+    """Make the missing identities (every service kind, the operator, each --tenant and --reviewer), keep the existing keys, and
     write the server's configuration; an embedded server running on DATA_DIR reloads it."""
     from services import auth
     from services.stack import reload_note
 
     try:
-        found = auth.init(auth.auth_dir(data_dir), tenant or ())
+        found = auth.init(auth.auth_dir(data_dir), tenant or (), reviewer or ())
     except CorralError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console.print(auth.table(found))

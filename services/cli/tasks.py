@@ -34,6 +34,7 @@ def submit(
     user: Annotated[str, typer.Option(help="user the task runs for")] = "alice",
     tenant: Annotated[str, typer.Option(help="tenant of the user")] = "default",
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on output tokens")] = None,
+    tool: Annotated[Optional[list[str]], typer.Option(help="a tool the agent may call (repeat)")] = None,
     orchestration: Annotated[str, typer.Option(
         help="single (one agent), or centralized: subtasks of a plan, then a synthesis by AGENT")] = "single",
     plan: Annotated[Optional[Path], typer.Option(
@@ -47,8 +48,8 @@ def submit(
     from services.client import Client
     from shared import tracing
 
-    spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens, orchestration=_mode(orchestration),
-                    plan=_read_plan(plan) if plan else None)
+    spec = TaskSpec(agent=agent, prompt=prompt, max_tokens=max_tokens, tools=tool or [],
+                    orchestration=_mode(orchestration), plan=_read_plan(plan) if plan else None)
     settings = resolve_settings(nats, config)
     tracing.init_tracing("corral-cli", settings.otlp_endpoint)
 

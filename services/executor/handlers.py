@@ -38,6 +38,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -55,12 +56,13 @@ from contracts import (
     Usage,
     subjects,
 )
+from contracts.approvals import ApprovalDecided
 from contracts.events import FailReason, clip, task_ref
 from contracts.policy import Policy, Strategy
 from contracts.state import CACHE_DEPENDENCY, dependency_key, tool_key
 from contracts.boards import SYNTHESIS_ID, Board
 from contracts.commands import ExtendReservation
-from services.executor import plans
+from services.executor import approvals, plans
 from services.executor.boards import new_board
 from services.executor.state import (
     PLANNING,
@@ -151,6 +153,9 @@ class Executor:
 
     async def on_step_failed(self, step: StepFailed) -> None:
         await self._decide(self._retry_or_fall_back, step)
+
+    async def on_approval(self, decision: ApprovalDecided) -> None:
+        await self._decide(partial(approvals.decided, self), decision)
 
     async def _decide(self, handler: Callable[[Any, bool], Awaitable[None]], event: Any) -> None:
         """Run `handler` on the record as this process last wrote it (no read), and again on a fresh
@@ -281,15 +286,19 @@ class Executor:
         record, revision, cursor = await self._current(step, fresh)
         if record is None:
             return
+        if step.gated is not None:  # stopped before a call that needs a person's approval
+            await approvals.gate(self, record, revision, cursor, step)
+            return
+        step_usage = approvals.with_gates(cursor, step.usage)
         if isinstance(cursor, SubtaskState):
-            cursor.status, cursor.output, cursor.usage = "completed", step.output, step.usage
+            cursor.status, cursor.output, cursor.usage = "completed", step.output, step_usage
             await self._plan_advanced(record, revision, step.step_id)
             return
         if record.phase == "planning":
             await self._planned(record, revision, step)
             return
         strategy = record.chain[record.strategy]
-        usage = plans.total_usage(record, step.usage) if record.subtasks else step.usage
+        usage = plans.total_usage(record, step_usage) if record.subtasks else step_usage
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=usage, attempts=record.steps + sum(sub.steps for sub in record.subtasks),
                                   model=step.model,
@@ -432,6 +441,7 @@ class Executor:
             cursor.steps += 1
             cursor.not_before = now + wait
             cursor.step_deadline = cursor.not_before + min(current.timeout_s, record.deadline_at - cursor.not_before)
+            approvals.hold_before(self, record, cursor, _agent_of(record, cursor))
             return None
         # A cache miss says nothing of why the chain failed: the reason is the last other attempt's.
         last = next((a for a in reversed(cursor.attempts) if a.dependency != CACHE_DEPENDENCY),
@@ -629,6 +639,9 @@ class Executor:
 
     async def _publish_step(self, record: TaskRecord, cursor: TaskRecord | SubtaskState | None = None) -> None:
         task, cursor = record.task, cursor or record
+        if approvals.waits_to_start(cursor):  # a person approves it first
+            await approvals.ask_to_start(self, record, cursor, _agent_of(record, cursor))
+            return
         strategy = cursor.chain[cursor.strategy]
         if cursor.steps > 1:
             last = cursor.attempts[-1] if cursor.attempts else None
@@ -665,6 +678,7 @@ class Executor:
             request = StepRequested(**common, agent=task.spec.agent, prompt=task.spec.prompt,
                                     messages=task.spec.chat(), max_tokens=task.estimate.max_output_tokens,
                                     tools=task.spec.tools)
+        request = approvals.gated_request(record, cursor, request)
         part = request.subtask or {"planning": "plan", "synthesis": "synthesis"}.get(record.phase, "")
         if not part:
             await self.emit(subjects.step_requested(request.agent), request)

@@ -18,6 +18,8 @@ from contracts import StepCompleted, StepFailed, TaskAdmitted
 from contracts import subjects as s
 from contracts.queries import TaskStatusQuery, TaskStatusReply
 from contracts.boards import Board, ended_board_ttl
+from contracts.approvals import ApprovalDecided
+from services.executor import approvals
 from services.executor.boards import BoardSupervisor
 from services.executor.handlers import Executor
 from services.executor.state import CachedAnswer, TaskRecord
@@ -73,10 +75,11 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             record = await executor.task_status(query.tenant, query.task_id)
             if record is None:
                 return msgspec.json.encode(TaskStatusReply(task_id=query.task_id, found=False))
+            waiting = approvals.waiting_ids(record)
             return msgspec.json.encode(TaskStatusReply(
-                task_id=query.task_id, found=True, status=record.status, agent=record.task.spec.agent,
+                task_id=query.task_id, found=True, status="waiting_for_approval" if waiting else record.status, agent=record.task.spec.agent,
                 attempt=record.attempt, attempts=record.attempts, usage=record.usage, strategy=record.strategy,
-                step_id=record.step_id))
+                step_id=record.step_id, waiting_for_approval=waiting))
 
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_EXECUTOR_TASKS, s.ALL_ADMITTED),
@@ -84,6 +87,9 @@ async def run(settings: Settings, stop: anyio.Event) -> None:
             Consumer(bus, s.STREAM_STEPS,
                      consumer_config(settings, s.CONSUMER_EXECUTOR_STEPS, s.ALL_STEP_COMPLETED, s.ALL_STEP_FAILED),
                      decoder_for(Union[StepCompleted, StepFailed]), executor.on_step, long_running=True),
+            Consumer(bus, s.STREAM_APPROVALS,
+                     consumer_config(settings, s.CONSUMER_EXECUTOR_APPROVALS, s.ALL_APPROVAL_DECIDED),
+                     decoder_for(ApprovalDecided), executor.on_approval),
         ]
 
         def stats() -> dict:

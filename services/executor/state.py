@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 
 from contracts import Attempt, TaskAdmitted, TaskCompleted, TaskFailed, TaskSpec, TokenEstimate, Usage
+from contracts.approvals import GatedCall, Resume
 from contracts.events import Plan, StepEvent, Subtask
 from contracts.policy import Strategy
 
@@ -16,6 +17,35 @@ SubtaskStatus = Literal["waiting", "running", "completed", "failed", "cancelled"
 Phase = Literal["single", "planning", "subtasks", "board", "synthesis"]
 PLANNING, SYNTHESIS = "=plan", "=synthesis"
 """The step ids' part for a task's planning and synthesis steps: `=` is in no subtask id."""
+
+
+class ApprovalWait(msgspec.Struct, kw_only=True):
+    """A step stopped at a gate (services/executor/approvals.py): which approval it waits for, and what to resume."""
+
+    approval_id: str
+    gated: GatedCall | None
+    """The call held back; None: the step waits before it starts (a rule of the policy or the plan)."""
+    step_id: str
+    """The step that stopped (or waits to start)."""
+    since: float
+    rule: str = "high_stakes_tool"
+    why: str = ""
+    deadline_extended: bool = False
+
+
+class Gates(msgspec.Struct, kw_only=True):
+    """A step cursor's approvals: the one it waits for, the resume its current step carries, what the steps
+    that stopped at gates used."""
+
+    waiting: ApprovalWait | None = None
+    resume: Resume | None = None
+    resume_step: str = ""
+    """The step that carries `resume` (a later retry of it does not)."""
+    usage: Usage | None = None
+    approved: list[str] = []
+    """Approvals given so far, in order."""
+    step_approved: bool = False
+    """The cursor's step-level approval was given: its later attempts do not wait again."""
 
 
 class SubtaskState(msgspec.Struct, kw_only=True):
@@ -40,6 +70,7 @@ class SubtaskState(msgspec.Struct, kw_only=True):
     """It holds one of its tenant's slots for running subtasks (shared.slots), given back once it ends."""
     estimate: int = 0
     """Tokens it was expected to use when it started (its prompt and its output cap), until its usage is known."""
+    gates: Gates | None = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -83,6 +114,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     """Parts (subtask ids, `synthesis`) the budget reserved more for -> tokens each added to the reservation."""
     throttled: bool = False
     """A ready subtask waits for a slot of its tenant's (max_parallel_per_tenant): the sweep tries again."""
+    gates: Gates | None = None
+    """The approvals of the record's own step (services/executor/approvals.py)."""
 
     def cursor_of(self, step: str) -> TaskRecord | SubtaskState | None:
         """What waits for `step`: the record's own step (the task's, or its synthesis) or a running subtask."""

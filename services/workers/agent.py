@@ -20,7 +20,7 @@ import msgspec
 
 from contracts import StepRequested, Usage
 from contracts.events import clip
-from services.workers import telemetry
+from services.workers import gates, telemetry
 from services.workers.conversation import Completion, ModelRequest, OnText, Provider, Tool, ToolCall, Turn
 from services.workers.errors import PermanentProviderError, ToolError
 
@@ -55,7 +55,8 @@ def conversation(step: StepRequested, system_prompt: str) -> list[Turn]:
 class AgentLoop:
     def __init__(self, step: StepRequested, provider: Provider, tools: dict[str, Tool], call: Call, *,
                  model_dependency: str, max_turns: int, max_tool_output_chars: int, system_prompt: str = "",
-                 on_text: OnText | None = None, trace_content: bool = False) -> None:
+                 on_text: OnText | None = None, trace_content: bool = False,
+                 approved_calls: gates.ApprovedCalls | None = None) -> None:
         self.step = step
         self.provider = provider
         self.tools = tools
@@ -70,18 +71,34 @@ class AgentLoop:
         self.usage = Usage(input_tokens=0, output_tokens=0)
         self.refused = 0
         self.first_token_s: float | None = None
+        self.gated = set(step.gated_tools)
+        """Tools not to call without approval (services/workers/gates.py)."""
+        self.approved_calls = approved_calls
+        """Makes a resumed step's approved call at most once over every worker (None: this loop alone)."""
 
     async def run(self) -> Answer:
+        if self.step.resume is not None:  # on from an approved gate: its call first, without asking the model
+            self.messages, calls = gates.resumed(self.step.resume)
+            await self._make_calls(calls, turns=0, approved=self.step.resume.call.id)
         for turn in range(1, self.max_turns + 1):
             completion = await self._ask()
             if not completion.tool_calls:
                 return Answer(text=completion.text, usage=self.usage, turns=turn, refused_tool_calls=self.refused,
                               response_model=completion.response_model, first_token_s=self.first_token_s)
             self.messages.append(Turn(role="assistant", content=completion.text, tool_calls=completion.tool_calls))
-            for tool_call in completion.tool_calls:
-                self.messages.append(await self._tool_turn(tool_call))
+            await self._make_calls(completion.tool_calls, turns=turn)
         raise MaxTurnsReached(f"the model was still calling tools after max_turns={self.max_turns} turns "
                               f"(the agent policy's limit): no answer")
+
+    async def _make_calls(self, calls: list[ToolCall], *, turns: int, approved: str = "") -> None:
+        """Make the calls in order; stop before one to a gated tool, unless it is the `approved` call."""
+        for n, tool_call in enumerate(calls):
+            if tool_call.name in self.gated and tool_call.id != approved:
+                raise gates.stop_before(tool_call, self.messages, calls[n + 1:], self.usage, turns)
+            if approved and tool_call.id == approved and self.approved_calls is not None:
+                self.messages.append(await self.approved_calls.once(self.step, lambda: self._tool_turn(tool_call)))
+                continue
+            self.messages.append(await self._tool_turn(tool_call))
 
     async def _ask(self) -> Completion:
         request = ModelRequest(model=self.step.model, messages=list(self.messages), max_tokens=self.step.max_tokens,

@@ -371,7 +371,8 @@ def step_request(board: Board, entry_id: str, claim: int, index: int, strategy: 
         step_id=step_id(board, entry_id, claim, index, attempt), attempt=attempt, agent=entry.spec.agent,
         provider=strategy.provider, model=strategy.model, prompt=prompt,
         max_tokens=max_tokens, strategy=index, tier=strategy.tier, tools=list(entry.spec.tools),
-        timeout_s=timeout, deadline_at=now + timeout, subtask="" if synthesis else entry_id)
+        timeout_s=timeout, deadline_at=now + timeout, subtask="" if synthesis else entry_id,
+        gated_tools=[tool for tool in entry.spec.tools if tool in task.high_stakes_tools])
 
 
 # --- the worker's steps, run by a pool member ------------------------------------------------------------------
@@ -733,6 +734,11 @@ class Pool:
                 outcome = await self._step(step_request(board, claim.entry_id, claim.claim, index, strategy, attempt,
                                                         policy, now))
                 steps += 1
+                if isinstance(outcome, StepCompleted) and outcome.gated is not None:
+                    # a pool cannot hold a claim while a person decides: the high-stakes call is not made
+                    return Failure(reason="permanent_error", error=f"{claim.entry_id} would call the high-stakes "
+                                   f"tool {outcome.gated.call.name!r}, which needs approval: distributed and hybrid "
+                                   f"tasks cannot wait for one (run it centralized)")
                 if isinstance(outcome, StepCompleted):
                     return Answer(step=outcome, strategy=index, tier=strategy.tier, steps=steps)
                 attempts.append(Attempt(step_id=outcome.step_id, dependency=outcome.dependency, error=outcome.error,

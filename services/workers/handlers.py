@@ -22,7 +22,7 @@ from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgre
 from contracts.events import ErrorClass, PromptCompacted, clip
 from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
-from services.workers import compaction, telemetry, tiering
+from services.workers import compaction, gates, telemetry, tiering
 from services.workers.agent import AgentLoop, MaxTurnsReached
 from services.workers.caching import Caching
 from services.workers.conversation import Provider, Tool
@@ -48,7 +48,8 @@ class Worker:
     def __init__(self, worker_id: str, providers: Providers | dict[str, Provider], emit: Emit, *,
                  tools: Tools | None = None, gate: BreakerGate | None = None, clock: Clock = time.time,
                  notify: Emit | None = None, policy: Callable[[], Policy] = lambda: DEFAULT_POLICY,
-                 trace_content: bool = False, caching: Caching | None = None) -> None:
+                 trace_content: bool = False, caching: Caching | None = None,
+                 approved_calls: gates.ApprovedCalls | None = None) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
@@ -61,6 +62,7 @@ class Worker:
         self.trace_content = trace_content
         self.caching = caching
         """The response cache (services/workers/caching.py); None: every step calls its model."""
+        self.approved_calls = approved_calls
 
     async def on_step(self, step: StepRequested) -> None:
         provider = self.providers.get(step.provider)
@@ -124,12 +126,12 @@ class Worker:
                          max_turns=agent.max_turns if agent else AgentPolicy.max_turns,
                          max_tool_output_chars=limit,
                          system_prompt=agent.system_prompt if agent else "", on_text=deltas.feed,
-                         trace_content=self.trace_content)
+                         trace_content=self.trace_content, approved_calls=self.approved_calls)
         compacted = None
         if agent is not None and agent.compaction.enabled:
             loop.messages, compacted = compaction.compact(loop.messages, agent.compaction, step.model)
         answer = partial(self._answer, step, run, loop, deltas, agent, compacted)
-        if self.caching is None:
+        if self.caching is None or gates.bypasses_cache(step):
             return await answer()
         return await self.caching.serve(step, loop.messages, tools, run.elapsed_ms, answer)
 
@@ -137,6 +139,9 @@ class Worker:
                       agent: AgentPolicy | None, compacted: PromptCompacted | None) -> StepCompleted | StepFailed:
         try:
             answer = await loop.run()
+        except gates.Gated as gate:  # waits for a person: not a failure
+            return gates.completed(step, gate, self.worker_id, dependency=run.model, latency_ms=run.elapsed_ms(),
+                                   calls=run.calls, refused_tool_calls=loop.refused)
         except CircuitOpen as closed:
             return run.failed(closed.dependency, "transient", str(closed), breaker_open=True)
         except MaxTurnsReached as error:

@@ -28,6 +28,9 @@ from contracts.queries import SimulationAck
 from services.workers import cache
 from services.workers.board import Pool, StepOutcomes
 from services.workers.caching import Caching
+from contracts.approvals import ApprovedCall
+from services.workers.board import Pool, StepOutcomes
+from services.workers.gates import ApprovedCalls
 from services.workers.conversation import Tool
 from services.workers.handlers import Tools, Worker
 from services.workers.models import ProviderSet
@@ -47,6 +50,8 @@ from shared.streams import consumer_config
 from shared.watch import follow_bucket
 
 log = logging.getLogger(__name__)
+APPROVED_CALLS_TTL_S = 30 * 86_400.0
+"""How long the note of an approved call is kept: longer than any step is redelivered."""
 _simulate = msgspec.json.Decoder(SimulateDependency).decode
 
 
@@ -81,9 +86,12 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         responses_kv = await cache.declare(bus.js, settings)
         caching = Caching(cache.Store(responses_kv, quarantine), policy)
         outcomes = StepOutcomes(bus.emit)  # a pool member's steps are published as any, and handed back to it
+        notes = TypedBucket(await bus.bucket(s.KV_APPROVED_CALLS, ttl_s=APPROVED_CALLS_TTL_S), ApprovedCall,
+                            lambda: None, quarantine=quarantine)
         worker = Worker(worker_id, providers, outcomes.emit, tools=tools, policy=policy, notify=bus.notify,
                         gate=BreakerGate(view, lease_requester(bus.nc, worker_id)),
-                        trace_content=settings.trace_content, caching=caching)
+                        trace_content=settings.trace_content, caching=caching,
+                        approved_calls=ApprovedCalls(notes, worker_id))
         boards_kv = await bus.bucket(s.KV_BOARDS)
         boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
         # the member's id tells two replicas in one process apart (tests and embedded stacks run several)
