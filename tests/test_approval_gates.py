@@ -48,8 +48,9 @@ def pay(site: Site, path: str = "/pay") -> TaskSpec:
 
 
 @asynccontextmanager
-async def gated_stack(settings, site: Site, **rules):
-    async with stack(settings, *SERVICES, policy=gated_policy(site, **rules)) as client, signals(client) as heard, \
+async def gated_stack(settings, site: Site, *more: str, **rules):
+    async with stack(settings, *SERVICES, *more, policy=gated_policy(site, **rules)) as client, \
+            signals(client) as heard, \
             anyio.create_task_group() as tg:
         client.runs = tg
         yield client, heard
@@ -250,3 +251,17 @@ async def test_a_gated_step_is_never_kept_in_nor_answered_from_the_response_cach
             ends.append(await run.ended())
     assert all(isinstance(end, TaskCompleted) and end.dependency != "cache" for end in ends), ends
     assert site.hits == 2  # each approved call made
+
+
+async def test_the_live_views_count_the_approvals_waiting(settings, site, tenant, user):
+    from services.dashboard.samples import History, observe
+
+    async with gated_stack(settings, site, "monitor") as (client, _):
+        before = await observe(client, History(), 0.0)
+        run = Run(client, pay(site), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        during = await observe(client, History(), 1.0)
+        await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        await run.ended()
+        after = await observe(client, History(), 2.0)
+    assert (before.approvals_waiting, during.approvals_waiting, after.approvals_waiting) == (0, 1, 0)

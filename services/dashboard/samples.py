@@ -7,7 +7,7 @@ view then starts its rates afresh rather than showing negative ones.
 
 Alerts and approvals are shown when the view is given them (`History.add(..., alerts=, approvals_waiting=)`,
 from wherever they are asked) or the report carries them (`alerts`, `approvals_waiting`); without either,
-the view says nothing of them. `observe` asks the monitor for both its report and the alerts firing.
+the view says nothing of them. `observe` asks the monitor for its report and the alerts firing, and the approvals service what waits.
 """
 
 from __future__ import annotations
@@ -119,12 +119,21 @@ class History:
 
 
 async def observe(client, history: History, at: float, timeout: float = 5.0) -> Sample:
-    """One sample from the monitor: its report, with the alerts firing (left out if it does not answer that)."""
-    from nats.errors import Error as NatsError
+    """One sample: the monitor's report, with the alerts firing and the approvals waiting (each left out when
+    its service does not answer)."""
+    from contracts.approvals import ListApprovals
 
     report = await client.status(timeout=timeout)
+    firing = await _or_none(lambda: client.alerts(timeout=timeout))
+    waiting = await _or_none(lambda: client.approvals(ListApprovals(limit=1000), timeout=timeout))
+    return history.add(report, at, alerts=None if firing is None else firing.firing,
+                       approvals_waiting=None if waiting is None else len(waiting.approvals))
+
+
+async def _or_none(ask):
+    from nats.errors import Error as NatsError
+
     try:
-        firing = (await client.alerts(timeout=timeout)).firing
+        return await ask()
     except (TimeoutError, NatsError, msgspec.DecodeError, msgspec.ValidationError):
-        firing = None
-    return history.add(report, at, alerts=firing)
+        return None
