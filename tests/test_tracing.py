@@ -129,4 +129,4 @@ async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synth
     (trace_id,) = {span[0] for span in parts}  # one trace: the task's
     assert len([span for span in collector.named("invoke_agent") if span[0] == trace_id]) == 3  # every step in it
     in_trace = {name for trace, _, name in collector.spans if trace == trace_id}
-    assert {"budget budget-release", "monitor tasks"} <= in_trace  # the task's end too, whoever published it
+    assert "budget budget-release" in in_trace  # the task's end too (the budget releases on it), whoever published it
