@@ -26,10 +26,14 @@ def test_the_demo_runs_every_path_end_to_end_shows_a_breaker_trip_and_recovery_a
     assert int(re.search(r"breaker trips \(closed -> open\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"breaker recoveries \(half_open -> closed\)\s+│\s+(\d+)", out).group(1)) >= 1, out
     assert int(re.search(r"of which on a fallback strategy\s+│\s+(\d+)", out).group(1)) >= 1, out
-    planned = out[out.index("Multi-agent tasks"):out.index("a REAL model")]
+    planned = out[out.index("Multi-agent tasks"):out.index("Gated tasks")]
     for mode in ("centralized", "distributed", "hybrid"):
         assert re.search(rf"│ {mode}\s+│ the \w+\s+│ completed ", planned), out
     assert planned.count("│ completed ") == 4, out  # every mode's task, the manager's plan too
+    gated = out[out.index("Gated tasks"):out.index("a REAL model")]
+    for reviewer, outcome in (("approve", "completed"), ("edit", "completed"), ("deny", "was denied by"),
+                              ("(no decision)", "timed out")):
+        assert re.search(rf"│ {re.escape(reviewer)}\s+│ [^│]*{outcome}", gated), out
     real = out[out.index("a REAL model"):]
     assert real.count("completed") == 3, out  # the local model answered each of its three tasks
     assert (tmp_path / "demo" / "auth" / "nats-server.conf").exists()  # auth was on, with no step of its own

@@ -112,8 +112,9 @@ async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synth
                 done = await client.run(TaskSpec(agent="writing", prompt="Ship it.", orchestration=mode,
                                                  plan=plan), tenant=tenant, user=user)
 
-            async def exported():
-                return len(collector.named("invoke_agent")) >= 3 and collector.named("synthesis writing")
+            async def exported():  # the budget's release of the task comes last
+                return len(collector.named("invoke_agent")) >= 3 and collector.named("synthesis writing") \
+                    and collector.named("budget budget-release")
 
             await wait_until(exported, timeout=15)
         finally:
