@@ -135,11 +135,14 @@ async def test_a_denied_call_under_on_deny_continue_is_answered_to_the_model_as_
         run = Run(client, pay(site), tenant, user)
         approval = await waiting_approval(client, run.task_id)
         await client.decide_approval(decide(approval, "deny", reason="not this quarter"), reviewer="bob")
+        again = await client.decide_approval(decide(approval, "deny", reason="not this quarter"), reviewer="bob")
+        raced = await client.decide_approval(decide(approval, "approve"), reviewer="alice")
         end = await run.ended()
         steps = heard.of(StepRequested, task_id=run.task_id)
         outcomes = heard.of(StepCompleted, task_id=run.task_id)
     assert isinstance(end, TaskCompleted), end
-    assert site.hits == 0  # the denied call was never made
+    assert again.ok and not raced.ok and "already denied by bob" in raced.message
+    assert site.hits == 0  # the denied call was never made, and a racing approval did not make it
     gated_step, resumed = steps
     assert resumed.step_id == f"{gated_step.step_id}=r1" and resumed.resume.approved == []
     refusal = f"approval {approval.request.approval_id} was denied by bob: not this quarter"
