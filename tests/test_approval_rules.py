@@ -58,3 +58,21 @@ def test_a_negative_cost_above_usd_is_refused_with_its_name():
 
     with pytest.raises(ValueError, match="cost_above_usd"):
         ApprovalRules(cost_above_usd=-1.0)
+
+
+def test_a_hybrid_boards_part_whose_model_the_record_does_not_know_is_priced_at_its_agents_first_model():
+    from contracts import TaskAdmitted, TaskSpec, TokenEstimate, Usage
+    from contracts.events import Subtask
+    from services.executor.approvals import cost_so_far
+    from services.executor.state import SubtaskState, TaskRecord
+    from tests.signals import example_policy
+
+    policy = example_policy()
+    task = TaskAdmitted(task_id="t1", tenant="acme", user="u", spec=TaskSpec(agent="research"),
+                        estimate=TokenEstimate(prompt_tokens=10, max_output_tokens=10), reserved_tokens=20, window="")
+    used = Usage(input_tokens=1000, output_tokens=100)
+    from_board = SubtaskState(spec=Subtask(id="a", agent="research", instruction="a"), status="completed",
+                              usage=used)  # as synthesise_board makes it: no chain
+    _, cost = cost_so_far(policy, TaskRecord(task=task, subtasks=[from_board]))
+    first = policy.agents["research"].chain[0].model
+    assert cost == pytest.approx(policy.price_of(first).cost(used)) and cost > 0

@@ -81,13 +81,16 @@ def _step_rule(policy: Policy, record: TaskRecord, cursor: Cursor, agent: str) -
 
 def cost_so_far(policy: Policy, record: TaskRecord) -> tuple[Usage, float]:
     """The task's usage as its record knows it, and its price: each part (the record's own steps, each subtask)
-    priced at the model of its current strategy. A part that answered counts its usage (the steps it stopped
-    at gates included); one still under way, the steps it stopped at gates; failed attempts are not known."""
+    priced at the model of its current strategy (a hybrid board's part, whose model the record does not know:
+    its agent's first). A part that answered counts its usage (the steps it stopped at gates included); one
+    still under way, the steps it stopped at gates; failed attempts are not known."""
     usages, cost = [], 0.0
     for part in (record, *record.subtasks):
         used = Usage.sum([part.usage if part.usage is not None else part.gates.usage if part.gates else None,
                           record.planning_usage if part is record else None])
-        model = part.chain[part.strategy].model if part.strategy < len(part.chain) else ""
+        chain = part.chain or (policy.agents[part.spec.agent].chain if isinstance(part, SubtaskState)
+                               and part.spec.agent in policy.agents else [])
+        model = chain[part.strategy].model if part.strategy < len(chain) else ""
         usages.append(used)
         cost += policy.price_of(model).cost(used)
     return Usage.sum(usages), cost
