@@ -98,6 +98,9 @@ class Resume(msgspec.Struct, frozen=True, kw_only=True):
     after: Annotated[list[ToolCallSpec], msgspec.Meta(max_length=MAX_ITEMS)] = []
     approved: Annotated[list[ApprovalId], msgspec.Meta(max_length=MAX_ITEMS)] = []
     """Every approval this step's task has had: informational, for the tool's idempotency (the approval id)."""
+    refused: Message = ""
+    """Not empty: the call was denied (the policy's `on_deny = "continue"`): it is not made, its result to the
+    model is this refusal (the reviewer's reason), and the loop goes on with the calls after it."""
 
 
 # --- events --------------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ class ApprovalRules(Strict):
     """Agent kinds whose every step is reviewed."""
     cost_above_tokens: int | None = None
     """A step of a task whose estimate is above this many tokens is reviewed (None: no such rule)."""
+    cost_above_usd: float | None = None
+    """The next step of a task whose cost so far is above this many USD waits for a person before it starts:
+    the usage the executor's record knows (the parts that answered, the steps stopped at gates), each priced
+    with `prices` at its model. Once approved, the task's later steps do not ask again on it (None: no such
+    rule)."""
+    on_deny: Literal["fail", "continue"] = "fail"
+    """A reviewer denied a gated tool call: `fail` the task (in a plan, the subtask) with the reviewer's reason;
+    or `continue`: the call is answered to the model as refused, with the reason, and the step goes on without
+    it (the model picks what to do instead). A step that waited to start has no call to leave out: its denial
+    fails it either way; and so does a timeout."""
 
     def __post_init__(self) -> None:
         if self.group not in self.reviewers:
@@ -77,6 +87,19 @@ class ApprovalRules(Strict):
             raise ValueError("approvals.on_timeout = 'escalate' needs escalate_to, one of the reviewer groups")
         if min(self.deadline_s, self.escalation_deadline_s, self.remind_every_s or 1.0) <= 0:
             raise ValueError("approval deadlines and reminders must be positive")
+        if self.cost_above_usd is not None and self.cost_above_usd < 0:
+            raise ValueError("approvals.cost_above_usd must not be negative")
+
+    def step_rule(self, agent: str, estimate: int, requires_approval: bool = False) -> tuple[str, str] | None:
+        """Which rule has a person approve a step before it starts, and why, from what the step alone tells (its
+        plan's say, its agent kind, its task's estimate); None: none of those. The executor adds the cost so far."""
+        if requires_approval:
+            return "requires_approval", "the plan's subtask requires approval"
+        if agent in self.agents:
+            return "agent_kind", f"every step of agent kind {agent!r} is reviewed"
+        if self.cost_above_tokens is not None and estimate > self.cost_above_tokens:
+            return "cost_above", f"the task's estimate of {estimate} tokens is above {self.cost_above_tokens}"
+        return None
 
 
 class Limits(Strict):

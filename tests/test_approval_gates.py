@@ -129,6 +129,29 @@ async def test_a_denied_call_never_runs_and_the_task_fails_with_the_reviewers_re
     assert f"approval {approval.request.approval_id} was denied by bob: not this quarter" in end.error
 
 
+async def test_a_denied_call_under_on_deny_continue_is_answered_to_the_model_as_refused_and_the_step_goes_on(
+        settings, site, tenant, user):
+    async with gated_stack(settings, site, on_deny="continue") as (client, heard):
+        run = Run(client, pay(site), tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        await client.decide_approval(decide(approval, "deny", reason="not this quarter"), reviewer="bob")
+        again = await client.decide_approval(decide(approval, "deny", reason="not this quarter"), reviewer="bob")
+        raced = await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        end = await run.ended()
+        steps = heard.of(StepRequested, task_id=run.task_id)
+        outcomes = heard.of(StepCompleted, task_id=run.task_id)
+    assert isinstance(end, TaskCompleted), end
+    assert again.ok and not raced.ok and "already denied by bob" in raced.message
+    assert site.hits == 0  # the denied call was never made, and a racing approval did not make it
+    gated_step, resumed = steps
+    assert resumed.step_id == f"{gated_step.step_id}=r1" and resumed.resume.approved == []
+    refusal = f"approval {approval.request.approval_id} was denied by bob: not this quarter"
+    assert resumed.resume.refused == refusal
+    stopped, finished = sorted(outcomes, key=lambda o: o.step_id)
+    assert [c.dependency for c in finished.calls] == ["simulated/sim-large"]  # no http_get: the model went on
+    assert end.usage.total == stopped.usage.total + finished.usage.total
+
+
 async def test_an_edited_call_runs_with_the_reviewers_arguments(settings, site, tenant, user):
     async with gated_stack(settings, site) as (client, _):
         run = Run(client, pay(site), tenant, user)
@@ -191,6 +214,32 @@ async def test_a_step_a_policy_rule_reviews_waits_before_it_starts_and_a_denial_
     assert heard.of(StepRequested, task_id=run.task_id) == []  # nothing ran
 
 
+async def test_the_next_step_of_a_task_whose_cost_so_far_is_above_the_policys_amount_waits_once_for_approval(
+        settings, site, tenant, user):
+    plan = Plan(subtasks=[Subtask(id="facts", agent="research", instruction="Gather the facts."),
+                          Subtask(id="notes", agent="research", instruction="Write it up.", needs=["facts"])],
+                synthesis="research")
+    spec = TaskSpec(agent="research", prompt="Close the month.", orchestration="centralized", plan=plan)
+    async with gated_stack(settings, site, cost_above_usd=0.000001) as (client, heard):
+        run = Run(client, spec, tenant, user)
+        approval = await waiting_approval(client, run.task_id)
+        facts = await heard.first(StepCompleted, task_id=run.task_id)
+        asked_so_far = [r.subtask for r in heard.of(StepRequested, task_id=run.task_id)]
+        await client.decide_approval(decide(approval, "approve"), reviewer="alice")
+        end = await run.ended()
+        asked = [r.subtask for r in heard.of(StepRequested, task_id=run.task_id)]
+        every = await client.approvals(ListApprovals(tenant=approval.request.tenant, status=None))
+    cost = example_policy().price_of(facts.model).cost(facts.usage)
+    assert (approval.request.rule, approval.request.tool, approval.request.subtask) == ("cost_above", None, "notes")
+    assert cost > 0.000001 and approval.request.cost_so_far_usd == pytest.approx(cost)
+    assert approval.request.usage_so_far.total == facts.usage.total
+    assert approval.request.why == f"the task's cost so far of ${cost:.6f} is above $1e-06"
+    assert asked_so_far == ["facts"]  # the first part cost nothing before it: it ran unasked
+    assert isinstance(end, TaskCompleted), end
+    assert sorted(asked) == ["", "facts", "notes"]
+    assert [a.request.task_id for a in every.approvals].count(run.task_id) == 1  # the synthesis did not ask again
+
+
 async def test_a_distributed_subtask_that_would_call_a_high_stakes_tool_fails_without_calling_it(
         settings, site, tenant, user):
     plan = Plan(subtasks=[Subtask(id="pay", agent="research", instruction=site.url("/pay"),
@@ -202,6 +251,39 @@ async def test_a_distributed_subtask_that_would_call_a_high_stakes_tool_fails_wi
         end = await run.ended()
     assert isinstance(end, TaskFailed), end
     assert "high-stakes tool 'http_get', which needs approval" in end.error and site.hits == 0
+
+
+@pytest.mark.parametrize("part, rules, refusal", [
+    (dict(tools=["search", "http_get"]), {}, "would call the high-stakes tool 'http_get', which needs approval"),
+    (dict(requires_approval=True), {}, "needs approval before it starts (the plan's subtask requires approval)"),
+    ({}, {"agents": ["research"]}, "needs approval before it starts (every step of agent kind 'research' is "
+                                   "reviewed)")])
+async def test_a_hybrid_subtask_handed_to_the_fallback_agent_meets_the_same_gate_and_fails_without_running_it(
+        settings, site, tenant, user, part, rules, refusal):
+    from contracts.boards import Board
+    from contracts.policy import AgentPolicy, OrchestrationLimits, Strategy
+    from shared.bus import Bus
+
+    policy = gated_policy(site, **rules)
+    unstaffed = AgentPolicy(chain=[Strategy(provider="simulated", model="sim-small", tier="fast")])
+    policy = msgspec.structs.replace(
+        policy, agents={**policy.agents, "translation": unstaffed},  # known to the policy, run by no worker
+        orchestration=OrchestrationLimits(handoff_timeout_s=0.5, fallback_agent="research"))
+    plan = Plan(subtasks=[Subtask(id="pay", agent="translation", instruction=site.url("/pay"), **part)])
+    spec = TaskSpec(agent="writing", prompt="Pay the invoice.", orchestration="hybrid", plan=plan,
+                    tools=["search", "http_get"])
+    async with stack(settings, *SERVICES, policy=policy) as client, signals(client) as heard:
+        end = await client.run(spec, tenant=tenant, user=user, timeout=60)
+        steps = heard.of(StepRequested, task_id=end.task_id)
+        async with Bus.connect(settings, "test-board") as bus:
+            entry = await (await bus.bucket("corral_boards")).get(end.task_ref)
+    assert isinstance(end, TaskFailed), end
+    (pay,) = msgspec.json.decode(entry.value, type=Board).entries
+    assert pay.handed_over and pay.spec.agent == "research" and pay.status == "failed"
+    assert refusal in pay.error and "distributed and hybrid tasks cannot wait for one" in pay.error
+    assert site.hits == 0
+    if "tools" not in part:  # a step that needs approval before it starts does not start
+        assert steps == []
 
 
 async def test_a_subtask_stopped_at_a_gate_waits_while_the_rest_of_the_plan_goes_on_and_resumes_once_approved(

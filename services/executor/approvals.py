@@ -6,7 +6,8 @@
 - ApprovalDecided approved or edited: the gated step alone is asked for again, as a new step carrying the
   conversation and the approved call (`resume`), so nothing before the gate runs again. The time waited is
   added to the task's deadline. Denied or timed out: the task (or, in a plan, the subtask) fails with the
-  reviewer's reason. Escalated: nothing changes here; the task keeps waiting.
+  reviewer's reason; or, a denied call under the policy's `on_deny = "continue"`, the step resumes without it
+  (the model is told it was refused, and why). Escalated: nothing changes here; the task keeps waiting.
 - Exactly once: the decision is taken on the record by compare-and-set. A second delivery of the decision, or a
   second decision event, finds the cursor no longer waiting for that approval and does nothing (it publishes
   the resumed step again only when it is the very event that decided, within the stream's duplicate window,
@@ -68,12 +69,31 @@ def _step_rule(policy: Policy, record: TaskRecord, cursor: Cursor, agent: str) -
     rules = policy.approvals_for(record.task.tenant)
     if isinstance(cursor, SubtaskState) and cursor.spec.requires_approval:
         return "requires_approval", f"the plan's subtask {cursor.spec.id!r} requires approval"
-    if agent in rules.agents:
-        return "agent_kind", f"every step of agent kind {agent!r} is reviewed"
-    estimate = record.task.estimate.total
-    if rules.cost_above_tokens is not None and estimate > rules.cost_above_tokens:
-        return "cost_above", f"the task's estimate of {estimate} tokens is above {rules.cost_above_tokens}"
+    rule = rules.step_rule(agent, record.task.estimate.total)
+    if rule is not None:
+        return rule
+    if rules.cost_above_usd is not None and not (record.gates is not None and record.gates.cost_approved):
+        cost = cost_so_far(policy, record)[1]
+        if cost > rules.cost_above_usd:
+            return "cost_above", f"the task's cost so far of ${cost:.6f} is above ${rules.cost_above_usd:g}"
     return None
+
+
+def cost_so_far(policy: Policy, record: TaskRecord) -> tuple[Usage, float]:
+    """The task's usage as its record knows it, and its price: each part (the record's own steps, each subtask)
+    priced at the model of its current strategy (a hybrid board's part, whose model the record does not know:
+    its agent's first). A part that answered counts its usage (the steps it stopped at gates included); one
+    still under way, the steps it stopped at gates; failed attempts are not known."""
+    usages, cost = [], 0.0
+    for part in (record, *record.subtasks):
+        used = Usage.sum([part.usage if part.usage is not None else part.gates.usage if part.gates else None,
+                          record.planning_usage if part is record else None])
+        chain = part.chain or (policy.agents[part.spec.agent].chain if isinstance(part, SubtaskState)
+                               and part.spec.agent in policy.agents else [])
+        model = chain[part.strategy].model if part.strategy < len(chain) else ""
+        usages.append(used)
+        cost += policy.price_of(model).cost(used)
+    return Usage.sum(usages), cost
 
 
 def waits_to_start(cursor: Cursor) -> bool:
@@ -109,15 +129,13 @@ async def gate(executor: Executor, record: TaskRecord, revision: int, cursor: Cu
 
 async def _ask(executor: Executor, record: TaskRecord, cursor: Cursor, wait: ApprovalWait,
                step: StepCompleted) -> None:
-    await _publish_request(executor, record, cursor, wait, agent=step.agent, model=step.model)
+    await _publish_request(executor, record, cursor, wait, agent=step.agent)
 
 
 async def _publish_request(executor: Executor, record: TaskRecord, cursor: Cursor, wait: ApprovalWait, *,
-                           agent: str, model: str = "", step_input: str = "") -> None:
+                           agent: str, step_input: str = "") -> None:
     task, gated = record.task, wait.gated
-    so_far = Usage.sum([record.usage, record.planning_usage, *(sub.usage for sub in record.subtasks),
-                        cursor.gates.usage if cursor.gates else None])
-    price = executor.policy().price_of(model or cursor.chain[cursor.strategy].model)
+    so_far, cost = cost_so_far(executor.policy(), record)
     what = f"{gated.call.name} {gated.call.arguments}" if gated else f"the step: {step_input}"
     await executor.emit(subjects.task_progress(task.tenant, task.task_id), TaskProgress(
         task_id=task.task_id, tenant=task.tenant, user=task.user, stage="waiting_approval", step_id=wait.step_id,
@@ -128,7 +146,7 @@ async def _publish_request(executor: Executor, record: TaskRecord, cursor: Curso
     await executor.emit(subjects.approval_requested(task.tenant), ApprovalRequested(
         task_id=task.task_id, tenant=task.tenant, user=task.user, approval_id=wait.approval_id,
         step_id=wait.step_id, agent=agent, subtask=cursor.spec.id if isinstance(cursor, SubtaskState) else "",
-        usage_so_far=so_far, cost_so_far_usd=price.cost(so_far), estimate_tokens=task.estimate.total, **call))
+        usage_so_far=so_far, cost_so_far_usd=cost, estimate_tokens=task.estimate.total, **call))
 
 
 def _waiting_for(record: TaskRecord, approval: str) -> Cursor | None:
@@ -154,6 +172,10 @@ async def decided(executor: Executor, event: ApprovalDecided, fresh: bool) -> No
         return
     words = (f"approval {event.approval_id} was denied by {event.reviewer}: {event.reason}"
              if event.outcome == "denied" else f"approval {event.approval_id} timed out: {event.reason}")
+    if event.outcome == "denied" and cursor.gates.waiting.gated is not None and \
+            executor.policy().approvals_for(record.task.tenant).on_deny == "continue":
+        await _resume(executor, record, revision, cursor, event, refused=clip(words))  # on, without the call
+        return
     cursor.gates.waiting = None
     if isinstance(cursor, SubtaskState):
         await executor._subtask_failed(record, revision, event.approval_id, cursor, "permanent_error", words)
@@ -162,25 +184,33 @@ async def decided(executor: Executor, event: ApprovalDecided, fresh: bool) -> No
 
 
 async def _resume(executor: Executor, record: TaskRecord, revision: int, cursor: Cursor,
-                  event: ApprovalDecided) -> None:
+                  event: ApprovalDecided, refused: str = "") -> None:
+    """Go on from the gate: with the approved call, or (`refused`: the reviewer's denial) without it."""
     gates, now = cursor.gates, executor.clock()
     wait = gates.waiting
     record.deadline_at += now - wait.since  # the wait does not count against the task's deadline
     strategy = cursor.chain[cursor.strategy]
     if wait.gated is None:  # the step waited to start: it starts now, as scheduled
         gates.waiting, gates.step_approved = None, True
+        if wait.rule == "cost_above":  # the task's cost so far was approved: no later step asks on it again
+            record.gates = record.gates or Gates()
+            record.gates.cost_approved = True
         gates.approved = [*gates.approved, event.approval_id]
         cursor.not_before, cursor.step_deadline = now, now + min(strategy.timeout_s, record.deadline_at - now)
         await executor._record(record, revision, event.approval_id)
         await executor._publish_step(record, cursor)
         return
     call = wait.gated.call
-    approved = ToolCallSpec(id=call.id, name=call.name, arguments=event.arguments or call.arguments)
-    gates.approved = [*gates.approved, event.approval_id]
+    if refused:
+        gates.refused, approved = [*gates.refused, event.approval_id], call
+    else:
+        approved = ToolCallSpec(id=call.id, name=call.name, arguments=event.arguments or call.arguments)
+        gates.approved = [*gates.approved, event.approval_id]
     gates.resume = Resume(approval_id=event.approval_id, call=approved, turns=wait.gated.turns,
-                          after=wait.gated.after, approved=gates.approved)
+                          after=wait.gated.after, approved=gates.approved, refused=refused)
     gates.waiting = None
-    cursor.step_id = gates.resume_step = f"{wait.step_id.split(RESUMED)[0]}{RESUMED}{len(gates.approved)}"
+    resumes = len(gates.approved) + len(gates.refused)
+    cursor.step_id = gates.resume_step = f"{wait.step_id.split(RESUMED)[0]}{RESUMED}{resumes}"
     cursor.not_before = now
     cursor.step_deadline = now + min(strategy.timeout_s, record.deadline_at - now)
     await executor._record(record, revision, event.approval_id)

@@ -46,6 +46,11 @@ class Gates(msgspec.Struct, kw_only=True):
     """Approvals given so far, in order."""
     step_approved: bool = False
     """The cursor's step-level approval was given: its later attempts do not wait again."""
+    refused: list[str] = []
+    """Approvals denied whose call the step went on without (`on_deny = "continue"`), in order."""
+    cost_approved: bool = False
+    """On the record's gates: a person approved going on with the task's cost so far (`cost_above_usd` does not
+    ask again)."""
 
 
 class SubtaskState(msgspec.Struct, kw_only=True):

@@ -719,6 +719,11 @@ class Pool:
         agent = policy.agents.get(entry.spec.agent)
         if agent is None:
             return Failure(reason="permanent_error", error=f"agent kind {entry.spec.agent!r} is not in the policy")
+        reviewed = policy.approvals_for(board.task.tenant).step_rule(
+            entry.spec.agent, board.task.estimate.total, entry.spec.requires_approval)
+        if reviewed is not None:  # as a gated call: a pool cannot hold a claim while a person decides
+            return Failure(reason="permanent_error", error=f"{claim.entry_id} needs approval before it starts "
+                           f"({reviewed[1]}): distributed and hybrid tasks cannot wait for one (run it centralized)")
         attempts: list[Attempt] = []
         steps = 0
         for index, strategy in enumerate(agent.chain):

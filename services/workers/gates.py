@@ -69,8 +69,15 @@ def stop_before(tool_call: ToolCall, messages: list[Turn], after: list[ToolCall]
 
 
 def resumed(resume: Resume) -> tuple[list[Turn], list[ToolCall]]:
-    """The conversation at the gate, and the calls to make first: the approved one, then those after it."""
-    return [_turn(t) for t in resume.turns], [_call(resume.call), *(_call(call) for call in resume.after)]
+    """The conversation at the gate, and the calls to make first: the approved one, then those after it. A
+    refused call is not made: the conversation holds its refusal as its result, and only the calls after it
+    remain."""
+    turns, after = [_turn(t) for t in resume.turns], [_call(call) for call in resume.after]
+    if resume.refused:
+        refusal = Turn(role="tool", tool_call_id=resume.call.id, name=resume.call.name, is_error=True,
+                       content=f"refused: {resume.refused}")
+        return [*turns, refusal], after
+    return turns, [_call(resume.call), *after]
 
 
 def _turn(t: AgentTurn) -> Turn:
