@@ -42,7 +42,7 @@ run: $(STAMP)  ## embedded nats-server + every service + the demo workload (simu
 	$(VENV)/bin/corral demo
 
 test: $(STAMP) $(LITELLM_STAMP) $(CHROMIUM)  ## the whole suite: unit, integration (real nats-server) and fault tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 unit: $(STAMP)  ## fast tests, no server
 	$(PY) -m pytest -q -m "not integration"

@@ -180,7 +180,7 @@ class Client:
         for them."""
         return await self._gather(f"$SRV.STATS.{service}", _gather_s(gather_s, expect, 0.25), expect=expect)
 
-    async def wait_ready(self, names: Iterable[str], timeout: float = 30.0) -> None:
+    async def wait_ready(self, names: Iterable[str], timeout: float = 90.0) -> None:
         """Wait until every named micro service answers a ping."""
         wanted = set(names)
         with anyio.fail_after(timeout):

@@ -170,7 +170,7 @@ async def stack(settings: Settings, *names: str, policy: Policy | None = None,
     names = names or ALL_SERVICES
     async with running(settings, *names, policy=policy, clocks=clocks), Client.connect(settings, "test") as client:
         labels = {f"corral-{registry.resolve(n.partition(':')[0], n.partition(':')[2] or None)[0]}" for n in names}
-        await client.wait_ready(labels, timeout=20)
+        await client.wait_ready(labels, timeout=90)
         yield client
 
 

@@ -92,7 +92,7 @@ async def test_an_alert_fires_once_to_nats_and_a_webhook_and_resolves_at_its_res
     with webhook_server(fail_first=1) as (url, hooks):
         await apply(settings, alerting_policy(ERRORS, webhooks=[Webhook(url=url, timeout_s=2, retries=2)]))
         async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-            await client.wait_ready({"corral-monitor"}, timeout=20)
+            await client.wait_ready({"corral-monitor"}, timeout=90)
             sub = await client.bus.nc.subscribe(subjects.ALL_ALERTS)
             await publish_tasks(client, tenant, "a", ok=2, failed=3)
             fired = await next_alert(sub)
@@ -125,7 +125,7 @@ async def test_corral_alerts_lists_the_firing_alerts_and_silences_a_rule_and_cor
         return done.stdout.decode()
 
     async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         await publish_tasks(client, tenant, "a", ok=0, failed=2)
 
         async def firing():
@@ -151,7 +151,7 @@ async def test_an_alert_book_that_does_not_decode_is_quarantined_and_alerting_go
         kv = await client.bus.bucket(subjects.KV_MONITOR)
         revision = await kv.put("alerts", GARBAGE)
         async with running(settings, "monitor"):
-            await client.wait_ready({"corral-monitor"}, timeout=20)
+            await client.wait_ready({"corral-monitor"}, timeout=90)
             await publish_tasks(client, tenant, "poisoned", ok=0, failed=2)
 
             async def firing():
@@ -173,7 +173,7 @@ async def test_an_alert_book_that_does_not_decode_is_quarantined_and_alerting_go
 async def test_a_malformed_alerts_request_is_refused_with_its_reason_and_the_monitor_keeps_answering(
         settings, subject, payload):
     async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         answer = await client.bus.nc.request(subject, payload, timeout=5)
         after = await client.alerts()
     assert answer.headers and answer.headers.get("Nats-Service-Error-Code") == "500"
@@ -212,7 +212,7 @@ async def test_corral_top_and_the_dashboards_samples_show_the_alerts_firing(sett
     await apply(settings, alerting_policy(ERRORS))
     env = {**os.environ, **operator_env(settings), "CORRAL_NATS_URL": settings.nats_url, "COLUMNS": "160"}
     async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         quiet = await observe(client, History(), 0.0)
         await publish_tasks(client, tenant, "a", ok=0, failed=2)
 

@@ -37,7 +37,7 @@ async def waiting_task(settings: Settings, site, stack: Services, tenant: str, u
     await apply(settings, gated_policy(site))
     start(stack, "guard", "breaker", "approvals", *KILLED)
     async with Client.connect(settings, "test") as client:
-        await client.wait_ready(READY, timeout=30)
+        await client.wait_ready(READY, timeout=90)
         task_id = await client.submit(pay(site), tenant=tenant, user=user)
         return task_id, await waiting_approval(client, task_id, tenant)
 
@@ -45,7 +45,7 @@ async def waiting_task(settings: Settings, site, stack: Services, tenant: str, u
 async def approve_and_count(settings: Settings, site, task_id: str, approval: Approval, tenant: str):
     """Approve (twice, as a retrying client would), wait for the end; what the streams and the budget hold."""
     async with Client.connect(settings, "test") as client:
-        await client.wait_ready(READY, timeout=30)
+        await client.wait_ready(READY, timeout=90)
         for _ in range(2):
             reply = await client.decide_approval(decide(approval, "approve"), reviewer="alice")
             assert reply.ok, reply.message

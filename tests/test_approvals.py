@@ -44,7 +44,7 @@ async def approvals(settings, clock: Clock | None = None, rules: ApprovalRules =
     clocks = {"approvals": clock} if clock else None
     async with running(settings, "approvals", policy=policy(rules), clocks=clocks), \
             Client.connect(settings, "test") as client:
-        await client.wait_ready({"corral-approvals"}, timeout=20)
+        await client.wait_ready({"corral-approvals"}, timeout=90)
         decided: list[ApprovalDecided] = []
 
         async def heard(msg) -> None:

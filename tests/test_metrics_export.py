@@ -39,7 +39,7 @@ async def test_a_scrape_of_metrics_parses_and_carries_the_monitors_figures(setti
         rules=[AlertRule(name="errors", figure="error_rate", above=0.1, severity="critical")], evaluate_every_s=0.1)))
     settings = settings.with_changes(metrics_port=0)
     async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         port = await scraped_port(client)
         await publish_tasks(client, tenant, "m", ok=3, failed=1)
         step = StepCompleted(task_id="m-ok-0", tenant=tenant, user="u", step_id="m-ok-0-1", attempt=1,
@@ -75,7 +75,7 @@ async def test_a_scrape_of_metrics_parses_and_carries_the_monitors_figures(setti
 async def test_a_request_that_is_not_a_scrape_is_refused_with_its_reason(settings):
     settings = settings.with_changes(metrics_port=0)
     async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         port = await scraped_port(client)
 
         def ask(raw: bytes) -> bytes:

@@ -39,7 +39,7 @@ async def until_counted(client: Client, count: int) -> StatusReport:
 
 
 async def monitor_ready(client: Client) -> None:
-    await client.wait_ready({"corral-monitor"}, timeout=20)
+    await client.wait_ready({"corral-monitor"}, timeout=90)
 
 
 async def test_a_restarted_monitor_resumes_from_its_snapshot_and_counts_what_happened_while_it_was_down(
@@ -94,7 +94,7 @@ async def every_replicas_status(client: Client, replicas: int) -> list[StatusRep
 
 async def test_two_monitor_replicas_each_read_every_event_and_answer_the_same(settings, tenant):
     async with Client.connect(settings, "test") as client, running(settings, "monitor", "monitor"):
-        await client.wait_ready({"corral-monitor"}, timeout=20)
+        await client.wait_ready({"corral-monitor"}, timeout=90)
         await publish_ends(client, tenant, 0, 12)
 
         async def both_counted():

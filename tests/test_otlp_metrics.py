@@ -21,7 +21,7 @@ async def test_the_monitor_exports_token_usage_and_durations_by_genai_names_and_
     with OtlpReceiver() as collector:
         settings = settings.with_changes(otlp_endpoint=collector.endpoint, monitor_otlp_interval_s=0.2)
         async with Client.connect(settings, "test") as client, running(settings, "monitor"):
-            await client.wait_ready({"corral-monitor"}, timeout=20)
+            await client.wait_ready({"corral-monitor"}, timeout=90)
             await publish_tasks(client, tenant, "otel", ok=3, failed=1)
             step = StepCompleted(task_id="otel-ok-0", tenant=tenant, user="u", step_id="otel-ok-0-1", attempt=1,
                                  agent="research", dependency="simulated/sim-small", model="sim-small", output="o",

@@ -134,7 +134,7 @@ async def test_corral_top_keeps_its_last_frame_and_says_so_while_the_monitor_is_
     monitor = stack_.start_one("monitor")
     try:
         async with Client.connect(settings, "test") as client:
-            await client.wait_ready({"corral-monitor"}, timeout=30)
+            await client.wait_ready({"corral-monitor"}, timeout=90)
         with top_at_a_terminal(settings) as (controller, top):
             await anyio.to_thread.run_sync(_read_until, controller, b"Corral top", 30.0)
             monitor.kill()
