@@ -334,8 +334,8 @@ def test_a_change_made_while_no_monitor_ran_is_judged_by_what_was_above_a_thresh
         m = metrics()
         fold(m, *timed)
         above = above_at(m, rule, change, now)
-        book, done = evaluate(missed_change(AlertBook(), 5, 4, change, above), [rule], {rule.name: observe(m, rule, now)},
-                              Pending(), now, 5)
+        book = missed_change(AlertBook(), version=5, previous=4, at=change, above=above)
+        book, done = evaluate(book, [rule], {rule.name: observe(m, rule, now)}, Pending(), now, 5)
         return above, any(should_roll_back(book, r, alert, now, window_s=600) for r, alert in done.fired)
 
     fine_before = [(completed(n, change - 40), change - 20) for n in range(3)]
@@ -346,7 +346,8 @@ def test_a_change_made_while_no_monitor_ran_is_judged_by_what_was_above_a_thresh
 
 
 def test_a_missed_change_whose_window_the_rings_no_longer_hold_counts_what_is_above_now_as_above_then():
-    rule = AlertRule(name="errors", figure="error_rate", above=0.5, window="5m", severity="critical", auto_rollback=True)
+    rule = AlertRule(name="errors", figure="error_rate", above=0.5, window="5m", severity="critical",
+                     auto_rollback=True)
     m = metrics()
     fold(m, *[(failed(n, NOW - 10), NOW - 5) for n in range(3)])
     assert above_at(m, rule, NOW - 30, NOW) == set()  # 27 of the window's 30 buckets before the change are held

@@ -55,7 +55,8 @@ MONITOR_VIEWS = ("alerts", "top")  # commands that show what the monitor judged:
 POLICY_VERSION = {"corral-guard": lambda data: data["policy_version"],
                   "corral-executor": lambda data: data["policy"]["version"],
                   "corral-monitor": lambda data: data["policy"]["version"]}
-TOUR_S = 240  # the tour takes less (200 s on a busy machine); its budget figures must not straddle an hour, a new budget window
+TOUR_S = 240  # the tour takes less (200 s on a busy machine); its budget figures must not straddle an hour,
+# a new budget window
 
 
 @dataclass
@@ -247,8 +248,8 @@ class Tour:
             self.monitor_judged()
         done = subprocess.run([*_corral(), *argv], cwd=ROOT, env={**self.env, "CORRAL_NATS_CREDENTIALS": self.operator},
                               capture_output=True, text=True, timeout=60)
-        end = next((line for line in command.shown if line.startswith(("rejected ", "failed "))), "")
-        code = 2 if end.startswith("rejected") else 1 if end.startswith("failed") else 0
+        outcome = next((line for line in command.shown if line.startswith(("rejected ", "failed "))), "")
+        code = 2 if outcome.startswith("rejected") else 1 if outcome.startswith("failed") else 0
         assert done.returncode == code, f"`{command.line}`: {done.stdout}{done.stderr}"
         assert_shows(command, done.stdout, self.ids, numbers_vary=argv[0] in VARYING)
         if argv[0] == "submit" and (end := re.search(rf"^(?:completed|failed) .*?({TASK_ID})", done.stdout, re.M)):

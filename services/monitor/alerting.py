@@ -113,8 +113,9 @@ class AlertDesk:
 
     async def judge_missed_change(self) -> None:
         """A policy change made while no monitor ran (a monitor ran before, and the book's latest change is an
-        older one) is judged as if seen, from the time the policy bucket stamped on it, if that is within the rollback window; the
-        figures, rebuilt from the streams, tell what was above a threshold then (services/monitor/alerts.py)."""
+        older one) is judged as if seen, from the time the policy bucket stamped on it, if that is within the
+        rollback window; the figures, rebuilt from the streams, tell what was above a threshold then
+        (alerts.above_at)."""
         version, book = self.policy.version, self.book
         if not self.ran_before or not version or version <= book.change.version:
             return
