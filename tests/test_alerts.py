@@ -225,5 +225,5 @@ async def test_corral_top_and_the_dashboards_samples_show_the_alerts_firing(sett
     assert quiet.alerts == []
     assert [(a["rule"], a["severity"], a["scope"]) for a in sample.alerts] == [("errors", "critical", "all")]
     assert done.returncode == 0, frame + done.stderr.decode()
-    alerts_row = next(line for line in frame.splitlines() if "errors" in line)
+    alerts_row = next(line for line in frame.splitlines() if line.split()[:1] == ["errors"])
     assert "critical" in alerts_row and "all" in alerts_row

@@ -11,7 +11,8 @@ import pytest
 from contracts import BreakerChanged, StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskSpec, TaskValidated
 from contracts.events import TokenEstimate, Usage
 from contracts.policy import DEFAULT_POLICY, AlertRule, Policy, Price
-from services.monitor.alerts import AlertBook, Pending, evaluate, policy_changed, should_roll_back
+from services.monitor.alerts import (
+    AlertBook, Pending, above_at, evaluate, missed_change, observe, policy_changed, should_roll_back)
 from services.monitor.figures import Bucket
 from services.monitor.handlers import Metrics
 
@@ -322,3 +323,32 @@ def test_a_task_the_budget_rejects_after_validation_is_forgotten():
     fold(m, (validated(1), NOW), (TaskRejected(task_id="task-1", tenant="t1", user="u", reason="over_budget",
                                                message="no", stage="budget"), NOW))
     assert not m.agents
+
+
+def test_a_change_made_while_no_monitor_ran_is_judged_by_what_was_above_a_threshold_just_before_it():
+    rule = AlertRule(name="errors", figure="error_rate", above=0.5, resolve_at=0.2, window="1m", severity="critical",
+                     auto_rollback=True)
+    change, now = NOW - 30, NOW  # the policy changed 30 s before this monitor started
+
+    def judged(*timed) -> tuple[set[str], bool]:
+        m = metrics()
+        fold(m, *timed)
+        above = above_at(m, rule, change, now)
+        book = missed_change(AlertBook(), version=5, previous=4, at=change, above=above)
+        book, done = evaluate(book, [rule], {rule.name: observe(m, rule, now)}, Pending(), now, 5)
+        return above, any(should_roll_back(book, r, alert, now, window_s=600) for r, alert in done.fired)
+
+    fine_before = [(completed(n, change - 40), change - 20) for n in range(3)]
+    failing_after = [(failed(n, change), change + 10) for n in range(3, 9)]
+    assert judged(*fine_before, *failing_after) == (set(), True)
+    failing_before = [(failed(n, change - 40), change - 20) for n in range(3)]
+    assert judged(*failing_before, *failing_after) == ({"errors|all"}, False)
+
+
+def test_a_missed_change_whose_window_the_rings_no_longer_hold_counts_what_is_above_now_as_above_then():
+    rule = AlertRule(name="errors", figure="error_rate", above=0.5, window="5m", severity="critical",
+                     auto_rollback=True)
+    m = metrics()
+    fold(m, *[(failed(n, NOW - 10), NOW - 5) for n in range(3)])
+    assert above_at(m, rule, NOW - 30, NOW) == set()  # 27 of the window's 30 buckets before the change are held
+    assert above_at(m, rule, NOW - 250, NOW) == {"errors|all"}  # 5 of 30: too few to tell

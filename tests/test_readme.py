@@ -7,8 +7,12 @@ How a block is read:
 - `…` stands for any text within a line, and a line that is only `…` for any number of lines;
 - a run of spaces, or of one table-border character, matches a run of any length, so a cell whose
   content varies may widen its column;
-- task ids (32 hex digits), dates, times and the server's port are compared by their shape; a task
-  id in a command means the task the README showed with that id earlier.
+- task ids (32 hex digits), dates, times, the server's port and every number `corral top` prints
+  (timings and rates) are compared by their shape; a task id in a command means the task the README
+  showed with that id earlier;
+- before a command that shows what the monitor judged (`corral alerts`, `corral top`) the test waits until
+  the monitor has counted every task end and evaluated its rules once more, and every service runs the
+  policy now current (the monitor may have rolled it back).
 
 `make run` is checked by its own test: the demo with fewer tasks, its figures compared by shape.
 A command that cannot run here is in NOT_RUN, with the reason; any other command the test does not
@@ -31,8 +35,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from contracts import subjects
 from services.client import Client
 from shared.config import Settings
+from shared.policy import read_policy
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +50,13 @@ NOT_RUN = {
     "docker": "needs a Docker engine; tests/test_deploy.py checks compose.yaml, tests/test_tracing.py the export",
     "CORRAL_OTLP_ENDPOINT=": "needs a collector (Jaeger); tests/test_tracing.py receives one task's spans over OTLP",
 }
-TOUR_S = 60  # the tour takes less (about 25 s); its budget figures must not straddle an hour, a new budget window
+VARYING = ("top",)  # commands whose figures are timings and rates: their numbers are compared by shape
+MONITOR_VIEWS = ("alerts", "top")  # commands that show what the monitor judged: it is given time to judge
+POLICY_VERSION = {"corral-guard": lambda data: data["policy_version"],
+                  "corral-executor": lambda data: data["policy"]["version"],
+                  "corral-monitor": lambda data: data["policy"]["version"]}
+TOUR_S = 240  # the tour takes less (200 s on a busy machine); its budget figures must not straddle an hour,
+# a new budget window
 
 
 @dataclass
@@ -157,7 +169,7 @@ def test_a_shown_output_matches_only_what_it_shows():
 def test_the_tour_is_found_in_the_readme():
     commands = [" ".join(c.argv[:2]) for c in tour_commands(README.read_text())]
     for wanted in ("make run", "corral up", "corral submit", "corral status", "corral budget", "corral cost",
-                   "corral breakers", "corral policy", "corral service"):
+                   "corral breakers", "corral policy", "corral alerts", "corral top", "corral service"):
         assert wanted in commands, f"the README's tour lacks `{wanted}`"
 
 
@@ -232,17 +244,20 @@ class Tour:
 
     def corral(self, command: Command) -> None:
         argv = [self.ids.get(arg, arg) for arg in command.argv[1:]]
+        if argv[0] in MONITOR_VIEWS:
+            self.monitor_judged()
         done = subprocess.run([*_corral(), *argv], cwd=ROOT, env={**self.env, "CORRAL_NATS_CREDENTIALS": self.operator},
                               capture_output=True, text=True, timeout=60)
-        rejected = bool(command.shown) and command.shown[0].startswith("rejected")
-        assert done.returncode == (2 if rejected else 0), f"`{command.line}`: {done.stdout}{done.stderr}"
-        assert_shows(command, done.stdout, self.ids)
-        if argv[0] == "submit" and (end := re.search(rf"^completed ({TASK_ID})", done.stdout, re.M)):
+        outcome = next((line for line in command.shown if line.startswith(("rejected ", "failed "))), "")
+        code = 2 if outcome.startswith("rejected") else 1 if outcome.startswith("failed") else 0
+        assert done.returncode == code, f"`{command.line}`: {done.stdout}{done.stderr}"
+        assert_shows(command, done.stdout, self.ids, numbers_vary=argv[0] in VARYING)
+        if argv[0] == "submit" and (end := re.search(rf"^(?:completed|failed) .*?({TASK_ID})", done.stdout, re.M)):
             self.settled(end.group(1))
         if argv[0] == "submit" and "--no-follow" in argv:
             self.stopped(done.stdout.strip())
         if argv[:2] == ["policy", "apply"] or argv[:2] == ["policy", "rollback"]:
-            self.guards_run(int(re.search(r"version (\d+)", done.stdout).group(1)))
+            self.services_run(int(re.search(r"version (\d+)", done.stdout).group(1)))
 
     # --- waiting on what the next command depends on ---------------------------------------------
 
@@ -280,15 +295,35 @@ class Tour:
 
         self._ask(waits)
 
-    def guards_run(self, version: int, timeout: float = 10.0) -> None:
-        """Until every guard judges by policy `version` (services switch within a second)."""
+    def services_run(self, version: int, timeout: float = 10.0) -> None:
+        """Until every guard, executor and monitor judges by policy `version` (they switch within a second)."""
         async def switched(client: Client) -> None:
             with anyio.fail_after(timeout):
-                while {s["endpoints"][0]["data"]["policy_version"] for s in await client.replica_stats(
-                        "corral-guard")} != {version}:
-                    pass  # each ask waits 0.25 s for every replica's answer
+                for service, read in POLICY_VERSION.items():
+                    while {read(s["endpoints"][0]["data"]) for s in await client.replica_stats(service)} != {version}:
+                        pass  # each ask waits 0.25 s for every replica's answer
 
         self._ask(switched)
+
+    def monitor_judged(self, timeout: float = 30.0) -> None:
+        """Until the monitor has counted every task end the streams hold and judged its alert rules on them
+        (a whole evaluation round since), and every service runs the policy now current (the monitor may
+        have rolled it back)."""
+        async def judged(client: Client) -> int:
+            with anyio.fail_after(timeout):
+                info = await client.bus.js.stream_info(subjects.STREAM_TASKS, subjects_filter="corral.task.>")
+                ended = sum(n for subject, n in (info.state.subjects or {}).items()
+                            if subject.startswith(("corral.task.completed.", "corral.task.failed.")))
+                while (counts := (await client.status()).counts).get("task.completed", 0) + \
+                        counts.get("task.failed", 0) < ended:
+                    await anyio.sleep(0.05)
+                start = await evaluations(client)
+                while await evaluations(client) < start + 2:  # round start+1 began after the count, and ended
+                    await anyio.sleep(0.1)
+                version, _ = await read_policy(await client.bus.policy_bucket())
+                return version
+
+        self.services_run(self._ask(judged))
 
     def stop(self) -> None:
         for proc in reversed(self.background):
@@ -298,6 +333,10 @@ class Tour:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def evaluations(client: Client) -> int:
+    return (await client.replica_stats("corral-monitor"))[0]["endpoints"][0]["data"]["alerts"]["evaluations"]
 
 
 def _clear_of_the_hour() -> None:

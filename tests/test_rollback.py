@@ -1,6 +1,6 @@
 """Automated rollback on the real stack: a policy whose chain routes to a failing model is rolled back by the
-monitor within the window, and tasks succeed again; an alert that was firing before a change, or a rule that
-may not roll back, leaves the policy as it is."""
+monitor within the window, and tasks succeed again, also when the change was made while no monitor ran; an
+alert that was firing before a change, or a rule that may not roll back, leaves the policy as it is."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from contracts.commands import SimulateDependency
 from contracts.events import Alert, PolicyRolledBack
 from contracts.policy import AgentPolicy, AlertRule, Alerting, BudgetLimits, Defaults, Policy, RateLimit, Strategy
 from shared.policy import read_policy
-from tests.conftest import apply, stack, wait_until
+from tests.conftest import apply, running, stack, wait_until
 from tests.test_alerts import publish_tasks
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -89,3 +89,25 @@ async def test_an_alert_firing_before_a_change_or_a_rule_that_may_not_roll_back_
     assert stats["alerts"]["rolled_back"] == 0
     assert reply.policy_change["rolled_back"] == 0.0
     assert [a.rule for a in reply.history] == ["errors", "tokens"]
+
+
+async def test_a_change_made_while_no_monitor_ran_is_judged_and_rolled_back_by_the_monitor_that_starts_next(
+        settings, tenant, user):
+    good = await apply(settings, routed_to("sim-small"))
+    async with stack(settings, "monitor"):
+        pass  # a monitor ran on this stack, and left its snapshot
+    bad = await apply(settings, routed_to("sim-broken", description="applied while no monitor ran"))
+    async with stack(settings, "guard", "budget", "executor", "worker:research") as client:
+        await client.simulate(SimulateDependency(dependency="simulated/sim-broken", mode="fail", error="permanent"),
+                              expect=1)
+        broken = await run_tasks(client, tenant, user, 3, "broken")
+        heard = await client.bus.nc.subscribe(subjects.POLICY_ROLLED_BACK)
+        async with running(settings, "monitor"):
+            rolled = ROLLBACK_EVENTS.decode((await heard.next_msg(timeout=30)).data)
+        after = await run_tasks(client, tenant, user, 2, "after")
+        version, current = await read_policy(await client.bus.policy_bucket())
+    assert [type(end).__name__ for end in broken] == ["TaskFailed"] * 3
+    assert isinstance(rolled, PolicyRolledBack)
+    assert (rolled.from_version, rolled.restored_version, rolled.to_version) == (bad, good, version)
+    assert current.agents["research"].chain[0].model == "sim-small"
+    assert [type(end).__name__ for end in after] == ["TaskCompleted"] * 2

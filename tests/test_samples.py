@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
-from contracts.queries import Percentiles, StatusReport
+from contracts.queries import Percentiles, ScopeReport, StatusReport, WindowFigures
 from services.dashboard.samples import HOUR_S, History
 
 
@@ -66,3 +66,34 @@ def test_alerts_and_approvals_asked_elsewhere_are_shown_beside_the_report():
                                                         "scope": "all"}], approvals_waiting=0)
     assert sample.alerts == [{"rule": "error_rate", "severity": "critical", "scope": "all"}]
     assert sample.approvals_waiting == 0
+
+
+def scope(name: str, tasks_1h: int, p95_ms: float = 0.0) -> ScopeReport:
+    figures = {"1m": WindowFigures(tasks=min(tasks_1h, 1)), "5m": WindowFigures(tasks=tasks_1h, error_rate=0.25,
+                                                                              latency=Percentiles(p95_ms=p95_ms)),
+               "1h": WindowFigures(tasks=tasks_1h, tokens_per_hour=1234.0, cost_per_task_usd=0.0012)}
+    return ScopeReport(scope=name, windows=figures)
+
+
+def test_a_sample_shows_the_five_busiest_tenants_of_the_hour_and_no_other_scope():
+    scopes = [scope("all", 100), scope("agent:research", 90), *[scope(f"tenant:t{n}", n) for n in range(8)]]
+    sample = History().add(report(0, scopes=scopes), at=0.0)
+    assert [line.scope for line in sample.tenants] == ["tenant:t7", "tenant:t6", "tenant:t5", "tenant:t4", "tenant:t3"]
+    assert sample.tenants[0].tasks == {"1m": 1, "5m": 7, "1h": 7}
+
+
+def test_corral_status_and_top_draw_each_scope_on_one_line_of_its_windows():
+    from rich.console import Console
+
+    from services.cli.tasks import print_status
+    from services.cli.top import frame
+
+    scopes = [scope("all", 3, p95_ms=812.4), scope("tenant:acme", 3, p95_ms=812.4)]
+    out = Console(width=160, record=True)
+    print_status(report(3, scopes=scopes), out)
+    out.print(frame(History().add(report(3, scopes=scopes), at=0.0)))
+    lines = [line for line in out.export_text().splitlines() if "tenant:acme" in line]
+    assert len(lines) == 2  # in the status's table of scopes, and in top's busiest tenants
+    for line in lines:
+        assert [cell.strip() for cell in line.split("│")[1:-1]] == [
+            "tenant:acme", "1 / 3 / 3", "812", "25.0%", "1,234", "$0.00120"]

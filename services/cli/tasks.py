@@ -88,6 +88,9 @@ def status(
 
 
 def print_status(report, out: Console) -> None:
+    from services.cli.scopes import scope_table
+    from services.dashboard.samples import scope_lines
+
     table = Table(title="Corral status (from the monitor)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -119,6 +122,7 @@ def print_status(report, out: Console) -> None:
                           f"{figures.tasks} / {figures.latency.p95_ms:.0f} / {figures.error_rate:.1%} / "
                           f"{figures.tokens_per_hour:,.0f}")
     out.print(table)
+    out.print(scope_table(scope_lines(report.scopes), "Per scope (StatusReport.scopes)"))
 
 
 def _mode(orchestration: str):

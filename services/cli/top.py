@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli.common import ConfigOption, NatsOption, call, console, fail
+from services.cli.scopes import scope_table
 
 if TYPE_CHECKING:
     from services.client import Client
@@ -49,6 +50,8 @@ def frame(sample: "Sample") -> Group:
         figures.add_row("approvals waiting", str(sample.approvals_waiting))
     parts = [figures, _pairs("queue (pending + unacked)", "depth", sample.queue_depth),
              _pairs("breaker", "state", sample.breakers)]
+    if sample.tenants:
+        parts.append(scope_table(sample.tenants, f"busiest tenants (top {len(sample.tenants)})"))
     if sample.alerts is not None:
         parts.append(_alerts(sample.alerts))
     parts.append(Text(f"{time.strftime('%H:%M:%S', time.localtime(sample.at))}  q quits", style="dim"))

@@ -22,6 +22,34 @@ from contracts.queries import StatusReport
 HOUR_S = 3600.0
 THROUGHPUT_SPAN_S = 10.0
 """Tasks per second are counted over the reports of the last few seconds: one second's alone jitters."""
+TOP_TENANTS = 5
+"""Tenants a sample shows figures of: the busiest over the last hour."""
+
+
+class ScopeLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One scope's windows in a line: tasks over each window, the 5-minute latency p95 and error rate, the
+    hour's tokens and cost per task."""
+
+    scope: str
+    tasks: dict[str, int]
+    """Window (`1m`, `5m`, `1h`) -> tasks ended in it."""
+    p95_ms: float
+    error_rate: float
+    tokens_per_hour: float
+    cost_per_task_usd: float
+
+
+def scope_lines(scopes: list, kind: str = "", limit: int | None = None) -> list[ScopeLine]:
+    """A line per scope of the report (only `kind` ones, e.g. `tenant`, when given), in the report's order;
+    with `limit`, the busiest that many by the hour's tasks."""
+    chosen = [scope for scope in scopes if not kind or scope.scope.startswith(f"{kind}:")]
+    if limit is not None:
+        chosen = sorted(chosen, key=lambda scope: -scope.windows["1h"].tasks)[:limit]
+    return [ScopeLine(scope=scope.scope, tasks={window: figures.tasks for window, figures in scope.windows.items()},
+                      p95_ms=scope.windows["5m"].latency.p95_ms, error_rate=scope.windows["5m"].error_rate,
+                      tokens_per_hour=scope.windows["1h"].tokens_per_hour,
+                      cost_per_task_usd=scope.windows["1h"].cost_per_task_usd)
+            for scope in chosen]
 
 
 class Sample(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +75,8 @@ class Sample(msgspec.Struct, frozen=True, kw_only=True):
     """Firing alerts, when the monitor reports them."""
     approvals_waiting: int | None = None
     """Approvals waiting for a person, when the monitor reports them."""
+    tenants: list[ScopeLine] = []
+    """The busiest tenants' windows (TOP_TENANTS of them)."""
 
 
 class _Totals(msgspec.Struct, frozen=True):
@@ -115,6 +145,7 @@ class History:
             tokens_per_hour=report.tokens_last_hour, cost_per_hour_usd=round(max(0.0, cost_per_hour), 6),
             cost_per_task_usd=report.cost_per_task_usd, queue_depth=dict(report.queue_depth),
             breakers=dict(report.breakers), alerts=_optional(report, "alerts"),
+            tenants=scope_lines(report.scopes, "tenant", TOP_TENANTS),
             approvals_waiting=len(waiting) if isinstance(waiting, list) else waiting if isinstance(waiting, int) else None)
 
 

@@ -17,7 +17,8 @@ from contracts import subjects as s
 from contracts.events import Alert, AlertResolved, PolicyRolledBack
 from contracts.policy import AlertRule
 from contracts.queries import AlertsQuery, AlertsReply, SilenceAlert
-from services.monitor.alerts import MAX_HISTORY, AlertBook, Pending, evaluate, observe, policy_changed, should_roll_back
+from services.monitor.alerts import (
+    MAX_HISTORY, AlertBook, Pending, above_at, evaluate, missed_change, observe, policy_changed, should_roll_back)
 from services.monitor.handlers import Metrics
 from services.monitor.webhooks import WebhookSender
 from shared.bus import Bus
@@ -39,6 +40,7 @@ class AlertDesk:
         self.pending = Pending()
         self.book, self.revision = AlertBook(), 0
         self.seen_version = policy.version
+        self.ran_before = False  # a snapshot says a monitor ran on this stack before this one started
         self.counts = {"evaluations": 0, "fired": 0, "resolved": 0, "rolled_back": 0, "lost_races": 0}
 
     async def load(self) -> None:
@@ -73,6 +75,10 @@ class AlertDesk:
 
     async def run(self, stop: anyio.Event) -> None:
         await self.load()
+        try:
+            await self.judge_missed_change()
+        except Exception:  # noqa: BLE001 - the policy bucket is busy: the change goes unjudged, as before
+            log.exception("could not judge the policy change made while no monitor ran")
         while not stop.is_set():
             try:
                 await self.evaluate_once()
@@ -104,6 +110,28 @@ class AlertDesk:
             await self.send(resolved)
         if rollback_for:
             await self.roll_back(*rollback_for)
+
+    async def judge_missed_change(self) -> None:
+        """A policy change made while no monitor ran (a monitor ran before, and the book's latest change is an
+        older one) is judged as if seen, from the time the policy bucket stamped on it, if that is within the
+        rollback window; the figures, rebuilt from the streams, tell what was above a threshold then
+        (alerts.above_at)."""
+        version, book = self.policy.version, self.book
+        if not self.ran_before or not version or version <= book.change.version:
+            return
+        kept = [entry for entry in await self.policy_kv.history("current") if entry.revision and entry.value]
+        made = next((entry for entry in kept if entry.revision == version), None)
+        earlier = [entry.revision for entry in kept if entry.revision < version]
+        now, alerting = self.clock(), self.policy().alerting
+        if made is None or made.created is None or not earlier:
+            return
+        at = made.created.timestamp()
+        if not 0 <= now - at <= alerting.rollback_window_s:
+            return
+        above = set().union(*(above_at(self.metrics, rule, at, now) for rule in alerting.rules))
+        if await self._write(missed_change(book, version, earlier[-1], at, above)):
+            log.warning("policy version %d was applied %.0f s ago while no monitor ran: judging it from then",
+                        version, now - at)
 
     async def send(self, event: Alert | AlertResolved) -> None:
         """Every sink: the log, NATS (the signals stream keeps it), the webhooks."""

@@ -15,6 +15,7 @@ import msgspec
 
 from contracts.events import Alert, AlertResolved
 from contracts.policy import AlertRule
+from services.monitor.figures import RINGS, WINDOWS
 from services.monitor.handlers import Metrics
 
 MAX_HISTORY = 200  # transitions the book keeps for `corral alerts history`
@@ -142,3 +143,25 @@ def should_roll_back(book: AlertBook, rule: AlertRule, alert: Alert, now: float,
 def policy_changed(book: AlertBook, version: int, previous: int, now: float) -> AlertBook:
     return msgspec.structs.replace(book, change=PolicyChange(version=version, previous=previous, at=now,
                                                              firing=sorted(book.firing)))
+
+
+def above_at(metrics: Metrics, rule: AlertRule, at: float, now: float) -> set[str]:
+    """`rule|scope` keys that were above the rule's threshold just before `at` (a past moment), as the rebuilt
+    figures tell: the window that ended with the last whole bucket before `at`, from what of it the rings
+    still hold. Where they hold less than half of it, or the figure has no past (breaker open time, queue
+    depth), the scopes above the threshold now count as above then, so they cannot roll anything back."""
+    when = now
+    if rule.figure not in ("breaker_open_s", "queue_depth"):
+        ring, merged = WINDOWS[rule.window]
+        slot_s, kept = RINGS[ring]
+        first, oldest_kept = int(at // slot_s), int(now // slot_s) - kept + 1
+        if 2 * (first - max(first - merged, oldest_kept)) >= merged:
+            when = first * slot_s - 1e-6  # the end of the bucket before the one `at` falls in
+    return {key(rule.name, scope) for scope, value in observe(metrics, rule, when).items() if value > rule.above}
+
+
+def missed_change(book: AlertBook, version: int, previous: int, at: float, above: set[str]) -> AlertBook:
+    """The book, with a change the monitor did not see happen (it was not running) as its latest: what was
+    firing then is what the book still had firing and what was above a threshold at that moment."""
+    return msgspec.structs.replace(book, change=PolicyChange(version=version, previous=previous, at=at,
+                                                             firing=sorted(set(book.firing) | above)))

@@ -79,6 +79,7 @@ class Monitor:
     async def restore(self) -> None:
         if (snapshot := await self.store.read()) is not None:
             restore(self.metrics, snapshot)
+            self.desk.ran_before = True
         self.readers = feeds(self.bus, self.metrics, self.metrics.positions,
                              live=self.otel.record if self.otel else None)
 
