@@ -334,6 +334,18 @@ async def test_a_fast_answer_that_fails_validation_is_retried_on_the_advanced_ti
         assert failed.error == "permanent" and "failed validation" in failed.message
         requested = [e for e in heard.of(StepRequested, task_id=done.task_id)]
         assert [r.tier for r in requested] == ["fast", "advanced"]
+        answered = await heard.first(StepCompleted, task_id=done.task_id)
+        cost = await wait_until(lambda: _cost_of(client, done.task_id, done.usage.total))
+    # both attempts are billed: the fast tier's answer that failed validation, and the advanced one
+    assert failed.usage is not None and failed.usage.total > 0 and failed.model == "sim-small"
+    assert done.usage == Usage.sum([failed.usage, answered.usage])
+    assert sorted((s.model, s.usage.total, s.failed) for s in cost.steps) == sorted(
+        [("sim-small", failed.usage.total, "permanent"), ("sim-large", answered.usage.total, "")])
+
+
+async def _cost_of(client, task_id, tokens):
+    reply = await client.cost(task_id)
+    return reply if reply.status == "finished" and reply.tokens == tokens else None
 
 
 # --- prompt compaction --------------------------------------------------------------------------------------
@@ -412,8 +424,10 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
     out = Console(record=True, width=140)
     hit = StepCost(step_id="default/t-s0a1", model="sim-large", usage=Usage(input_tokens=0, output_tokens=0),
                    cost_usd=0.0, saved="exact", saved_tokens=121, saved_usd=0.001671)
-    print_cost(CostReply(task_id="t", found=True, tenant="default", user="u", status="finished", steps=[hit],
-                         saved_tokens=121, saved_usd=0.001671), out)
+    escalated = StepCost(step_id="default/t-s1a1", model="sim-small", usage=Usage(input_tokens=9, output_tokens=31),
+                         cost_usd=0.00002, failed="permanent")
+    print_cost(CostReply(task_id="t", found=True, tenant="default", user="u", status="finished",
+                         steps=[hit, escalated], saved_tokens=121, saved_usd=0.001671), out)
     print_status(StatusReport(counts={}, latency=Percentiles(), error_rate=0, step_error_rate=0, tokens_last_hour=0,
                               cost_usd=0, cost_per_task_usd=0, queue_depth={}, breakers={}, uptime_s=1,
                               savings=Savings(hits={"exact": 2, "semantic": 1}, tokens_saved=300,
@@ -421,6 +435,7 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
                                               tokens_before_compaction=900, tokens_after_compaction=400)), out)
     text = out.export_text()
     assert "saved 121 tokens, $0.001671 (exact cache hits)" in text
+    assert "t-s0a1" in text and "exact" in text and "failed (permanent)" in text  # a failed step's tokens, listed
     assert "2 exact, 1 semantic: 300 tokens, $0.0040 saved" in text and "3 steps: 900 -> 400 input tokens" in text
 
 

@@ -83,12 +83,13 @@ def print_cost(reply: CostReply, out: Console) -> None:
     out.print(f"task {reply.task_id} ({reply.tenant}/{reply.user}, {reply.status}): {reply.tokens:,} tokens, "
               f"${reply.cost_usd:.6f}; {reply.reserved_tokens:,} reserved at admission")
     steps = Table(title="per step")
-    for name in ("step", "model", "input", "cached", "output", "cost", "over reservation"):
-        steps.add_column(name, justify="left" if name in ("step", "model") else "right")
+    for name in ("step", "model", "input", "cached", "output", "cost", "over reservation", "outcome"):
+        steps.add_column(name, justify="left" if name in ("step", "model", "outcome") else "right")
     for s in reply.steps:
         step = s.step_id.removeprefix(f"{reply.tenant}/")  # the first line names the tenant
         steps.add_row(step, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
-                      f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
+                      f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}",
+                      f"failed ({s.failed})" if s.failed else s.saved or "answered")
     out.print(steps)
     if reply.saved_tokens or reply.saved_usd:
         sources = sorted({s.saved for s in reply.steps if s.saved})
