@@ -435,7 +435,7 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
                                               tokens_before_compaction=900, tokens_after_compaction=400)), out)
     text = out.export_text()
     assert "saved 121 tokens, $0.001671 (exact cache hits)" in text
-    assert "t-s0a1" in text and "exact" in text and "failed (permanent)" in text  # a failed step's tokens, listed
+    assert "failed steps (billed for their model calls): t-s1a1 permanent, 40 tokens" in text
     assert "2 exact, 1 semantic: 300 tokens, $0.0040 saved" in text and "3 steps: 900 -> 400 input tokens" in text
 
 

@@ -83,14 +83,17 @@ def print_cost(reply: CostReply, out: Console) -> None:
     out.print(f"task {reply.task_id} ({reply.tenant}/{reply.user}, {reply.status}): {reply.tokens:,} tokens, "
               f"${reply.cost_usd:.6f}; {reply.reserved_tokens:,} reserved at admission")
     steps = Table(title="per step")
-    for name in ("step", "model", "input", "cached", "output", "cost", "over reservation", "outcome"):
-        steps.add_column(name, justify="left" if name in ("step", "model", "outcome") else "right")
+    for name in ("step", "model", "input", "cached", "output", "cost", "over reservation"):
+        steps.add_column(name, justify="left" if name in ("step", "model") else "right")
     for s in reply.steps:
         step = s.step_id.removeprefix(f"{reply.tenant}/")  # the first line names the tenant
         steps.add_row(step, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
-                      f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}",
-                      f"failed ({s.failed})" if s.failed else s.saved or "answered")
+                      f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
     out.print(steps)
+    failed = [s for s in reply.steps if s.failed]
+    if failed:  # billed too: what their model calls used before they failed
+        out.print("failed steps (billed for their model calls): " + ", ".join(
+            f"{s.step_id.removeprefix(f'{reply.tenant}/')} {s.failed}, {s.usage.total:,} tokens" for s in failed))
     if reply.saved_tokens or reply.saved_usd:
         sources = sorted({s.saved for s in reply.steps if s.saved})
         out.print(f"saved {reply.saved_tokens:,} tokens, ${reply.saved_usd:.6f} ({', '.join(sources)} cache hits)")
