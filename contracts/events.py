@@ -235,6 +235,8 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     tier: Label = ""
     called: bool = True
     """False when the dependency was not called because its circuit breaker was open."""
+    usage: Usage | None = None
+    """Tokens the failed step used (its StepFailed's usage): billed, and in the task's usage."""
 
 
 class Call(msgspec.Struct, frozen=True, kw_only=True):
@@ -375,6 +377,9 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     attempts: Annotated[list[Attempt], msgspec.Meta(max_length=MAX_ITEMS)]
     received_at: Timestamp | None = None
     """When Corral received the submission (see TaskValidated)."""
+    usage: Usage | None = None
+    """Tokens the task's steps used although it failed (failed attempts, the parts that ran, the planning):
+    what the budget waits to have posted before it releases the task. None: none, or an older executor."""
 
 
 # --- steps: one model call by an agent worker ---------------------------------
@@ -450,6 +455,12 @@ class StepFailed(StepEvent, frozen=True, kw_only=True, tag="step.failed"):
     latency_ms: Millis = 0.0
     breaker_open: bool = False
     """The worker did not call `dependency`: its circuit was open (error is then `transient`)."""
+    model: ModelName = ""
+    """The step's model (what its usage is priced at); empty from older workers."""
+    usage: Usage | None = None
+    """Tokens the step's model calls used before it failed (a fast-tier answer that failed validation, the
+    turns of an agent loop before a failed call); the budget bills them once per step id. None: no model
+    call answered, or an older worker."""
 
 
 # --- signals from the breaker -------------------------------------------------

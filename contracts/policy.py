@@ -248,10 +248,19 @@ class ResponseCache(Strict):
     """Identical requests in flight at once in one worker make one model call (single flight)."""
     store_answers: bool = True
     """False: keep and serve no answers, only coalesce identical requests in flight."""
+    coalesce_replicas: bool = False
+    """Coalesce over every worker replica too: a miss takes a lease on its key in the cache's bucket (a KV
+    create, and a delete after: two writes per miss) and the same request on another replica waits for the
+    answer stored under it. Needs `coalesce` and `store_answers`."""
+    lease_s: float = 30.0
+    """A lease lapses this long after it was taken (or when the step's time runs out, if sooner), so a replica
+    that died holding one lets the next request call its model."""
 
     def __post_init__(self) -> None:
         if self.ttl_s <= 0 or not 0 <= self.hit_billing <= 1:
             raise ValueError("a response cache needs ttl_s > 0 and hit_billing within 0..1")
+        if not 1 <= self.lease_s <= 3600:
+            raise ValueError("lease_s is within 1..3600")
         if not SIMILARITY_FLOOR <= self.similarity <= 1:
             raise ValueError(f"a semantic cache's similarity is within {SIMILARITY_FLOOR}..1")
         if self.semantic_max_chars < 1:

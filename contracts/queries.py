@@ -169,6 +169,8 @@ class StepCost(msgspec.Struct, frozen=True, kw_only=True):
     saved_tokens: int = 0
     """Tokens that call would have used (docs/caching.md)."""
     saved_usd: float = 0.0
+    failed: str = ""
+    """The error class of a step that failed after its model calls used these tokens; empty: it answered."""
 
 
 class ModelCost(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,8 +19,10 @@ import pytest
 from contracts import (
     CostNotice,
     StepCompleted,
+    StepFailed,
     TaskAdmitted,
     TaskCompleted,
+    TaskFailed,
     TaskRejected,
     TaskSpec,
     TaskValidated,
@@ -28,12 +30,16 @@ from contracts import (
     Usage,
     subjects,
 )
-from contracts.policy import BudgetLimits, Defaults, Policy, TenantPolicy
+from contracts.commands import SimulateDependency
+from contracts.policy import AgentPolicy, BudgetLimits, Defaults, Policy, Strategy, TenantPolicy, ToolRules
 from services.budget.handlers import tenant_key, user_key
 from services.budget.ledger import Account
 from services.client import Client
+from shared.bus import Bus
 from shared.config import Settings
+from shared.streams import consumer_config, declare_consumer
 from tests.conftest import Clock, apply, operator_env, services, signed_in_as, stack, wait_until
+from tests.signals import example_policy, signals
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOMY = BudgetLimits(daily_tokens=100_000, hourly_tokens=100_000)
@@ -354,3 +360,81 @@ async def _corral(settings: Settings, *args: str, check: bool = True):
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
     return result
+
+
+def failed_step(task_id: str, tenant: str, user: str, n: int, input_tokens: int, output_tokens: int) -> StepFailed:
+    """A step whose model answered once, then failed (a tool's failure, an answer that failed validation)."""
+    return StepFailed(task_id=task_id, tenant=tenant, user=user, step_id=f"{task_id}-a{n}", attempt=n,
+                      agent="research", dependency="tool/search", error="permanent", message="the tool failed",
+                      model="sim-large", usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+
+
+def task_failed(task_id: str, tenant: str, user: str, usage: Usage | None) -> TaskFailed:
+    return TaskFailed(task_id=task_id, tenant=tenant, user=user, reason="permanent_error", error="failed",
+                      attempts=[], usage=usage)
+
+
+async def test_a_failed_steps_usage_is_billed_once_even_delivered_twice_and_its_tasks_failure_settles_it(
+        settings, tenant, user):
+    async with budget(settings) as client:
+        assert isinstance(await decide(client, validated("f1", tenant, user, 500)), TaskAdmitted)
+        step = failed_step("f1", tenant, user, 1, 30, 70)
+        await publish_copies(client, subjects.step_failed(tenant), step, 2)
+        await wait_until(lambda: _drained(client, subjects.CONSUMER_BUDGET_USAGE))
+        await client.bus.emit(subjects.task_failed(tenant), task_failed("f1", tenant, user, step.usage))
+        cost = await wait_until(lambda: settled(client, "f1", 100))
+        shown = await client.budget(tenant, user)
+    assert [(s.step_id, s.usage.total, s.failed) for s in cost.steps] == [("f1-a1", 100, "permanent")]
+    assert cost.cost_usd > 0
+    assert window(shown, "user", "day").used == 100 and window(shown, "tenant", "day").used == 100
+    assert window(shown, "user", "day").reserved == 0 and shown.open_tasks == 0
+
+
+async def test_a_budget_started_over_the_older_usage_consumer_widens_its_filter_and_bills_failed_steps(
+        settings, tenant, user):
+    async with Bus.connect(signed_in_as(settings, "budget"), "budget") as old:  # as an older budget left it
+        await declare_consumer(old.js, subjects.STREAM_STEPS,
+                               consumer_config(settings, subjects.CONSUMER_BUDGET_USAGE, subjects.ALL_STEP_COMPLETED))
+        before = await old.js.consumer_info(subjects.STREAM_STEPS, subjects.CONSUMER_BUDGET_USAGE)
+    assert (before.config.filter_subjects or [before.config.filter_subject]) == [subjects.ALL_STEP_COMPLETED]
+    async with budget(settings) as client:
+        info = await client.bus.js.consumer_info(subjects.STREAM_STEPS, subjects.CONSUMER_BUDGET_USAGE)
+        assert sorted(info.config.filter_subjects) == sorted([subjects.ALL_STEP_COMPLETED, subjects.ALL_STEP_FAILED])
+        assert isinstance(await decide(client, validated("u1", tenant, user, 500)), TaskAdmitted)
+        await client.bus.emit(subjects.step_failed(tenant), failed_step("u1", tenant, user, 1, 10, 40))
+        await client.bus.emit(subjects.step_completed(tenant), completed_step("u1", tenant, user, 2, 20, 30))
+        await client.bus.emit(subjects.task_completed(tenant),
+                              finished("u1", tenant, user, Usage(input_tokens=30, output_tokens=70)))
+        cost = await wait_until(lambda: settled(client, "u1", 100))
+    assert sorted((s.step_id, s.usage.total, s.failed) for s in cost.steps) == [
+        ("u1-a1", 50, "permanent"), ("u1-a2", 50, "")]
+
+
+async def test_a_step_that_fails_after_one_model_call_is_billed_once_through_the_pipeline_even_delivered_twice(
+        settings, tenant, user):
+    chain = [Strategy(provider="simulated", model="sim-large", tier="standard", max_attempts=1)]
+    policy = msgspec.structs.replace(
+        example_policy(), agents={"searcher": AgentPolicy(chain=chain)},
+        defaults=msgspec.structs.replace(example_policy().defaults, tools=ToolRules(allowed=["search"])))
+    async with stack(settings, "guard", "budget", "executor", "breaker", "worker:searcher",
+                     policy=policy) as client, signals(client) as heard:
+        await client.simulate(SimulateDependency(dependency="tool/search", mode="fail", error="permanent"), expect=1)
+        end = await client.run(TaskSpec(agent="searcher", prompt="Find the runbook", tools=["search"]),
+                               tenant=tenant, user=user)
+        step = await heard.first(StepFailed, task_id=end.task_id)
+        assert isinstance(end, TaskFailed) and step.usage is not None and step.usage.total > 0
+        assert [c.dependency for c in step.calls] == ["simulated/sim-large", "tool/search"]
+        assert end.usage == step.usage  # what the release waits for is what the budget posts
+        cost = await wait_until(lambda: settled(client, end.task_id, step.usage.total))
+        await publish_copies(client, subjects.step_failed(tenant), step, 1)  # delivered again, after the end
+        await wait_until(lambda: _drained(client, subjects.CONSUMER_BUDGET_USAGE))
+        again, shown = await client.cost(end.task_id), await client.budget(tenant, user)
+    assert [(s.step_id, s.usage, s.failed) for s in cost.steps] == [(step.step_id, step.usage, "permanent")]
+    assert again.tokens == cost.tokens == step.usage.total and len(again.steps) == 1
+    assert window(shown, "user", "day").used == step.usage.total
+
+
+async def _drained(client: Client, durable: str) -> bool:
+    """The budget's consumer has taken and acknowledged everything published to it so far."""
+    info = await client.bus.js.consumer_info(subjects.STREAM_STEPS, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0

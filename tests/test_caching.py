@@ -15,7 +15,17 @@ import msgspec
 import numpy as np
 import pytest
 
-from contracts import ChatMessage, StepCompleted, StepFailed, StepRequested, TaskCompleted, TaskSpec, Usage, subjects
+from contracts import (
+    ChatMessage,
+    StepCompleted,
+    StepFailed,
+    StepRequested,
+    TaskCompleted,
+    TaskSpec,
+    Usage,
+    subjects,
+)
+from contracts.commands import SimulateDependency
 from contracts.policy import (
     SIMILARITY_FLOOR,
     AgentPolicy,
@@ -30,12 +40,13 @@ from services.workers import cache, compaction
 from services.workers.cache import CachedAnswer, Store, describe
 from services.workers.caching import Caching
 from services.workers.conversation import Turn
+from services.workers.leases import Leases, lease_key
 from services.workers.semantic import Embedder, Index, salient, threshold
 from shared import tiering
 from services.stack import free_port
 from shared.bus import Bus
 from shared.quarantine import Quarantine
-from tests.conftest import stack, wait_until
+from tests.conftest import services, stack, wait_until
 from tests.signals import example_policy, signals
 
 pytestmark = [pytest.mark.anyio]
@@ -246,6 +257,112 @@ async def test_identical_requests_in_flight_at_once_make_one_model_call(settings
             ["called", "coalesced", "coalesced"], ["called", "coalesced", "exact"], ["called", "exact", "exact"])
 
 
+def _answer_of(step: StepRequested, output: str) -> StepCompleted:
+    return StepCompleted(task_id=step.task_id, tenant=step.tenant, user="u", step_id=step.step_id, attempt=1,
+                         agent=step.agent, dependency="simulated/sim-large", model="sim-large", output=output,
+                         usage=Usage(input_tokens=10, output_tokens=20), latency_ms=1.0)
+
+
+@pytest.mark.integration
+async def test_two_replicas_with_the_same_request_in_flight_make_one_model_call_through_a_lease(settings):
+    policy = caching_policy(cache=ResponseCache(enabled=True, coalesce_replicas=True))
+    async with Bus.connect(settings, "test-cache") as one, Bus.connect(settings, "test-cache") as two:
+        replicas = [Caching(Store(await cache.declare(bus.js, settings), Quarantine()), lambda: policy,
+                            leases=Leases(await cache.declare(bus.js, settings), name))
+                    for bus, name in ((one, "replica-1"), (two, "replica-2"))]
+        step = step_of("default", "Explain leases")
+        messages = [Turn(role="user", content="Explain leases")]
+        calls, release, outcomes = [], anyio.Event(), {}
+
+        async def model_call():
+            calls.append(1)
+            await release.wait()
+            return _answer_of(step, "the one answer")
+
+        async def ask(n: int):
+            outcomes[n] = await replicas[n].serve(step, messages, [], lambda: 0.0, model_call)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, 0)
+            await wait_until(lambda: _true(calls))  # the first replica holds the lease and calls its model
+            tg.start_soon(ask, 1)
+            await wait_until(lambda: _true(replicas[1].waiting))  # the second waits on the lease
+            release.set()
+    assert len(calls) == 1 and outcomes[0].cache is None
+    assert outcomes[1].cache is not None and outcomes[1].cache.source == "coalesced"
+    assert outcomes[1].output == "the one answer" and outcomes[1].cache.saved == outcomes[0].usage
+    assert replicas[1].counts["coalesced_replicas"] == 1 and replicas[0].counts["leases"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("left", ["by a replica that died", "without a TTL, as poison"])
+async def test_a_lease_left_behind_holds_a_request_up_for_a_lease_at_most_then_it_calls_its_model(settings, left):
+    policy = caching_policy(cache=ResponseCache(enabled=True, coalesce_replicas=True, lease_s=1))
+    async with Bus.connect(settings, "test-cache") as bus:
+        kv = await cache.declare(bus.js, settings)
+        caching = Caching(Store(kv, Quarantine()), lambda: policy, leases=Leases(kv, "alive"))
+        step = step_of("default", "Explain lapsed leases")
+        messages = [Turn(role="user", content="Explain lapsed leases")]
+        request = describe(step, messages, [])
+        if left == "by a replica that died":  # its holder never gives it back: it lapses at its TTL
+            assert await Leases(kv, "died").take(request.key, 1.0) is not None
+        else:  # it never lapses: the request waits a lease's length (lease_s), no more
+            await kv.put(lease_key(request.key), b"\xff not a lease")
+        calls = []
+
+        async def model_call():
+            calls.append(1)
+            return _answer_of(step, "answered after the lapse")
+
+        outcome = await caching.serve(step, messages, [], lambda: 0.0, model_call)
+        stored = await caching.store.get(request, policy.agents["cached"].cache)
+    assert calls == [1] and outcome.cache is None and outcome.output == "answered after the lapse"
+    assert caching.counts["waits_unanswered"] == 1 and stored is not None  # it waited, then called and kept it
+    if left != "by a replica that died":
+        assert caching.counts["leases"] == 0  # the poison stays: it called without a lease of its own
+
+
+@pytest.mark.integration
+async def test_identical_tasks_in_flight_on_two_worker_processes_make_one_model_call(settings, user, tmp_path):
+    policy = caching_policy(cache=ResponseCache(enabled=True, coalesce_replicas=True))
+    spec = TaskSpec(agent="cached", prompt="Explain how the breaker's probe leases work")
+    replicas = services(settings, tmp_path / "logs")
+    try:
+        async with stack(settings, *CORE, policy=policy) as client, signals(client) as heard:
+            for _ in range(2):  # one step at a time each: the second identical step goes to the other replica
+                replicas.start_one("worker", agent="cached", env={"CORRAL_CONCURRENCY": "1"})
+            await client.wait_ready({"corral-worker-cached"}, timeout=30)
+            await wait_until(lambda: _replica_count(client, 2), timeout=30)
+            held = SimulateDependency(dependency="simulated/sim-large", mode="slow", latency_s=120)
+            await client.simulate(held, expect=2)  # the model call stays in flight until told otherwise
+            ends = []
+
+            async def run():
+                ends.append(await client.run(spec, tenant="default", user=user, timeout=120))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                tg.start_soon(run)
+                await wait_until(lambda: _cache_figure(client, "waiting_on_replicas", 1), timeout=60)
+                await client.simulate(SimulateDependency(dependency="simulated/sim-large", mode="recover"), expect=2)
+            steps = [await heard.first(StepCompleted, task_id=end.task_id) for end in ends]
+            across = await _cache_figure(client, "coalesced_replicas", 1)  # answered from the other replica's call
+    finally:
+        replicas.stop()
+    assert all(isinstance(end, TaskCompleted) for end in ends) and ends[0].output == ends[1].output
+    assert across
+    assert sorted(s.cache.source if s.cache else "called" for s in steps) == ["called", "coalesced"]
+
+
+async def _replica_count(client, count: int) -> bool:
+    return (await client.running_services()).get("corral-worker-cached", 0) >= count
+
+
+async def _cache_figure(client, name: str, at_least: int) -> bool:
+    replies = await client.replica_stats("corral-worker-cached", expect=2)
+    return sum((r["endpoints"][0].get("data") or {}).get("cache", {}).get(name, 0) for r in replies) >= at_least
+
+
 async def _status_with(client, wanted):
     report = await client.status()
     return report if wanted(report) else None
@@ -334,6 +451,18 @@ async def test_a_fast_answer_that_fails_validation_is_retried_on_the_advanced_ti
         assert failed.error == "permanent" and "failed validation" in failed.message
         requested = [e for e in heard.of(StepRequested, task_id=done.task_id)]
         assert [r.tier for r in requested] == ["fast", "advanced"]
+        answered = await heard.first(StepCompleted, task_id=done.task_id)
+        cost = await wait_until(lambda: _cost_of(client, done.task_id, done.usage.total))
+    # both attempts are billed: the fast tier's answer that failed validation, and the advanced one
+    assert failed.usage is not None and failed.usage.total > 0 and failed.model == "sim-small"
+    assert done.usage == Usage.sum([failed.usage, answered.usage])
+    assert sorted((s.model, s.usage.total, s.failed) for s in cost.steps) == sorted(
+        [("sim-small", failed.usage.total, "permanent"), ("sim-large", answered.usage.total, "")])
+
+
+async def _cost_of(client, task_id, tokens):
+    reply = await client.cost(task_id)
+    return reply if reply.status == "finished" and reply.tokens == tokens else None
 
 
 # --- prompt compaction --------------------------------------------------------------------------------------
@@ -412,8 +541,10 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
     out = Console(record=True, width=140)
     hit = StepCost(step_id="default/t-s0a1", model="sim-large", usage=Usage(input_tokens=0, output_tokens=0),
                    cost_usd=0.0, saved="exact", saved_tokens=121, saved_usd=0.001671)
-    print_cost(CostReply(task_id="t", found=True, tenant="default", user="u", status="finished", steps=[hit],
-                         saved_tokens=121, saved_usd=0.001671), out)
+    escalated = StepCost(step_id="default/t-s1a1", model="sim-small", usage=Usage(input_tokens=9, output_tokens=31),
+                         cost_usd=0.00002, failed="permanent")
+    print_cost(CostReply(task_id="t", found=True, tenant="default", user="u", status="finished",
+                         steps=[hit, escalated], saved_tokens=121, saved_usd=0.001671), out)
     print_status(StatusReport(counts={}, latency=Percentiles(), error_rate=0, step_error_rate=0, tokens_last_hour=0,
                               cost_usd=0, cost_per_task_usd=0, queue_depth={}, breakers={}, uptime_s=1,
                               savings=Savings(hits={"exact": 2, "semantic": 1}, tokens_saved=300,
@@ -421,6 +552,7 @@ def test_corral_cost_and_status_print_what_the_caches_and_compaction_saved():
                                               tokens_before_compaction=900, tokens_after_compaction=400)), out)
     text = out.export_text()
     assert "saved 121 tokens, $0.001671 (exact cache hits)" in text
+    assert "failed steps (billed for their model calls): t-s1a1 permanent, 40 tokens" in text
     assert "2 exact, 1 semantic: 300 tokens, $0.0040 saved" in text and "3 steps: 900 -> 400 input tokens" in text
 
 

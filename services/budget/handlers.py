@@ -14,7 +14,8 @@ replicas share the ledger without a lock, and every handler can be run again
 - **extend** reserves more for one part of a running plan (a subtask, the synthesis) that would take the task
   past what it holds: the same two-phase test as reserve, on the task's open hold, once per part (the part's
   id is kept in the hold, so asking again holds nothing twice). A closed hold (the task ended) refuses.
-- **post** posts the step to the tenant's account, then to the user's, each in one
+- **post** posts the step (a StepCompleted's usage, or what a failed step's model calls used, its StepFailed's)
+  to the tenant's account, then to the user's, each in one
   compare-and-set that also keeps the step id in the task's hold (the user's keeps its
   cost too). So a step in the user's hold is in the tenant's. While the task runs,
   that is all: its release copies the user's hold into the journal. A step that finds
@@ -44,7 +45,7 @@ from typing import Any
 
 import msgspec
 
-from contracts import CostNotice, StepCompleted, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated
+from contracts import CostNotice, StepCompleted, StepFailed, TaskAdmitted, TaskCompleted, TaskFailed, TaskRejected, TaskValidated
 from contracts import subjects
 from contracts.events import task_ref
 from contracts.policy import BudgetLimits, Policy
@@ -215,12 +216,21 @@ class Budget:
     # --- post ----------------------------------------------------------------------
 
     async def on_step_completed(self, step: StepCompleted) -> None:
-        now, tokens = self.clock(), step.usage.total
-        cost = self.policy().price_of(step.model).cost(step.usage)
-        hit = step.cache
-        charge = StepCost(step_id=step.step_id, model=step.model, usage=step.usage, cost_usd=cost, posted_at=now,
+        await self.on_step(step)
+
+    async def on_step(self, step: StepCompleted | StepFailed) -> None:
+        """Post a step's usage, once per step id: an answered step's, or what a failed one used before it failed
+        (a fast-tier answer that failed validation, an agent loop's turns before a failed call)."""
+        usage = step.usage
+        if usage is None:  # failed before any model call answered: nothing to bill
+            return
+        now, tokens = self.clock(), usage.total
+        cost = self.policy().price_of(step.model).cost(usage)
+        hit = step.cache if isinstance(step, StepCompleted) else None
+        charge = StepCost(step_id=step.step_id, model=step.model, usage=usage, cost_usd=cost, posted_at=now,
                           saved=hit.source if hit else "", saved_tokens=max(0, hit.saved.total - tokens) if hit else 0,
-                          saved_usd=hit.cost_avoided_usd if hit else 0.0)
+                          saved_usd=hit.cost_avoided_usd if hit else 0.0,
+                          failed=step.error if isinstance(step, StepFailed) else "")
         (ukey, user_limits, _), (tkey, tenant_limits, _) = self._accounts(step.tenant, step.user)
         post = partial(self._post, step=step, tokens=tokens, cost=cost, now=now)
         await self.accounts.update(tkey, partial(post, limits=tenant_limits, charge=None))  # the tenant's first
@@ -238,7 +248,7 @@ class Budget:
         if user.after is not None and user.after.due:
             await self._notify_thresholds(step.tenant, step.user, user.after)
 
-    async def _post(self, account: Account, *, step: StepCompleted, tokens: int, cost: float, limits: BudgetLimits,
+    async def _post(self, account: Account, *, step: StepCompleted | StepFailed, tokens: int, cost: float, limits: BudgetLimits,
                     now: datetime, charge: StepCost | None) -> _Post:
         """Post the step; with a `charge` (the user's account) keep its cost in the hold and report what the
         account holds after."""
@@ -255,7 +265,7 @@ class Budget:
         journal = await self.journals.get(task_key(tenant, task_id))
         return journal.step_ids() if journal else set()
 
-    async def _over_of(self, key: str, step: StepCompleted) -> int:
+    async def _over_of(self, key: str, step: StepCompleted | StepFailed) -> int:
         """Tokens beyond the reservation, as the first posting of this step recorded them."""
         account = await self.accounts.get(key)
         hold = account.holds.get(step.task_id) if account else None
@@ -264,7 +274,7 @@ class Budget:
     # --- release and expire -----------------------------------------------------------
 
     async def on_task_finished(self, task: TaskCompleted | TaskFailed) -> None:
-        key, spent = task_key(task.tenant, task.task_id), task.usage.total if isinstance(task, TaskCompleted) else 0
+        key, spent = task_key(task.tenant, task.task_id), task.usage.total if task.usage is not None else 0
         (ukey, user_limits, _), _ = self._accounts(task.tenant, task.user)
         account, hold = await self._hold(ukey, task.task_id, cached=True)  # as this process last wrote it
         if _lacks_steps(hold, spent):  # another replica may have posted them: ask the server
@@ -455,7 +465,7 @@ def _close_and_settle(account: Account, *, task_id: str, close: bool, journaled:
 # --- journal changes (pure: they run again on a conflict) ---------------------------------
 
 
-def _untracked(step: StepCompleted, now: datetime) -> TaskJournal:
+def _untracked(step: StepCompleted | StepFailed, now: datetime) -> TaskJournal:
     """The journal of a task this budget never decided (a step published by hand): its steps still count."""
     return TaskJournal(task_id=step.task_id, tenant=step.tenant, user=step.user, status="admitted", decided_at=now)
 

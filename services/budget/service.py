@@ -11,7 +11,7 @@ from typing import Union
 import anyio
 import msgspec
 
-from contracts import StepCompleted, TaskCompleted, TaskFailed, TaskValidated, utcnow
+from contracts import StepCompleted, StepFailed, TaskCompleted, TaskFailed, TaskValidated, utcnow
 from contracts import subjects as s
 from contracts.commands import ExtendReservation
 from contracts.approvals import ApprovalDecided, ApprovalRequested
@@ -74,8 +74,10 @@ async def run(settings: Settings, stop: anyio.Event, *, clock: Clock = utcnow) -
         consumers = [
             Consumer(bus, s.STREAM_TASKS, consumer_config(settings, s.CONSUMER_BUDGET_ADMIT, s.ALL_VALIDATED),
                      decoder_for(TaskValidated), budget.on_validated),
-            Consumer(bus, s.STREAM_STEPS, consumer_config(settings, s.CONSUMER_BUDGET_USAGE, s.ALL_STEP_COMPLETED),
-                     decoder_for(StepCompleted), budget.on_step_completed),
+            # the failed steps' filter was added later: declaring the consumer updates an older one's filters
+            Consumer(bus, s.STREAM_STEPS, consumer_config(settings, s.CONSUMER_BUDGET_USAGE, s.ALL_STEP_COMPLETED,
+                                                          s.ALL_STEP_FAILED),
+                     decoder_for(Union[StepCompleted, StepFailed]), budget.on_step),
             Consumer(bus, s.STREAM_TASKS,
                      consumer_config(settings, s.CONSUMER_BUDGET_RELEASE, s.ALL_COMPLETED, s.ALL_FAILED),
                      decoder_for(Union[TaskCompleted, TaskFailed]), budget.on_task_finished),

@@ -90,6 +90,10 @@ def print_cost(reply: CostReply, out: Console) -> None:
         steps.add_row(step, s.model, f"{s.usage.input_tokens:,}", f"{s.usage.cached_tokens:,}",
                       f"{s.usage.output_tokens:,}", f"${s.cost_usd:.6f}", f"{s.over_reservation:,}")
     out.print(steps)
+    failed = [s for s in reply.steps if s.failed]
+    if failed:  # billed too: what their model calls used before they failed
+        out.print("failed steps (billed for their model calls): " + ", ".join(
+            f"{s.step_id.removeprefix(f'{reply.tenant}/')} {s.failed}, {s.usage.total:,} tokens" for s in failed))
     if reply.saved_tokens or reply.saved_usd:
         sources = sorted({s.saved for s in reply.steps if s.saved})
         out.print(f"saved {reply.saved_tokens:,} tokens, ${reply.saved_usd:.6f} ({', '.join(sources)} cache hits)")

@@ -298,7 +298,8 @@ class Executor:
             await self._planned(record, revision, step)
             return
         strategy = record.chain[record.strategy]
-        usage = plans.total_usage(record, step_usage) if record.subtasks else step_usage
+        usage = Usage.sum([plans.total_usage(record, step_usage) if record.subtasks else step_usage,
+                           *plans.failed_usage(record)])
         completed = TaskCompleted(task_id=step.task_id, tenant=step.tenant, user=step.user, output=step.output,
                                   usage=usage, attempts=record.steps + sum(sub.steps for sub in record.subtasks),
                                   model=step.model,
@@ -318,7 +319,7 @@ class Executor:
         strategy = cursor.chain[cursor.strategy]
         cursor.attempts.append(Attempt(
             step_id=step.step_id, dependency=step.dependency, error=step.error, message=step.message,
-            strategy=cursor.strategy, tier=strategy.tier, called=not step.breaker_open))
+            strategy=cursor.strategy, tier=strategy.tier, called=not step.breaker_open, usage=step.usage))
         retry = self.policy().retry
         retry_after = step.retry_after_s or 0.0
         if (step.breaker_open or step.error not in RETRYABLE or cursor.attempt >= strategy.max_attempts
@@ -608,7 +609,8 @@ class Executor:
                           error: str) -> None:
         task = record.task
         failed = TaskFailed(task_id=task.task_id, tenant=task.tenant, user=task.user, reason=reason, error=clip(error),
-                            attempts=record.attempts, received_at=task.received_at)
+                            attempts=record.attempts, received_at=task.received_at,
+                            usage=plans.spent_by_failed(record))
         record.status, record.outcome = "failed", failed
         await self._record(record, revision, cause)
         await self.emit(subjects.task_failed(task.tenant), failed)

@@ -52,6 +52,18 @@ def total_usage(record: TaskRecord, last: Usage) -> Usage:
     return Usage.sum([*(sub.usage for sub in record.subtasks), record.planning_usage, last])
 
 
+def failed_usage(record: TaskRecord) -> list[Usage | None]:
+    """What the failed steps of the task and of its subtasks used (each attempt's StepFailed usage): the budget
+    bills those steps too, so the task's end reports them."""
+    return [a.usage for cursor in (record, *record.subtasks) for a in cursor.attempts]
+
+
+def spent_by_failed(record: TaskRecord) -> Usage | None:
+    """A failed task's usage: the planning's, each ended part's and every failed step's (None: nothing)."""
+    usage = Usage.sum([record.planning_usage, *(sub.usage for sub in record.subtasks), *failed_usage(record)])
+    return usage if usage.total or usage.cached_tokens else None
+
+
 def free_slots(record: TaskRecord) -> list[SubtaskState]:
     """The subtasks that hold a tenant slot and have ended (all of them, once the task has): marked as holding
     none, for the decision's record; the caller gives their slots back once it is written."""

@@ -1,15 +1,17 @@
 """How a worker's step uses the response cache: exact hit, semantic hit, a coalesced call, or a model call
 whose answer is kept (services/workers/cache.py, services/workers/semantic.py).
 
-Coalescing is per worker process (single flight): identical requests (the same exact key) in flight at once in
-one process make one model call; the others wait for it and complete as `coalesced` hits, billed as the
-agent's `hit_billing` says. Replicas do not coalesce with each other: the first answer stored serves every
-later request, on every replica, as an exact hit.
+Coalescing (single flight): identical requests (the same exact key) in flight at once in one process make one
+model call; the others wait for it and complete as `coalesced` hits, billed as the agent's `hit_billing` says.
+With the agent's `coalesce_replicas`, also over replicas: a miss takes the key's lease in the bucket
+(services/workers/leases.py), and a replica that finds it taken waits for the answer stored under the key.
+Without it, the first answer stored serves every later request, on every replica, as an exact hit.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
@@ -20,10 +22,13 @@ from contracts.policy import Policy, ResponseCache
 from contracts.state import CACHE_DEPENDENCY, dependency_key
 from services.workers.cache import CachedAnswer, Request, Store, cacheable, describe, hit
 from services.workers.conversation import Turn
+from services.workers.leases import Leases
 from services.workers.semantic import Embedder, Index, threshold
 
 log = logging.getLogger(__name__)
 Outcome = StepCompleted | StepFailed
+POLL_FIRST_S, POLL_MAX_S = 0.02, 0.25
+"""How often a request waiting on another replica's lease reads the key and the lease (doubling up to the max)."""
 
 
 class _Flight:
@@ -34,13 +39,18 @@ class _Flight:
 
 class Caching:
     def __init__(self, store: Store, policy: Callable[[], Policy], index: Index | None = None,
-                 embedder: Embedder | None = None) -> None:
+                 embedder: Embedder | None = None, leases: Leases | None = None) -> None:
         self.store = store
+        self.leases = leases
+        """Single flight over replicas (None: per process only, whatever the policy says)."""
+        self.waiting = 0
+        """Requests waiting now for another replica's answer."""
         self.policy = policy
         self.index = index or Index(lambda tenant, agent: self._limit(tenant, agent))
         self.embedder = embedder or Embedder()
         self.flights: dict[str, _Flight] = {}
-        self.counts = {"exact": 0, "semantic": 0, "coalesced": 0, "misses": 0, "stored": 0}
+        self.counts = {"exact": 0, "semantic": 0, "coalesced": 0, "misses": 0, "stored": 0,
+                       "coalesced_replicas": 0, "leases": 0, "waits_unanswered": 0}
 
     def _limit(self, tenant: str, agent: str) -> int:
         settings = self.policy().cache_for(tenant, agent)
@@ -69,7 +79,61 @@ class Caching:
             if entry is not None:  # the request's own key: stored while this one was embedded
                 source = "exact" if found[0] == request.key else "semantic"
                 return self._hit(step, source, entry, settings, elapsed_ms(), found[1])
-        return await self._call(step, request, settings, vector, call)
+        if not self._across_replicas(settings):
+            return await self._call(step, request, settings, vector, call)
+        return await self._call_over_replicas(step, request, settings, vector, call, elapsed_ms)
+
+    async def _call_over_replicas(self, step: StepRequested, request: Request, settings: ResponseCache, vector,
+                                  call: Callable[[], Awaitable[Outcome]],
+                                  elapsed_ms: Callable[[], float]) -> Outcome:
+        """Call the model holding the key's lease, or take the answer of the replica that holds it."""
+        lease = await self.leases.take(request.key, self._lease_s(step, settings))
+        if lease is None:  # another replica is calling the model for this request
+            waited = await self._wait_for_replica(step, request, settings, elapsed_ms)
+            if waited is not None:
+                return waited
+            lease = await self.leases.take(request.key, self._lease_s(step, settings))
+        self.counts["leases"] += lease is not None
+        try:
+            return await self._call(step, request, settings, vector, call)
+        finally:  # after the answer is stored: a waiter that sees the lease gone finds it, or knows none comes
+            if lease is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.leases.give_back(request.key, lease)
+
+    def _across_replicas(self, settings: ResponseCache) -> bool:
+        return (self.leases is not None and settings.coalesce_replicas and settings.coalesce
+                and settings.store_answers)
+
+    @staticmethod
+    def _lease_s(step: StepRequested, settings: ResponseCache) -> float:
+        return min(settings.lease_s, step.timeout_s) if step.timeout_s > 0 else settings.lease_s
+
+    async def _wait_for_replica(self, step: StepRequested, request: Request, settings: ResponseCache,
+                                elapsed_ms: Callable[[], float]) -> StepCompleted | None:
+        """The answer another replica stores under the request's key, once it does; None once its lease is
+        gone without one (its step failed, its answer is not kept, or it died and the lease lapsed), or after
+        a lease's length in any case: a lease written without a TTL (poison in the bucket) holds no one up
+        for longer."""
+        self.waiting += 1
+        pause, give_up = POLL_FIRST_S, time.monotonic() + self._lease_s(step, settings)
+        try:
+            while time.monotonic() < give_up:
+                held = await self.leases.held(request.key)  # the lease first: it goes after the answer is stored
+                entry = await self.store.get(request, settings)
+                if entry is not None:
+                    self.counts["coalesced_replicas"] += 1
+                    return self._hit(step, "coalesced", entry, settings, elapsed_ms())
+                if not held:
+                    self.counts["waits_unanswered"] += 1
+                    return None
+                await anyio.sleep(pause)
+                pause = min(POLL_MAX_S, pause * 2)
+            log.warning("response cache: the lease of %s outlived its length; calling the model", request.key)
+            self.counts["waits_unanswered"] += 1
+            return None
+        finally:
+            self.waiting -= 1
 
     async def _call(self, step: StepRequested, request: Request, settings: ResponseCache, vector,
                     call: Callable[[], Awaitable[Outcome]]) -> Outcome:
@@ -130,4 +194,4 @@ class Caching:
 
     def stats(self) -> dict:
         return {**self.counts, "semantic_entries": self.index.size(), "refused_entries": self.store.refused,
-                "in_flight": len(self.flights)}
+                "in_flight": len(self.flights), "waiting_on_replicas": self.waiting}

@@ -5,7 +5,8 @@ server's tool (`mcp/SERVER/TOOL`). Before each call the worker asks its breaker 
 the breaker for a probe lease); a dependency it may not call fails the step at once with `breaker_open`,
 without calling it. The step's `timeout_s` bounds the whole step here: when it passes, the call in flight
 is abandoned and the step fails as `timeout`. The outcome lists every call with its error class and
-latency, which is what the breaker counts, and the usage of every model call, summed.
+latency, which is what the breaker counts, and the usage of every model call, summed: a failed step's too
+(what its model calls used before it failed), so that the budget bills it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgress, subjects
+from contracts import Call, StepCompleted, StepFailed, StepRequested, TaskProgress, Usage, subjects
 from contracts.events import ErrorClass, PromptCompacted, clip
 from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
@@ -127,6 +128,7 @@ class Worker:
                          max_tool_output_chars=limit,
                          system_prompt=agent.system_prompt if agent else "", on_text=deltas.feed,
                          trace_content=self.trace_content, approved_calls=self.approved_calls)
+        run.spent = lambda: loop.usage  # a failure from here on bills what the loop's model calls used
         compacted = None
         if agent is not None and agent.compaction.enabled:
             loop.messages, compacted = compaction.compact(loop.messages, agent.compaction, step.model)
@@ -171,6 +173,8 @@ class StepRun:
         self.started = time.perf_counter()
         self.in_flight: tuple[str, float, float] | None = None
         """(dependency, unix start, perf_counter start) of the call under way."""
+        self.spent: Callable[[], Usage] = lambda: Usage(input_tokens=0, output_tokens=0)
+        """What the step's model calls have used so far (its agent loop's sum, once there is one)."""
 
     async def call(self, dependency: str, make_call: Callable[[], Awaitable[T]]) -> T:
         if self.gate is not None and not await self.gate.permits(dependency, self.step.step_id):
@@ -202,8 +206,9 @@ class StepRun:
 
     def failed(self, dependency: str, error: ErrorClass, message: str, retry_after_s: float | None = None, *,
                breaker_open: bool = False) -> StepFailed:
-        step = self.step
+        step, spent = self.step, self.spent()
         return StepFailed(  # a provider's error text may be a whole page: the contract keeps its start
             task_id=step.task_id, tenant=step.tenant, user=step.user, step_id=step.step_id, attempt=step.attempt,
             agent=step.agent, dependency=dependency, error=error, message=clip(message), retry_after_s=retry_after_s,
-            calls=self.calls, latency_ms=self.elapsed_ms(), breaker_open=breaker_open)
+            calls=self.calls, latency_ms=self.elapsed_ms(), breaker_open=breaker_open, model=step.model,
+            usage=spent if spent.total or spent.cached_tokens else None)

@@ -28,6 +28,7 @@ from contracts.queries import SimulationAck
 from services.workers import cache
 from services.workers.board import Pool, StepOutcomes
 from services.workers.caching import Caching
+from services.workers.leases import Leases
 from contracts.approvals import ApprovedCall
 from services.workers.board import Pool, StepOutcomes
 from services.workers.gates import ApprovedCalls
@@ -84,7 +85,7 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         providers = ProviderSet(policy, simulated, settings.local_model_url)
         tools: Tools = _RealThenSimulated(toolbox, faults)
         responses_kv = await cache.declare(bus.js, settings)
-        caching = Caching(cache.Store(responses_kv, quarantine), policy)
+        caching = Caching(cache.Store(responses_kv, quarantine), policy, leases=Leases(responses_kv, worker_id))
         outcomes = StepOutcomes(bus.emit)  # a pool member's steps are published as any, and handed back to it
         notes = TypedBucket(await bus.bucket(s.KV_APPROVED_CALLS, ttl_s=APPROVED_CALLS_TTL_S), ApprovedCall,
                             lambda: None, quarantine=quarantine)
