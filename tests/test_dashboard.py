@@ -75,7 +75,7 @@ async def test_the_dashboard_page_loads_without_console_errors_and_its_numbers_m
                 await page.call("Page.navigate", url=url)
                 await page.loaded.wait()
                 shown = partial(page.evaluate, "document.getElementById('tasks-done').textContent")
-                before = _number(await wait_until(lambda: _a_number(shown), timeout=30))
+                before = _number(await wait_until(lambda: _a_number(shown), timeout=90))  # the monitor replays first
                 enough = anyio.Event()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_waves, client, tenant, enough)
