@@ -92,14 +92,24 @@ async def declare_bucket(js: JetStreamContext, settings: Settings, bucket: str, 
     An existing bucket made without per-message TTL (by another tool) gets it: records of finished work
     are written with one (shared/kv.py)."""
     try:
-        kv = await js.key_value(bucket)
-        info = await js.stream_info(f"KV_{bucket}")
-        if not info.config.allow_msg_ttl:
-            info.config.allow_msg_ttl = True  # the server allows turning it on, never off
-            await js.update_stream(info.config)
-        return kv
+        return await _existing(js, bucket)
     except NotFoundError:
+        pass
+    try:
         return await js.create_key_value(
             KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=settings.stream_replicas,
                            ttl=ttl_s, direct=True)  # reads skip the JetStream API queue
         )
+    except BadRequestError:  # another process made it at the same moment (and may have turned TTLs on since)
+        return await _existing(js, bucket)
+
+
+async def _existing(js: JetStreamContext, bucket: str):
+    """The bucket as it is, with per-message TTL turned on if it was not (the server allows that, never the
+    reverse); NotFoundError if there is none."""
+    kv = await js.key_value(bucket)
+    info = await js.stream_info(f"KV_{bucket}")
+    if not info.config.allow_msg_ttl:
+        info.config.allow_msg_ttl = True
+        await js.update_stream(info.config)
+    return kv

@@ -111,7 +111,7 @@ class Page:
         self.next_id += 1
         reply = self.replies[self.next_id] = asyncio.get_running_loop().create_future()
         await self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             message = await reply
         assert "error" not in message, message
         return message["result"]
@@ -145,7 +145,7 @@ async def browser(log_dir: Path) -> AsyncIterator[Page]:
                                  f"--remote-debugging-port={port}", "about:blank"],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(90):  # a loaded machine starts chromium slowly
             while not (url := await anyio.to_thread.run_sync(_page_socket_url, port)):
                 assert proc.poll() is None, f"chromium exited; see {log_dir / 'chromium.log'}"
                 await anyio.sleep(0.1)

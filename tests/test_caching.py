@@ -331,7 +331,7 @@ async def test_identical_tasks_in_flight_on_two_worker_processes_make_one_model_
         async with stack(settings, *CORE, policy=policy) as client, signals(client) as heard:
             for _ in range(2):  # one step at a time each: the second identical step goes to the other replica
                 replicas.start_one("worker", agent="cached", env={"CORRAL_CONCURRENCY": "1"})
-            await client.wait_ready({"corral-worker-cached"}, timeout=30)
+            await client.wait_ready({"corral-worker-cached"}, timeout=90)
             await wait_until(lambda: _replica_count(client, 2), timeout=30)
             held = SimulateDependency(dependency="simulated/sim-large", mode="slow", latency_s=120)
             await client.simulate(held, expect=2)  # the model call stays in flight until told otherwise

@@ -63,7 +63,7 @@ async def test_a_providers_key_is_in_no_stream_bucket_log_or_span_and_a_refused_
         stack.start()
         try:
             async with Client.connect(settings, "test") as client:
-                await client.wait_ready(stack.names(), timeout=30)
+                await client.wait_ready(stack.names(), timeout=90)
                 ends = {agent: await client.run(TaskSpec(agent=agent, prompt="Say hi.", max_tokens=8),
                                                 tenant=tenant, user=user) for agent in AGENTS}
 

@@ -24,7 +24,7 @@ async def test_a_task_leaves_one_trace_with_a_span_from_every_service(settings, 
         stack.start()
         try:
             async with Client.connect(settings, "test") as client:
-                await client.wait_ready(stack.names(), timeout=30)
+                await client.wait_ready(stack.names(), timeout=90)
             submit = [sys.executable, "-m", "services.cli", "submit", "trace me", "--agent", "research",
                       "--user", user, "--tenant", tenant, "--nats", settings.nats_url]
             done = await anyio.run_process(submit, env={**os.environ, **env, **operator_env(settings)}, check=False)
@@ -60,7 +60,7 @@ async def test_an_agent_step_is_an_invoke_agent_span_with_genai_chat_and_execute
         stack.start()
         try:
             async with Client.connect(settings, "test") as client:
-                await client.wait_ready(stack.names(), timeout=30)
+                await client.wait_ready(stack.names(), timeout=90)
                 done = await client.run(TaskSpec(agent="toolsmith", prompt="6 * 7", tools=["calculator"]),
                                         tenant=tenant, user=user)
                 failed = await client.run(TaskSpec(agent="toolsmith", prompt="no [sim:fail=rate_limited]"),
@@ -108,7 +108,7 @@ async def test_a_planned_task_is_one_trace_with_a_span_per_subtask_and_the_synth
         stack.start()
         try:
             async with Client.connect(settings, "test") as client:
-                await client.wait_ready(stack.names(), timeout=30)
+                await client.wait_ready(stack.names(), timeout=90)
                 done = await client.run(TaskSpec(agent="writing", prompt="Ship it.", orchestration=mode,
                                                  plan=plan), tenant=tenant, user=user)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, Optional, TypeVar
 import anyio
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from shared.config import Settings, load_settings
 from shared.errors import CorralError
@@ -67,3 +68,18 @@ def call(nats: str | None, config: Path | None, action: Callable[[Client], Await
             return await action(client)
 
     return run(go)
+
+
+def scope_table(lines: list, title: str | None = None) -> Table:
+    """The monitor's per-scope windows (ScopeLine of services.dashboard.samples), one line a scope."""
+    table = Table(title=title)
+    table.add_column("scope")
+    for heading in ("tasks 1m / 5m / 1h", "p95 ms (5m)", "errors (5m)", "tokens/h (1h)", "$/task (1h)"):
+        table.add_column(heading, justify="right")
+    for line in lines:
+        tasks = " / ".join(f"{line.tasks.get(window, 0):,}" for window in ("1m", "5m", "1h"))
+        table.add_row(line.scope, tasks, f"{line.p95_ms:,.0f}", f"{line.error_rate:.1%}",
+                      f"{line.tokens_per_hour:,.0f}", f"${line.cost_per_task_usd:.5f}")
+    if not lines:
+        table.add_row("(none yet)", "", "", "", "", "")
+    return table

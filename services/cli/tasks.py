@@ -88,7 +88,7 @@ def status(
 
 
 def print_status(report, out: Console) -> None:
-    from services.cli.scopes import scope_table
+    from services.cli.common import scope_table
     from services.dashboard.samples import scope_lines
 
     table = Table(title="Corral status (from the monitor)")

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli.common import ConfigOption, NatsOption, call, console, fail
-from services.cli.scopes import scope_table
+from services.cli.common import scope_table
 
 if TYPE_CHECKING:
     from services.client import Client
