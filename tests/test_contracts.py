@@ -58,10 +58,10 @@ def test_subjects_keep_the_tenant_as_one_token():
     assert subjects.breaker_state("simulated/sim.large") == "corral.breaker.state.simulated/sim_large"
 
 
-def test_the_readme_subject_table_lists_every_subject_the_code_uses():
+def test_the_architecture_pages_subject_table_lists_every_subject_the_code_uses():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
     patterns = [
         subjects.task_submitted("<tenant>"), subjects.task_validated("<tenant>"), subjects.task_admitted("<tenant>"),
         subjects.task_rejected("<tenant>"), f"{subjects.PREFIX}.task.progress.<tenant>.<task>",
@@ -77,7 +77,7 @@ def test_the_readme_subject_table_lists_every_subject_the_code_uses():
         subjects.MONITOR_ALERTS, subjects.MONITOR_SILENCE, subjects.KV_MONITOR,
     ]
     missing = [p for p in patterns if f"`{p}`" not in readme]
-    assert not missing, f"README's subject table lacks {missing}"
+    assert not missing, f"docs/architecture.md's subject table lacks {missing}"
 
 
 def test_the_readme_example_task_is_a_valid_submission():
