@@ -47,10 +47,12 @@ async def measure(client: Client, tasks: int) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {"to the gate": [], "to the record": [], "decision to end": [],
                                        "ungated task": []}
     asked: dict[str, tuple[ApprovalRequested, float]] = {}
+    gated: dict[str, anyio.Event] = {}
 
     async def heard(msg) -> None:
         request = _requested(msg.data)
         asked[request.task_id] = (request, time.perf_counter())
+        gated.setdefault(request.task_id, anyio.Event()).set()
 
     sub = await client.bus.nc.subscribe(subjects.approval_requested("default"), cb=heard)
     try:
@@ -59,8 +61,8 @@ async def measure(client: Client, tasks: int) -> dict[str, list[float]]:
             async with client.events(ends_only=True) as ends:
                 started = time.perf_counter()
                 task_id = await client.submit(spec, tenant="default", user=f"bench{n}")
-                while task_id not in asked:
-                    await anyio.sleep(0.0005)
+                with anyio.fail_after(60):
+                    await gated.setdefault(task_id, anyio.Event()).wait()
                 request, at = asked[task_id]
                 figures["to the gate"].append((at - started) * 1000)
                 show = ShowApproval(approval_id=request.approval_id)
