@@ -21,7 +21,8 @@ from shared.tokens import count_tokens
 Reserve = Callable[[ExtendReservation], Awaitable[ReservationReply]]
 REQUEST_TIMEOUT_S = 2.0
 PART_OVERHEAD = 16
-"""Tokens a model's chat format adds around one message."""
+"""Tokens of one part's framing around its text (the message overhead, the inputs' headings): the guard's
+estimate of a plan and a part's own estimate count the same."""
 MAX_ASK = 10_000_000
 log = logging.getLogger(__name__)
 _reply = msgspec.json.Decoder(ReservationReply).decode

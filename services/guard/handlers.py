@@ -37,12 +37,11 @@ from shared.consume import Delivery
 from shared.errors import PoisonMessage, Undecodable
 from shared.kv import TypedBucket
 from shared import plans
+from shared.reservations import PART_OVERHEAD
 from shared.tokens import count_chat, count_tokens
 
-TASK_OVERHEAD = 16
 PLANNED_SUBTASKS = 3
 """Subtasks a manager's plan is expected to have, for the estimate of a task that comes without a plan."""
-"""Tokens of a subtask's framing around its instruction (the message overhead, the inputs' headings)."""
 
 Emit = Callable[[str, Any], Awaitable[None]]
 CurrentPolicy = Callable[[], Policy]
@@ -181,7 +180,7 @@ def estimate(task: TaskSubmitted, policy: Policy) -> TokenEstimate:
                              max_output_tokens=output + parts + policy.orchestration.synthesis_output_tokens)
     outputs = {sub.id: sub.max_tokens or policy.agents[sub.agent].default_output_tokens for sub in spec.plan.subtasks}
     for sub in spec.plan.subtasks:
-        prompt += count_tokens(sub.instruction, model) + TASK_OVERHEAD + sum(outputs[n] for n in sub.needs)
+        prompt += count_tokens(sub.instruction, model) + PART_OVERHEAD + sum(outputs[n] for n in sub.needs)
     prompt += sum(outputs.values())  # the synthesis reads every output
     return TokenEstimate(prompt_tokens=prompt,
                          max_output_tokens=sum(outputs.values()) + policy.orchestration.synthesis_output_tokens)
