@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from services.stack import free_port
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -126,11 +125,14 @@ class Page:
         return path
 
 
-def _page_socket_url(port: int) -> str | None:
+def _page_socket_url(profile: Path) -> str | None:
+    """The blank tab's DevTools socket, once Chromium has written the port it took (its first line of
+    DevToolsActivePort in the profile: port 0 lets it bind one no other process can take first)."""
     try:
+        port = int((profile / "DevToolsActivePort").read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as reply:
             pages = [target for target in json.load(reply) if target["type"] == "page"]
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return pages[0]["webSocketDebuggerUrl"] if pages else None
 
@@ -138,15 +140,14 @@ def _page_socket_url(port: int) -> str | None:
 @asynccontextmanager
 async def browser(log_dir: Path) -> AsyncIterator[Page]:
     """A fresh headless Chromium with one blank tab, its console watched; closed on leaving."""
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=log_dir)
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=log_dir))
     with (log_dir / "chromium.log").open("ab") as log:
         proc = subprocess.Popen([chromium_binary(), *FLAGS, f"--user-data-dir={profile}",
-                                 f"--remote-debugging-port={port}", "about:blank"],
+                                 "--remote-debugging-port=0", "about:blank"],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with anyio.fail_after(90):  # a loaded machine starts chromium slowly
-            while not (url := await anyio.to_thread.run_sync(_page_socket_url, port)):
+            while not (url := await anyio.to_thread.run_sync(_page_socket_url, profile)):
                 assert proc.poll() is None, f"chromium exited; see {log_dir / 'chromium.log'}"
                 await anyio.sleep(0.1)
         socket = await _Socket.connect(url)
