@@ -209,6 +209,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     cached_tokens: TokenCount = 0
     estimated: bool = False
     """The provider reported no usage: the worker counted the tokens with tiktoken."""
+    batched: bool = False
+    """The calls went through the provider's batch API, at its batch price (contracts.policy.Price.batch)."""
 
     @property
     def total(self) -> int:
@@ -216,10 +218,13 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def sum(cls, usages: Iterable[Usage | None]) -> Usage:
-        """The usages added up (None ones left out); estimated if any of them was."""
+        """The usages added up (None ones left out); estimated if any of them was, batched only if every one
+        that used tokens was (a mix is billed at the full price)."""
         found = [usage for usage in usages if usage is not None]
+        used = [usage for usage in found if usage.total]
         return cls(input_tokens=sum(u.input_tokens for u in found), output_tokens=sum(u.output_tokens for u in found),
-                   cached_tokens=sum(u.cached_tokens for u in found), estimated=any(u.estimated for u in found))
+                   cached_tokens=sum(u.cached_tokens for u in found), estimated=any(u.estimated for u in found),
+                   batched=bool(used) and all(u.batched for u in used))
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):

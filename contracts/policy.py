@@ -188,11 +188,20 @@ class Price(Strict):
     output: float
     cached: float = 0.0
     """For input tokens served from the provider's prompt cache (counted inside input_tokens)."""
+    batch: float = 1.0
+    """The share of these prices a call sent through the provider's batch API costs (Anthropic's Message
+    Batches and OpenAI's Batch API charge 0.5)."""
+
+    def __post_init__(self) -> None:
+        if min(self.input, self.output, self.cached) < 0 or not 0 < self.batch <= 1:
+            raise ValueError("prices are not negative, and a batch share is within 0..1 (above 0)")
 
     def cost(self, usage: Usage) -> float:
-        """USD of one model call: fresh input, cached input and output, each at its price."""
+        """USD of one model call: fresh input, cached input and output, each at its price (times `batch`
+        when the call went in a batch)."""
         fresh_input = usage.input_tokens - usage.cached_tokens
-        return (fresh_input * self.input + usage.cached_tokens * self.cached + usage.output_tokens * self.output) / 1000
+        full = (fresh_input * self.input + usage.cached_tokens * self.cached + usage.output_tokens * self.output) / 1000
+        return full * self.batch if usage.batched else full
 
 
 class Strategy(Strict):
@@ -309,6 +318,26 @@ class Compaction(Strict):
             raise ValueError("compaction limits must be at least 1")
 
 
+class Batching(Strict):
+    """Send an agent's model calls in batches through its provider's batch API (docs/caching.md); opt-in.
+
+    A call waits at most `max_wait_ms` for others to the same model (its task's maximum wait in the batcher),
+    and a batch is sent at once when `max_batch` calls wait. The provider then answers the batch when it has
+    worked through it: the step's `timeout_s` must allow for that, and its answer is not streamed."""
+
+    enabled: bool = False
+    max_wait_ms: float = 2_000.0
+    max_batch: int = 100
+    poll_s: float = 2.0
+    """How often the worker asks the provider whether a batch it sent has ended."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_wait_ms <= 3_600_000 or not 1 <= self.max_batch <= 10_000:
+            raise ValueError("batching's max_wait_ms is within 0..3600000 and max_batch within 1..10000")
+        if not 0.01 <= self.poll_s <= 3600:
+            raise ValueError("batching's poll_s is within 0.01..3600")
+
+
 class AgentPolicy(Strict):
     chain: list[Strategy]
     """Strategies tried in order; the first is the preferred one."""
@@ -327,6 +356,8 @@ class AgentPolicy(Strict):
     cache: ResponseCache = ResponseCache()
     tiering: Tiering = Tiering()
     compaction: Compaction = Compaction()
+    batching: Batching = Batching()
+    """Used on providers that have `batches` on; calls to others are sent one by one."""
 
     def __post_init__(self) -> None:
         if not self.chain:
@@ -354,10 +385,15 @@ class ProviderConfig(Strict):
     """Longest silence while a response streams; the step's timeout bounds the whole call."""
     anthropic_version: str = "2023-06-01"
     """The `anthropic-version` header (kind `anthropic`)."""
+    batches: bool = False
+    """It offers Anthropic's Message Batches API (`{base_url}/messages/batches`; kind `anthropic`): agents with
+    `batching` on send their calls to it in batches."""
 
     def __post_init__(self) -> None:
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("a provider's timeouts must be positive")
+        if self.batches and self.kind != "anthropic":
+            raise ValueError("`batches` is Anthropic's Message Batches API: a provider of kind anthropic")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"a provider's base_url is an http(s) URL, not {self.base_url!r}")
 

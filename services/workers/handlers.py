@@ -25,6 +25,7 @@ from contracts.policy import DEFAULT_POLICY, AgentPolicy, Policy
 from contracts.state import dependency_key, tool_key
 from services.workers import compaction, gates, telemetry, tiering
 from services.workers.agent import AgentLoop, MaxTurnsReached
+from services.workers.batching import Batcher
 from services.workers.caching import Caching
 from services.workers.conversation import Provider, Tool
 from services.workers.errors import CircuitOpen, ProviderError, UnknownProvider
@@ -50,7 +51,7 @@ class Worker:
                  tools: Tools | None = None, gate: BreakerGate | None = None, clock: Clock = time.time,
                  notify: Emit | None = None, policy: Callable[[], Policy] = lambda: DEFAULT_POLICY,
                  trace_content: bool = False, caching: Caching | None = None,
-                 approved_calls: gates.ApprovedCalls | None = None) -> None:
+                 approved_calls: gates.ApprovedCalls | None = None, batcher: Batcher | None = None) -> None:
         self.worker_id = worker_id  # host-pid: progress events say who runs a step
         self.providers = providers
         self.emit = emit
@@ -64,6 +65,8 @@ class Worker:
         self.caching = caching
         """The response cache (services/workers/caching.py); None: every step calls its model."""
         self.approved_calls = approved_calls
+        self.batcher = batcher
+        """Sends the model calls of agents with `batching` on in batches; None: every call on its own."""
 
     async def on_step(self, step: StepRequested) -> None:
         provider = self.providers.get(step.provider)
@@ -123,6 +126,8 @@ class Worker:
         limit = policy.workers.max_tool_output_chars
         if agent is not None and agent.compaction.enabled:
             limit = min(limit, agent.compaction.max_tool_output_chars)
+        if self.batcher is not None:
+            provider = self.batcher.batched(provider, agent)
         loop = AgentLoop(step, provider, tools, run.call, model_dependency=run.model,
                          max_turns=agent.max_turns if agent else AgentPolicy.max_turns,
                          max_tool_output_chars=limit,

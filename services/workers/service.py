@@ -26,12 +26,12 @@ from contracts.boards import Board, ended_board_ttl
 from contracts.commands import SimulateDependency
 from contracts.queries import SimulationAck
 from services.workers import cache
+from contracts.approvals import ApprovedCall
+from services.workers.batching import Batcher
 from services.workers.board import Pool, StepOutcomes
 from services.workers.caching import Caching
-from services.workers.leases import Leases
-from contracts.approvals import ApprovedCall
-from services.workers.board import Pool, StepOutcomes
 from services.workers.gates import ApprovedCalls
+from services.workers.leases import Leases
 from services.workers.conversation import Tool
 from services.workers.handlers import Tools, Worker
 from services.workers.models import ProviderSet
@@ -89,10 +89,11 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
         outcomes = StepOutcomes(bus.emit)  # a pool member's steps are published as any, and handed back to it
         notes = TypedBucket(await bus.bucket(s.KV_APPROVED_CALLS, ttl_s=APPROVED_CALLS_TTL_S), ApprovedCall,
                             lambda: None, quarantine=quarantine)
+        batcher = Batcher()
         worker = Worker(worker_id, providers, outcomes.emit, tools=tools, policy=policy, notify=bus.notify,
                         gate=BreakerGate(view, lease_requester(bus.nc, worker_id)),
                         trace_content=settings.trace_content, caching=caching,
-                        approved_calls=ApprovedCalls(notes, worker_id))
+                        approved_calls=ApprovedCalls(notes, worker_id), batcher=batcher)
         boards_kv = await bus.bucket(s.KV_BOARDS)
         boards = TypedBucket(boards_kv, Board, lambda: None, expires=ended_board_ttl, quarantine=quarantine)
         # the member's id tells two replicas in one process apart (tests and embedded stacks run several)
@@ -119,7 +120,8 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
             return {"worker": worker_id, "breakers": view.snapshot(), "consumer": steps.stats_dict(),
                     "simulated_faults": {dep: fault.mode for dep, fault in faults.by_dependency.items()},
                     "tools": toolbox.stats(), "policy": policy.stats(), "quarantined": quarantine.stats(),
-                    "pool": {"member": pool.member, **pool.snapshot()}, "cache": caching.stats()}
+                    "pool": {"member": pool.member, **pool.snapshot()}, "cache": caching.stats(),
+                    "batching": batcher.stats()}
 
         control = await bus.nc.subscribe(s.SIM_CONTROL, cb=on_simulate)
         try:
@@ -129,6 +131,7 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                 tg.start_soon(toolbox.maintain, stop)
                 tg.start_soon(follow_bucket, boards_kv, pool.apply, stop, ">", quarantine)
                 tg.start_soon(pool.run, stop)
+                tg.start_soon(batcher.run, stop)
                 # the semantic index of this agent kind's answers only (keys are TENANT.AGENT.DIGEST)
                 tg.start_soon(follow_bucket, responses_kv, caching.index.apply, stop, f"*.{agent}.*", quarantine)
                 await steps.run(stop)

@@ -211,6 +211,8 @@ class AnthropicProvider:
         self.name = name
         self.api = Api(name, config, base_url, lambda key: {"x-api-key": key},
                        headers={"anthropic-version": config.anthropic_version})
+        self.batches = config.batches
+        """It has the Message Batches API (services.workers.providers.batches)."""
 
     def __repr__(self) -> str:
         return f"<AnthropicProvider {self.api!r}>"
@@ -219,17 +221,28 @@ class AnthropicProvider:
         await self.api.aclose()
 
     async def complete(self, request: ModelRequest, on_text: OnText | None = None) -> Completion:
-        system, messages = _messages(request.messages)
-        body: dict[str, Any] = {"model": request.model, "messages": messages, "max_tokens": request.max_tokens,
-                                "stream": True}
-        if system:
-            body["system"] = system
-        if request.tools:
-            body["tools"] = [{"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
-                             for tool in request.tools]
         answer = _Answer(request, on_text, time.perf_counter())
-        await self.api.exchange("messages", body, answer.on_event, answer.on_whole)
+        await self.api.exchange("messages", {**params(request), "stream": True}, answer.on_event, answer.on_whole)
         return answer.completion()
+
+
+def params(request: ModelRequest) -> dict[str, Any]:
+    """The Messages API's request body for `request` (without `stream`)."""
+    system, messages = _messages(request.messages)
+    body: dict[str, Any] = {"model": request.model, "messages": messages, "max_tokens": request.max_tokens}
+    if system:
+        body["system"] = system
+    if request.tools:
+        body["tools"] = [{"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
+                         for tool in request.tools]
+    return body
+
+
+def whole_answer(request: ModelRequest, message: bytes) -> Completion:
+    """A Messages API answer that came whole (a `message` object), as a Completion."""
+    answer = _Answer(request, None, time.perf_counter())
+    answer.on_whole(message)
+    return answer.completion()
 
 
 def _messages(turns: list[Turn]) -> tuple[str, list[dict[str, Any]]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -226,8 +227,30 @@ class Api:
         the handlers raise come out scrubbed of the key, clipped and prefixed with the provider's name."""
         url = self.url(path)
         key = self.key()
-        try:
+        async with self._mapped(key):
             await self._exchange(url, body, self._auth_headers(key) if key else {}, on_event, on_whole)
+
+    async def fetch(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                    limit: int = MAX_WHOLE_BODY) -> bytes:
+        """One request that is not streamed (`path` under base_url, or a whole URL there): its body, up to `limit`
+        bytes. A status other than 200 and every failure raise a ProviderError, as `exchange` does."""
+        url = path if path.startswith(f"{self.base_url}/") else self.url(path)
+        key = self.key()
+        async with self._mapped(key):
+            headers = self._auth_headers(key) if key else {}
+            async with self.client.stream(method, url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    raise self.status_error(response, await _read(response, MAX_ERROR_BODY))
+                whole = await _read(response, limit + 1)
+            if len(whole) > limit:
+                raise TransientProviderError(f"an answer larger than {limit} bytes")
+            return whole
+
+    @asynccontextmanager
+    async def _mapped(self, key: str) -> AsyncIterator[None]:
+        """Every failure inside as a ProviderError of its class, scrubbed of the key and clipped."""
+        try:
+            yield
         except ProviderError as error:
             raise type(error)(self.words(str(error), key), retry_after_s=error.retry_after_s) from None
         except httpx.TimeoutException as error:
