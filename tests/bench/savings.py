@@ -11,7 +11,8 @@ Configurations: nothing; the exact cache; exact and semantic; coalescing alone (
 compaction; everything. For each: tokens billed, cost, hits by source, tokens saved, latency of a task
 (submission to its end, as the client sees it). Then the semantic cache's precision and recall on the
 committed evaluation set (tests/data/semantic_cache_eval.json) at the configured threshold, with the real
-embedding model.
+embedding model. Batching needs a provider with a batch API, which the simulated one is not:
+`python -m tests.bench.batching` measures it on the local model.
 """
 
 from __future__ import annotations
