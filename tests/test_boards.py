@@ -43,6 +43,7 @@ from services.workers.board import (
     Pool,
     answered,
     claimed,
+    committed,
     holds,
     open_to,
     renewed,
@@ -172,6 +173,36 @@ def test_the_synthesis_answer_ends_the_task_in_the_same_write_with_every_entrys_
     assert isinstance(end, TaskCompleted) and end.output == "the answer"
     assert (end.usage.input_tokens, end.usage.output_tokens) == (110, 25)
     assert (end.attempts, end.strategy, end.tier, end.dependency) == (4, 1, "fast", "simulated/sim-small")
+
+
+def test_what_failed_steps_used_is_in_their_entrys_usage_in_what_the_parts_committed_and_in_the_tasks_end():
+    spent = Usage(input_tokens=30, output_tokens=7)
+    board = claimed(board_of([FACTS, NOTES], on_failure="best_effort", now=100.0), "notes", "m", 100.0, 10.0)
+    board, _ = answered(board, "notes", Failure(reason="attempts_exhausted", error="transient: down", spent=spent),
+                        now=101.0)
+    assert board.entries[1].usage == spent  # a failed part's steps were billed: the board says so
+    board = claimed(board, "facts", "m", 101.0, 10.0)
+    after_retry = msgspec.structs.replace(answer(board, "facts", "the facts"), spent=spent)
+    board, _ = answered(board, "facts", after_retry, now=102.0)
+    assert board.entries[0].usage == Usage(input_tokens=40, output_tokens=12)  # the failed try and the answer
+    assert committed(board) == 37 + 52
+    board = claimed(board, SYNTHESIS_ID, "m", 102.0, 10.0)
+    _, end = answered(board, SYNTHESIS_ID, answer(board, SYNTHESIS_ID, "the answer"), now=103.0)
+    assert (end.usage.input_tokens, end.usage.output_tokens) == (30 + 40 + 10, 7 + 12 + 5)
+
+
+def test_a_centralized_plans_committed_tokens_count_what_its_failed_steps_used():
+    from contracts.events import Attempt
+    from services.executor import plans
+    from services.executor.state import SubtaskState, TaskRecord
+
+    board = board_of([FACTS])
+    failed = Attempt(step_id="s1", dependency="simulated/sim-small", error="transient", message="down",
+                     usage=Usage(input_tokens=50, output_tokens=10))
+    running = SubtaskState(spec=FACTS, status="running", estimate=100, attempts=[failed])
+    record = TaskRecord(task=board.task, subtasks=[running], attempts=[failed],
+                        planning_usage=Usage(input_tokens=5, output_tokens=5))
+    assert plans.committed(record) == 10 + 60 + 60 + 100
 
 
 def test_a_board_that_stalled_or_passed_its_deadline_ends_saying_what_was_done():

@@ -79,9 +79,10 @@ def reserved(record: TaskRecord) -> int:
 
 
 def committed(record: TaskRecord) -> int:
-    """Tokens the task has used or may use now: the planning's and each ended part's usage, and the estimate of
-    each part running."""
+    """Tokens the task has used or may use now: the planning's, each ended part's and each failed step's usage,
+    and the estimate of each part running."""
     used = record.planning_usage.total if record.planning_usage else 0
+    used += sum(usage.total for usage in failed_usage(record) if usage is not None)
     for sub in record.subtasks:
         used += sub.usage.total if sub.usage else sub.estimate if sub.status == "running" else 0
     return used

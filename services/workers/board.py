@@ -204,6 +204,8 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     tier: str
     steps: int
     """Steps this claim ran, the answering one included."""
+    spent: Usage | None = None
+    """What this claim's failed steps used before the answer (billed too)."""
 
 
 class Failure(msgspec.Struct, frozen=True, kw_only=True):
@@ -212,6 +214,8 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     reason: FailReason
     error: str
     attempts: list[Attempt] = []
+    spent: Usage | None = None
+    """What this claim's failed steps used (billed too)."""
 
 
 def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
@@ -225,9 +229,10 @@ def answered(board: Board, entry_id: str, outcome: Answer | Failure, now: float,
     entry = msgspec.structs.replace(entry, extended=extended, steps=entry.steps + ran)
     if isinstance(outcome, Answer):
         entry = msgspec.structs.replace(entry, status="completed", output=outcome.step.output,
-                                        usage=outcome.step.usage, step_id=outcome.step.step_id, error="")
+                                        usage=Usage.sum([outcome.spent, outcome.step.usage]),
+                                        step_id=outcome.step.step_id, error="")
     else:
-        entry = msgspec.structs.replace(entry, status="failed", error=clip(outcome.error),
+        entry = msgspec.structs.replace(entry, status="failed", error=clip(outcome.error), usage=outcome.spent,
                                         step_id=outcome.attempts[-1].step_id if outcome.attempts else "")
     after = with_entry(board, entry_id, entry, now)
     end: TaskCompleted | TaskFailed | None = None
@@ -725,7 +730,13 @@ class Pool:
             return Failure(reason="permanent_error", error=f"{claim.entry_id} needs approval before it starts "
                            f"({reviewed[1]}): distributed and hybrid tasks cannot wait for one (run it centralized)")
         attempts: list[Attempt] = []
+        spent: list[Usage | None] = []
         steps = 0
+
+        def used() -> Usage | None:
+            total = Usage.sum(spent)
+            return total if total.total else None
+
         for index, strategy in enumerate(agent.chain):
             if strategy.kind == "cache":
                 continue  # the answer cache is the executor's: a pool has no cached answer to give
@@ -734,18 +745,21 @@ class Pool:
                     return None  # no other step for a claim that is no longer this member's
                 now = self.clock()
                 if 0 < board.deadline_at <= now:
-                    return Failure(reason="deadline_exceeded", attempts=attempts,
+                    return Failure(reason="deadline_exceeded", attempts=attempts, spent=used(),
                                    error=f"the task's deadline passed before {claim.entry_id} had an answer")
                 outcome = await self._step(step_request(board, claim.entry_id, claim.claim, index, strategy, attempt,
                                                         policy, now))
                 steps += 1
                 if isinstance(outcome, StepCompleted) and outcome.gated is not None:
                     # a pool cannot hold a claim while a person decides: the high-stakes call is not made
+                    spent.append(outcome.usage)
                     return Failure(reason="permanent_error", error=f"{claim.entry_id} would call the high-stakes "
                                    f"tool {outcome.gated.call.name!r}, which needs approval: distributed and hybrid "
-                                   f"tasks cannot wait for one (run it centralized)")
+                                   f"tasks cannot wait for one (run it centralized)",
+                                   spent=used())
                 if isinstance(outcome, StepCompleted):
-                    return Answer(step=outcome, strategy=index, tier=strategy.tier, steps=steps)
+                    return Answer(step=outcome, strategy=index, tier=strategy.tier, steps=steps, spent=used())
+                spent.append(outcome.usage)
                 attempts.append(Attempt(step_id=outcome.step_id, dependency=outcome.dependency, error=outcome.error,
                                         message=outcome.message, strategy=index, tier=strategy.tier,
                                         called=not outcome.breaker_open))
@@ -764,7 +778,7 @@ class Pool:
         last = attempts[-1]
         reason: FailReason = ("breaker_open" if not last.called else
                               "attempts_exhausted" if last.error in RETRYABLE else "permanent_error")
-        return Failure(reason=reason, error=f"{last.error}: {last.message}", attempts=attempts)
+        return Failure(reason=reason, error=f"{last.error}: {last.message}", attempts=attempts, spent=used())
 
     async def _still_mine(self, claim: Claim) -> bool:
         """The claim is still this member's, as the bucket says now (if it can say)."""
