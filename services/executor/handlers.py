@@ -119,7 +119,8 @@ class Executor:
     def __init__(self, policy: CurrentPolicy, tasks: TypedBucket[TaskRecord], gate: BreakerGate, emit: Emit, *,
                  cache: TypedBucket[CachedAnswer] | None = None, boards: TypedBucket[Board] | None = None,
                  reserve: Reserve | None = None, slots: Slots | None = None, clock: Clock = time.time,
-                 sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0) -> None:
+                 sleep: Sleep = anyio.sleep, republish_window_s: float = 120.0,
+                 classifier: tiering.Classifier | None = None) -> None:
         self.policy = policy
         self.tasks = tasks
         self.gate = gate
@@ -127,10 +128,13 @@ class Executor:
         self.cache = cache
         self.boards = boards
         self.reserve = reserve
-        self.slots = slots
-        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
         """Asks the budget for more when a part of a plan would take its task past its reservation (None: never
         asks, e.g. in tests of the fallback chains alone)."""
+        self.slots = slots
+        """Each tenant's running subtasks, over every task (None: no per-tenant limit)."""
+        self.classifier = classifier or tiering.Classifier()
+        """Tiering's classifier on the prompt's embedding, for agents with `tiering.classify` on (its model
+        loads on first use)."""
         self.clock = clock
         self.sleep = sleep
         self.republish_window_s = republish_window_s
@@ -190,8 +194,8 @@ class Executor:
             return
         now = self.clock()
         agent = self.policy().agents.get(task.spec.agent)
-        record = TaskRecord(task=task, admitted_at=now, chain=tiering.route(agent, task.spec) if agent else [],
-                            deadline_at=now + (agent.deadline_s if agent else 0.0))
+        chain = tiering.route(agent, task.spec, await self.classifier.tier(agent, task.spec)) if agent else []
+        record = TaskRecord(task=task, admitted_at=now, chain=chain, deadline_at=now + (agent.deadline_s if agent else 0.0))
         if agent is None:
             await self._fail(record, revision, task.task_id, "permanent_error",
                              f"agent kind {task.spec.agent!r} is not in the policy")

