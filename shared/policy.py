@@ -72,14 +72,14 @@ async def read_policy(kv: KeyValue, version: int | None = None) -> tuple[int, Po
 
 async def policy_versions(kv: KeyValue) -> list[tuple[int, Policy]]:
     """Every kept version that decodes, oldest first (those that do not are logged and left out)."""
-    return _decodable(await _history(kv))
+    return _decodable(await kept_entries(kv))
 
 
 async def rollback(kv: KeyValue, to_version: int | None = None) -> int:
     """Make an earlier version current again (as a new version); default: the newest good one before the
     current version (the one before it, unless that one does not decode)."""
     if to_version is None:
-        history = await _history(kv)
+        history = await kept_entries(kv)
         current = (history[-1].revision or 0) if history else 0
         earlier = [number for number, _ in _decodable(history) if number < current]
         if not earlier:
@@ -100,11 +100,21 @@ def _decodable(entries: list) -> list[tuple[int, Policy]]:
     return versions
 
 
-async def _history(kv: KeyValue) -> list:
-    try:
-        return await kv.history(KEY)
-    except NoKeysError:
-        return []
+HISTORY_TRIES = 3
+
+
+async def kept_entries(kv: KeyValue) -> list:
+    """The kept versions. nats-py's history can end before the entries it was sent arrive and say there are
+    none (nats.py#842): a "none" is believed only once the key itself is not there."""
+    for _ in range(HISTORY_TRIES):
+        try:
+            return await kv.history(KEY)
+        except NoKeysError:
+            try:
+                await kv.get(KEY)
+            except KeyNotFoundError:
+                return []
+    raise PolicyError(f"the policy bucket holds {KEY!r}, but its history did not arrive in {HISTORY_TRIES} tries")
 
 
 class Refusal(msgspec.Struct, frozen=True):
@@ -133,7 +143,7 @@ class PolicyView:
         """A view at the current version, or at the newest one before it that decodes; run `follow` in a task
         group to keep it current."""
         view = cls(quarantine=quarantine)
-        for entry in reversed(await _history(kv)):  # newest first
+        for entry in reversed(await kept_entries(kv)):  # newest first
             value = None if entry.operation in (KV_DEL, KV_PURGE) else entry.value
             try:
                 view.apply(entry.key, value, entry.revision or 0)

@@ -2,8 +2,9 @@
 
 No program on this machine speaks Anthropic's Message Batches API offline (llama.cpp and LiteLLM's proxy
 serve the Messages API, not its batches), so this one does, written for the tests. It answers
-`POST /v1/messages/batches`, `GET /v1/messages/batches/{id}` and `GET /v1/messages/batches/{id}/results`
-as Anthropic documents them, and works through each batch by sending every request's `params` to the
+`POST /v1/messages/batches`, `GET /v1/messages/batches/{id}`, `GET /v1/messages/batches/{id}/results` and
+`POST /v1/messages/batches/{id}/cancel` as Anthropic documents them (a cancel is noted; the requests under
+way finish), and works through each batch by sending every request's `params` to the
 upstream's Messages API (the local model server's `/v1/messages`), `--parallel` at a time. It refuses, as
 `errored` results, requests whose `max_tokens` is above `--max-tokens` (Anthropic's answer to a request
 its model cannot take). `GET /stats` lists the batches it was sent, for the tests to see how calls were
@@ -44,6 +45,7 @@ class Batch:
     size: int
     created_at: float
     ended_at: float | None = None
+    canceled: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -105,6 +107,13 @@ class BatchApi:
         batch = self.batches.get(request.path_params["batch_id"])
         return _error(404, "not_found_error", "no such batch") if batch is None else JSONResponse(self.view(batch))
 
+    async def cancel(self, request: Request) -> Response:
+        batch = self.batches.get(request.path_params["batch_id"])
+        if batch is None:
+            return _error(404, "not_found_error", "no such batch")
+        batch.canceled = True
+        return JSONResponse({**self.view(batch), "processing_status": "canceling"})
+
     async def results(self, request: Request) -> Response:
         batch = self.batches.get(request.path_params["batch_id"])
         if batch is None or batch.ended_at is None:
@@ -113,8 +122,8 @@ class BatchApi:
         return Response(lines, media_type="application/binary")
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse({"batches": [{"id": b.id, "size": b.size, "created_at": b.created_at}
-                                         for b in self.batches.values()]})
+        return JSONResponse({"batches": [{"id": b.id, "size": b.size, "created_at": b.created_at,
+                                          "canceled": b.canceled} for b in self.batches.values()]})
 
 
 def _rfc3339(at: float) -> str:
@@ -133,6 +142,7 @@ def main() -> None:
         Route("/v1/messages/batches", api.create, methods=["POST"]),
         Route("/v1/messages/batches/{batch_id}", api.retrieve, methods=["GET"]),
         Route("/v1/messages/batches/{batch_id}/results", api.results, methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}/cancel", api.cancel, methods=["POST"]),
         Route("/stats", api.stats, methods=["GET"])])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # the port is the kernel's choice, so no other process can hold it

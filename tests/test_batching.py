@@ -26,7 +26,7 @@ from services.workers.errors import PermanentProviderError, TransientProviderErr
 from services.workers.providers import build_provider
 from services.workers.providers.batches import _outcomes
 from tests.batch_api import READY
-from tests.conftest import stack
+from tests.conftest import stack, wait_until
 from tests.model_servers import local_model_url  # noqa: F401 - fixture
 from tests.signals import signals
 from tests.test_agents import CORE, agents_policy
@@ -157,6 +157,34 @@ async def test_a_call_whose_step_gives_up_leaves_its_group_and_the_others_are_st
         stop.set()
     await provider.aclose()
     assert batch_sizes(batch_api) == [1] and answered[0].text.strip()
+
+
+@pytest.mark.integration
+async def test_a_batch_every_call_of_which_gave_up_is_canceled_at_the_provider(batch_api):
+    provider = build_provider("batched", ProviderConfig(kind="anthropic", base_url=batch_api, batches=True))
+    batcher, stop = Batcher(), anyio.Event()
+    stats_url = batch_api.removesuffix("/v1") + "/stats"
+    async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
+        tg.start_soon(batcher.run, stop)
+        await anyio.sleep(0)
+        through = batcher.batched(provider, batching_agent(max_wait_ms=0))
+
+        async def gives_up(prompt: str) -> None:
+            with anyio.move_on_after(0.3):  # the batch was sent at once; its 64 tokens take longer
+                await through.complete(ask(prompt, max_tokens=64))
+
+        async with anyio.create_task_group() as callers:
+            callers.start_soon(gives_up, "Write a long story about a queue.")
+            callers.start_soon(gives_up, "Write a long poem about a lock.")
+        canceled = await wait_until(lambda: _canceled(http, stats_url))
+        stop.set()
+    await provider.aclose()
+    assert [batch["size"] for batch in canceled] == [2] and batcher.stats()["waiting"] == 0
+
+
+async def _canceled(http: httpx.AsyncClient, url: str) -> list | None:
+    batches = (await http.get(url)).json()["batches"]
+    return batches if batches and all(batch["canceled"] for batch in batches) else None
 
 
 # --- through the pipeline: billed at the batch price ------------------------------------------------------------

@@ -22,7 +22,7 @@ from services.monitor.alerts import (
 from services.monitor.handlers import Metrics
 from services.monitor.webhooks import WebhookSender
 from shared.bus import Bus
-from shared.policy import PolicyView, rollback
+from shared.policy import PolicyView, kept_entries, rollback
 from shared.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class AlertDesk:
         version, book = self.policy.version, self.book
         if not self.ran_before or not version or version <= book.change.version:
             return
-        kept = [entry for entry in await self.policy_kv.history("current") if entry.revision and entry.value]
+        kept = [entry for entry in await kept_entries(self.policy_kv) if entry.revision and entry.value]
         made = next((entry for entry in kept if entry.revision == version), None)
         earlier = [entry.revision for entry in kept if entry.revision < version]
         now, alerting = self.clock(), self.policy().alerting
@@ -169,7 +169,7 @@ class AlertDesk:
 
     async def restored_version(self, to_version: int) -> int:
         """Which earlier version the rollback copied (the newest good one before the change)."""
-        history = [entry.revision for entry in await self.policy_kv.history("current") if entry.revision]
+        history = [entry.revision for entry in await kept_entries(self.policy_kv) if entry.revision]
         earlier = [revision for revision in history if revision < self.book.change.version]
         return earlier[-1] if earlier else 0
 

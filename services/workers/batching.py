@@ -4,7 +4,8 @@ held per provider and model and sent together through the provider's batch API, 
 A call joins the open group of its provider and model, or opens one. The group is sent when `max_batch`
 calls wait in it, or when the earliest of their waits is up (each call waits at most its agent's
 `max_wait_ms`). Sending runs in the batcher's own task group, not in any one step's, so a step that times out
-leaves the others' batch alone: a call whose step gave up before its group was sent leaves the group.
+leaves the others' batch alone: a call whose step gave up before its group was sent leaves the group, and
+a batch every call of which gave up is canceled at the provider.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class _Waiter:
     """When this call's wait is up (monotonic seconds)."""
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Outcome | None = None
+    gave_up: bool = False
+    """Its step stopped waiting (it timed out) after the group was sent."""
 
 
 @dataclass(eq=False)
@@ -108,7 +111,8 @@ class Batcher:
         try:
             await waiter.done.wait()
         finally:
-            if not group.sent and waiter in group.waiters:  # its step gave up first
+            waiter.gave_up = not waiter.done.is_set()
+            if not group.sent and waiter in group.waiters:  # its step gave up before the group was sent
                 group.waiters.remove(waiter)
                 group.changed.set()
         assert waiter.outcome is not None
@@ -135,7 +139,8 @@ class Batcher:
         self.calls_sent += len(waiters)
         self.largest = max(self.largest, len(waiters))
         try:
-            outcomes = await group.batches.run([w.request for w in waiters], poll_s=group.settings.poll_s)
+            outcomes = await group.batches.run([w.request for w in waiters], poll_s=group.settings.poll_s,
+                                               wanted=lambda: not all(w.gave_up for w in waiters))
         except ProviderError as error:
             log.warning("a batch of %d calls failed: %s", len(waiters), error)
             self._settle(waiters, error)

@@ -3,13 +3,15 @@ worked through it, at half the price (docs/caching.md "Batching").
 
 `MessageBatches.run` POSTs `{base_url}/messages/batches` with each request's Messages body under a
 `custom_id`, asks `GET {base_url}/messages/batches/{id}` every `poll_s` until its `processing_status` is
-`ended`, then reads the JSONL at its `results_url`: one line per request, in any order, whose `result` is
+`ended` (or cancels it at `.../cancel` once every call that waited for it gave up), then reads the JSONL at
+its `results_url`: one line per request, in any order, whose `result` is
 `succeeded` (the whole `message`), `errored` (an API error), `canceled` or `expired`. Each request gets its
 own Completion or ProviderError; a batch that cannot be sent, or whose results cannot be read, fails them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -62,14 +64,19 @@ class MessageBatches:
     def __init__(self, api: Api) -> None:
         self.api = api
 
-    async def run(self, requests: list[ModelRequest], *, poll_s: float) -> list[Outcome]:
-        """Each request's answer or error, in the order of `requests`."""
+    async def run(self, requests: list[ModelRequest], *, poll_s: float,
+                  wanted: Callable[[], bool] = lambda: True) -> list[Outcome]:
+        """Each request's answer or error, in the order of `requests`. Once `wanted()` says no call waits for
+        the answers any more, the batch is canceled at the provider and the run fails."""
         ids = [f"r{index}" for index in range(len(requests))]
         body = {"requests": [{"custom_id": custom_id, "params": params(request)}
                              for custom_id, request in zip(ids, requests)]}
         batch = self._decode(await self.api.fetch("POST", "messages/batches", body))
         while batch.processing_status != "ended":
             await anyio.sleep(poll_s)
+            if not wanted():
+                await self.api.fetch("POST", f"messages/batches/{batch.id}/cancel")
+                raise TransientProviderError(f"{self.api.name}: every call of batch {batch.id} gave up: canceled")
             batch = self._decode(await self.api.fetch("GET", f"messages/batches/{batch.id}"))
         if not batch.results_url:
             raise TransientProviderError(f"{self.api.name}: batch {batch.id} ended without a results_url")
