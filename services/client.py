@@ -187,6 +187,14 @@ class Client:
             while wanted - set(await self.running_services()):
                 pass  # each round already waited `gather_s` for answers
 
+    async def wait_policy(self, version: int, names: Iterable[str], timeout: float = 30.0) -> None:
+        """Wait until every replica of each named micro service that answers says it follows policy `version`
+        or a later one (its $SRV.STATS `policy.version`)."""
+        with anyio.fail_after(timeout):
+            for name in names:
+                while not all(_policy_version(reply) >= version for reply in await self.replica_stats(name)):
+                    await anyio.sleep(0.05)
+
     async def status(self, timeout: float = 5.0) -> StatusReport:
         reply = await self.bus.nc.request(subjects.MONITOR_STATUS, b"{}", timeout=timeout)
         return msgspec.json.decode(reply.data, type=StatusReport)
@@ -263,6 +271,11 @@ class Client:
 
     async def approval_history(self, query: ApprovalHistory, timeout: float = 5.0) -> ApprovalEvents:
         return await self._approvals(subjects.APPROVALS_HISTORY, query, ApprovalEvents, timeout)
+
+
+def _policy_version(stats: dict) -> int:
+    endpoints = stats.get("endpoints") or [{}]
+    return int(((endpoints[0].get("data") or {}).get("policy") or {}).get("version", 0))
 
 
 def _gather_s(gather_s: float | None, expect: int | None, default: float) -> float:

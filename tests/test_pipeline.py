@@ -134,3 +134,16 @@ async def test_a_finished_tasks_records_and_its_idle_account_expire_so_the_bucke
     assert int(journal_ttl) == 35 * 24 * 3600  # a month of `corral cost`
     assert int(record_ttl) == 8 * 24 * 3600  # a day past the longest an event of the task can come back
     assert int(account_ttl) == 2 * 24 * 3600  # released: it holds nothing, and its windows pass
+
+
+async def test_a_client_can_wait_until_every_service_follows_a_new_policy_version(settings):
+    from tests.conftest import apply
+
+    names = ["corral-guard", "corral-budget", "corral-executor"]
+    async with stack(settings, "guard", "budget", "executor") as client:
+        version = await apply(settings, Policy(description="a new version"))
+        await client.wait_policy(version, names)
+        stats = [await client.replica_stats(name, expect=1) for name in names]
+        assert all(reply[0]["endpoints"][0]["data"]["policy"]["version"] == version for reply in stats)
+        with pytest.raises(TimeoutError):
+            await client.wait_policy(version + 1, names, timeout=0.5)  # no such version: it never comes

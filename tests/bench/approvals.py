@@ -94,9 +94,9 @@ async def main(tasks: int, data_dir: Path) -> None:
         try:
             settings = Settings(nats_url=url, sim_latency_s=0.0)
             async with Client.connect(settings, "bench") as client:
-                await apply_policy(await client.bus.policy_bucket(), bench_policy())
+                version = await apply_policy(await client.bus.policy_bucket(), bench_policy())
                 await client.wait_ready(stack.names(), timeout=30)
-                await anyio.sleep(1.5)  # the policy reaches every service (they switch within a second)
+                await client.wait_policy(version, stack.names())
                 figures = await measure(client, tasks)
         finally:
             stack.stop()

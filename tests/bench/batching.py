@@ -86,9 +86,9 @@ async def run_agent(client: Client, agent: str, tasks: int, max_tokens: int) -> 
 
 async def pipeline(settings: Settings, names: list[str], policy, tasks: int, max_tokens: int) -> dict[str, dict]:
     async with Client.connect(settings, "bench") as client:
-        await apply_policy(await client.bus.policy_bucket(), policy)
+        version = await apply_policy(await client.bus.policy_bucket(), policy)
         await client.wait_ready(names, timeout=60)
-        await anyio.sleep(1.5)  # every service follows the new policy
+        await client.wait_policy(version, names)
         await run_agent(client, "direct", 1, max_tokens)  # warm-up
         return {agent: await run_agent(client, agent, tasks, max_tokens) for agent in AGENTS}
 

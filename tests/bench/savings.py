@@ -226,9 +226,9 @@ async def measure(settings: Settings, tasks: list, concurrency: int, names: list
               for c, o in CONFIGS.items()}
     results = {}
     async with Client.connect(settings, "bench") as client:
-        await apply_policy(await client.bus.policy_bucket(), bench_policy(agents))
+        version = await apply_policy(await client.bus.policy_bucket(), bench_policy(agents))
         await client.wait_ready(names, timeout=60)
-        await anyio.sleep(1.5)  # every service follows the new policy
+        await client.wait_policy(version, names)
         for config in CONFIGS:
             results[config] = await run_config(client, agent_name(config), tasks, concurrency)
     return results
