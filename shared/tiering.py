@@ -24,6 +24,9 @@ from shared.embeddings import Embedder
 from shared.tokens import count_tokens
 
 log = logging.getLogger(__name__)
+CLASSIFIED_CHARS = 2_000
+"""The start of the last message the classifier embeds: the model reads 512 tokens at most, and a longer
+prompt is the length rule's to judge."""
 
 
 def hinted(spec: TaskSpec, rules: Tiering) -> str:
@@ -71,7 +74,7 @@ class Classifier:
             return tier
         chat = spec.chat()
         try:
-            return await self.classify(rules, chat[-1].content if chat else "")
+            return await self.classify(rules, chat[-1].content[:CLASSIFIED_CHARS] if chat else "")
         except Exception as error:  # noqa: BLE001 - a broken embedder must not stop admissions
             log.warning("the tiering classifier failed, the rules decide: %r", error)
             return tier

@@ -36,6 +36,9 @@ TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=u
 HEAD_LIMIT = 8192
 """Bytes of request line plus headers a request may have."""
 READ_TIMEOUT_S = 10.0
+LINGER_S = 1.0
+"""How long a closing connection waits for the peer to finish sending (see _linger)."""
+LINGER_BYTES = 1024 * 1024
 SAMPLE_EVERY_S = 1.0
 _encode = msgspec.json.Encoder().encode
 
@@ -108,10 +111,25 @@ class Dashboard:
                 status, kind, body = 500, "application/json", _encode({"error": "internal error (logged)"})
             writer.write(_response(status, kind, body))
             await writer.drain()
+            await _linger(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away: nothing to answer
         finally:
             writer.close()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close the sending side, then read what the peer still sends (a refused request's rest), up to a bound,
+    before closing: closing with unread bytes makes the kernel reset the connection, and the peer can lose the
+    answer it was sent."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    read = 0
+    try:
+        while read < LINGER_BYTES and (chunk := await asyncio.wait_for(reader.read(64 * 1024), LINGER_S)):
+            read += len(chunk)
+    except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError):
+        pass
 
 
 async def _request_line(reader: asyncio.StreamReader) -> tuple[str, str]:
