@@ -34,6 +34,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import ServiceUnavailableError
 
 from contracts import DeadLetter, subjects
 from contracts.events import DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON_CHARS, clip
@@ -48,6 +49,8 @@ Decode = Callable[[bytes], T]
 Handler = Callable[[T], Awaitable[None]]
 DeliveredHandler = Callable[[T, "Delivery"], Awaitable[None]]
 FETCH_TIMEOUT_S = 1.0
+UNAVAILABLE_WAIT_S = 0.1
+"""Pause before fetching again after JetStream said it is unavailable."""
 _delivery: ContextVar[int] = ContextVar("corral_delivery", default=1)
 
 
@@ -77,6 +80,8 @@ class ConsumerStats(msgspec.Struct):
     retried: int = 0
     dead_lettered: int = 0
     errors: int = 0
+    unavailable: int = 0
+    """Fetches JetStream answered 503 to (no JetStream yet: a server restarting), each tried again."""
 
 
 class Consumer(Generic[T]):
@@ -133,6 +138,10 @@ class Consumer(Generic[T]):
                 try:
                     msgs = await sub.fetch(handlers.free, timeout=FETCH_TIMEOUT_S)
                 except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing came
+                    continue
+                except ServiceUnavailableError:  # JetStream is not back yet (a server that restarted): ask again
+                    self.stats.unavailable += 1
+                    await anyio.sleep(UNAVAILABLE_WAIT_S)
                     continue
                 for msg in msgs:
                     handlers.spawn(self._handle(msg))
