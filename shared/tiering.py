@@ -69,8 +69,10 @@ class Classifier:
         """The rules' tier, moved up to `advanced` when the classifier is on and the prompt is nearer the
         advanced examples. An embedding that fails leaves the rules' tier (and says so in the log)."""
         rules = agent.tiering
+        if not rules.enabled:
+            return "advanced"  # the chain as written: no rule is worked out for it
         tier = tier_for(spec, rules)
-        if not rules.enabled or not rules.classify or tier != "fast" or hinted(spec, rules):
+        if not rules.classify or tier != "fast" or hinted(spec, rules):
             return tier
         chat = spec.chat()
         try:

@@ -78,8 +78,7 @@ async def calls(url: str, requests: list[ModelRequest], **settings) -> list:
             outcomes[n] = error
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.run, stop)
-        await anyio.sleep(0)
+        await tg.start(batcher.run, stop)
         through = batcher.batched(provider, batching_agent(**settings))
         assert through is not provider
         async with anyio.create_task_group() as callers:
@@ -140,8 +139,7 @@ async def test_a_call_whose_step_gives_up_leaves_its_group_and_the_others_are_st
     batcher, stop = Batcher(), anyio.Event()
     answered = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.run, stop)
-        await anyio.sleep(0)
+        await tg.start(batcher.run, stop)
         through = batcher.batched(provider, batching_agent(max_wait_ms=800))
 
         async def gives_up() -> None:
@@ -165,8 +163,7 @@ async def test_a_batch_every_call_of_which_gave_up_is_canceled_at_the_provider(b
     batcher, stop = Batcher(), anyio.Event()
     stats_url = batch_api.removesuffix("/v1") + "/stats"
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
-        tg.start_soon(batcher.run, stop)
-        await anyio.sleep(0)
+        await tg.start(batcher.run, stop)
         through = batcher.batched(provider, batching_agent(max_wait_ms=0))
 
         async def gives_up(prompt: str) -> None:

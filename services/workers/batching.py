@@ -79,11 +79,13 @@ class Batcher:
             return provider
         return BatchedProvider(provider, MessageBatches(api), self, agent.batching)
 
-    async def run(self, stop: anyio.Event) -> None:
-        """Send the groups as they fill or their waits end, until `stop`; then fail the calls still waiting."""
+    async def run(self, stop: anyio.Event, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+        """Send the groups as they fill or their waits end, until `stop`; then fail the calls still waiting.
+        Started with `TaskGroup.start`, it returns once calls can be batched."""
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
+                task_status.started()
                 await stop.wait()
                 tasks.cancel_scope.cancel()
         finally:

@@ -131,7 +131,7 @@ async def run(settings: Settings, stop: anyio.Event, agent: str) -> None:
                 tg.start_soon(toolbox.maintain, stop)
                 tg.start_soon(follow_bucket, boards_kv, pool.apply, stop, ">", quarantine)
                 tg.start_soon(pool.run, stop)
-                tg.start_soon(batcher.run, stop)
+                await tg.start(batcher.run, stop)  # before the first step: batching agents batch from it
                 # the semantic index of this agent kind's answers only (keys are TENANT.AGENT.DIGEST)
                 tg.start_soon(follow_bucket, responses_kv, caching.index.apply, stop, f"*.{agent}.*", quarantine)
                 await steps.run(stop)

@@ -51,6 +51,7 @@ from services.stack import Services, nats_server
 from shared.config import Settings
 from shared.policy import apply_policy
 from tests.bench.common import ISOLATED_ENV
+from tests.conftest import wait_until
 from tests.signals import signals
 
 EVAL = Path(__file__).resolve().parents[1] / "data" / "semantic_cache_eval.json"
@@ -121,6 +122,7 @@ def workload(size: int, seed: int) -> list[tuple[str, TaskSpec]]:
 
 async def run_config(client: Client, agent: str, tasks: list[tuple[str, TaskSpec]], concurrency: int) -> dict:
     latencies: list[float] = []
+    completed: set[str] = set()
     limiter = anyio.Semaphore(concurrency)
     async with signals(client) as heard:
         async def one(spec: TaskSpec) -> None:
@@ -129,11 +131,16 @@ async def run_config(client: Client, agent: str, tasks: list[tuple[str, TaskSpec
                 done = await client.run(msgspec.structs.replace(spec, agent=agent), tenant="default", user="bench")
                 if isinstance(done, TaskCompleted):
                     latencies.append((time.perf_counter() - started) * 1000)
+                    completed.add(done.task_id)
 
         async with anyio.create_task_group() as tg:
             for _, spec in tasks:
                 tg.start_soon(one, spec)
-        await anyio.sleep(0.5)  # the last StepCompleted events reach the subscription
+
+        async def every_answer_heard() -> bool:  # each completed task's answering step reached the subscription
+            return completed <= {e.task_id for e in heard.of(StepCompleted)}
+
+        await wait_until(every_answer_heard, timeout=30)
         steps = [e for e in heard.of(StepCompleted) if e.agent == agent]
     return summarise(steps, latencies, len(tasks))
 
